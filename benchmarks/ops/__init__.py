@@ -1,0 +1,1 @@
+"""One module per benchmarked op; each defines ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,44 @@
+"""Benchmark runner: ``python -m benchmarks.run --op solvers [op options]``.
+
+Each op lives in ``benchmarks/ops/<op>.py`` with ``add_arguments(parser)`` and ``run(args) ->
+list[dict]``. The runner prints the rows as a table and writes them, with date, commit and device,
+to ``benchmarks/results/<op>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+from benchmarks import ops
+from benchmarks.common import environment, format_table, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    available = sorted(m.name for m in pkgutil.iter_modules(ops.__path__))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--op", choices=available)
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, parents=[pre],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where the JSON goes (default: benchmarks/results)")
+    if known.op is None:
+        parser.print_help()
+        sys.exit(2)
+    module = importlib.import_module(f"benchmarks.ops.{known.op}")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    rows = module.run(args)
+    print(f"# {known.op} — {env['date']} — commit {env['commit']} — {env['device']}")
+    print(format_table(rows))
+    path = write_json(known.op, rows, out_dir=args.out_dir)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Distortion analysis: bounds against bit depth, rate-distortion curves, plots."""
