@@ -193,15 +193,14 @@ class AllocationProblem:
         return np.where(self._group_cost > 0, pb, 0.0)
 
     def amortized_cost(self) -> np.ndarray:
-        """Per-item cost with page overhead spread over the page, [N, T].
+        """Cost per item with page overhead spread over the page; [T] or [N, T] like ``cost``.
 
         ``ceil(n / P) * (P c + h) >= n (c + h / P)``, so an assignment's paged cost is never below
         its amortized cost: the amortized problem is a relaxation of the paged one.
         """
-        c = self.item_cost
         if self.page_size is None:
-            return c
-        return np.where(c > 0, c + self.page_overhead / self.page_size, 0.0)
+            return self.cost
+        return np.where(self.cost > 0, self.cost + self.page_overhead / self.page_size, 0.0)
 
     # --- evaluation ----------------------------------------------------------------------
     def counts(self, tiers: np.ndarray) -> np.ndarray:
@@ -215,7 +214,9 @@ class AllocationProblem:
         """Bytes an assignment really uses, whole pages and their overhead included."""
         tiers = self._check_tiers(tiers)
         if self.page_size is None:
-            return float(self.item_cost[np.arange(self.n_items), tiers].sum())
+            if self.cost.ndim == 1:
+                return float(self.cost[tiers].sum())
+            return float(self.cost[np.arange(self.n_items), tiers].sum())
         pages = -(-self.counts(tiers) // self.page_size)
         return float((pages * self.page_bytes).sum())
 

@@ -1,0 +1,10 @@
+"""Allocation solvers: greedy Lagrangian, LP relaxation (cvxpy), exact ILP (OR-Tools).
+
+``SOLVERS`` maps name to solver class, ordered by preference; each class states ``EXACT``,
+``REQUIRED_MODULES`` and ``PAGES`` (how page-granular cost is handled).
+"""
+
+from sphkv.solvers.base import SOLVERS, Solver, available_solvers, solve
+from sphkv.solvers.greedy import GreedySolver
+
+__all__ = ["GreedySolver", "SOLVERS", "Solver", "available_solvers", "solve"]

@@ -1,0 +1,112 @@
+"""One interface for all allocation solvers, and the registry that orders them."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from sphkv.rdr.problem import Allocation, AllocationProblem
+
+__all__ = ["Solver", "SOLVERS", "register", "solve", "available_solvers"]
+
+
+@dataclass
+class Solver:
+    """A solver of the allocation problem (MCKP with optional pages).
+
+    Subclasses are dataclasses whose fields are the solver's options, and implement ``_solve``.
+    Class attributes state what the solver can do, like cvxpy's solver capabilities.
+    """
+
+    NAME: ClassVar[str]
+    EXACT: ClassVar[bool]  # proves optimality (given time)
+    REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ()
+    PAGES: ClassVar[str]  # how page-granular cost is handled: "exact" | "repair"
+
+    def solve(self, problem: AllocationProblem, time_limit: float | None = None) -> Allocation:
+        if time_limit is not None and not time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit}")
+        start = time.perf_counter()
+        alloc = self._solve(problem, time_limit)
+        alloc.seconds = time.perf_counter() - start
+        alloc.method = self.NAME
+        alloc.budget = problem.budget
+        # Every solver's answer is checked here, not trusted.
+        if not problem.is_feasible(alloc.tiers):
+            raise RuntimeError(f"solver {self.NAME} returned an infeasible allocation "
+                               f"(cost {alloc.cost} > budget {problem.budget}); this is a bug")
+        return alloc
+
+    def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
+        raise NotImplementedError
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in cls.REQUIRED_MODULES)
+
+    @classmethod
+    def describe(cls) -> dict:
+        return {"name": cls.NAME, "exact": cls.EXACT, "required_modules": list(cls.REQUIRED_MODULES),
+                "pages": cls.PAGES, "available": cls.is_available()}
+
+
+# Ordered by preference: the first is the default.
+SOLVERS: dict[str, type[Solver]] = {}
+
+
+def register(cls: type[Solver]) -> type[Solver]:
+    SOLVERS[cls.NAME] = cls
+    return cls
+
+
+def available_solvers() -> list[str]:
+    return [name for name, cls in SOLVERS.items() if cls.is_available()]
+
+
+def solve(problem: AllocationProblem, method: str = "greedy", time_limit: float | None = None,
+          **options) -> Allocation:
+    """Solve ``problem`` with the named method.
+
+    Parameters
+    ----------
+    problem : AllocationProblem
+    method : {"greedy", "lp", "ilp"}
+        ``greedy``: convex-hull/Lagrangian, near-optimal, fast (default). ``lp``: LP relaxation
+        with cvxpy, rounded. ``ilp``: exact, OR-Tools.
+    time_limit : float, optional
+        Seconds; exact solvers then return their best feasible allocation with
+        ``status="time_limit"``.
+    **options
+        Fields of the solver class, e.g. ``backend="torch"`` for greedy or ``backend="cbc"`` for
+        ilp.
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {list(SOLVERS)}, got {method!r}")
+    cls = SOLVERS[method]
+    if not cls.is_available():
+        raise ImportError(f"solver {method!r} needs the modules {list(cls.REQUIRED_MODULES)}")
+    try:
+        solver = cls(**options)
+    except TypeError as exc:
+        raise ValueError(f"bad options for method {method!r}: {exc}") from exc
+    return solver.solve(problem, time_limit=time_limit)
+
+
+def finish(problem: AllocationProblem, tiers: np.ndarray, lower_bound: float, status: str,
+           price: float | None = None) -> Allocation:
+    """Build an Allocation from tiers, with cost and distortion measured on the problem."""
+    tiers = np.asarray(tiers, dtype=np.int64)
+    distortion = problem.distortion_of(tiers)
+    lower_bound = float(lower_bound)
+    if lower_bound > distortion:
+        # Above the distortion by float noise only; anything more is a bug, not a bound.
+        if lower_bound - distortion > 1e-6 * max(abs(distortion), 1.0):
+            raise RuntimeError(f"lower bound {lower_bound} exceeds the distortion {distortion} "
+                               "of a feasible allocation; this is a bug")
+        lower_bound = distortion
+    return Allocation(tiers=tiers, cost=problem.cost_of(tiers), distortion=distortion,
+                      lower_bound=lower_bound, status=status, seconds=0.0, price=price)
