@@ -6,5 +6,7 @@
 
 from sphkv.solvers.base import SOLVERS, Solver, available_solvers, solve
 from sphkv.solvers.greedy import GreedySolver
+from sphkv.solvers.ilp import ILPSolver
+from sphkv.solvers.lp import LPSolver
 
-__all__ = ["GreedySolver", "SOLVERS", "Solver", "available_solvers", "solve"]
+__all__ = ["GreedySolver", "ILPSolver", "LPSolver", "SOLVERS", "Solver", "available_solvers", "solve"]

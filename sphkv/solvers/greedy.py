@@ -229,7 +229,4 @@ class GreedySolver(Solver):
         bound += problem.distortion[fixed, tiers[fixed]].sum()
         if problem.page_size is not None:
             tiers = repair_pages(problem, tiers)
-        alloc = finish(problem, tiers, bound, "feasible", price)
-        if alloc.distortion - alloc.lower_bound <= 1e-12 * max(alloc.distortion, 1.0):
-            alloc.status = "optimal"
-        return alloc
+        return finish(problem, tiers, bound, "feasible", price)

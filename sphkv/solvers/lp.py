@@ -1,0 +1,129 @@
+"""LP relaxation of the MCKP with cvxpy, rounded.
+
+Variables x[i, t] ∈ [0, 1] (item i's share of tier t), one-hot rows Σ_t x[i, t] = 1, forced items
+fixed, Σ_i,t c[i, t] x[i, t] ≤ B. The optimum is a proven lower bound; at a vertex at most one
+item is fractional (two constraints beyond the rows), so rounding loses at most one item.
+
+Pages: the LP is solved on the amortized cost ``c + h/P`` (a relaxation of the paged cost, so its
+optimum is still a lower bound), then its rounding goes through the same page repair as greedy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from sphkv.rdr.problem import Allocation, AllocationProblem
+from sphkv.solvers.base import Solver, finish, register
+from sphkv.solvers.pages import repair_pages
+
+__all__ = ["LPSolver"]
+
+
+class _QuietSolverProbe(logging.Filter):
+    """Drop cvxpy's notice that it cannot use OR-Tools' GLOP/PDLP: we use OR-Tools directly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Encountered unexpected exception importing solver")
+                    and ("GLOP" in msg or "PDLP" in msg))
+
+
+logging.getLogger("__cvxpy__").addFilter(_QuietSolverProbe())
+
+# cvxpy solver name -> its options for a time limit in seconds (or none).
+_TIME_LIMIT_OPTION = {
+    "HIGHS": lambda s: {} if s is None else {"time_limit": float(s)},
+    "SCIPY": lambda s: {"scipy_options": {"method": "highs"} | ({} if s is None else
+                                                                {"time_limit": float(s)})},
+    "CLARABEL": lambda s: {} if s is None else {"time_limit": float(s)},
+}
+
+
+def _round_within(problem: AllocationProblem, x: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Round x to one tier per item, then demote fractional items until the item cost fits."""
+    tiers = np.argmax(x, axis=1)
+    tiers[problem.forced >= 0] = problem.forced[problem.forced >= 0]
+    rows = np.arange(problem.n_items)
+    over = cost[rows, tiers].sum() - problem.budget
+    if over <= 0:
+        return tiers
+    # Demote the most fractional items first, each to its cheapest tier that lowers cost least
+    # harmfully; a vertex has at most one, so this loop is short.
+    fractional = np.flatnonzero((x.max(axis=1) < 1 - 1e-6) & (problem.forced < 0))
+    for i in fractional[np.argsort(x[fractional].max(axis=1))]:
+        cheaper = np.flatnonzero(cost[i] < cost[i, tiers[i]])
+        if cheaper.size == 0:
+            continue
+        # Least distortion among tiers that repay the overrun, else the cheapest.
+        enough = cheaper[cost[i, tiers[i]] - cost[i, cheaper] >= over]
+        pick = enough[np.argmin(problem.distortion[i, enough])] if enough.size else cheaper[
+            np.argmin(cost[i, cheaper])]
+        over -= cost[i, tiers[i]] - cost[i, pick]
+        tiers[i] = pick
+        if over <= 0:
+            return tiers
+    return problem.min_cost_tiers()
+
+
+@register
+@dataclass
+class LPSolver(Solver):
+    """LP relaxation solved by cvxpy, rounded (pages: amortized cost, then repair).
+
+    Parameters
+    ----------
+    backend : str
+        A cvxpy solver: ``"HIGHS"`` (default), ``"SCIPY"`` (HiGHS inside SciPy) or
+        ``"CLARABEL"`` (interior point).
+    """
+
+    NAME: ClassVar[str] = "lp"
+    EXACT: ClassVar[bool] = False
+    REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ("cvxpy",)
+    PAGES: ClassVar[str] = "repair"
+
+    backend: str = "HIGHS"
+
+    def __post_init__(self):
+        self.backend = self.backend.upper()
+        if self.backend not in _TIME_LIMIT_OPTION:
+            raise ValueError(f"backend must be one of {list(_TIME_LIMIT_OPTION)}, "
+                             f"got {self.backend!r}")
+
+    def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
+        import cvxpy as cp
+        import scipy.sparse as sp
+
+        n, t = problem.distortion.shape
+        cost = np.broadcast_to(problem.amortized_cost(), (n, t))
+        free = problem.forced < 0
+        fixed = np.flatnonzero(~free)
+        fixed_cost = cost[fixed, problem.forced[fixed]].sum()
+        fixed_distortion = problem.distortion[fixed, problem.forced[fixed]].sum()
+        x_full = np.zeros((n, t))
+        x_full[fixed, problem.forced[fixed]] = 1.0
+        n_free = int(free.sum())
+        if n_free:
+            # x[i, t] = share of free item i at tier t, flattened row-major.
+            x = cp.Variable(n_free * t, nonneg=True)
+            rows = sp.kron(sp.eye(n_free, format="csr"), np.ones((1, t)), format="csr")
+            objective = cp.Minimize(problem.distortion[free].ravel() @ x)
+            constraints = [rows @ x == 1, cost[free].ravel() @ x <= problem.budget - fixed_cost]
+            lp = cp.Problem(objective, constraints)
+            lp.solve(solver=self.backend, **_TIME_LIMIT_OPTION[self.backend](time_limit))
+            if lp.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+                raise RuntimeError(f"LP solver {self.backend} ended with status {lp.status}")
+            x_full[free] = np.clip(x.value.reshape(n_free, t), 0.0, 1.0)
+            # The bound from the solver's value, less its tolerance so it stays a bound.
+            bound = lp.value + fixed_distortion
+            bound -= 1e-7 * max(abs(bound), 1.0)
+        else:
+            bound = fixed_distortion
+        tiers = _round_within(problem, x_full, cost)
+        if problem.page_size is not None:
+            tiers = repair_pages(problem, tiers)
+        return finish(problem, tiers, bound, "feasible")
