@@ -101,7 +101,7 @@ def finish(problem: AllocationProblem, tiers: np.ndarray, lower_bound: float, st
     """Build an Allocation from tiers, with cost and distortion measured on the problem."""
     tiers = np.asarray(tiers, dtype=np.int64)
     distortion = problem.distortion_of(tiers)
-    lower_bound = float(lower_bound)
+    lower_bound = max(float(lower_bound), 0.0)  # distortion is never negative
     if lower_bound > distortion:
         # Above the distortion by float noise only; anything more is a bug, not a bound.
         if lower_bound - distortion > 1e-6 * max(abs(distortion), 1.0):

@@ -1,0 +1,34 @@
+"""Small instances and their brute-forced optima."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from sphkv.rdr import AllocationProblem
+
+
+def brute_force_optimum(problem: AllocationProblem) -> float:
+    """The least distortion over every feasible assignment (T^N of them)."""
+    best = np.inf
+    for tiers in itertools.product(range(problem.n_tiers), repeat=problem.n_items):
+        tiers = np.array(tiers)
+        if problem.is_feasible(tiers):
+            best = min(best, problem.distortion_of(tiers))
+    return best
+
+
+def random_problem(rng: np.random.Generator, n: int, t: int, paged: bool,
+                   budget_fraction: float, forced_rate: float = 0.2) -> AllocationProblem:
+    """A random instance: heavy-tailed utilities, increasing tier costs, drop costs nothing."""
+    utility = rng.pareto(1.5, (n, 1)) + 0.01
+    error = np.sort(rng.random((n, t)), axis=1)[:, ::-1]  # cheaper tiers distort more
+    error[:, -1] = 0.0
+    distortion = utility * error
+    cost = np.concatenate([[0.0], np.sort(rng.integers(1, 12, t - 1)).astype(float)])
+    forced = np.where(rng.random(n) < forced_rate, rng.integers(0, t, n), -1)
+    pages = {"groups": rng.integers(0, 2, n), "page_size": 2, "page_overhead": 1.0} if paged else {}
+    loose = AllocationProblem(distortion, cost, 1e12, forced=forced, **pages)
+    low, high = loose.min_cost(), loose.max_useful_cost()
+    return loose.with_budget(low + budget_fraction * (high - low))
