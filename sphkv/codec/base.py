@@ -1,4 +1,4 @@
-"""The codec interface: configs as dataclasses, ``encode`` -> :class:`Codes` -> ``decode``/``logits``.
+"""The codec interface: dataclass configs, ``encode`` -> :class:`Codes` -> ``decode``, ``logits``.
 
 A codec turns vectors ``[..., d]`` into packed uint8 codes plus per-vector side information and
 back. Key codecs also compute attention logits ``q · x̂`` straight from the codes.
@@ -13,7 +13,14 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Codec", "Codes", "check_vectors", "gather_lut"]
+__all__ = ["Codec", "Codes", "FP16_EPS", "FP16_MAX", "NUMERIC_SLACK", "check_vectors",
+           "gather_lut", "to_fp16"]
+
+FP16_MAX = 65504.0
+#: unit roundoff of fp16: rounding a normal value v changes it by at most FP16_EPS |v|
+FP16_EPS = 2.0**-11
+#: slack for float32 arithmetic (trigonometry, sums) in stated bounds
+NUMERIC_SLACK = 1e-5
 
 
 @dataclass
@@ -58,6 +65,14 @@ def check_vectors(name: str, x, d: int) -> torch.Tensor:
         bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
         raise ValueError(f"{name} must be finite; found {x[tuple(bad)].item()} at index {bad}")
     return x.float()
+
+
+def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as fp16 side information, refusing magnitudes that fp16 cannot hold."""
+    if t.numel() and t.abs().max() > FP16_MAX:
+        raise ValueError(f"{name} needs a stored value of {t.abs().max().item():.4g}, above the "
+                         f"fp16 maximum {FP16_MAX}")
+    return t.half()
 
 
 def check_d(d, power_of_two: bool) -> None:
@@ -116,6 +131,12 @@ class Codec(ABC):
     @abstractmethod
     def bytes_per_vector(self) -> float:
         """Exact bytes stored per vector, side information included."""
+
+    @abstractmethod
+    def error_bound(self) -> float:
+        """Worst case of ``‖x - x̂‖ / ‖x‖`` over all inputs whose stored fp16 values are normal
+        (norms above about 1e-2); ``math.inf`` when the codec has none. By Cauchy–Schwarz it also
+        bounds the logit error ``|q·x - q·x̂| / (‖q‖ ‖x‖)``."""
 
     @property
     def bits_per_coordinate(self) -> float:

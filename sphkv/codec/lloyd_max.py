@@ -112,19 +112,19 @@ def lloyd_max(logpdf: Callable, lo: float, hi: float, bits: int, *, max_iter: in
     return ScalarQuantizer(levels, (levels[1:] + levels[:-1]) / 2, float(lo), float(hi), logpdf)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_quantizer(bits: int) -> ScalarQuantizer:
     """Lloyd–Max for N(0, 1) (support truncated at ±12, a tail below 1e-32)."""
     return lloyd_max(lambda x: -x * x / 2, -12.0, 12.0, bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def uniform_quantizer(bits: int, lo: float = 0.0, hi: float = 1.0) -> ScalarQuantizer:
     """Lloyd–Max for the uniform density: cells of equal width, levels at their centres."""
     return lloyd_max(np.zeros_like, lo, hi, bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def polar_angle_quantizer(n: int, bits: int) -> ScalarQuantizer:
     """Angle ``θ = atan2(‖b‖, ‖a‖)`` of two independent isotropic blocks of ``n`` coordinates.
 
@@ -135,7 +135,7 @@ def polar_angle_quantizer(n: int, bits: int) -> ScalarQuantizer:
     return lloyd_max(lambda t: xlogy(n - 1, np.sin(2 * t)), 0.0, math.pi / 2, bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sphere_coordinate_quantizer(d: int, bits: int) -> ScalarQuantizer:
     """One coordinate of a uniform point on the unit sphere of R^d, scaled by ``sqrt(d)``.
 
@@ -146,7 +146,7 @@ def sphere_coordinate_quantizer(d: int, bits: int) -> ScalarQuantizer:
     return lloyd_max(lambda z: xlogy((d - 3) / 2, 1 - np.minimum(z * z / d, 1.0)), -s, s, bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hyperspherical_angle_quantizer(k: int, bits: int) -> ScalarQuantizer:
     """Angle ``φ_i`` on ``[0, π]`` of hyperspherical coordinates, density ``∝ sin^k φ``.
 

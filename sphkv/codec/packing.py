@@ -34,7 +34,7 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
         uint8 ``[..., packed_bytes(layout)]``.
     """
     planes = []
-    for codes, b in zip(fields, bits):
+    for codes, b in zip(fields, bits, strict=True):
         if b == 0:
             continue
         shifts = torch.arange(b, device=codes.device, dtype=torch.uint8)

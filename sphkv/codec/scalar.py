@@ -1,0 +1,212 @@
+"""Scalar baselines: fp16, int8, KIVI-style groupwise int-b, TurboQuant-style rotated Lloyd–Max.
+
+Each is a codec with the common interface and can serve as a tier. Their ``logits`` dequantize
+and multiply, as a fused kernel does in registers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sphkv.codec.base import FP16_EPS, NUMERIC_SLACK, Codec, Codes, check_bits, to_fp16
+from sphkv.codec.lloyd_max import sphere_coordinate_quantizer
+from sphkv.codec.packing import pack, packed_bytes, unpack
+from sphkv.codec.rotation import RandomizedHadamard
+
+__all__ = ["Fp16Codec", "Int8Codec", "KiviCodec", "TurboQuantCodec"]
+
+
+@dataclass
+class Fp16Codec(Codec):
+    """Half precision, 2 bytes per coordinate (values beyond ±65504 are rejected)."""
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return 2 * self.d
+
+    def _encode(self, x: torch.Tensor) -> Codes:
+        to_fp16("x", x.abs().amax(-1))
+        return Codes(x.half().view(torch.uint8), {}, x.shape)
+
+    def error_bound(self) -> float:
+        # each coordinate is rounded with relative error <= 2^-11; 1e-4 covers subnormal ones
+        return FP16_EPS + 1e-4
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return codes.payload.view(torch.float16).float()
+
+
+@dataclass
+class Int8Codec(Codec):
+    """Symmetric per-vector int8: ``x̂ = s c`` with ``c ∈ [-127, 127]`` and an fp16 scale
+    ``s = max|x| / 127``; ``d + 2`` bytes per vector."""
+
+    def _encode(self, x: torch.Tensor) -> Codes:
+        scale = to_fp16("x", x.abs().amax(-1) / 127)
+        s = scale.float().unsqueeze(-1)
+        codes = torch.round(x / torch.where(s > 0, s, 1)).clamp(-127, 127).to(torch.int8)
+        return Codes(codes.view(torch.uint8), {"scale": scale}, x.shape)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.d + 2
+
+    def error_bound(self) -> float:
+        """Each coordinate is off by at most ``ŝ/2 ≤ (1 + ε) max|x| / 254`` (a clipped extreme is
+        off by less), and ``max|x| ≤ ‖x‖``, so ``‖e‖ ≤ sqrt(d) (1 + ε) ‖x‖ / 254``."""
+        return math.sqrt(self.d) * (1 + FP16_EPS) / 254 + NUMERIC_SLACK
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return codes.payload.view(torch.int8).float() * codes.side["scale"].float().unsqueeze(-1)
+
+
+@dataclass
+class KiviCodec(Codec):
+    """KIVI-style groupwise asymmetric int-b: ``x̂ = z + s c``, ``c ∈ [0, 2**b - 1]``, with fp16
+    scale ``s`` and zero point ``z`` per group.
+
+    Based on "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", arXiv 2402.02750.
+
+    Parameters
+    ----------
+    d : int
+        Vector dimension.
+    bits : int
+        1–8 bits per coordinate.
+    group_size : int
+        Group length G.
+    axis : {"channel", "token"}
+        ``"channel"`` (KIVI's keys): one (s, z) per channel per G consecutive tokens along
+        dimension -2, which must be a multiple of G. ``"token"`` (KIVI's values): one (s, z) per
+        G consecutive channels of each vector; d must be a multiple of G.
+
+    Bytes per vector: ``b d / 8`` of codes plus ``4 d / G`` of fp16 scales and zero points.
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    axis: str = "channel"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits("bits", self.bits, 1, 8)
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.axis not in ("channel", "token"):
+            raise ValueError(f"axis must be 'channel' or 'token', got {self.axis!r}")
+        if self.axis == "token" and self.d % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide d={self.d} for "
+                             f"axis='token'")
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return packed_bytes([(self.d, self.bits)]) + 4 * self.d / self.group_size
+
+    def error_bound(self) -> float:
+        """Per token (``axis="token"``): a group g with range ``R ≤ sqrt(2) ‖x_g‖`` has step
+        ``ŝ ≤ (1 + ε)(R + ε‖x_g‖) / (2**b - 1)``; a coordinate is off by at most ``ŝ/2`` (clipping
+        at the fp16-rounded ends costs at most ``2 ε ‖x_g‖``), so ``‖e‖ ≤ sqrt(G) c ‖x‖``.
+        Per channel the scale comes from other tokens: no bound relative to ``‖x‖``."""
+        if self.axis == "channel":
+            return math.inf
+        eps = FP16_EPS
+        c = max((1 + eps) * (math.sqrt(2) + eps) / (2 * (2**self.bits - 1)), 2 * eps)
+        return math.sqrt(self.group_size) * c + NUMERIC_SLACK
+
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` as ``[..., groups, G, ...]`` with the group members on dimension -2."""
+        g = self.group_size
+        if self.axis == "token":
+            return x.unflatten(-1, (-1, g))  # [..., n, d/G, G]
+        if x.dim() < 2 or x.shape[-2] % g:
+            raise ValueError(f"x must be [..., n, d] with n a multiple of group_size={g} for "
+                             f"axis='channel', got shape {tuple(x.shape)}")
+        return x.unflatten(-2, (-1, g)).transpose(-1, -2)  # [..., n/G, d, G]
+
+    def _ungroup(self, y: torch.Tensor) -> torch.Tensor:
+        if self.axis == "token":
+            return y.flatten(-2)
+        return y.transpose(-1, -2).flatten(-3, -2)
+
+    def _encode(self, x: torch.Tensor) -> Codes:
+        top = 2**self.bits - 1
+        g = self._groups(x)
+        lo, hi = g.amin(-1), g.amax(-1)
+        zero = to_fp16("x", lo)
+        scale = to_fp16("x", (hi - zero.float()) / top)
+        s = scale.float().unsqueeze(-1)
+        codes = torch.round((g - zero.float().unsqueeze(-1)) / torch.where(s > 0, s, 1))
+        codes = self._ungroup(codes.clamp(0, top))
+        return Codes(pack([codes], [self.bits]), {"scale": scale, "zero": zero}, x.shape)
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        c = unpack(codes.payload, [(self.d, self.bits)])[0].float()
+        s, z = (codes.side[k].float().unsqueeze(-1) for k in ("scale", "zero"))
+        return self._ungroup(self._groups(c) * s + z)
+
+
+@dataclass
+class TurboQuantCodec(Codec):
+    """TurboQuant-style: randomized Hadamard rotation, fp16 norm, and per coordinate a Lloyd–Max
+    codebook for one coordinate of a uniform point on the sphere (close to N(0, 1/d)).
+
+    Based on "TurboQuant: Online Vector Quantization with Near-optimal Distortion Rate",
+    arXiv 2504.19874 (its MSE variant, without the QJL residual).
+
+    Parameters
+    ----------
+    d : int
+        Vector dimension, a power of two.
+    bits : int
+        1–8 bits per coordinate; ``b d / 8 + 2`` bytes per vector.
+    seed : int
+        Seed of the rotation's random signs.
+    """
+
+    bits: int = 2
+    seed: int = 0
+
+    POWER_OF_TWO = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits("bits", self.bits, 1, 8)
+        self.quantizer = sphere_coordinate_quantizer(self.d, self.bits)
+        self.rotation = RandomizedHadamard(self.d, self.seed)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return packed_bytes([(self.d, self.bits)]) + 2
+
+    def error_bound(self) -> float:
+        """``z = sqrt(d) R x / ‖x‖`` has ``‖z‖² = d``. A coordinate inside the outer levels is
+        off by at most δ (the widest inner half-cell), one beyond them by less than ``|z_j|``, so
+        ``‖z - ẑ‖² ≤ d δ² + d``: no useful worst case (an adversary picks ``x = Rᵀ e_1``)."""
+        q = self.quantizer
+        edges = np.concatenate([q.levels[:1], q.thresholds, q.levels[-1:]])
+        delta = np.max(np.maximum(q.levels - edges[:-1], edges[1:] - q.levels))
+        return FP16_EPS + (1 + FP16_EPS) * math.sqrt(delta**2 + 1) + NUMERIC_SLACK
+
+    def _encode(self, x: torch.Tensor) -> Codes:
+        y = self.rotation.forward(x)
+        norm = y.norm(dim=-1, keepdim=True)
+        # z = sqrt(d) y / ‖y‖ has coordinates of unit variance
+        z = y / torch.where(norm > 0, norm, 1) * math.sqrt(self.d)
+        return Codes(pack([self.quantizer.quantize(z)], [self.bits]),
+                     {"norm": to_fp16("x", norm.squeeze(-1))}, x.shape)
+
+    def decode_rotated(self, codes: Codes) -> torch.Tensor:
+        """``R x̂`` ``[..., d]``: the reconstruction in the rotated domain."""
+        z = self.quantizer.dequantize(unpack(codes.payload, [(self.d, self.bits)])[0])
+        return z * (codes.side["norm"].float().unsqueeze(-1) / math.sqrt(self.d))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return self.rotation.inverse(self.decode_rotated(codes))
+
+    def _logits(self, q: torch.Tensor, codes: Codes) -> torch.Tensor:
+        # rotate the query once instead of rotating every key back
+        return self.rotation.forward(q) @ self.decode_rotated(codes).mT
