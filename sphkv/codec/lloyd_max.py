@@ -80,8 +80,8 @@ class ScalarQuantizer:
         return torch.as_tensor(self.levels, dtype=torch.float32, device=codes.device)[codes]
 
 
-def lloyd_max(logpdf: Callable, lo: float, hi: float, bits: int, *, max_iter: int = 5000,
-              tol: float = 1e-11) -> ScalarQuantizer:
+def lloyd_max(logpdf: Callable, lo: float, hi: float, bits: int, *, max_iter: int = 1000,
+              tol: float = 1e-10) -> ScalarQuantizer:
     """The Lloyd–Max quantizer with ``2**bits`` levels for the density ``exp(logpdf)`` on [lo, hi].
 
     Parameters

@@ -26,7 +26,7 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
     fields : list of torch.Tensor
         Integer tensors ``[..., m_k]`` with values in ``[0, 2**bits[k])``, equal batch shape.
     bits : list of int
-        Bits per code of each field, 0 to 8 (a 0-bit field stores nothing).
+        Bits per code of each field, 0 to 16 (a 0-bit field stores nothing).
 
     Returns
     -------
@@ -37,9 +37,10 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
     for codes, b in zip(fields, bits, strict=True):
         if b == 0:
             continue
-        shifts = torch.arange(b, device=codes.device, dtype=torch.uint8)
+        shifts = torch.arange(b, device=codes.device, dtype=torch.int32)
         # bit j of every code, [..., m, b] -> [..., m * b]
-        planes.append(((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2))
+        bit = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+        planes.append(bit.to(torch.uint8).flatten(-2))
     batch = fields[0].shape[:-1]
     device = fields[0].device
     stream = torch.cat(planes, -1) if planes else torch.zeros(*batch, 0, dtype=torch.uint8,

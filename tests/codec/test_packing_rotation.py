@@ -13,7 +13,7 @@ from sphkv.codec import RandomizedHadamard, fwht
 from sphkv.codec.packing import pack, packed_bytes, unpack
 
 
-@given(layout=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 8)), min_size=1,
+@given(layout=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 16)), min_size=1,
                        max_size=5),
        n=st.integers(1, 7), seed=st.integers(0, 2**16))
 @settings(max_examples=50, deadline=None)
