@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,7 +21,7 @@ from sphkv.codec import (
 )
 
 __all__ = ["KEY_FAMILIES", "PAIR_FAMILIES", "LogitStats", "attention_error", "describe",
-           "key_codecs", "logit_errors", "pair_codecs"]
+           "key_codecs", "label", "logit_errors", "pair_codecs"]
 
 _CHUNK = 4096  # keys per encode call, to bound memory of the vector quantizers
 
@@ -46,16 +46,18 @@ class LogitStats:
 
 
 def logit_errors(codec: Codec, keys: torch.Tensor, queries: torch.Tensor) -> LogitStats:
-    """Measure ``codec`` on ``keys`` ``[N, d]`` against ``queries`` ``[M, d]``.
+    """Measure ``codec`` on keys ``[..., N, d]`` against queries ``[..., M, d]``.
 
-    For KIVI per channel, N counts consecutive tokens (a multiple of its group size).
+    Batch dimensions (e.g. layer and kv-head) broadcast; for KIVI per channel, N counts
+    consecutive tokens (a multiple of its group size).
     """
-    k_hat = _round_trip(codec, keys)
+    d = keys.shape[-1]
+    k_hat = _round_trip(codec, keys.reshape(-1, d)).view_as(keys)
     err = keys - k_hat
     knorm = keys.norm(dim=-1)
     worst = (err.norm(dim=-1) / knorm).max().item()
     q_unit = queries / queries.norm(dim=-1, keepdim=True)
-    eps = (q_unit @ err.T).abs() / knorm  # [M, N]
+    eps = (q_unit @ err.mT).abs() / knorm.unsqueeze(-2)  # [..., M, N]
     return LogitStats(worst, eps.mean().item(), eps.square().mean().sqrt().item())
 
 
@@ -134,8 +136,15 @@ def pair_codecs(d: int) -> list[tuple[str, Codec, Codec]]:
     return [(family, k, v) for family, make in PAIR_FAMILIES.items() for k, v in make(d)]
 
 
+def label(codec: Codec) -> str:
+    """A short config label, e.g. ``SphericalCodec(bits=(3, 1, 0, 0, 0, 0), rotate=True)``."""
+    params = ", ".join(f"{f.name}={getattr(codec, f.name)}" for f in fields(codec)
+                       if f.name not in ("d", "seed"))
+    return f"{type(codec).__name__}({params})"
+
+
 def describe(codec: Codec) -> dict:
     """Config, rate and analytic numbers of a key codec, as a table row."""
-    return {"codec": repr(codec), "bits_per_coord": codec.bits_per_coordinate,
+    return {"codec": label(codec), "bits_per_coord": codec.bits_per_coordinate,
             "bytes": codec.bytes_per_vector, "bound": logit_bound(codec),
             "predicted_rms": predicted_logit_rms(codec)}

@@ -37,32 +37,36 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
     for codes, b in zip(fields, bits, strict=True):
         if b == 0:
             continue
-        shifts = torch.arange(b, device=codes.device, dtype=torch.int32)
+        c = codes.to(torch.int32)
         # bit j of every code, [..., m, b] -> [..., m * b]
-        bit = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-        planes.append(bit.to(torch.uint8).flatten(-2))
+        planes.append(torch.stack([((c >> j) & 1).to(torch.uint8) for j in range(b)],
+                                  -1).flatten(-2))
     batch = fields[0].shape[:-1]
     device = fields[0].device
     stream = torch.cat(planes, -1) if planes else torch.zeros(*batch, 0, dtype=torch.uint8,
                                                               device=device)
     pad = -stream.shape[-1] % 8
     stream = torch.nn.functional.pad(stream, (0, pad)).unflatten(-1, (-1, 8))
-    weights = 1 << torch.arange(8, device=device, dtype=torch.int32)
-    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    out = stream[..., 0].clone()
+    for j in range(1, 8):
+        out |= stream[..., j] << j
+    return out
 
 
 def unpack(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Inverse of :func:`pack`: ``payload`` uint8 ``[..., nbytes]`` -> int64 ``[..., m_k]`` each."""
-    shifts = torch.arange(8, device=payload.device, dtype=torch.uint8)
-    stream = ((payload.unsqueeze(-1) >> shifts) & 1).flatten(-2).to(torch.int64)
+    # bit j of byte i is bit 8 i + j of the stream
+    stream = torch.stack([(payload >> j) & 1 for j in range(8)], -1).flatten(-2)
     out, start = [], 0
     for m, b in layout:
         if b == 0:
             out.append(torch.zeros(*payload.shape[:-1], m, dtype=torch.int64,
                                    device=payload.device))
             continue
-        plane = stream[..., start:start + m * b].unflatten(-1, (m, b))
-        weights = 1 << torch.arange(b, device=payload.device, dtype=torch.int64)
-        out.append((plane * weights).sum(-1))
+        plane = stream[..., start:start + m * b].unflatten(-1, (m, b)).to(torch.int32)
+        code = plane[..., 0].clone()
+        for j in range(1, b):
+            code |= plane[..., j] << j
+        out.append(code.long())
         start += m * b
     return out

@@ -1,0 +1,133 @@
+"""Precision tiers: what a kept (token, kv-head) item may be stored as, and what it costs.
+
+A tier pairs a key codec (with ``logits``, so attention reads the codes) and a value codec; its
+cost is the exact bytes per token-head, side information included. Tier 0 is ``drop`` (nothing
+stored), the last tier ``fp16``. The default ladder is justified in ``docs/codecs.md``: each
+compressed tier sits on the measured rate–distortion frontier of attention-output error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sphkv.codec import Codec, Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
+
+__all__ = ["Tier", "TierSet", "ada_tiers", "default_tiers"]
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One precision tier; ``key`` and ``value`` are both None for ``drop``."""
+
+    name: str
+    key: Codec | None = None
+    value: Codec | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if (self.key is None) != (self.value is None):
+            raise ValueError(f"tier {self.name!r}: key and value must both be codecs, or both "
+                             f"None for a drop tier")
+        if self.key is not None:
+            if not self.key.IS_KEY_CODEC:
+                raise ValueError(f"tier {self.name!r}: key codec {type(self.key).__name__} "
+                                 f"cannot compute logits")
+            if self.key.d != self.value.d:
+                raise ValueError(f"tier {self.name!r}: key d={self.key.d} and value "
+                                 f"d={self.value.d} differ")
+
+    @property
+    def is_drop(self) -> bool:
+        return self.key is None
+
+    @property
+    def bytes_per_token_head(self) -> float:
+        """Exact bytes of one token of one kv-head: key and value codes with side information."""
+        if self.is_drop:
+            return 0.0
+        return self.key.bytes_per_vector + self.value.bytes_per_vector
+
+
+@dataclass(frozen=True)
+class TierSet:
+    """An ordered ladder of tiers, cheapest first, all for one head dimension.
+
+    ``costs`` (bytes per token-head, ``[T]``) is the ``cost`` of
+    :class:`sphkv.rdr.AllocationProblem`; the tier index is the allocation's tier.
+    """
+
+    tiers: tuple[Tier, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiers", tuple(self.tiers))
+        if not self.tiers:
+            raise ValueError("tiers must hold at least one tier")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tiers must have unique names, got {names}")
+        dims = {t.key.d for t in self.tiers if not t.is_drop}
+        if len(dims) > 1:
+            raise ValueError(f"tiers must share one head dimension, got d in {sorted(dims)}")
+        costs = self.costs
+        if np.any(np.diff(costs) <= 0):
+            raise ValueError(f"tiers must be ordered by strictly increasing bytes per "
+                             f"token-head, got {dict(zip(names, costs.tolist(), strict=True))}")
+
+    def __len__(self) -> int:
+        return len(self.tiers)
+
+    def __getitem__(self, i: int) -> Tier:
+        return self.tiers[i]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Bytes per token-head of each tier, ``[T]``."""
+        return np.array([t.bytes_per_token_head for t in self.tiers])
+
+    @property
+    def d(self) -> int | None:
+        return next((t.key.d for t in self.tiers if not t.is_drop), None)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no tier named {name!r}; tiers: {', '.join(self.names)}") from None
+
+
+def default_tiers(d: int = 64) -> TierSet:
+    """drop → ~2 → ~3 → ~4 → 8 bits → fp16 for head dimension ``d`` (a power of two).
+
+    Chosen from the measured frontier of attention-output error on SmolLM2 (``docs/codecs.md``):
+    between 2 and 4 bits the TurboQuant-style codec for keys and values sits on it (ADA keys at
+    equal bytes are 5–20% worse there); 8 bits is int8 for both.
+    """
+    def turbo(bits: int) -> Tier:
+        return Tier(f"turbo{bits}", TurboQuantCodec(d=d, bits=bits),
+                    TurboQuantCodec(d=d, bits=bits))
+
+    return TierSet((Tier("drop"), turbo(2), turbo(3), turbo(4),
+                    Tier("int8", Int8Codec(d=d), Int8Codec(d=d)),
+                    Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))
+
+
+def ada_tiers(d: int = 64) -> TierSet:
+    """The ladder of :func:`default_tiers` with ADA keys at the same bytes per token-head.
+
+    Keys use :meth:`SphericalCodec.for_rate` (per-level bits chosen for the rate, logits read
+    from angle codes), values the TurboQuant-style codec; for RDR+ADA runs and comparisons.
+    """
+    def ada(bits: int) -> Tier:
+        return Tier(f"ada{bits}", SphericalCodec.for_rate(d, bits + 0.25),
+                    TurboQuantCodec(d=d, bits=bits))
+
+    return TierSet((Tier("drop"), ada(2), ada(3), ada(4),
+                    Tier("int8", Int8Codec(d=d), Int8Codec(d=d)),
+                    Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))
