@@ -1,4 +1,4 @@
-"""Exact MCKP with OR-Tools (HiGHS or SCIP MIP, or CP-SAT), warm-started from greedy.
+"""Exact MCKP as a mixed-integer program, warm-started from greedy.
 
 Without pages: x[i, t] ∈ {0, 1} = 1 if item i takes tier t; Σ_t x[i, t] = 1; Σ c x ≤ B. Tiers that
 another tier of the same item dominates (no dearer, no worse) are left out: swapping to the
@@ -6,8 +6,12 @@ dominating tier never hurts, so the optimum is unchanged.
 
 With pages: m[g, t] ∈ ℤ≥0 = pages of (group g, tier t); Σ_{i∈g} x[i, t] + forced[g, t] ≤ P m[g, t]
 and Σ (P c + h) m ≤ B. Once the page counts are fixed, assigning items to tiers is a
-transportation problem (totally unimodular), so x may stay continuous in [0, 1] and only m is
+transportation problem (totally unimodular), so x stays continuous in [0, 1] and only m is
 integer (MIP backends); a fractional x is snapped to a vertex by a transportation LP.
+
+Backends: HiGHS (through highspy: warm start by ``setSolution``, incumbents at time limits),
+SCIP and CP-SAT through OR-Tools (warm start by hints). OR-Tools' own HiGHS interface is not used:
+it reports no incumbent at a time limit and crashes on hints.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from sphkv.solvers.greedy import GreedySolver
 
 __all__ = ["ILPSolver"]
 
-_BACKENDS = {"highs": "highs", "scip": "scip", "cpsat": "cp_sat"}
+BACKENDS = ("highs", "scip", "cpsat")
 
 
 def _undominated(distortion: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """[N, T] mask of tiers no other tier of the item dominates (ties keep the lower index)."""
+    """[N, T] mask of tiers that no other tier of the item dominates (ties keep the lower index)."""
     n, t = distortion.shape
     keep = np.ones((n, t), dtype=bool)
     for a in range(t):
@@ -42,18 +46,159 @@ def _undominated(distortion: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _transport(problem: AllocationProblem, x: np.ndarray, free: np.ndarray,
-               capacity: np.ndarray) -> np.ndarray:
-    """A vertex (integral) assignment of free items within per-(group, tier) slot capacities."""
+@dataclass
+class _Model:
+    """min objective·v  s.t.  row_lb ≤ matrix v ≤ row_ub,  lb ≤ v ≤ ub,  v[integral] ∈ ℤ.
+
+    Columns: x[xi[k], xt[k]] for k < n_x (free items only), then m[mg[k], mt[k]].
+    """
+
+    objective: np.ndarray
+    lb: np.ndarray
+    ub: np.ndarray
+    matrix: sp.csr_matrix
+    row_lb: np.ndarray
+    row_ub: np.ndarray
+    integral: np.ndarray  # bool per column
+    hint: np.ndarray  # the greedy allocation as column values
+    xi: np.ndarray
+    xt: np.ndarray
+    mg: np.ndarray
+    mt: np.ndarray
+
+
+def _build(problem: AllocationProblem, free: np.ndarray, objective: np.ndarray,
+           hint_tiers: np.ndarray, all_integer: bool) -> _Model:
+    n_free, t = free.size, problem.n_tiers
+    paged = problem.page_size is not None
+    fixed = np.flatnonzero(problem.forced >= 0)
+    item_cost = np.broadcast_to(problem.cost, problem.distortion.shape)
+    if paged:
+        x_mask = np.ones((n_free, t), dtype=bool)
+        page_bytes = problem.page_bytes
+        mg, mt = np.nonzero(page_bytes > 0)
+    else:
+        x_mask = _undominated(problem.distortion[free], item_cost[free])
+        mg = mt = np.zeros(0, dtype=np.int64)
+    xi, xt = np.nonzero(x_mask)
+    n_x, n_m = xi.size, mg.size
+    n_col = n_x + n_m
+    # One-hot row per free item.
+    rows = [sp.csr_matrix((np.ones(n_x), (xi, np.arange(n_x))), shape=(n_free, n_col))]
+    row_lb, row_ub = [np.ones(n_free)], [np.ones(n_free)]
+    hint = np.zeros(n_col)
+    hint[:n_x] = hint_tiers[free][xi] == xt
+    if paged:
+        forced_counts = np.zeros(page_bytes.shape, dtype=np.int64)
+        np.add.at(forced_counts, (problem.group_index[fixed], problem.forced[fixed]), 1)
+        group_size = np.bincount(problem.group_index, minlength=problem.n_groups)
+        # Budget over pages.
+        rows.append(sp.csr_matrix((page_bytes[mg, mt], (np.zeros(n_m), n_x + np.arange(n_m))),
+                                  shape=(1, n_col)))
+        row_lb.append([-np.inf])
+        row_ub.append([problem.budget])
+        # Capacity: Σ_{i∈g} x[i, t] − P m[g, t] ≤ −forced[g, t].
+        slot = np.full(page_bytes.shape, -1)
+        slot[mg, mt] = np.arange(n_m)
+        x_slot = slot[problem.group_index[free][xi], xt]
+        paged_x = np.flatnonzero(x_slot >= 0)
+        rows.append(sp.csr_matrix(
+            (np.concatenate([np.ones(paged_x.size), np.full(n_m, -float(problem.page_size))]),
+             (np.concatenate([x_slot[paged_x], np.arange(n_m)]),
+              np.concatenate([paged_x, n_x + np.arange(n_m)]))), shape=(n_m, n_col)))
+        row_lb.append(np.full(n_m, -np.inf))
+        row_ub.append(-forced_counts[mg, mt].astype(float))
+        ub_m = -(-group_size[mg] // problem.page_size)
+        hint[n_x:] = -(-problem.counts(hint_tiers)[mg, mt] // problem.page_size)
+    else:
+        fixed_cost = item_cost[fixed, problem.forced[fixed]].sum()
+        rows.append(sp.csr_matrix((item_cost[free][xi, xt], (np.zeros(n_x), np.arange(n_x))),
+                                  shape=(1, n_col)))
+        row_lb.append([-np.inf])
+        row_ub.append([problem.budget - fixed_cost])
+        ub_m = np.zeros(0)
+    integral = np.ones(n_col, dtype=bool) if (all_integer or not paged) else np.r_[
+        np.zeros(n_x, dtype=bool), np.ones(n_m, dtype=bool)]
+    return _Model(objective=np.concatenate([objective[xi, xt], np.zeros(n_m)]),
+                  lb=np.zeros(n_col), ub=np.concatenate([np.ones(n_x), ub_m]).astype(float),
+                  matrix=sp.vstack(rows, format="csr"), row_lb=np.concatenate(row_lb),
+                  row_ub=np.concatenate(row_ub).astype(float), integral=integral, hint=hint,
+                  xi=xi, xt=xt, mg=mg, mt=mt)
+
+
+def _run_highs(model: _Model, time_limit, mip_gap: float, warm_start: bool):
+    """Returns (column values or None, dual bound, proven optimal)."""
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("mip_rel_gap", float(mip_gap))
+    h.setOptionValue("threads", 1)
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = model.matrix.shape[1], model.matrix.shape[0]
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = model.objective, model.lb, model.ub
+    lp.row_lower_, lp.row_upper_ = model.row_lb, model.row_ub  # HiGHS reads ±inf as free
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = model.matrix.indptr
+    lp.a_matrix_.index_ = model.matrix.indices
+    lp.a_matrix_.value_ = model.matrix.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in model.integral]
+    h.passModel(lp)
+    if warm_start:
+        solution = highspy.HighsSolution()
+        solution.col_value = model.hint
+        h.setSolution(solution)
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    feasible = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
+    values = np.array(h.getSolution().col_value) if feasible else None
+    return values, float(info.mip_dual_bound), status == highspy.HighsModelStatus.kOptimal
+
+
+def _run_ortools(model: _Model, backend: str, time_limit, mip_gap: float, workers: int,
+                 warm_start: bool):
+    from ortools.linear_solver.python import model_builder as mb
+
+    m = mb.Model()
+    m.helper.fill_model_from_sparse_data(model.lb, model.ub, model.objective, model.row_lb,
+                                         model.row_ub, model.matrix)
+    for j in np.flatnonzero(model.integral).tolist():
+        m.helper.set_var_integrality(j, True)
+    if warm_start:
+        for j, v in enumerate(model.hint.tolist()):
+            m.helper.add_hint(j, v)
+    solver = mb.Solver("scip" if backend == "scip" else "cp_sat")
+    if time_limit is not None:
+        solver.set_time_limit_in_seconds(float(time_limit))
+    solver.set_solver_specific_parameters(
+        f"limits/gap = {mip_gap}" if backend == "scip"
+        else f"relative_gap_limit:{mip_gap},num_workers:{workers}")
+    status = solver.solve(m)
+    values = None
+    if status in (mb.SolveStatus.OPTIMAL, mb.SolveStatus.FEASIBLE):
+        values = solver.values(m.get_variables()).to_numpy()
+    try:
+        bound = float(solver.best_objective_bound)
+    except (TypeError, ValueError):
+        bound = -math.inf
+    return values, bound, status == mb.SolveStatus.OPTIMAL
+
+
+def _transport(problem: AllocationProblem, free: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """A vertex (so integral) assignment of free items within per-(group, tier) capacities."""
     from scipy.optimize import linprog
 
-    n_free, t = x.shape
-    g = problem.group_index[free]
-    rows = sp.kron(sp.eye(n_free), np.ones((1, t)), format="csr")
-    cap_rows = sp.csr_matrix((np.ones(n_free * t), (np.repeat(g, t) * t + np.tile(np.arange(t),
-                              n_free), np.arange(n_free * t))), shape=(capacity.size, n_free * t))
+    n_free, t = free.size, problem.n_tiers
+    col_slot = np.repeat(problem.group_index[free], t) * t + np.tile(np.arange(t), n_free)
+    cap_rows = sp.csr_matrix((np.ones(n_free * t), (col_slot, np.arange(n_free * t))),
+                             shape=(capacity.size, n_free * t))
+    one_hot = sp.kron(sp.eye(n_free), np.ones((1, t)), format="csr")
     res = linprog(problem.distortion[free].ravel(), A_ub=cap_rows, b_ub=capacity.ravel(),
-                  A_eq=rows, b_eq=np.ones(n_free), bounds=(0, 1), method="highs-ds")
+                  A_eq=one_hot, b_eq=np.ones(n_free), bounds=(0, 1), method="highs-ds")
     if res.status != 0:
         raise RuntimeError(f"transportation LP failed: {res.message}")
     return res.x.reshape(n_free, t)
@@ -62,26 +207,25 @@ def _transport(problem: AllocationProblem, x: np.ndarray, free: np.ndarray,
 @register
 @dataclass
 class ILPSolver(Solver):
-    """Exact solver on OR-Tools; pages modelled exactly with integer page counts.
+    """Exact solver: a MIP with page counts modelled exactly.
 
     Parameters
     ----------
     backend : {"highs", "scip", "cpsat"}
-        MIP backend (HiGHS, SCIP) or CP-SAT (all variables integer, distortions scaled to
-        integers; the reported bound is made valid for the unscaled objective).
+        HiGHS (highspy), SCIP (OR-Tools) or CP-SAT (OR-Tools; every variable integer and
+        distortions floored to integers, with the bound made valid for the true objective).
     mip_gap : float
-        Relative gap at which the backend may stop and call the answer optimal.
+        Relative gap at which the backend may stop and call its answer optimal.
     workers : int
         Threads for CP-SAT.
     warm_start : bool
-        Hint the greedy allocation to SCIP and CP-SAT (HiGHS through OR-Tools crashes on hints).
-        Every backend returns the greedy allocation, with the better of the two bounds, when
-        it finds nothing better.
+        Start from the greedy allocation. The greedy allocation is returned, with the better of
+        the two bounds, when the backend finds nothing better.
     """
 
     NAME: ClassVar[str] = "ilp"
     EXACT: ClassVar[bool] = True
-    REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ("ortools",)
+    REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ("ortools", "highspy")
     PAGES: ClassVar[str] = "exact"
 
     backend: str = "highs"
@@ -90,136 +234,67 @@ class ILPSolver(Solver):
     warm_start: bool = True
 
     def __post_init__(self):
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if not 0 <= self.mip_gap < 1:
             raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap}")
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
-        from ortools.linear_solver.python import model_builder as mb
-
         greedy = GreedySolver().solve(problem)
         free = np.flatnonzero(problem.forced < 0)
         fixed = np.flatnonzero(problem.forced >= 0)
-        n_free, t = free.size, problem.n_tiers
-        if n_free == 0:
+        if free.size == 0:
             return finish(problem, greedy.tiers, greedy.distortion, "optimal")
+        fixed_distortion = problem.distortion[fixed, problem.forced[fixed]].sum()
         d = problem.distortion[free]
-        paged = problem.page_size is not None
-        cpsat = self.backend == "cpsat"
         # Objective in units of the mean greedy distortion per item: well scaled for the solver.
-        unit = max(greedy.distortion, 1e-300) / max(n_free, 1)
+        unit = max(greedy.distortion - fixed_distortion, 1e-300) / free.size
+        cpsat = self.backend == "cpsat"
         if cpsat:
-            # CP-SAT needs integers: floor keeps Σ floor(D s)/s ≤ Σ D, so its bound stays valid.
-            unit = unit / 1e4
-            obj = np.floor(d / unit)
+            # Σ floor(D/u)·u ≤ Σ D, so a bound on the floored objective bounds the true one.
+            unit /= 1e4
+            objective = np.floor(d / unit)
         else:
-            obj = d / unit
-
-        # x[i, t] for free items (only undominated tiers when costs are per item).
-        if paged:
-            x_mask = np.ones((n_free, t), dtype=bool)
+            objective = d / unit
+        model = _build(problem, free, objective, greedy.tiers, all_integer=cpsat)
+        if self.backend == "highs":
+            values, dual, proven = _run_highs(model, time_limit, self.mip_gap, self.warm_start)
         else:
-            x_mask = _undominated(d, np.broadcast_to(problem.cost if problem.cost.ndim == 1
-                                                     else problem.cost[free], (n_free, t)))
-        xi, xt = np.nonzero(x_mask)
-        n_x = xi.size
-        # m[g, t] = pages of group g at tier t, for tiers that hold pages.
-        if paged:
-            page_bytes = problem.page_bytes
-            mg, mt = np.nonzero(page_bytes > 0)
-            forced_counts = np.zeros(page_bytes.shape, dtype=np.int64)
-            np.add.at(forced_counts, (problem.group_index[fixed], problem.forced[fixed]), 1)
-            group_size = np.bincount(problem.group_index, minlength=problem.n_groups)
-            max_pages = -(-group_size[mg] // problem.page_size)
-        else:
-            mg = mt = np.zeros(0, dtype=np.int64)
-        n_m = mg.size
-
-        lb = np.zeros(n_x + n_m)
-        ub = np.concatenate([np.ones(n_x), max_pages.astype(float) if paged else []])
-        objective = np.concatenate([obj[xi, xt], np.zeros(n_m)])
-        # Rows: one-hot per item, then the budget, then per (group, tier) page capacity.
-        one_hot = sp.csr_matrix((np.ones(n_x), (xi, np.arange(n_x))), shape=(n_free, n_x + n_m))
-        item_cost = np.broadcast_to(problem.cost, problem.distortion.shape)
-        fixed_cost = item_cost[fixed, problem.forced[fixed]].sum()
-        if paged:
-            budget_row = sp.csr_matrix((page_bytes[mg, mt], (np.zeros(n_m), n_x + np.arange(n_m))),
-                                       shape=(1, n_x + n_m))
-            budget_rhs = problem.budget
-            slot = {(g, tt): k for k, (g, tt) in enumerate(zip(mg.tolist(), mt.tolist()))}
-            gi = problem.group_index[free][xi]
-            has_pages = page_bytes[gi, xt] > 0
-            cap_of_x = np.array([slot[(g, tt)] for g, tt in zip(gi[has_pages].tolist(),
-                                                              xt[has_pages].tolist())],
-                                dtype=np.int64)
-            cap = sp.csr_matrix(
-                (np.concatenate([np.ones(cap_of_x.size), -problem.page_size * np.ones(n_m)]),
-                 (np.concatenate([cap_of_x, np.arange(n_m)]),
-                  np.concatenate([np.flatnonzero(has_pages), n_x + np.arange(n_m)]))),
-                shape=(n_m, n_x + n_m))
-            cap_rhs = -forced_counts[mg, mt].astype(float)
-        else:
-            costs = item_cost[free][xi, xt]
-            budget_row = sp.csr_matrix((costs, (np.zeros(n_x), np.arange(n_x))),
-                                       shape=(1, n_x + n_m))
-            budget_rhs = problem.budget - fixed_cost
-            cap = sp.csr_matrix((0, n_x + n_m))
-            cap_rhs = np.zeros(0)
-        matrix = sp.vstack([one_hot, budget_row, cap], format="csr")
-        row_lb = np.concatenate([np.ones(n_free), [-np.inf], np.full(cap_rhs.size, -np.inf)])
-        row_ub = np.concatenate([np.ones(n_free), [budget_rhs], cap_rhs])
-
-        model = mb.Model()
-        model.helper.fill_model_from_sparse_data(lb, ub, objective, row_lb, row_ub, matrix)
-        integral = np.arange(n_x + n_m) if (cpsat or not paged) else n_x + np.arange(n_m)
-        for j in integral.tolist():
-            model.helper.set_var_integrality(j, True)
-        solver = mb.Solver(_BACKENDS[self.backend])
-        if time_limit is not None:
-            solver.set_time_limit_in_seconds(float(time_limit))
-        if self.warm_start and self.backend != "highs":
-            # HiGHS through OR-Tools crashes on hints (and its objective_bound cutoff wrongly
-            # prunes); it is warm-started only in that greedy is returned when not beaten.
-            hint_x = (greedy.tiers[free][xi] == xt).astype(float)
-            hint = np.concatenate([hint_x, (-(-problem.counts(greedy.tiers)[mg, mt]
-                                             // problem.page_size)) if paged else []])
-            for j, v in enumerate(hint.tolist()):
-                model.helper.add_hint(j, v)
-        solver.set_solver_specific_parameters(self._parameters())
-        status = solver.solve(model)
-
-        best = greedy
+            values, dual, proven = _run_ortools(model, self.backend, time_limit, self.mip_gap,
+                                                self.workers, self.warm_start)
         bound = greedy.lower_bound
-        if status in (mb.SolveStatus.OPTIMAL, mb.SolveStatus.FEASIBLE):
-            values = np.array([solver.value(model.var_from_index(j)) for j in range(n_x)])
-            x = np.zeros((n_free, t))
-            x[xi, xt] = values
-            if paged and np.any(np.abs(x - np.round(x)) > 1e-6):
-                pages = np.zeros(page_bytes.shape)
-                pages[mg, mt] = np.round([solver.value(model.var_from_index(n_x + k))
-                                          for k in range(n_m)])
-                capacity = pages * problem.page_size - np.where(page_bytes > 0, forced_counts, 0)
-                capacity = np.where(page_bytes > 0, capacity, n_free)
-                x = _transport(problem, x, free, capacity)
-            tiers = problem.forced.copy()
-            tiers[free] = np.argmax(x, axis=1)
-            if problem.is_feasible(tiers) and problem.distortion_of(tiers) < best.distortion:
-                best = finish(problem, tiers, bound, "feasible")
-            solver_bound = solver.best_objective_bound
-            if math.isfinite(solver_bound):
-                mip_bound = solver_bound * unit + problem.distortion[fixed,
-                                                                     problem.forced[fixed]].sum()
-                bound = max(bound, mip_bound - 1e-9 * max(abs(mip_bound), 1.0))
-        proven = status == mb.SolveStatus.OPTIMAL
-        result = finish(problem, best.tiers, bound, "optimal" if proven else "feasible")
-        if not proven and time_limit is not None:
+        if math.isfinite(dual):
+            mip_bound = dual * unit + fixed_distortion
+            bound = max(bound, mip_bound - 1e-9 * max(abs(mip_bound), 1.0))
+        tiers = greedy.tiers
+        if values is not None:
+            candidate = self._decode(problem, free, model, values)
+            if problem.is_feasible(candidate) and (
+                    problem.distortion_of(candidate) < greedy.distortion):
+                tiers = candidate
+        result = finish(problem, tiers, bound, "optimal" if proven else "feasible")
+        if result.status != "optimal" and time_limit is not None:
             result.status = "time_limit"
         return result
 
-    def _parameters(self) -> str:
-        if self.backend == "highs":
-            return f"mip_rel_gap={self.mip_gap}\noutput_flag=false"
-        if self.backend == "scip":
-            return f"limits/gap = {self.mip_gap}"
-        return f"relative_gap_limit:{self.mip_gap},num_workers:{self.workers}"
+    @staticmethod
+    def _decode(problem: AllocationProblem, free: np.ndarray, model: _Model,
+                values: np.ndarray) -> np.ndarray:
+        n_x = model.xi.size
+        x = np.zeros((free.size, problem.n_tiers))
+        x[model.xi, model.xt] = values[:n_x]
+        if problem.page_size is not None and np.any(np.abs(x - np.round(x)) > 1e-6):
+            # Snap to a vertex of the transportation polytope of the chosen page counts.
+            page_bytes = problem.page_bytes
+            pages = np.zeros(page_bytes.shape)
+            pages[model.mg, model.mt] = np.round(values[n_x:])
+            is_forced = problem.forced >= 0
+            forced_counts = np.zeros(page_bytes.shape)
+            np.add.at(forced_counts, (problem.group_index[is_forced],
+                                      problem.forced[is_forced]), 1)
+            capacity = np.where(page_bytes > 0, pages * problem.page_size - forced_counts,
+                                free.size)
+            x = _transport(problem, free, capacity)
+        tiers = problem.forced.copy()
+        tiers[free] = np.argmax(x, axis=1)
+        return tiers
