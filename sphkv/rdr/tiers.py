@@ -125,8 +125,9 @@ def ada_tiers(d: int = 64) -> TierSet:
     from angle codes), values the TurboQuant-style codec; for RDR+ADA runs and comparisons.
     """
     def ada(bits: int) -> Tier:
-        return Tier(f"ada{bits}", SphericalCodec.for_rate(d, bits + 0.25),
-                    TurboQuantCodec(d=d, bits=bits))
+        value = TurboQuantCodec(d=d, bits=bits)
+        # the key gets the bytes a TurboQuant key of this depth would take
+        return Tier(f"ada{bits}", SphericalCodec.for_rate(d, value.bits_per_coordinate), value)
 
     return TierSet((Tier("drop"), ada(2), ada(3), ada(4),
                     Tier("int8", Int8Codec(d=d), Int8Codec(d=d)),
