@@ -204,11 +204,21 @@ class AllocationProblem:
 
     # --- evaluation ----------------------------------------------------------------------
     def counts(self, tiers: np.ndarray) -> np.ndarray:
-        """Items per (group, tier), [G, T]."""
-        flat = self._group_index * self.n_tiers + np.asarray(tiers)
+        """Items per (group, tier), [G, T]; items whose tier is -1 are not counted."""
+        tiers = np.asarray(tiers)
+        keep = tiers >= 0
+        flat = self._group_index[keep] * self.n_tiers + tiers[keep]
         return np.bincount(flat, minlength=self.n_groups * self.n_tiers).reshape(
             self.n_groups, self.n_tiers
         )
+
+    def forced_counts(self) -> np.ndarray:
+        """Forced items per (group, tier), [G, T]."""
+        return self.counts(np.where(self.forced >= 0, self.forced, -1))
+
+    def page_cost(self, counts: np.ndarray) -> float:
+        """Bytes of whole pages holding ``counts`` [G, T] items per (group, tier)."""
+        return float((-(-np.asarray(counts) // self.page_size) * self.page_bytes).sum())
 
     def cost_of(self, tiers: np.ndarray) -> float:
         """Bytes an assignment really uses, whole pages and their overhead included."""
@@ -217,8 +227,7 @@ class AllocationProblem:
             if self.cost.ndim == 1:
                 return float(self.cost[tiers].sum())
             return float(self.cost[np.arange(self.n_items), tiers].sum())
-        pages = -(-self.counts(tiers) // self.page_size)
-        return float((pages * self.page_bytes).sum())
+        return self.page_cost(self.counts(tiers))
 
     def distortion_of(self, tiers: np.ndarray) -> float:
         tiers = self._check_tiers(tiers)
@@ -256,8 +265,7 @@ class AllocationProblem:
         # With pages, free items first fill the slots that forced items leave free in their
         # partial pages (no extra bytes); the rest take pages of the cheapest tier.
         is_forced = self.forced >= 0
-        forced_counts = np.zeros((self.n_groups, self.n_tiers), dtype=np.int64)
-        np.add.at(forced_counts, (self._group_index[is_forced], self.forced[is_forced]), 1)
+        forced_counts = self.forced_counts()
         pb = self.page_bytes
         for g in range(self.n_groups):
             if np.any(pb[g] == 0):

@@ -96,13 +96,13 @@ def _hull(xp, distortion, cost):
     return base, to[:steps], dcs[:steps], dds[:steps], effs[:steps]
 
 
-def greedy_tiers(distortion, cost, room: float, xp=None):
+def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None, xp=None):
     """Allocate by hull segments in efficiency order within ``room`` bytes above the base.
 
     ``distortion`` [N, T], ``cost`` [N, T] or [T]. Returns ``(tiers, lp_bound, price)`` as
     numpy/float: the integer allocation (the prefix of segments that fits, then a fill with later
     segments that still fit), the LP optimum (the prefix plus the fraction of the breaking
-    segment) and λ, the breaking efficiency.
+    segment, within ``bound_room`` if given, else ``room``) and λ, the breaking efficiency.
 
     Only the bin of efficiencies that holds the break is sorted: segments are bucketed by
     log2(efficiency), whole buckets above the break are taken, so the result is that of one
@@ -123,35 +123,47 @@ def greedy_tiers(distortion, cost, room: float, xp=None):
     flat = xp.reshape(to, (-1,)) >= 0
     index = xp.nonzero(flat)[0]
     dc, dd, eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
-    limit = room * (1 + 1e-12) + 1e-9
-    if index.shape[0] == 0 or float(xp.sum(dc)) <= limit:
-        n_taken = _np(_bincount(xp, index % n, minlength=n))
-        return hull_tiers[n_taken, np.arange(n)], base_distortion + float(xp.sum(dd)), 0.0
+    if index.shape[0] == 0:
+        return hull_tiers[0], base_distortion, 0.0
     # Buckets by log2 efficiency, highest efficiency first.
     lg = xp.log2(eff)
     lo, hi = float(xp.min(lg)), float(xp.max(lg))
     scale = (_N_BINS - 1) / (hi - lo) if hi > lo else 0.0
     bucket = xp.astype(xp.clip((hi - lg) * scale, 0, _N_BINS - 1), xp.int64)
     bucket_cum = xp.cumulative_sum(_bincount(xp, bucket, weights=dc, minlength=_N_BINS))
-    b = int(xp.searchsorted(bucket_cum, xp.asarray([limit], dtype=xp.float64), side="right")[0])
-    before = float(bucket_cum[b - 1]) if b else 0.0
-    members = xp.nonzero(bucket == b)[0]
-    members = members[xp.argsort(-eff[members], stable=True)]
-    cum = before + xp.cumulative_sum(dc[members])
-    k = int(xp.searchsorted(cum, xp.asarray([limit], dtype=xp.float64), side="right")[0])
-    taken = bucket < b
-    taken[members[:k]] = True
-    brk = int(members[k])
-    left = room - (float(cum[k - 1]) if k else before)
-    frac = min(max(left / float(dc[brk]), 0.0), 1.0)
-    lp_bound = base_distortion + float(xp.sum(xp.where(taken, dd, 0.0))) + frac * float(dd[brk])
+
+    def select(room: float):
+        """Segments of the sorted prefix within ``room``, the breaking one and bytes left."""
+        limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64)
+        b = int(xp.searchsorted(bucket_cum, limit, side="right")[0])
+        if b == _N_BINS:
+            return xp.ones(dc.shape[0], dtype=xp.bool), None, room - float(bucket_cum[-1])
+        before = float(bucket_cum[b - 1]) if b else 0.0
+        members = xp.nonzero(bucket == b)[0]
+        members = members[xp.argsort(-eff[members], stable=True)]
+        cum = before + xp.cumulative_sum(dc[members])
+        k = int(xp.searchsorted(cum, limit, side="right")[0])
+        taken = bucket < b
+        taken[members[:k]] = True
+        return taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
+
+    # The LP optimum: the prefix within bound_room plus a fraction of the breaking segment.
+    taken, brk, left = select(room if bound_room is None else bound_room)
+    lp_bound = base_distortion + float(xp.sum(xp.where(taken, dd, 0.0)))
+    if brk is not None:
+        lp_bound += min(max(left / float(dc[brk]), 0.0), 1.0) * float(dd[brk])
+    price = 0.0 if brk is None else float(eff[brk])
+    if bound_room is not None:
+        taken, brk, left = select(room)
     n_taken = _np(_bincount(xp, index[taken] % n, minlength=n))
-    # Fill, on the CPU: later segments that still fit, in efficiency order.
-    later = xp.nonzero(~taken & (dc <= left))[0]
-    later = later[xp.argsort(-eff[later], stable=True)]
-    later_flat = _np(index[later])
-    _fill(later_flat % n, later_flat // n, _np(dc[later]), left, n_taken, int(index[brk]) % n)
-    return hull_tiers[n_taken, np.arange(n)], lp_bound, float(eff[brk])
+    if brk is not None:
+        # Fill, on the CPU: later segments that still fit, in efficiency order.
+        later = xp.nonzero(~taken & (dc <= left))[0]
+        later = later[xp.argsort(-eff[later], stable=True)]
+        later_flat = _np(index[later])
+        _fill(later_flat % n, later_flat // n, _np(dc[later]), left, n_taken,
+              int(index[brk]) % n)
+    return hull_tiers[n_taken, np.arange(n)], lp_bound, price
 
 
 def _np(x) -> np.ndarray:
@@ -216,16 +228,21 @@ class GreedySolver(Solver):
             cost = amortized[free]
             base_cost = cost.min(axis=1).sum()
         distortion = problem.distortion[free]
-        room = problem.budget - forced_cost - base_cost
+        # The bound's room counts forced items at amortized cost, a relaxation; the allocation's
+        # room counts their whole pages, whose free slots the page repair then fills for free.
+        bound_room = problem.budget - forced_cost - base_cost
+        room = bound_room
+        if problem.page_size is not None:
+            room = problem.budget - problem.page_cost(problem.forced_counts()) - base_cost
         if self.backend == "numpy":
-            tiers[free], bound, price = greedy_tiers(distortion, cost, room)
+            tiers[free], bound, price = greedy_tiers(distortion, cost, room, bound_room)
         else:
             import torch
 
             xp = array_api_compat.array_namespace(torch.empty(0))
             tiers[free], bound, price = greedy_tiers(
                 torch.as_tensor(distortion, device=self.device),
-                torch.as_tensor(cost, device=self.device), room, xp=xp)
+                torch.as_tensor(cost, device=self.device), room, bound_room, xp=xp)
         bound += problem.distortion[fixed, tiers[fixed]].sum()
         if problem.page_size is not None:
             tiers = repair_pages(problem, tiers)

@@ -89,8 +89,7 @@ def _build(problem: AllocationProblem, free: np.ndarray, objective: np.ndarray,
     hint = np.zeros(n_col)
     hint[:n_x] = hint_tiers[free][xi] == xt
     if paged:
-        forced_counts = np.zeros(page_bytes.shape, dtype=np.int64)
-        np.add.at(forced_counts, (problem.group_index[fixed], problem.forced[fixed]), 1)
+        forced_counts = problem.forced_counts()
         group_size = np.bincount(problem.group_index, minlength=problem.n_groups)
         # Budget over pages.
         rows.append(sp.csr_matrix((page_bytes[mg, mt], (np.zeros(n_m), n_x + np.arange(n_m))),
@@ -288,11 +287,8 @@ class ILPSolver(Solver):
             page_bytes = problem.page_bytes
             pages = np.zeros(page_bytes.shape)
             pages[model.mg, model.mt] = np.round(values[n_x:])
-            is_forced = problem.forced >= 0
-            forced_counts = np.zeros(page_bytes.shape)
-            np.add.at(forced_counts, (problem.group_index[is_forced],
-                                      problem.forced[is_forced]), 1)
-            capacity = np.where(page_bytes > 0, pages * problem.page_size - forced_counts,
+            capacity = np.where(page_bytes > 0,
+                                pages * problem.page_size - problem.forced_counts(),
                                 free.size)
             x = _transport(problem, free, capacity)
         tiers = problem.forced.copy()

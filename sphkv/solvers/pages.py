@@ -5,16 +5,22 @@ solved on the amortized cost ``c + h/P`` may exceed the budget by its partial pa
 slots unused. Two local moves, each priced exactly by the page counts they change:
 
 - *trim* (while over budget): empty one partial page of (group g, tier t) — or a full one if none
-  is partial — by demoting its least-harmed items to their best cheaper tier; taken in order of
+  is partial — by demoting its least-harmed items to a cheaper tier u; taken in order of
   distortion added per byte saved.
 - *fill* (while bytes are left): fill the free slots of a partial page of (g, t) — or open a new
-  page — with the items of g that gain most from moving up into t; taken in order of distortion
-  saved per byte spent, while they fit.
+  page — with the items of one cheaper tier a of g that gain most from moving up into t; taken in
+  order of distortion saved per byte spent, while they fit. Moves are generated per source
+  tier, so a cheap upgrade (2-bit to 3-bit pays only the difference of two pages) competes with
+  an expensive one (drop to 3-bit pays a whole page).
+- *exchange*: a fill that does not fit, paid for by trims in other groups that cost less
+  distortion than the fill saves (a page-granular knapsack is not solved by ratio order alone).
 
 Every move changes one group only, so only that group's candidate moves are recomputed.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,106 +49,219 @@ class _Group:
         return float(((self.pages(new) - self.pages(counts)) * self.pb).sum())
 
     def trim_moves(self, tiers: np.ndarray, counts: np.ndarray):
-        """Per paged tier: (Δbytes < 0, Δdistortion, items, destinations) emptying one page."""
+        """Per pair of paged tier t and cheaper tier u: demote the items of one page of t
+        (the partial one, else a full one) that lose least by moving to u."""
         moves = []
         rows = np.arange(len(self.items))
         cur_d = self.d[rows, tiers]
         for t in np.flatnonzero((self.pb > 0) & (counts > 0)):
             k = int(counts[t] % self.page_size) or self.page_size
             members = np.flatnonzero((tiers == t) & self.free)
-            cheaper = self.pb < self.pb[t]
-            if members.size < k or not cheaper.any():
+            if members.size < k:
                 continue
-            cand_d = np.where(cheaper[None, :], self.d[members], np.inf)
-            dest = np.argmin(cand_d, axis=1)
-            harm = cand_d[np.arange(members.size), dest] - cur_d[members]
-            pick = np.argpartition(harm, k - 1)[:k] if k < members.size else np.arange(k)
-            d_bytes = self.move_cost(counts, np.full(k, t), dest[pick])
-            if d_bytes < 0:
-                moves.append((d_bytes, float(harm[pick].sum()), members[pick], dest[pick]))
+            for u in np.flatnonzero(self.pb < self.pb[t]):
+                harm = self.d[members, u] - cur_d[members]
+                pick = np.argpartition(harm, k - 1)[:k] if k < members.size else np.arange(k)
+                dest = np.full(k, u)
+                d_bytes = self.move_cost(counts, np.full(k, t), dest)
+                if d_bytes < 0:
+                    moves.append((d_bytes, float(harm[pick].sum()), members[pick], dest))
         return moves
 
     def fill_moves(self, tiers: np.ndarray, counts: np.ndarray):
-        """Per paged tier: (Δbytes, Δdistortion < 0, items, destinations) filling one page."""
+        """Per pair of paged tier t and cheaper tier a: move up into t the items of a that gain
+        most, as many as t has free slots (else a new page's worth)."""
         moves = []
         rows = np.arange(len(self.items))
         cur_d = self.d[rows, tiers]
-        cur_pb = self.pb[tiers]
         for t in np.flatnonzero(self.pb > 0):
             k = int(-counts[t] % self.page_size) or self.page_size
             gain = cur_d - self.d[:, t]
-            members = np.flatnonzero(self.free & (cur_pb < self.pb[t]) & (gain > 0))
-            if members.size == 0:
-                continue
-            if members.size > k:
-                members = members[np.argpartition(-gain[members], k - 1)[:k]]
-            dest = np.full(members.size, t)
-            d_bytes = self.move_cost(counts, tiers[members], dest)
-            moves.append((d_bytes, -float(gain[members].sum()), members, dest))
+            for a in np.flatnonzero(self.pb < self.pb[t]):
+                members = np.flatnonzero(self.free & (tiers == a) & (gain > 0))
+                if members.size == 0:
+                    continue
+                if members.size > k:
+                    members = members[np.argpartition(-gain[members], k - 1)[:k]]
+                dest = np.full(members.size, t)
+                d_bytes = self.move_cost(counts, tiers[members], dest)
+                moves.append((d_bytes, -float(gain[members].sum()), members, dest))
         return moves
 
 
-def _best(moves, key):
-    return min(moves, key=key) if moves else None
+class _Move(NamedTuple):
+    d_bytes: float
+    d_distortion: float
+    members: np.ndarray  # positions within the group
+    dest: np.ndarray  # their new tiers
 
 
-def repair_pages(problem: AllocationProblem, tiers: np.ndarray) -> np.ndarray:
-    """Make ``tiers`` fit the budget in whole pages, then spend what is left on page fills.
+def _trim_key(m: _Move) -> float:
+    return m.d_distortion / -m.d_bytes  # distortion added per byte saved
 
-    Falls back to the cheapest feasible assignment if trimming cannot reach the budget.
-    """
-    tiers = np.asarray(tiers, dtype=np.int64).copy()
-    order = np.argsort(problem.group_index, kind="stable")
-    bounds = np.searchsorted(problem.group_index[order], np.arange(problem.n_groups + 1))
-    page_bytes = problem.page_bytes
-    groups = [_Group(problem, order[bounds[g]:bounds[g + 1]], page_bytes[g])
-              for g in range(problem.n_groups)]
-    local = [tiers[grp.items] for grp in groups]
-    counts = problem.counts(tiers)
-    cost = problem.cost_of(tiers)
 
-    def apply(g: int, move) -> float:
-        d_bytes, _, members, dest = move
-        counts[g] -= np.bincount(local[g][members], minlength=problem.n_tiers)
-        counts[g] += np.bincount(dest, minlength=problem.n_tiers)
-        local[g][members] = dest
-        return d_bytes
+def _fill_key(m: _Move) -> float:
+    # Distortion saved per byte (negative: smaller is better); a fill that frees bytes first.
+    return m.d_distortion / m.d_bytes if m.d_bytes > 0 else -np.inf
 
-    # Trim: least distortion added per byte saved.
-    if cost > problem.budget:
-        best = [_best(grp.trim_moves(local[g], counts[g]), key=lambda m: m[1] / -m[0])
-                for g, grp in enumerate(groups)]
-        while cost > problem.budget:
-            scored = [(m[1] / -m[0], g) for g, m in enumerate(best) if m is not None]
+
+class _PageState:
+    """An allocation being repaired, with each group's candidate moves cached."""
+
+    def __init__(self, problem: AllocationProblem, tiers: np.ndarray):
+        self.problem = problem
+        order = np.argsort(problem.group_index, kind="stable")
+        bounds = np.searchsorted(problem.group_index[order], np.arange(problem.n_groups + 1))
+        self.groups = [_Group(problem, order[bounds[g]:bounds[g + 1]], problem.page_bytes[g])
+                       for g in range(problem.n_groups)]
+        self.local = [tiers[grp.items] for grp in self.groups]
+        self.counts = problem.counts(tiers)
+        self.cost = problem.cost_of(tiers)
+        self._trims: list = [None] * len(self.groups)
+        self._fills: list = [None] * len(self.groups)
+
+    @property
+    def room(self) -> float:
+        return self.problem.budget - self.cost
+
+    def trims(self, g: int) -> list[_Move]:
+        if self._trims[g] is None:
+            self._trims[g] = [_Move(*m) for m in
+                              self.groups[g].trim_moves(self.local[g], self.counts[g])]
+        return self._trims[g]
+
+    def fills(self, g: int) -> list[_Move]:
+        if self._fills[g] is None:
+            self._fills[g] = [_Move(*m) for m in
+                              self.groups[g].fill_moves(self.local[g], self.counts[g])]
+        return self._fills[g]
+
+    def apply(self, g: int, move: _Move) -> None:
+        t = self.problem.n_tiers
+        self.counts[g] -= np.bincount(self.local[g][move.members], minlength=t)
+        self.counts[g] += np.bincount(move.dest, minlength=t)
+        self.local[g][move.members] = move.dest
+        self.cost += move.d_bytes
+        self._trims[g] = self._fills[g] = None
+
+    def trim_to_budget(self) -> bool:
+        """Empty pages, least distortion added per byte saved first, until within budget."""
+        while self.cost > self.problem.budget:
+            scored = [(_trim_key(m), g, m) for g in range(len(self.groups))
+                      for m in self.trims(g)]
             if not scored:
-                return problem.min_cost_tiers()
-            _, g = min(scored)
-            cost += apply(g, best[g])
-            best[g] = _best(groups[g].trim_moves(local[g], counts[g]), key=lambda m: m[1] / -m[0])
+                return False
+            _, g, m = min(scored, key=lambda s: s[:2])
+            self.apply(g, m)
+        return True
 
-    # Fill: most distortion saved per byte, among moves that fit.
-    def fill_key(m):
-        return m[1] / m[0] if m[0] > 0 else -np.inf  # a fill that frees bytes comes first
+    def fill(self) -> None:
+        """Fill pages, most distortion saved per byte first, while they fit."""
+        while True:
+            room = self.room
+            scored = [(_fill_key(m), g, m) for g in range(len(self.groups))
+                      for m in self.fills(g) if m.d_bytes <= room]
+            if not scored:
+                return
+            _, g, m = min(scored, key=lambda s: s[:2])
+            self.apply(g, m)
 
-    def best_fill(g: int):
-        room = problem.budget - cost
-        moves = [m for m in groups[g].fill_moves(local[g], counts[g]) if m[0] <= room]
-        return _best(moves, key=fill_key)
+    def exchange(self, tries: int = 16) -> bool:
+        """One page fill that does not fit, paid for by page trims in other groups.
 
-    best = [best_fill(g) for g in range(len(groups))]
-    while True:
-        room = problem.budget - cost
-        scored = [(fill_key(m), g) for g, m in enumerate(best) if m is not None and m[0] <= room]
-        if not scored:
+        Tries the best-ratio fills first; applies the first whose trims cost less distortion
+        than the fill saves. Returns whether anything changed.
+        """
+        room = self.room
+        adds = sorted(((_fill_key(m), g, m) for g in range(len(self.groups))
+                       for m in self.fills(g) if m.d_bytes > room), key=lambda s: s[:2])
+        trims = sorted(((_trim_key(m), g, m) for g in range(len(self.groups))
+                        for m in self.trims(g)), key=lambda s: s[:2])
+        for _, g_add, add in adds[:tries]:
+            need, loss, chosen, used = add.d_bytes - room, 0.0, [], set()
+            for _, g, m in trims:
+                if g == g_add or g in used:
+                    continue  # one move per group: moves of one group interact
+                chosen.append((g, m))
+                used.add(g)
+                loss += m.d_distortion
+                need += m.d_bytes
+                if need <= 0 or loss >= -add.d_distortion:
+                    break
+            if need <= 0 and loss < -add.d_distortion * (1 - 1e-12):
+                for g, m in chosen:
+                    self.apply(g, m)
+                self.apply(g_add, add)
+                return True
+        return False
+
+    def tiers(self) -> np.ndarray:
+        tiers = np.empty(self.problem.n_items, dtype=np.int64)
+        for grp, local in zip(self.groups, self.local):
+            tiers[grp.items] = local
+        return tiers
+
+
+def reassign(problem: AllocationProblem, tiers: np.ndarray) -> np.ndarray:
+    """The least-distortion assignment of items to the page slots that ``tiers`` pays for.
+
+    With page counts fixed, each (group, tier) offers ``pages * P - forced`` slots (tiers without
+    pages offer any number), and assigning free items to slots is a min-cost flow: item → slot
+    of its group's tier → sink. Distortions are scaled to integers for OR-Tools' solver
+    (a relative rounding of 2⁻³⁶ of the largest).
+    """
+    from ortools.graph.python import min_cost_flow
+
+    free = np.flatnonzero(problem.forced < 0)
+    if free.size == 0:
+        return tiers
+    n, t = free.size, problem.n_tiers
+    pages = -(-problem.counts(tiers) // problem.page_size)
+    capacity = np.where(problem.page_bytes > 0,
+                        pages * problem.page_size - problem.forced_counts(), n)
+    d = problem.distortion[free]
+    scale = 2.0**36 / max(float(d.max()), 1e-300)
+    flow = min_cost_flow.SimpleMinCostFlow()
+    slot_node = n + problem.group_index[free][:, None] * t + np.arange(t)[None, :]
+    sink = n + capacity.size
+    flow.add_arcs_with_capacity_and_unit_cost(
+        np.repeat(np.arange(n), t), slot_node.ravel(), np.ones(n * t, dtype=np.int64),
+        np.rint(d * scale).astype(np.int64).ravel())
+    flow.add_arcs_with_capacity_and_unit_cost(
+        n + np.arange(capacity.size), np.full(capacity.size, sink),
+        capacity.ravel().astype(np.int64), np.zeros(capacity.size, dtype=np.int64))
+    supplies = np.zeros(sink + 1, dtype=np.int64)
+    supplies[:n] = 1
+    supplies[sink] = -n
+    flow.set_nodes_supplies(np.arange(sink + 1), supplies)
+    if flow.solve() != flow.OPTIMAL:
+        return tiers
+    used = flow.flows(np.arange(n * t)).reshape(n, t)
+    out = tiers.copy()
+    out[free] = np.argmax(used, axis=1)
+    return out
+
+
+def repair_pages(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """Make ``tiers`` fit the budget in whole pages, then improve it.
+
+    Rounds of: fills and exchanges, then a reassignment of items to the paid-for slots
+    (which may empty pages and free bytes for the next round). Falls back to the cheapest
+    feasible assignment if trimming cannot reach the budget.
+    """
+    state = _PageState(problem, np.asarray(tiers, dtype=np.int64).copy())
+    if not state.trim_to_budget():
+        return problem.min_cost_tiers()
+    best = state.tiers()
+    for _ in range(rounds):
+        state.fill()
+        for _ in range(4 * problem.n_groups * problem.n_tiers):
+            if not state.exchange():
+                break
+            state.fill()
+        tiers = reassign(problem, state.tiers())
+        if problem.distortion_of(tiers) >= problem.distortion_of(best) * (1 - 1e-12):
             break
-        _, g = min(scored)
-        cost += apply(g, best[g])
-        best[g] = best_fill(g)
-        # Moves elsewhere that no longer fit are dropped lazily; recompute them when stale.
-        for h, m in enumerate(best):
-            if m is not None and m[0] > problem.budget - cost:
-                best[h] = best_fill(h)
-
-    for grp, t in zip(groups, local):
-        tiers[grp.items] = t
-    return tiers
+        best = tiers
+        state = _PageState(problem, tiers)
+    return best
