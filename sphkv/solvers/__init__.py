@@ -9,4 +9,12 @@ from sphkv.solvers.greedy import GreedySolver
 from sphkv.solvers.ilp import ILPSolver
 from sphkv.solvers.lp import LPSolver
 
-__all__ = ["GreedySolver", "ILPSolver", "LPSolver", "SOLVERS", "Solver", "available_solvers", "solve"]
+__all__ = [
+    "GreedySolver",
+    "ILPSolver",
+    "LPSolver",
+    "SOLVERS",
+    "Solver",
+    "available_solvers",
+    "solve",
+]

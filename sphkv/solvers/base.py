@@ -50,8 +50,9 @@ class Solver:
 
     @classmethod
     def describe(cls) -> dict:
-        return {"name": cls.NAME, "exact": cls.EXACT, "required_modules": list(cls.REQUIRED_MODULES),
-                "pages": cls.PAGES, "available": cls.is_available()}
+        return {"name": cls.NAME, "exact": cls.EXACT,
+                "required_modules": list(cls.REQUIRED_MODULES), "pages": cls.PAGES,
+                "available": cls.is_available()}
 
 
 # Ordered by preference: the first is the default.

@@ -24,7 +24,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
-from sphkv.solvers.pages import repair_pages
+from sphkv.solvers.pages import paged_dual_bound, repair_pages
 
 __all__ = ["GreedySolver", "greedy_tiers"]
 
@@ -221,7 +221,8 @@ class GreedySolver(Solver):
         tiers = problem.forced.copy()
         amortized = problem.amortized_cost()
         fixed = np.flatnonzero(~free)
-        forced_cost = np.broadcast_to(amortized, problem.distortion.shape)[fixed, tiers[fixed]].sum()
+        per_item = np.broadcast_to(amortized, problem.distortion.shape)
+        forced_cost = per_item[fixed, tiers[fixed]].sum()
         if amortized.ndim == 1:
             cost, base_cost = amortized, amortized.min() * free.sum()
         else:
@@ -246,4 +247,5 @@ class GreedySolver(Solver):
         bound += problem.distortion[fixed, tiers[fixed]].sum()
         if problem.page_size is not None:
             tiers = repair_pages(problem, tiers)
+            bound = max(bound, paged_dual_bound(problem, price))
         return finish(problem, tiers, bound, "feasible", price)

@@ -26,7 +26,7 @@ import numpy as np
 
 from sphkv.rdr.problem import AllocationProblem
 
-__all__ = ["repair_pages"]
+__all__ = ["paged_dual_bound", "reassign", "repair_pages"]
 
 
 class _Group:
@@ -119,6 +119,7 @@ class _PageState:
         self.cost = problem.cost_of(tiers)
         self._trims: list = [None] * len(self.groups)
         self._fills: list = [None] * len(self.groups)
+        self.touched: set[int] = set()
 
     @property
     def room(self) -> float:
@@ -143,6 +144,7 @@ class _PageState:
         self.local[g][move.members] = move.dest
         self.cost += move.d_bytes
         self._trims[g] = self._fills[g] = None
+        self.touched.add(g)
 
     def trim_to_budget(self) -> bool:
         """Empty pages, least distortion added per byte saved first, until within budget."""
@@ -202,43 +204,45 @@ class _PageState:
         return tiers
 
 
-def reassign(problem: AllocationProblem, tiers: np.ndarray) -> np.ndarray:
+def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None) -> np.ndarray:
     """The least-distortion assignment of items to the page slots that ``tiers`` pays for.
 
     With page counts fixed, each (group, tier) offers ``pages * P - forced`` slots (tiers without
-    pages offer any number), and assigning free items to slots is a min-cost flow: item → slot
-    of its group's tier → sink. Distortions are scaled to integers for OR-Tools' solver
-    (a relative rounding of 2⁻³⁶ of the largest).
+    pages offer any number), and assigning a group's free items to its slots is a min-cost flow:
+    item → slot of a tier → sink, one small flow per group (all groups, or those in ``groups``).
+    Distortions are scaled to integers for OR-Tools' solver (rounding 2⁻³⁶ of the largest).
     """
     from ortools.graph.python import min_cost_flow
 
-    free = np.flatnonzero(problem.forced < 0)
-    if free.size == 0:
-        return tiers
-    n, t = free.size, problem.n_tiers
+    t = problem.n_tiers
     pages = -(-problem.counts(tiers) // problem.page_size)
-    capacity = np.where(problem.page_bytes > 0,
-                        pages * problem.page_size - problem.forced_counts(), n)
-    d = problem.distortion[free]
-    scale = 2.0**36 / max(float(d.max()), 1e-300)
-    flow = min_cost_flow.SimpleMinCostFlow()
-    slot_node = n + problem.group_index[free][:, None] * t + np.arange(t)[None, :]
-    sink = n + capacity.size
-    flow.add_arcs_with_capacity_and_unit_cost(
-        np.repeat(np.arange(n), t), slot_node.ravel(), np.ones(n * t, dtype=np.int64),
-        np.rint(d * scale).astype(np.int64).ravel())
-    flow.add_arcs_with_capacity_and_unit_cost(
-        n + np.arange(capacity.size), np.full(capacity.size, sink),
-        capacity.ravel().astype(np.int64), np.zeros(capacity.size, dtype=np.int64))
-    supplies = np.zeros(sink + 1, dtype=np.int64)
-    supplies[:n] = 1
-    supplies[sink] = -n
-    flow.set_nodes_supplies(np.arange(sink + 1), supplies)
-    if flow.solve() != flow.OPTIMAL:
-        return tiers
-    used = flow.flows(np.arange(n * t)).reshape(n, t)
     out = tiers.copy()
-    out[free] = np.argmax(used, axis=1)
+    free = problem.forced < 0
+    capacity = np.where(problem.page_bytes > 0,
+                        pages * problem.page_size - problem.forced_counts(), free.size)
+    scale = 2.0**36 / max(float(problem.distortion.max()), 1e-300)
+    order = np.argsort(problem.group_index, kind="stable")
+    bounds = np.searchsorted(problem.group_index[order], np.arange(problem.n_groups + 1))
+    for g in range(problem.n_groups) if groups is None else groups:
+        items = order[bounds[g]:bounds[g + 1]]
+        items = items[free[items]]
+        n = items.size
+        if n == 0:
+            continue
+        flow = min_cost_flow.SimpleMinCostFlow()
+        # Nodes: items 0..n-1, tier slots n..n+T-1, sink n+T.
+        flow.add_arcs_with_capacity_and_unit_cost(
+            np.repeat(np.arange(n), t), np.tile(n + np.arange(t), n),
+            np.ones(n * t, dtype=np.int64),
+            np.rint(problem.distortion[items] * scale).astype(np.int64).ravel())
+        flow.add_arcs_with_capacity_and_unit_cost(
+            n + np.arange(t), np.full(t, n + t), np.minimum(capacity[g], n).astype(np.int64),
+            np.zeros(t, dtype=np.int64))
+        supplies = np.zeros(n + t + 1, dtype=np.int64)
+        supplies[:n], supplies[-1] = 1, -n
+        flow.set_nodes_supplies(np.arange(n + t + 1), supplies)
+        if flow.solve() == flow.OPTIMAL:
+            out[items] = np.argmax(flow.flows(np.arange(n * t)).reshape(n, t), axis=1)
     return out
 
 
@@ -253,15 +257,59 @@ def repair_pages(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 3)
     if not state.trim_to_budget():
         return problem.min_cost_tiers()
     best = state.tiers()
-    for _ in range(rounds):
+    for round_ in range(rounds):
         state.fill()
         for _ in range(4 * problem.n_groups * problem.n_tiers):
             if not state.exchange():
                 break
             state.fill()
-        tiers = reassign(problem, state.tiers())
+        # Reassign every group first, then only those the round's moves touched.
+        tiers = reassign(problem, state.tiers(), None if round_ == 0 else sorted(state.touched))
         if problem.distortion_of(tiers) >= problem.distortion_of(best) * (1 - 1e-12):
             break
         best = tiers
         state = _PageState(problem, tiers)
     return best
+
+
+def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
+    """A Lagrangian lower bound on the paged optimum that credits forced pages' free slots.
+
+    Paged cost ≥ R(x) = F + Σ_{g,t} (pb/P)·max(0, n_gt − s_gt), with F the bytes of the forced
+    items' whole pages and s_gt the free slots they leave. For any λ ≥ 0,
+    OPT ≥ min_x Σ D + λ (R(x) − B). In that minimum each free item either pays its best priced
+    tier, best_i = min_t D_it + λ c'_t (c' = pb/P, the amortized cost), or takes a free slot of
+    tier t at D_it; with at most s_gt items per slot, and allowing an item into every slot tier
+    at once (a relaxation), the minimum is at least
+    Σ_i best_i − Σ_{g,t} (sum of the s_gt largest max(0, best_i − D_it) in g) + λ (F − B).
+    Maximised over λ near the greedy price.
+    """
+    from scipy.optimize import minimize_scalar
+
+    free = problem.forced < 0
+    d = problem.distortion[free]
+    cost = np.broadcast_to(problem.amortized_cost(), problem.distortion.shape)[free]
+    group = problem.group_index[free]
+    slots = np.where(problem.page_bytes > 0, (-problem.forced_counts()) % problem.page_size, 0)
+    slots[problem.forced_counts() == 0] = 0
+    slot_pairs = list(zip(*np.nonzero(slots)))
+    members = {g: np.flatnonzero(group == g) for g in {g for g, _ in slot_pairs}}
+    fixed = np.flatnonzero(~free)
+    constant = problem.distortion[fixed, problem.forced[fixed]].sum()
+    forced_bytes = problem.page_cost(problem.forced_counts())
+
+    def dual(lam: float) -> float:
+        best = (d + lam * cost).min(axis=1)
+        credit = 0.0
+        for g, t in slot_pairs:
+            gain = np.maximum(best[members[g]] - d[members[g], t], 0.0)
+            s = int(slots[g, t])
+            credit += (np.partition(gain, gain.size - s)[-s:].sum() if gain.size > s
+                       else gain.sum())
+        return constant + best.sum() - credit + lam * (forced_bytes - problem.budget)
+
+    if price <= 0:
+        return dual(0.0)
+    res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, 4.0 * price), method="bounded",
+                          options={"xatol": 1e-4 * price})
+    return max(dual(price), -res.fun)

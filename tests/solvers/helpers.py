@@ -20,7 +20,8 @@ def brute_force_optimum(problem: AllocationProblem) -> float:
 
 
 def random_problem(rng: np.random.Generator, n: int, t: int, paged: bool,
-                   budget_fraction: float, forced_rate: float = 0.2) -> AllocationProblem:
+                   budget_fraction: float, forced_rate: float = 0.2,
+                   page_size: int = 2) -> AllocationProblem:
     """A random instance: heavy-tailed utilities, increasing tier costs, drop costs nothing."""
     utility = rng.pareto(1.5, (n, 1)) + 0.01
     error = np.sort(rng.random((n, t)), axis=1)[:, ::-1]  # cheaper tiers distort more
@@ -28,7 +29,8 @@ def random_problem(rng: np.random.Generator, n: int, t: int, paged: bool,
     distortion = utility * error
     cost = np.concatenate([[0.0], np.sort(rng.integers(1, 12, t - 1)).astype(float)])
     forced = np.where(rng.random(n) < forced_rate, rng.integers(0, t, n), -1)
-    pages = {"groups": rng.integers(0, 2, n), "page_size": 2, "page_overhead": 1.0} if paged else {}
+    pages = {"groups": rng.integers(0, 2, n), "page_size": page_size,
+             "page_overhead": 1.0} if paged else {}
     loose = AllocationProblem(distortion, cost, 1e12, forced=forced, **pages)
     low, high = loose.min_cost(), loose.max_useful_cost()
     return loose.with_budget(low + budget_fraction * (high - low))

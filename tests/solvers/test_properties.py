@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from sphkv.rdr import AllocationProblem
 from sphkv.solvers import solve
+from tests.solvers.helpers import brute_force_optimum, random_problem
 
 
 @st.composite
@@ -58,3 +59,16 @@ def test_numpy_and_torch_greedy_agree(problem):
     np.testing.assert_array_equal(a.tiers, b.tiers)
     assert a.lower_bound == b.lower_bound or abs(a.lower_bound - b.lower_bound) <= 1e-9 * max(
         1.0, abs(a.lower_bound))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 7), st.integers(2, 4), st.integers(1, 3),
+       st.floats(0.0, 1.0))
+def test_paged_greedy_bound_below_brute_forced_optimum(seed, n, t, page_size, fraction):
+    rng = np.random.default_rng(seed)
+    problem = random_problem(rng, n=n, t=t, paged=True, budget_fraction=fraction,
+                             forced_rate=0.4, page_size=page_size)
+    optimum = brute_force_optimum(problem)
+    alloc = solve(problem, "greedy")
+    assert alloc.lower_bound <= optimum + 1e-9 * max(1.0, optimum)
+    assert alloc.distortion >= optimum - 1e-9
