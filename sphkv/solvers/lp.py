@@ -5,7 +5,8 @@ fixed, Σ_i,t c[i, t] x[i, t] ≤ B. The optimum is a proven lower bound; at a v
 item is fractional (two constraints beyond the rows), so rounding loses at most one item.
 
 Pages: the LP is solved on the amortized cost ``c + h/P`` (a relaxation of the paged cost, so its
-optimum is still a lower bound), then its rounding goes through the same page repair as greedy.
+optimum is still a lower bound), then its rounding goes through the same page repair as greedy,
+and its budget dual λ seeds the same slot-crediting Lagrangian bound.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
-from sphkv.solvers.pages import repair_pages
+from sphkv.solvers.pages import paged_dual_bound, repair_pages
 
 __all__ = ["LPSolver"]
 
@@ -36,7 +37,9 @@ logging.getLogger("__cvxpy__").addFilter(_QuietSolverProbe())
 
 # cvxpy solver name -> its options for a time limit in seconds (or none).
 _TIME_LIMIT_OPTION = {
-    "HIGHS": lambda s: {} if s is None else {"time_limit": float(s)},
+    # HiGHS's interior point (with crossover to a vertex) is ~15x faster than its simplex here.
+    "HIGHS": lambda s: {"highs_options": {"solver": "ipm"} | ({} if s is None else
+                                                               {"time_limit": float(s)})},
     "SCIPY": lambda s: {"scipy_options": {"method": "highs"} | ({} if s is None else
                                                                 {"time_limit": float(s)})},
     "CLARABEL": lambda s: {} if s is None else {"time_limit": float(s)},
@@ -112,7 +115,8 @@ class LPSolver(Solver):
             x = cp.Variable(n_free * t, nonneg=True)
             rows = sp.kron(sp.eye(n_free, format="csr"), np.ones((1, t)), format="csr")
             objective = cp.Minimize(problem.distortion[free].ravel() @ x)
-            constraints = [rows @ x == 1, cost[free].ravel() @ x <= problem.budget - fixed_cost]
+            budget = cost[free].ravel() @ x <= problem.budget - fixed_cost
+            constraints = [rows @ x == 1, budget]
             lp = cp.Problem(objective, constraints)
             lp.solve(solver=self.backend, **_TIME_LIMIT_OPTION[self.backend](time_limit))
             if lp.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
@@ -121,9 +125,11 @@ class LPSolver(Solver):
             # The bound from the solver's value, less its tolerance so it stays a bound.
             bound = lp.value + fixed_distortion
             bound -= 1e-7 * max(abs(bound), 1.0)
+            price = float(budget.dual_value) if budget.dual_value is not None else 0.0
         else:
-            bound = fixed_distortion
+            bound, price = fixed_distortion, 0.0
         tiers = _round_within(problem, x_full, cost)
         if problem.page_size is not None:
             tiers = repair_pages(problem, tiers)
-        return finish(problem, tiers, bound, "feasible")
+            bound = max(bound, paged_dual_bound(problem, price))
+        return finish(problem, tiers, bound, "feasible", price)
