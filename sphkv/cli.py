@@ -2,18 +2,209 @@
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
 import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from sphkv.analysis.cli import plot_app
+from sphkv.rdr import AllocationProblem, InfeasibleBudgetError, synthetic_problem
+from sphkv.solvers import SOLVERS
+from sphkv.solvers import solve as solve_problem
 
 app = typer.Typer(
     help="sphkv: rate-distortion allocation and compression of the KV cache.",
     no_args_is_help=True,
     add_completion=False,
 )
-
 app.add_typer(plot_app, name="plot")
+
+# Progress and tables go to stderr, so stdout carries only results (and --json stays clean).
+err = Console(stderr=True)
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_budget(text: str, full_cost: float) -> float:
+    """Bytes from a budget string.
+
+    ``12.5%`` or a plain number in (0, 1] is a fraction of ``full_cost`` (every item at fp16,
+    pages included); a number above 1 is bytes, optionally with a unit (``B``, ``KB``, ``MB``,
+    ``GB``, ``KiB``, ``MiB``, ``GiB``).
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|[a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS | {"%": 0}:
+        raise typer.BadParameter(f"{text!r}: expected a fraction like 0.125, a percentage like "
+                                 "12.5%, or bytes like 3e6 or 2.5MiB", param_hint="--budget")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        return value / 100 * full_cost
+    if unit == "" and 0 < value <= 1:
+        return value * full_cost
+    if value <= 0:
+        raise typer.BadParameter(f"{text!r}: the budget must be positive", param_hint="--budget")
+    return value * _UNITS[unit]
+
+
+def _solve_with_spinner(problem: AllocationProblem, method: str, time_limit: float | None,
+                        options: dict, quiet: bool):
+    """Solve in a worker thread while a spinner with elapsed time runs on stderr."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["alloc"] = solve_problem(problem, method, time_limit=time_limit, **options)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    limit = f" (time limit {time_limit:g} s)" if time_limit else ""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True, disable=quiet) as progress:
+        progress.add_task(f"solving {problem.n_items:,} items × {problem.n_tiers} tiers "
+                          f"with {method}{limit}", total=None)
+        thread.start()
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["alloc"]
+
+
+def _summary_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("method", "budget", "cost", "distortion", "lower bound", "gap", "status",
+                "seconds"):
+        table.add_column(col, justify="left" if col in ("method", "status") else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['budget']:,.0f}", f"{r['cost']:,.0f}",
+                      f"{r['distortion']:.6g}", f"{r['lower_bound']:.6g}", f"{r['gap']:.3%}",
+                      r["status"], f"{r['seconds']:.2f}")
+    return table
+
+
+@app.command()
+def solve(
+    problem_file: Annotated[Path, typer.Argument(
+        help="A saved AllocationProblem (.npz, see AllocationProblem.load for the layout).",
+        exists=True, dir_okay=False, readable=True)],
+    budget: Annotated[str | None, typer.Option(
+        help="Fraction of the all-fp16 cost (0.125 or 12.5%) or bytes (3e6, 2.5MiB); a number "
+             "in (0, 1] is a fraction, above 1 is bytes. Default: the budget in the file.")] = None,
+    method: Annotated[str, typer.Option(
+        help=f"Solver: {', '.join(SOLVERS)} (see `sphkv solvers`).")] = "greedy",
+    time_limit: Annotated[float | None, typer.Option(
+        help="Seconds; ilp then returns its best allocation with status time_limit.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="Solver backend: greedy numpy|torch, lp HIGHS|SCIPY|CLARABEL, "
+             "ilp highs|scip|cpsat.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the allocation (summary and tier per item) as JSON here.")] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print exactly one JSON object on stdout, nothing else.")] = False,
+) -> None:
+    """Solve an allocation problem: one tier per item, least distortion within the budget."""
+    if method not in SOLVERS:
+        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(SOLVERS)}",
+                                 param_hint="--method")
+    try:
+        problem = AllocationProblem.load(problem_file)
+        if budget is not None:
+            problem = problem.with_budget(parse_budget(budget, problem.full_cost()))
+        alloc = _solve_with_spinner(problem, method, time_limit,
+                                    {} if backend is None else {"backend": backend},
+                                    quiet=json_output)
+    except (InfeasibleBudgetError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    summary = alloc.summary() | {"items": problem.n_items, "full_cost": problem.full_cost()}
+    names = problem.tier_names or [str(t) for t in range(problem.n_tiers)]
+    summary["tier_counts"] = dict(zip(names, np.bincount(alloc.tiers, minlength=len(names))
+                                      .tolist()))
+    if out is not None:
+        out.write_text(json.dumps(summary | {"tiers": alloc.tiers.tolist()}))
+    if json_output:
+        print(json.dumps(summary))
+        return
+    err.print(_summary_table([summary], f"{problem_file.name}: {problem.n_items:,} items"))
+    err.print("items per tier: " + ", ".join(f"{k} {v:,}" for k, v in
+                                              summary["tier_counts"].items()))
+    if out is not None:
+        err.print(f"wrote {out}")
+
+
+@app.command()
+def solvers() -> None:
+    """List the solvers in order of preference, with what each can do."""
+    table = Table(title="sphkv solvers (first = default)")
+    for col in ("name", "exact", "pages", "required modules", "available"):
+        table.add_column(col)
+    for cls in SOLVERS.values():
+        d = cls.describe()
+        table.add_row(d["name"], str(d["exact"]), d["pages"], ", ".join(d["required_modules"]),
+                      str(d["available"]))
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="Where the table (JSON, markdown) and the "
+                                               "rate-distortion PNG go.")] = Path("sphkv-demo"),
+    tokens: Annotated[int, typer.Option(help="Cached tokens per kv-head.")] = 512,
+    ilp_time_limit: Annotated[float, typer.Option(help="Seconds per ilp solve.")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 0,
+) -> None:
+    """Solve a realistic synthetic problem with every solver at several budgets.
+
+    The problem is shaped like SmolLM2's cache (30 layers × 3 kv-heads × TOKENS tokens, six tiers
+    from drop to fp16, pages of 16 with 16 bytes of page-table overhead, attention sinks and a
+    recent window forced to fp16, heavy-tailed utilities). Prints a comparison table and writes
+    a rate-distortion plot.
+    """
+    from sphkv.analysis.rd import plot_rate_distortion
+
+    base = synthetic_problem(tokens=tokens, recent=8, seed=seed)
+    fractions = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
+    rows = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err) as progress:
+        task = progress.add_task("demo", total=len(fractions) * len(SOLVERS))
+        for fraction in fractions:
+            try:
+                problem = base.with_budget(fraction * base.full_cost())
+            except InfeasibleBudgetError as exc:
+                err.print(f"[yellow]skipping budget {fraction:g}:[/yellow] {exc}")
+                progress.advance(task, len(SOLVERS))
+                continue
+            for method in SOLVERS:
+                progress.update(task, description=f"budget 1/{round(1 / fraction)}: {method}")
+                alloc = solve_problem(problem, method,
+                                      time_limit=ilp_time_limit if method == "ilp" else None)
+                rows.append(alloc.summary() | {"budget_fraction": fraction})
+                progress.advance(task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo.json").write_text(json.dumps(
+        {"problem": {"items": base.n_items, "tiers": base.tier_names, "page_size": base.page_size,
+                     "page_overhead": base.page_overhead, "seed": seed}, "rows": rows},
+        indent=2))
+    Console().print(_summary_table(rows, f"synthetic SmolLM2-shaped cache: {base.n_items:,} "
+                                         "items × 6 tiers, pages of 16"))
+    png = plot_rate_distortion(rows, out_dir / "rate_distortion.png",
+                               f"synthetic cache, {base.n_items:,} items, pages of 16")
+    err.print(f"wrote {png} and {out_dir / 'demo.json'}")
 
 
 def main() -> None:
-    app()
+    app(prog_name="sphkv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

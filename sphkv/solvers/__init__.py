@@ -5,9 +5,11 @@
 """
 
 from sphkv.solvers.base import SOLVERS, Solver, available_solvers, solve
-from sphkv.solvers.greedy import GreedySolver
-from sphkv.solvers.ilp import ILPSolver
-from sphkv.solvers.lp import LPSolver
+
+# Import order is registration order, which is the order of preference.
+from sphkv.solvers.greedy import GreedySolver  # isort: skip
+from sphkv.solvers.lp import LPSolver  # isort: skip
+from sphkv.solvers.ilp import ILPSolver  # isort: skip
 
 __all__ = [
     "GreedySolver",
