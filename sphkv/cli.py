@@ -159,19 +159,20 @@ def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the table (JSON, markdown) and the "
                                                "rate-distortion PNG go.")] = Path("sphkv-demo"),
     tokens: Annotated[int, typer.Option(help="Cached tokens per kv-head.")] = 512,
+    layers: Annotated[int, typer.Option(help="Layers (SmolLM2: 30).")] = 30,
     ilp_time_limit: Annotated[float, typer.Option(help="Seconds per ilp solve.")] = 10.0,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 0,
 ) -> None:
     """Solve a realistic synthetic problem with every solver at several budgets.
 
-    The problem is shaped like SmolLM2's cache (30 layers × 3 kv-heads × TOKENS tokens, six tiers
+    The problem is shaped like SmolLM2's cache (LAYERS × 3 kv-heads × TOKENS tokens, six tiers
     from drop to fp16, pages of 16 with 16 bytes of page-table overhead, attention sinks and a
     recent window forced to fp16, heavy-tailed utilities). Prints a comparison table and writes
     a rate-distortion plot.
     """
     from sphkv.analysis.rd import plot_rate_distortion
 
-    base = synthetic_problem(tokens=tokens, recent=8, seed=seed)
+    base = synthetic_problem(layers=layers, tokens=tokens, recent=8, seed=seed)
     fractions = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
     rows = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
