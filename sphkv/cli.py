@@ -16,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sphkv.analysis.cli import plot_app
+from sphkv.integrations.hf.cli import capture
 from sphkv.rdr import AllocationProblem, InfeasibleBudgetError, synthetic_problem
 from sphkv.solvers import SOLVERS
 from sphkv.solvers import solve as solve_problem
@@ -26,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(plot_app, name="plot")
+app.command("capture")(capture)
 
 # Progress and tables go to stderr, so stdout carries only results (and --json stays clean).
 err = Console(stderr=True)

@@ -1,0 +1,1 @@
+"""Integrations of sphkv with model libraries; ``sphkv.integrations.hf`` for Hugging Face."""

