@@ -1,5 +1,13 @@
 """RDR: the allocation problem, tiers and the distortion model."""
 
+from sphkv.rdr.distortion import (
+    PAGE_TABLE_ENTRY,
+    FidelityReport,
+    byte_shares,
+    distortion_matrix,
+    fidelity,
+    problem_from_trace,
+)
 from sphkv.rdr.problem import (
     FILE_FORMAT_VERSION,
     Allocation,
@@ -8,15 +16,25 @@ from sphkv.rdr.problem import (
 )
 from sphkv.rdr.synthetic import synthetic_problem
 from sphkv.rdr.tiers import Tier, TierSet, ada_tiers, default_tiers
+from sphkv.rdr.utility import ESTIMATORS, Estimator, get_estimator
 
 __all__ = [
+    "ESTIMATORS",
     "FILE_FORMAT_VERSION",
+    "PAGE_TABLE_ENTRY",
+    "Estimator",
+    "FidelityReport",
     "Allocation",
     "AllocationProblem",
     "InfeasibleBudgetError",
     "Tier",
     "TierSet",
     "ada_tiers",
+    "byte_shares",
     "default_tiers",
+    "distortion_matrix",
+    "fidelity",
+    "get_estimator",
+    "problem_from_trace",
     "synthetic_problem",
 ]

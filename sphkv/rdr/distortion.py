@@ -1,0 +1,296 @@
+"""The distortion matrix of a KV trace, measured with real codecs, and the allocation problem.
+
+For one kv-head, its observation queries q (the window's queries of all its query heads) attend
+with weights ``p_qi`` (causal softmax of ``q·k_i/√d``) and output ``o_q = Σ_i p_qi v_i``.
+Storing item i at tier t changes its logit by ``e_qi = (q·k̂_i − q·k_i)/√d`` (read from the key
+codes with the codec's ``logits``) and its value by ``Δv_i = v̂_i − v_i``. To first order
+(``∂o/∂s_i = p_i (v_i − o)``) the output moves by ``p_qi (e_qi (v_i − o_q) + Δv_i)``, so
+
+    D[i, t]    = Σ_q p_qi² ‖e_qi (v_i − o_q) + Δv_i‖²
+    D[i, drop] = Σ_q p_qi² / (1 − p_qi)² ‖v_i − o_q‖²
+
+The drop row is exact for one dropped item (the others' weights grow by 1/(1 − p)); the
+quantized rows keep DESIGN.md §3's terms and add the measured cross term
+``2 e_qi (v_i − o_q)·Δv_i`` instead of assuming independence.
+
+With a utility estimator (:mod:`sphkv.rdr.utility`) the measured weights are replaced by
+predicted ones: the kv-head's attention profile (its mean window attention, sorted) is handed
+out in the estimator's order, ``π_i = sorted profile[rank of score_i]``, the same for every
+query. The estimator decides who gets attention; the window decides how peaked it is.
+
+:func:`fidelity` checks the model against the true attention-output error of actually dropping
+or quantizing one item (softmax recomputed exactly), per layer, as a Spearman rank correlation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from sphkv.rdr.problem import AllocationProblem
+from sphkv.rdr.tiers import Tier, TierSet
+from sphkv.rdr.utility import Estimator, attention_probs, get_estimator
+
+__all__ = ["PAGE_TABLE_ENTRY", "FidelityReport", "byte_shares", "distortion_matrix",
+           "fidelity", "layer_distortion", "problem_from_trace", "true_errors"]
+
+#: One page-table entry per page (DESIGN.md §4): the page's slot in its tier's pool, the
+#: position of its first token, how many of its slots are valid and its tier. Its size is the
+#: ``page_overhead`` of a trace's allocation problem.
+PAGE_TABLE_ENTRY = np.dtype([("page_id", "<u4"), ("first_position", "<u4"), ("valid", "<u2"),
+                             ("tier", "<u2")])
+_MAX_P = 1 - 1e-6  # a lone visible token (p = 1) cannot be dropped; cap 1/(1 - p)
+
+
+def _grouped(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """``[H_q, W, d]`` → ``[H_kv, G·W, d]``: each kv-head's queries, head-major."""
+    return queries.reshape(h_kv, -1, queries.shape[-1])
+
+
+def _coded(tier: Tier, keys: torch.Tensor, values: torch.Tensor):
+    """Key codes and decoded values ``v̂`` ``[H_kv, n, d]`` of a non-drop tier."""
+    return tier.key.encode(keys), tier.value.decode(tier.value.encode(values))
+
+
+def _logit_error(tier: Tier, codes, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``e_qi = (q·k̂_i − q·k_i)/√d`` ``[H_kv, G, W, n]``, q·k̂ read from the codes."""
+    h_kv, d = keys.shape[0], keys.shape[-1]
+    q = _grouped(queries.float(), h_kv)
+    err = (tier.key.logits(q, codes) - q @ keys.mT) / d**0.5
+    return err.view(h_kv, -1, queries.shape[1], keys.shape[1])
+
+
+def _weights(keys, values, queries, estimator: Estimator | None):
+    """Measured ``p`` and the weights ``π`` the distortion uses, both ``[H_kv, G, W, n]``."""
+    p = attention_probs(keys, queries)
+    if estimator is None:
+        return p, p
+    h_kv, n = keys.shape[0], keys.shape[1]
+    profile = p.mean(dim=(1, 2)).sort(dim=-1, descending=True).values  # [H_kv, n]
+    order = estimator.score(keys, values, queries).argsort(dim=-1, descending=True)
+    pi = torch.empty(h_kv, n).scatter_(1, order, profile)  # rank r gets the r-th largest weight
+    return p, pi[:, None, None].expand_as(p)
+
+
+def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                     tiers: TierSet, estimator: Estimator | None = None) -> np.ndarray:
+    """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        ``[H_kv, n, d]``.
+    queries : torch.Tensor
+        ``[H_q, W, d]``, the queries of positions ``n-W … n-1``.
+    tiers : TierSet
+        The ladder; each non-drop tier's key and value codecs encode the layer.
+    estimator : Estimator, optional
+        Replace the measured attention weights by the estimator's (module docstring).
+    """
+    keys, values, queries = keys.float(), values.float(), queries.float()
+    p, pi = _weights(keys, values, queries, estimator)
+    pi = pi.double()
+    o = (p @ values[:, None]).double()  # o_q [H_kv, G, W, d]
+    v = values.double()[:, None]  # [H_kv, 1, n, d]
+    # ‖v_i − o_q‖² = ‖v_i‖² − 2 v_i·o_q + ‖o_q‖², [H_kv, G, W, n]
+    dist2 = (v.square().sum(-1)[:, :, None] - 2 * o @ v.mT
+             + o.square().sum(-1)[..., None]).clamp_min(0)
+    out = np.empty((keys.shape[0], keys.shape[1], len(tiers)))
+    for t, tier in enumerate(tiers):
+        if tier.is_drop:
+            w = pi.clamp(max=_MAX_P)
+            d = (w / (1 - w)).square() * dist2
+        else:
+            codes, v_hat = _coded(tier, keys, values)
+            e = _logit_error(tier, codes, keys, queries).double()
+            dv = (v_hat.double() - values.double())[:, None]  # Δv_i [H_kv, 1, n, d]
+            # (v_i − o_q)·Δv_i = v_i·Δv_i − o_q·Δv_i
+            cross = (v * dv).sum(-1)[:, :, None] - o @ dv.mT
+            d = pi.square() * (e.square() * dist2 + 2 * e * cross
+                               + dv.square().sum(-1)[:, :, None])
+        out[:, :, t] = d.clamp_min(0).sum(dim=(1, 2)).numpy()
+    return out
+
+
+def distortion_matrix(trace, tiers: TierSet,
+                      estimator: Estimator | str | None = None) -> np.ndarray:
+    """``D`` ``[L, H_kv, n, T]`` of a :class:`sphkv.integrations.hf.Trace`."""
+    if isinstance(estimator, str):
+        estimator = get_estimator(estimator)
+    if tiers.d != trace.head_dim:
+        raise ValueError(f"tiers are for head dimension {tiers.d}, the trace has "
+                         f"{trace.head_dim}")
+    return np.stack([layer_distortion(trace.keys[i], trace.values[i], trace.queries[i], tiers,
+                                      estimator) for i in range(trace.layers)])
+
+
+def true_errors(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                tiers: TierSet, n_items: int | None = None) -> np.ndarray:
+    """True output error of moving one item alone to each tier, float64 ``[H_kv, n_items, T]``.
+
+    ``Σ_q ‖o'_q − o_q‖²`` with the softmax recomputed exactly: with item i's logit moved by
+    ``ε`` (−∞ for drop), its weight becomes ``p' = p e^ε / (1 − p + p e^ε)``, the others shrink
+    by ``(1 − p')/(1 − p)``, and ``o' − o = r o + p' v̂_i − (r + 1) p v_i`` with
+    ``r = p (1 − e^ε) / (1 − p + p e^ε)`` (``p / (1 − p)`` for drop). Queries are those of the
+    last ``W`` positions of the ``n`` keys; only the first ``n_items`` tokens are perturbed.
+    """
+    keys, values, queries = keys.float(), values.float(), queries.float()
+    n_items = keys.shape[1] if n_items is None else n_items
+    probs = attention_probs(keys, queries)
+    o = (probs @ values[:, None]).double()  # [H_kv, G, W, d]
+    p = probs.double()[..., :n_items]
+    v = values.double()[:, None, :n_items]  # [H_kv, 1, n_items, d]
+    oo = o.square().sum(-1)[..., None]
+    ov = o @ v.mT
+    vv = v.square().sum(-1)[:, :, None]
+    out = np.empty((keys.shape[0], n_items, len(tiers)))
+    for t, tier in enumerate(tiers):
+        if tier.is_drop:
+            r = p / (1 - p.clamp(max=_MAX_P))
+            err = r.square() * (oo - 2 * ov + vv)  # ‖r (o − v)‖²
+        else:
+            codes, v_hat = _coded(tier, keys, values)
+            eps = _logit_error(tier, codes, keys, queries).double()[..., :n_items]
+            grow = eps.exp()
+            den = 1 - p + p * grow
+            r, p_new = p * (1 - grow) / den, p * grow / den
+            vh = v_hat.double()[:, None, :n_items]
+            a, b, c = r, p_new, -(r + 1) * p  # o' − o = a o + b v̂ + c v
+            err = (a.square() * oo + b.square() * vh.square().sum(-1)[:, :, None]
+                   + c.square() * vv + 2 * a * b * (o @ vh.mT) + 2 * a * c * ov
+                   + 2 * b * c * (vh * v).sum(-1)[:, :, None])
+        out[:, :, t] = err.clamp_min(0).sum(dim=(1, 2)).numpy()
+    return out
+
+
+@dataclass
+class FidelityReport:
+    """How well the distortion model ranks true attention-output errors, per layer.
+
+    Attributes
+    ----------
+    pooled : list of float
+        Per layer, Spearman ρ between predicted ``D[i, t]`` and the true error over all free
+        items and the non-fp16 tiers together.
+    per_tier : dict of str to list of float
+        Per tier (drop and the compressed tiers), per layer, ρ over the free items: does the
+        model rank tokens within one tier?
+    holdout : bool
+        True when ``D`` came from the first half of the window and the true error from the
+        later queries (future queries the prediction never saw).
+    estimator : str
+        ``"window"`` (measured attention) or the estimator's class name.
+    items : int
+        Free items per layer that entered the correlation.
+    """
+
+    pooled: list[float]
+    per_tier: dict[str, list[float]]
+    holdout: bool
+    estimator: str
+    items: int
+    tiers: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.pooled))
+
+    def to_dict(self) -> dict:
+        return {"pooled": self.pooled, "per_tier": self.per_tier, "holdout": self.holdout,
+                "estimator": self.estimator, "items": self.items, "median": self.median}
+
+
+def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
+             holdout: bool = True, sinks: int = 4) -> FidelityReport:
+    """Spearman ρ per layer between predicted distortion and the true single-item error.
+
+    With ``holdout``, the first half of the window predicts (``D`` from a trace cut at
+    ``n' = n − W/2`` tokens, whose window is that first half) and the true error is measured with
+    the last ``W/2`` queries on the whole cache; items in the prediction's window and the
+    ``sinks`` first tokens, forced to fp16 in an allocation, are left out. Without it, both use
+    the whole window (a check of the first-order model alone).
+    """
+    if isinstance(estimator, str):
+        estimator = get_estimator(estimator)
+    w = trace.window
+    if holdout and w < 2:
+        raise ValueError("holdout needs a window of at least 2 queries")
+    n_pred = trace.tokens - w // 2 if holdout else trace.tokens
+    w_pred = w - w // 2 if holdout else w
+    free = slice(sinks, n_pred - w_pred)
+    if free.stop - free.start < 2:
+        raise ValueError(f"the trace has no free items to rank ({trace.tokens} tokens, window "
+                         f"{w}, {sinks} sinks)")
+    compared = [t for t in range(len(tiers)) if t != len(tiers) - 1]
+    pooled, per_tier = [], {tiers[t].name: [] for t in compared}
+    for layer in range(trace.layers):
+        k, v, q = trace.keys[layer], trace.values[layer], trace.queries[layer]
+        pred = layer_distortion(k[:, :n_pred], v[:, :n_pred], q[:, :w_pred], tiers, estimator)
+        true = true_errors(k, v, q[:, w - w // 2:] if holdout else q, tiers, n_pred)
+        pred, true = pred[:, free][..., compared], true[:, free][..., compared]
+        pooled.append(float(spearmanr(pred.ravel(), true.ravel()).statistic))
+        for j, t in enumerate(compared):
+            per_tier[tiers[t].name].append(
+                float(spearmanr(pred[..., j].ravel(), true[..., j].ravel()).statistic))
+    return FidelityReport(pooled, per_tier, holdout,
+                          "window" if estimator is None else type(estimator).__name__,
+                          trace.kv_heads * (free.stop - free.start), tiers.names)
+
+
+def problem_from_trace(trace, tiers: TierSet, budget: float,
+                       estimator: Estimator | str | None = None, page_size: int = 16,
+                       sinks: int = 4, recent: int | None = None) -> AllocationProblem:
+    """The allocation problem of a trace: one item per (layer, kv-head, token).
+
+    Parameters
+    ----------
+    trace : sphkv.integrations.hf.Trace
+        Keys, values ``[L, H_kv, n, d]`` and window queries ``[L, H_q, W, d]``.
+    tiers : TierSet
+        The precision ladder (e.g. ``default_tiers(trace.head_dim)``); drop first, fp16 last.
+    budget : float
+        A number in (0, 1] is a fraction of the all-fp16 cost (pages and page-table entries
+        included); above 1 it is bytes.
+    estimator : Estimator or str, optional
+        Utility estimator for the attention weights of ``D``; measured window attention if
+        omitted.
+    page_size : int
+        Tokens per page; a page holds one (layer, kv-head) and one tier.
+    sinks, recent : int
+        The first ``sinks`` tokens and the last ``recent`` (default: the window W) are forced to
+        the last tier (fp16).
+
+    Returns
+    -------
+    AllocationProblem
+        ``N = L·H_kv·n`` items ordered (layer, kv-head, token); ``groups = layer·H_kv + head``;
+        ``cost`` the tiers' bytes per token-head; ``page_overhead`` the bytes of one
+        :data:`PAGE_TABLE_ENTRY`.
+    """
+    recent = trace.window if recent is None else recent
+    if sinks < 0 or recent < 0:
+        raise ValueError(f"sinks and recent must be >= 0, got {sinks} and {recent}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    d = distortion_matrix(trace, tiers, estimator)
+    layers, h_kv, n, t = d.shape
+    token = np.tile(np.arange(n), layers * h_kv)
+    forced = np.where((token < sinks) | (token >= n - recent), t - 1, -1)
+    problem = AllocationProblem(
+        distortion=d.reshape(-1, t), cost=tiers.costs, budget=1e300,
+        groups=np.repeat(np.arange(layers * h_kv), n), page_size=page_size,
+        page_overhead=PAGE_TABLE_ENTRY.itemsize, forced=forced, tier_names=tiers.names)
+    return problem.with_budget(budget * problem.full_cost() if budget <= 1 else budget)
+
+
+def byte_shares(problem: AllocationProblem, tiers: np.ndarray, layers: int,
+                kv_heads: int) -> np.ndarray:
+    """Bytes an allocation gives each (layer, kv-head), whole pages included, ``[L, H_kv]``.
+
+    Needs the item order and groups of :func:`problem_from_trace`.
+    """
+    pages = -(-problem.counts(tiers) // problem.page_size)  # whole pages per (group, tier)
+    return (pages * problem.page_bytes).sum(axis=1).reshape(layers, kv_heads)

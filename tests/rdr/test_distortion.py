@@ -1,0 +1,170 @@
+"""Distortion matrix, exact single-item errors, fidelity and the problem built from a trace."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sphkv.rdr import InfeasibleBudgetError, default_tiers
+from sphkv.rdr.distortion import (
+    PAGE_TABLE_ENTRY,
+    byte_shares,
+    distortion_matrix,
+    fidelity,
+    layer_distortion,
+    problem_from_trace,
+    true_errors,
+)
+from sphkv.rdr.utility import KeyNorm, attention_probs
+from sphkv.solvers import solve
+
+TIERS = default_tiers(16)
+
+
+def _layer(h_kv=2, group=2, n=10, w=4, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(h_kv, n, d, generator=gen) * 2, torch.randn(h_kv, n, d, generator=gen),
+            torch.randn(h_kv * group, w, d, generator=gen) * 2)
+
+
+def _reconstruct(tier, k, v):
+    if tier.is_drop:
+        return None, None
+    return tier.key.decode(tier.key.encode(k)), tier.value.decode(tier.value.encode(v))
+
+
+def test_layer_distortion_matches_naive_first_order_model():
+    k, v, q = _layer()
+    h_kv, n, d = k.shape
+    w, g = q.shape[1], q.shape[0] // h_kv
+    got = layer_distortion(k, v, q, TIERS)
+    assert got.shape == (h_kv, n, len(TIERS))
+    for t, tier in enumerate(TIERS):
+        k_hat, v_hat = _reconstruct(tier, k, v)
+        ref = np.zeros((h_kv, n))
+        for h in range(q.shape[0]):
+            kv = h // g
+            for j in range(w):
+                pos = n - w + j
+                p = torch.softmax(q[h, j] @ k[kv, :pos + 1].T / math.sqrt(d), 0).double()
+                o = p @ v[kv, :pos + 1].double()
+                for i in range(pos + 1):
+                    dv = v[kv, i].double() - o
+                    if tier.is_drop:
+                        ref[kv, i] += (p[i] / (1 - p[i])) ** 2 * dv.square().sum()
+                    else:
+                        e = (q[h, j] @ (k_hat[kv, i] - k[kv, i])).double() / math.sqrt(d)
+                        err = e * dv + (v_hat[kv, i] - v[kv, i]).double()
+                        ref[kv, i] += p[i] ** 2 * err.square().sum()
+        # fp16's error is at float32 rounding of the logits: a looser tolerance
+        rtol = 1e-2 if tier.name == "fp16" else 2e-4
+        np.testing.assert_allclose(got[..., t], ref, rtol=rtol, atol=1e-12, err_msg=tier.name)
+    # more bytes, less distortion on average; fp16 almost none
+    means = got.mean(axis=(0, 1))
+    assert np.all(np.diff(means) < 0) and means[-1] < 1e-4 * means[0]
+
+
+def test_true_errors_match_recomputed_attention():
+    k, v, q = _layer(n=12, w=5)
+    h_kv, n, d = k.shape
+    g = q.shape[0] // h_kv
+    got = true_errors(k, v, q, TIERS, n_items=9)
+    assert got.shape == (h_kv, 9, len(TIERS))
+
+    def outputs(kk, vv, keep):
+        out = []
+        for h in range(q.shape[0]):
+            kv = h // g
+            for j in range(q.shape[1]):
+                pos = n - q.shape[1] + j
+                s = (q[h, j] @ kk[kv, :pos + 1].T / math.sqrt(d)).double()
+                s[~keep[kv, :pos + 1]] = -math.inf
+                out.append(torch.softmax(s, 0) @ vv[kv, :pos + 1].double())
+        return torch.stack(out)
+
+    everything = torch.ones(h_kv, n, dtype=torch.bool)
+    base = outputs(k, v, everything)
+    for t, tier in enumerate(TIERS):
+        k_hat, v_hat = _reconstruct(tier, k, v)
+        for h in range(h_kv):
+            for i in (0, 3, 8):
+                kk, vv, keep = k.clone(), v.clone(), everything.clone()
+                if tier.is_drop:
+                    keep[h, i] = False
+                else:
+                    kk[h, i], vv[h, i] = k_hat[h, i], v_hat[h, i]
+                ref = (outputs(kk, vv, keep) - base).square().sum().item()
+                rel = 5e-2 if tier.name == "fp16" else 1e-3  # fp16: float32 logit rounding
+                assert got[h, i, t] == pytest.approx(ref, rel=rel, abs=1e-12), (tier.name, h, i)
+
+
+def test_estimator_weights_keep_the_profile():
+    """With an estimator, D uses the window's sorted attention profile handed out in the
+    estimator's order: its top token gets the largest mean attention as weight, for every q."""
+    k, v, q = _layer(h_kv=1, group=2, n=30, w=6)
+    got = layer_distortion(k, v, q, TIERS, KeyNorm())
+    p = attention_probs(k, q)  # [1, 2, 6, 30]
+    pi = p.mean(dim=(1, 2)).max().double()
+    top = int(KeyNorm().score(k, v, q)[0].argmax())
+    o = (p @ v[:, None]).double()  # [1, 2, 6, d]
+    ref = ((pi / (1 - pi)) ** 2 * (v[0, top].double() - o).square().sum(-1)).sum()
+    assert got[0, top, 0] == pytest.approx(ref.item(), rel=1e-6)
+    assert np.isfinite(got).all() and (got >= 0).all()
+
+
+def test_problem_from_trace(small_trace):
+    t = small_trace
+    problem = problem_from_trace(t, TIERS, 0.5, sinks=4)
+    n_items = t.layers * t.kv_heads * t.tokens
+    assert problem.n_items == n_items and problem.n_tiers == len(TIERS)
+    assert problem.tier_names == TIERS.names and problem.page_size == 16
+    assert problem.page_overhead == PAGE_TABLE_ENTRY.itemsize == 12
+    assert problem.budget == pytest.approx(0.5 * problem.full_cost())
+    assert np.array_equal(problem.groups, np.repeat(np.arange(t.layers * t.kv_heads), t.tokens))
+    forced = problem.forced.reshape(t.layers, t.kv_heads, t.tokens)
+    assert np.all(forced[..., :4] == len(TIERS) - 1) and np.all(forced[..., -t.window:] == 5)
+    assert np.all(forced[..., 4:-t.window] == -1)
+    np.testing.assert_allclose(problem.distortion.reshape(t.layers, t.kv_heads, t.tokens, -1),
+                               distortion_matrix(t, TIERS))
+    assert problem_from_trace(t, TIERS, 20_000.0, recent=8).budget == 20_000.0
+    assert problem_from_trace(t, TIERS, 0.5, estimator="keydiff").n_items == n_items
+    with pytest.raises(InfeasibleBudgetError):
+        problem_from_trace(t, TIERS, 0.01)
+    with pytest.raises(ValueError, match="head dimension 64"):
+        problem_from_trace(t, default_tiers(64), 0.5)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        problem_from_trace(t, TIERS, 0.5, estimator="nope")
+
+
+@pytest.mark.parametrize("method", ["greedy", "lp", "ilp"])
+def test_solve_trace_and_byte_shares(small_trace, method):
+    t = small_trace
+    problem = problem_from_trace(t, TIERS, 0.4)
+    alloc = solve(problem, method, time_limit=20)
+    shares = byte_shares(problem, alloc.tiers, t.layers, t.kv_heads)
+    assert shares.shape == (t.layers, t.kv_heads)
+    assert shares.sum() == pytest.approx(alloc.cost) and alloc.cost <= problem.budget + 1e-6
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_fidelity_tiny(small_trace, holdout):
+    report = fidelity(small_trace, TIERS, holdout=holdout)
+    assert len(report.pooled) == small_trace.layers and report.items > 0
+    assert min(report.pooled) > 0.5
+    assert set(report.per_tier) == set(TIERS.names[:-1])
+
+
+@pytest.mark.slow
+def test_fidelity_on_real_trace(smollm2_trace):
+    """Predicted distortion ranks the true attention-output error, per layer, on SmolLM2."""
+    tiers = default_tiers(smollm2_trace.head_dim)
+    in_sample = fidelity(smollm2_trace, tiers, holdout=False)
+    held_out = fidelity(smollm2_trace, tiers, holdout=True)
+    assert len(in_sample.pooled) == 30
+    assert min(in_sample.pooled) > 0.8 and min(held_out.pooled) > 0
+    assert held_out.median > 0.5
+    for rhos in held_out.per_tier.values():
+        assert np.median(rhos) > 0
