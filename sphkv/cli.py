@@ -16,8 +16,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sphkv.analysis.cli import plot_app
-from sphkv.integrations.hf.cli import capture
-from sphkv.rdr import AllocationProblem, InfeasibleBudgetError, synthetic_problem
+from sphkv.integrations.hf.cli import byte_share_report, capture, trace_problem
+from sphkv.rdr import ESTIMATORS, AllocationProblem, InfeasibleBudgetError, synthetic_problem
 from sphkv.solvers import SOLVERS
 from sphkv.solvers import solve as solve_problem
 
@@ -96,7 +96,8 @@ def _summary_table(rows: list[dict], title: str) -> Table:
 @app.command()
 def solve(
     problem_file: Annotated[Path, typer.Argument(
-        help="A saved AllocationProblem (.npz, see AllocationProblem.load for the layout).",
+        help="A saved AllocationProblem (.npz, see AllocationProblem.load for the layout) or a "
+             "KV trace (.safetensors, from `sphkv capture`).",
         exists=True, dir_okay=False, readable=True)],
     budget: Annotated[str | None, typer.Option(
         help="Fraction of the all-fp16 cost (0.125 or 12.5%) or bytes (3e6, 2.5MiB); a number "
@@ -112,15 +113,28 @@ def solve(
         help="Write the allocation (summary and tier per item) as JSON here.")] = None,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print exactly one JSON object on stdout, nothing else.")] = False,
+    estimator: Annotated[str | None, typer.Option(
+        help=f"For a trace: utility estimator ({', '.join(ESTIMATORS)}); default: the "
+             "measured attention of the trace's observation window.")] = None,
 ) -> None:
-    """Solve an allocation problem: one tier per item, least distortion within the budget."""
+    """Solve an allocation problem: one tier per item, least distortion within the budget.
+
+    A trace (.safetensors) becomes a problem with the default tiers, pages of 16, 4 sinks and
+    the observation window at fp16; its default budget is 1/8 of fp16."""
     if method not in SOLVERS:
         raise typer.BadParameter(f"{method!r}: choose one of {', '.join(SOLVERS)}",
                                  param_hint="--method")
+    is_trace = problem_file.suffix == ".safetensors"
+    if estimator is not None and not is_trace:
+        raise typer.BadParameter("only a trace (.safetensors) takes an estimator",
+                                 param_hint="--estimator")
     try:
-        problem = AllocationProblem.load(problem_file)
-        if budget is not None:
-            problem = problem.with_budget(parse_budget(budget, problem.full_cost()))
+        if is_trace:
+            problem, trace = trace_problem(problem_file, budget, estimator, parse_budget)
+        else:
+            problem = AllocationProblem.load(problem_file)
+            if budget is not None:
+                problem = problem.with_budget(parse_budget(budget, problem.full_cost()))
         alloc = _solve_with_spinner(problem, method, time_limit,
                                     {} if backend is None else {"backend": backend},
                                     quiet=json_output)
@@ -131,6 +145,8 @@ def solve(
     names = problem.tier_names or [str(t) for t in range(problem.n_tiers)]
     summary["tier_counts"] = dict(zip(names, np.bincount(alloc.tiers, minlength=len(names))
                                       .tolist()))
+    if is_trace:
+        summary["byte_shares"], shares_table = byte_share_report(problem, alloc.tiers, trace)
     if out is not None:
         out.write_text(json.dumps(summary | {"tiers": alloc.tiers.tolist()}))
     if json_output:
@@ -139,6 +155,8 @@ def solve(
     err.print(_summary_table([summary], f"{problem_file.name}: {problem.n_items:,} items"))
     err.print("items per tier: " + ", ".join(f"{k} {v:,}" for k, v in
                                               summary["tier_counts"].items()))
+    if is_trace:
+        err.print(shares_table)
     if out is not None:
         err.print(f"wrote {out}")
 

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-__all__ = ["capture"]
+__all__ = ["byte_share_report", "capture", "trace_problem"]
 
 
 def capture(
@@ -61,3 +62,38 @@ def capture(
     err.print(f"wrote {out}: {trace.layers} layers × {trace.kv_heads} kv-heads "
               f"({trace.q_heads} query heads) × {trace.tokens:,} tokens × d={trace.head_dim}, "
               f"window {trace.window}, {trace.dtype}, {size / 2**20:.1f} MiB")
+
+
+def trace_problem(path: Path, budget: str | None, estimator: str | None, parse_budget):
+    """The allocation problem of a trace file at a CLI budget string (default 1/8 of fp16).
+
+    Returns ``(problem, trace)``; tiers are ``default_tiers(head_dim)``, pages of 16 tokens,
+    4 sinks and the trace's window forced to fp16 (see :func:`sphkv.rdr.problem_from_trace`).
+    """
+    from sphkv.integrations.hf.trace import load_trace
+    from sphkv.rdr import default_tiers, problem_from_trace
+
+    trace = load_trace(path)
+    full = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, estimator=estimator)
+    return full.with_budget(parse_budget(budget or "0.125", full.full_cost())), trace
+
+
+def byte_share_report(problem, tiers, trace) -> tuple[dict, Table]:
+    """Bytes an allocation gives each layer and kv-head, as JSON-ready shares and a table."""
+    from sphkv.rdr import byte_shares
+
+    per_head = byte_shares(problem, tiers, trace.layers, trace.kv_heads)  # [L, H_kv]
+    total = max(per_head.sum(), 1.0)
+    report = {"bytes_per_layer": per_head.sum(axis=1).tolist(),
+              "per_layer": (per_head.sum(axis=1) / total).tolist(),
+              "per_head": (per_head / total).tolist()}
+    table = Table(title="byte shares (pages included) per layer and kv-head")
+    table.add_column("layer", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    for h in range(trace.kv_heads):
+        table.add_column(f"head {h}", justify="right")
+    for layer, row in enumerate(per_head):
+        table.add_row(str(layer), f"{row.sum():,.0f}", f"{row.sum() / total:.1%}",
+                      *(f"{b / total:.1%}" for b in row))
+    return report, table
