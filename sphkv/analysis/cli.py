@@ -20,11 +20,13 @@ from sphkv.analysis.distortion import (
     pair_codecs,
 )
 from sphkv.analysis.plots import plot_attention_error, plot_logit_distortion
+from sphkv.integrations.hf.cli import rd
 
 __all__ = ["plot_app"]
 
 plot_app = typer.Typer(help="Regenerate analysis figures (PNG) and their tables.",
                        no_args_is_help=True)
+plot_app.command("rd")(rd)
 
 
 def _fmt(v) -> str:

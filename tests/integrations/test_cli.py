@@ -49,3 +49,22 @@ def test_solve_trace_errors(trace_file, tmp_path):
     broken.write_bytes(trace_file.read_bytes()[:500])
     result = runner.invoke(app, ["solve", str(broken)])
     assert result.exit_code == 2 and "truncated or corrupt" in result.output
+
+
+def test_plot_rd(trace_file, tmp_path):
+    png = tmp_path / "rd.png"
+    result = runner.invoke(app, ["plot", "rd", str(trace_file), "--out", str(png),
+                                 "--ilp-time-limit", "5"])
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 0
+    rows = json.loads(png.with_suffix(".json").read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"greedy", "lp", "ilp", "drop-only", "quantize-only"} <= methods
+    # the tiny trace forces 20 of 96 tokens to fp16: 1/16 and 1/8 are infeasible
+    assert "skipped" in result.output
+    by = {(r["method"], r["budget_fraction"]): r["distortion"] for r in rows}
+    for f in {r["budget_fraction"] for r in rows if r["method"] == "greedy"}:
+        # the full ladder can do what either restricted ladder does
+        for ladder in ("drop-only", "quantize-only"):
+            if (ladder, f) in by:
+                assert by[("ilp", f)] <= by[(ladder, f)] * (1 + 1e-6)
