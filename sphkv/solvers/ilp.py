@@ -7,7 +7,7 @@ dominating tier never hurts, so the optimum is unchanged.
 With pages: m[g, t] ∈ ℤ≥0 = pages of (group g, tier t); Σ_{i∈g} x[i, t] + forced[g, t] ≤ P m[g, t]
 and Σ (P c + h) m ≤ B. Once the page counts are fixed, assigning items to tiers is a
 transportation problem (totally unimodular), so x stays continuous in [0, 1] and only m is
-integer (MIP backends); a fractional x is snapped to a vertex by a transportation LP.
+integer (MIP backends); a fractional x is snapped to a vertex by a min-cost flow per group.
 
 Backends: HiGHS (through highspy: warm start by ``setSolution``, incumbents at time limits),
 SCIP and CP-SAT through OR-Tools (warm start by hints). OR-Tools' own HiGHS interface is not used:
@@ -17,6 +17,7 @@ it reports no incumbent at a time limit and crashes on hints.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +27,7 @@ import scipy.sparse as sp
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.greedy import GreedySolver
+from sphkv.solvers.pages import reassign
 
 __all__ = ["ILPSolver"]
 
@@ -187,22 +189,6 @@ def _run_ortools(model: _Model, backend: str, time_limit, mip_gap: float, worker
     return values, bound, status == mb.SolveStatus.OPTIMAL
 
 
-def _transport(problem: AllocationProblem, free: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """A vertex (so integral) assignment of free items within per-(group, tier) capacities."""
-    from scipy.optimize import linprog
-
-    n_free, t = free.size, problem.n_tiers
-    col_slot = np.repeat(problem.group_index[free], t) * t + np.tile(np.arange(t), n_free)
-    cap_rows = sp.csr_matrix((np.ones(n_free * t), (col_slot, np.arange(n_free * t))),
-                             shape=(capacity.size, n_free * t))
-    one_hot = sp.kron(sp.eye(n_free), np.ones((1, t)), format="csr")
-    res = linprog(problem.distortion[free].ravel(), A_ub=cap_rows, b_ub=capacity.ravel(),
-                  A_eq=one_hot, b_eq=np.ones(n_free), bounds=(0, 1), method="highs-ds")
-    if res.status != 0:
-        raise RuntimeError(f"transportation LP failed: {res.message}")
-    return res.x.reshape(n_free, t)
-
-
 @register
 @dataclass
 class ILPSolver(Solver):
@@ -239,6 +225,7 @@ class ILPSolver(Solver):
             raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap}")
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
+        start = time.perf_counter()
         greedy = GreedySolver().solve(problem)
         free = np.flatnonzero(problem.forced < 0)
         fixed = np.flatnonzero(problem.forced >= 0)
@@ -256,6 +243,9 @@ class ILPSolver(Solver):
         else:
             objective = d / unit
         model = _build(problem, free, objective, greedy.tiers, all_integer=cpsat)
+        if time_limit is not None:
+            # The backend gets what the warm start and the model left of the limit.
+            time_limit = max(time_limit - (time.perf_counter() - start), 0.1)
         if self.backend == "highs":
             values, dual, proven = _run_highs(model, time_limit, self.mip_gap, self.warm_start)
         else:
@@ -282,15 +272,11 @@ class ILPSolver(Solver):
         n_x = model.xi.size
         x = np.zeros((free.size, problem.n_tiers))
         x[model.xi, model.xt] = values[:n_x]
-        if problem.page_size is not None and np.any(np.abs(x - np.round(x)) > 1e-6):
-            # Snap to a vertex of the transportation polytope of the chosen page counts.
-            page_bytes = problem.page_bytes
-            pages = np.zeros(page_bytes.shape)
-            pages[model.mg, model.mt] = np.round(values[n_x:])
-            capacity = np.where(page_bytes > 0,
-                                pages * problem.page_size - problem.forced_counts(),
-                                free.size)
-            x = _transport(problem, free, capacity)
         tiers = problem.forced.copy()
         tiers[free] = np.argmax(x, axis=1)
+        if problem.page_size is not None and np.any(np.abs(x - np.round(x)) > 1e-6):
+            # A vertex of the transportation polytope of the chosen page counts is integral.
+            pages = np.zeros(problem.page_bytes.shape, dtype=np.int64)
+            pages[model.mg, model.mt] = np.round(values[n_x:])
+            tiers = reassign(problem, tiers, pages=pages)
         return tiers

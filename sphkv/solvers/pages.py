@@ -204,18 +204,21 @@ class _PageState:
         return tiers
 
 
-def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None) -> np.ndarray:
+def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None,
+             pages: np.ndarray | None = None) -> np.ndarray:
     """The least-distortion assignment of items to the page slots that ``tiers`` pays for.
 
-    With page counts fixed, each (group, tier) offers ``pages * P - forced`` slots (tiers without
-    pages offer any number), and assigning a group's free items to its slots is a min-cost flow:
-    item → slot of a tier → sink, one small flow per group (all groups, or those in ``groups``).
-    Distortions are scaled to integers for OR-Tools' solver (rounding 2⁻³⁶ of the largest).
+    With page counts fixed (those of ``tiers``, or ``pages`` [G, T]), each (group, tier) offers
+    ``pages * P - forced`` slots (tiers without pages offer any number), and assigning a group's
+    free items to its slots is a min-cost flow: item → slot of a tier → sink, one small flow per
+    group (all groups, or those in ``groups``). Distortions are scaled to integers for OR-Tools'
+    solver (rounding 2⁻³⁶ of the largest).
     """
     from ortools.graph.python import min_cost_flow
 
     t = problem.n_tiers
-    pages = -(-problem.counts(tiers) // problem.page_size)
+    if pages is None:
+        pages = -(-problem.counts(tiers) // problem.page_size)
     out = tiers.copy()
     free = problem.forced < 0
     capacity = np.where(problem.page_bytes > 0,
