@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,16 @@ def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / 1e9 / seconds
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Date, commit and device, for the header of every result."""
     try:
@@ -23,7 +34,7 @@ def environment() -> dict:
                                 text=True, check=False).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    device = platform.processor() or platform.machine()
+    device = f"{_cpu_name()} ({os.cpu_count()} cores)"
     try:
         import torch
 

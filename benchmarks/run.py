@@ -1,14 +1,16 @@
 """Benchmark runner: ``python -m benchmarks.run --op solvers [op options]``.
 
 Each op lives in ``benchmarks/ops/<op>.py`` with ``add_arguments(parser)`` and ``run(args) ->
-list[dict]``. The runner prints the rows as a table and writes them, with date, commit and device,
-to ``benchmarks/results/<op>.json``.
+list[dict]`` (and optionally ``summarize(rows) -> str``, a condensed table). The runner prints the
+rows as a table and writes them, with date, commit and device, to
+``benchmarks/results/<op>.json``; ``--from-json`` prints the tables of a saved result again.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 from pathlib import Path
@@ -26,18 +28,27 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="print the tables of a saved result instead of running")
     if known.op is None:
         parser.print_help()
         sys.exit(2)
     module = importlib.import_module(f"benchmarks.ops.{known.op}")
     module.add_arguments(parser)
     args = parser.parse_args(argv)
-    env = environment()
-    rows = module.run(args)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        env, rows = saved, saved["rows"]
+    else:
+        env = environment()
+        rows = module.run(args)
     print(f"# {known.op} — {env['date']} — commit {env['commit']} — {env['device']}")
     print(format_table(rows))
-    path = write_json(known.op, rows, out_dir=args.out_dir)
-    print(f"\nwrote {path}")
+    if hasattr(module, "summarize"):
+        print("\n" + module.summarize(rows))
+    if args.from_json is None:
+        path = write_json(known.op, rows, out_dir=args.out_dir)
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,27 @@ def run(args: argparse.Namespace) -> list[dict]:
                 r["vs_best"] = (r["distortion"] - best_bound) / r["distortion"]
             rows += instance_rows
     return rows
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2g}%"
+
+
+def summarize(rows: list[dict]) -> str:
+    """One line per instance: seconds and distance to the best bound of each solver."""
+    lines = ["| items | pages | greedy numpy s | greedy torch s | greedy vs_best | lp s | "
+             "lp vs_best | ilp s | ilp status | ilp vs_best |", "|" + "---|" * 10]
+    instances = dict.fromkeys((r["items"], r["pages"]) for r in rows)
+    for items, pages in instances:
+        by = {(r["solver"], r["backend"]): r for r in rows
+              if r["items"] == items and r["pages"] == pages}
+        gn, gt = by[("greedy", "numpy")], by[("greedy", "torch")]
+        lp, ilp = by.get(("lp", "HIGHS")), by.get(("ilp", "highs"))
+        own = "" if ilp else " (own bound)"
+        cells = [f"{items:,}", str(pages or "–"), f"{gn['seconds']:.3g}", f"{gt['seconds']:.3g}",
+                 _pct(gn["vs_best"]) + own,
+                 f"{lp['seconds']:.3g}" if lp else "", _pct(lp["vs_best"]) if lp else "",
+                 f"{ilp['seconds']:.3g}" if ilp else "", ilp["status"] if ilp else "",
+                 _pct(ilp["vs_best"]) if ilp else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
