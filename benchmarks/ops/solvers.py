@@ -2,9 +2,10 @@
 
 Instances are the synthetic SmolLM2-shaped problems of ``sphkv.rdr.synthetic_problem``
 (90 page groups = 30 layers × 3 kv-heads, fewer layers below 20k items; six tiers,
-heavy-tailed utilities, sinks and a recent window forced to fp16), with pages of 16 (16 bytes of overhead each) or without pages, at a
-budget of 1/8 of the all-fp16 cache. For every instance, ``best_bound`` is the largest proven
-lower bound any solver found, and ``vs_best`` is each solver's distortion above it.
+heavy-tailed utilities, sinks and a recent window forced to fp16), with pages of 16 (16 bytes
+of overhead each) or without pages, at a budget of 1/8 of the all-fp16 cache. For every
+instance, ``best_bound`` is the largest proven lower bound any solver found, and ``vs_best`` is
+each solver's distortion above it.
 
 Run on one core for the single-core figures: ``OMP_NUM_THREADS=1 taskset -c 1 python -m
 benchmarks.run --op solvers``.
