@@ -1,0 +1,310 @@
+"""Tier-homogeneous pages: the paged store of a compressed KV cache (DESIGN.md §4).
+
+A page holds P slots of one group (a sequence, layer and kv-head) and one tier. Each tier has a
+pool of pages with fixed page bytes; slot s of page p is row ``p·P + s`` of the pool's tensors:
+the key codes, the value codes (payload and side information, as the tier's codecs produce
+them) and a 16-bit position offset. A page table per group lists its pages as
+:data:`~sphkv.rdr.distortion.PAGE_TABLE_ENTRY` rows (page id, first position, valid count,
+tier). Within a (group, tier) the kept tokens are sorted by position and packed densely, so only
+the last page of a run is partial, and token j of a page sits at position
+``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
+position recoverable.
+
+Pools hold exactly their pages (a freed page is filled by the pool's last page, whose page-table
+entry follows it), so the accounted bytes — ``pages · P · (codes + side + offset)`` per tier plus
+one entry per page — equal the bytes of the tensors the store really holds
+(:meth:`PagedStore.held_bytes`).
+
+Beside each slot the store keeps the item's distortion row ``D[i, :]`` (float32), the
+allocator's bookkeeping for later demotions; it is not cache content and is not counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sphkv.codec import Codec, Codes
+from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
+from sphkv.rdr.tiers import Tier, TierSet
+
+__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "slot_bytes"]
+
+#: bytes of the per-slot position offset from the page's first position
+OFFSET_BYTES = 2
+_MAX_SPAN = 2**16
+# offsets 0 … 2^16-1 are stored as int16 minus 2^15 (torch indexes int16, not uint16)
+_OFFSET_SHIFT = 2**15
+
+
+def slot_bytes(tier: Tier) -> int:
+    """Bytes of one slot of ``tier``: key and value codes with side information, and the offset;
+    0 for ``drop``."""
+    return 0 if tier.is_drop else int(tier.bytes_per_token_head) + OFFSET_BYTES
+
+
+def _rows(codes: Codes, index: torch.Tensor, d: int) -> Codes:
+    """The vectors ``index`` (any shape) of flat codes ``[S]``, as codes ``[*index.shape]``."""
+    return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
+                 torch.Size((*index.shape, d)))
+
+
+def _cat(a: Codes, b: Codes, d: int) -> Codes:
+    payload = torch.cat([a.payload, b.payload])
+    return Codes(payload, {k: torch.cat([a.side[k], b.side[k]]) for k in a.side},
+                 torch.Size((payload.shape[0], d)))
+
+
+def _empty(codec: Codec, rows: int) -> Codes:
+    """Zeroed flat codes of ``rows`` vectors, shaped as ``codec`` encodes them."""
+    template = codec.encode(torch.zeros(1, codec.d))
+    return Codes(template.payload.new_zeros(rows, *template.payload.shape[1:]),
+                 {k: v.new_zeros(rows, *v.shape[1:]) for k, v in template.side.items()},
+                 torch.Size((rows, codec.d)))
+
+
+class TierPool:
+    """The pages of one non-drop tier: ``pages · P`` slots of key codes, value codes and offsets.
+
+    Attributes
+    ----------
+    index : int
+        The tier's index in the ladder.
+    key, value : Codes
+        Flat codes of ``[pages · P]`` vectors.
+    offset : torch.Tensor
+        int16 ``[pages · P]``: position of the slot's token minus its page's first position,
+        minus 2^15.
+    distortion : torch.Tensor
+        float32 ``[pages · P, T]``: the distortion row of the slot's item (bookkeeping).
+    owner : list of int
+        The group of each page.
+    """
+
+    def __init__(self, tier: Tier, index: int, page_size: int, n_tiers: int):
+        self.tier, self.index, self.page_size = tier, index, page_size
+        self.key, self.value = _empty(tier.key, 0), _empty(tier.value, 0)
+        self.offset = torch.zeros(0, dtype=torch.int16)
+        self.distortion = torch.zeros(0, n_tiers)
+        self.owner: list[int] = []
+
+    @property
+    def pages(self) -> int:
+        return len(self.owner)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_size * slot_bytes(self.tier)
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors that make up the pages (codes, side information, offsets)."""
+        return self.key.nbytes + self.value.nbytes + self.offset.numel() * 2
+
+    def _apply(self, fn) -> None:
+        """Replace every per-slot tensor ``t`` by ``fn(t)``."""
+        for codes in (self.key, self.value):
+            codes.payload = fn(codes.payload)
+            codes.side = {k: fn(v) for k, v in codes.side.items()}
+        self.offset, self.distortion = fn(self.offset), fn(self.distortion)
+        self.key.shape = self.value.shape = torch.Size((self.offset.shape[0], self.tier.key.d))
+
+
+class PagedStore:
+    """Pools of tier-homogeneous pages and one page table per group.
+
+    Parameters
+    ----------
+    tiers : TierSet
+        The ladder; every non-drop tier gets a pool.
+    groups : int
+        Number of page tables, one per (sequence, layer, kv-head).
+    page_size : int
+        Slots per page, P.
+    """
+
+    def __init__(self, tiers: TierSet, groups: int, page_size: int = 16):
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        self.tiers, self.page_size, self.d = tiers, page_size, tiers.d
+        self.pools = {t: TierPool(tier, t, page_size, len(tiers))
+                      for t, tier in enumerate(tiers) if not tier.is_drop}
+        self.tables = [np.zeros(0, PAGE_TABLE_ENTRY) for _ in range(groups)]
+
+    # --- accounting --------------------------------------------------------------------------
+    @property
+    def slot_costs(self) -> np.ndarray:
+        """Bytes per slot of each tier, ``[T]`` (0 for drop): the item cost of allocations."""
+        return np.array([slot_bytes(t) for t in self.tiers], dtype=np.float64)
+
+    def nbytes(self) -> int:
+        """Accounted bytes: whole pages (partial ones included) and one page-table entry each."""
+        pages = sum(pool.pages * pool.page_bytes for pool in self.pools.values())
+        return pages + sum(len(t) for t in self.tables) * PAGE_TABLE_ENTRY.itemsize
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors and page tables the store really holds."""
+        return (sum(p.held_bytes() for p in self.pools.values())
+                + sum(t.nbytes for t in self.tables))
+
+    # --- reading -----------------------------------------------------------------------------
+    def _slots(self, group: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot rows ``[n]`` and positions ``[n]`` of the tokens of ``group`` at ``tier``."""
+        table = self.tables[group]
+        entries = table[table["tier"] == tier]
+        if not len(entries):
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        p = self.page_size
+        slots = torch.cat([torch.arange(e["page_id"] * p, e["page_id"] * p + e["valid"])
+                           for e in entries])
+        first = torch.from_numpy(np.repeat(entries["first_position"].astype(np.int64),
+                                           entries["valid"].astype(np.int64)))
+        return slots, first + self.pools[tier].offset[slots].long() + _OFFSET_SHIFT
+
+    def count(self, group: int, tier: int) -> int:
+        table = self.tables[group]
+        return int(table["valid"][table["tier"] == tier].sum())
+
+    def positions(self, group: int) -> dict[int, torch.Tensor]:
+        """Positions of the tokens kept for ``group``, per tier (sorted)."""
+        return {t: self._slots(group, t)[1] for t in self.pools if self.count(group, t)}
+
+    def read(self, group: int, tier: int):
+        """``(positions [n], key Codes [n], value Codes [n], distortion [n, T])`` of a run."""
+        slots, pos = self._slots(group, tier)
+        pool = self.pools[tier]
+        return (pos, _rows(pool.key, slots, self.d), _rows(pool.value, slots, self.d),
+                pool.distortion[slots])
+
+    def gather(self, tier: int, groups: list[int]):
+        """Codes of several groups' runs at ``tier``, padded to the longest.
+
+        Returns
+        -------
+        key, value : Codes
+            ``[len(groups), n_max]`` vectors (padding slots repeat slot 0).
+        valid : torch.Tensor
+            bool ``[len(groups), n_max]``.
+        """
+        slots = [self._slots(g, tier)[0] for g in groups]
+        n_max = max(len(s) for s in slots)
+        index = torch.zeros(len(groups), n_max, dtype=torch.long)
+        valid = torch.zeros(len(groups), n_max, dtype=torch.bool)
+        for i, s in enumerate(slots):
+            index[i, :len(s)], valid[i, :len(s)] = s, True
+        pool = self.pools[tier]
+        return _rows(pool.key, index, self.d), _rows(pool.value, index, self.d), valid
+
+    # --- writing -----------------------------------------------------------------------------
+    def put(self, group: int, tier: int, positions: torch.Tensor, keys: torch.Tensor,
+            values: torch.Tensor, distortion: torch.Tensor) -> None:
+        """Encode tokens into pages of ``tier`` for ``group`` (``drop`` stores nothing).
+
+        Parameters
+        ----------
+        positions : torch.Tensor
+            int ``[n]``, not already kept in this group.
+        keys, values : torch.Tensor
+            ``[n, d]``.
+        distortion : torch.Tensor
+            ``[n, T]``, the items' distortion rows.
+        """
+        if self.tiers[tier].is_drop or len(positions) == 0:
+            return
+        tier_ = self.tiers[tier]
+        pos, key, value, dist = self.read(group, tier)
+        self._rebuild(group, tier, torch.cat([pos, positions.long()]),
+                      _cat(key, tier_.key.encode(keys), self.d),
+                      _cat(value, tier_.value.encode(values), self.d),
+                      torch.cat([dist, distortion.float()]))
+
+    def take(self, group: int, tier: int, positions: torch.Tensor):
+        """Remove tokens from ``group``'s run at ``tier``; return them decoded.
+
+        Returns
+        -------
+        keys, values : torch.Tensor
+            float32 ``[n, d]``, the reconstructions, in the order of ``positions``.
+        distortion : torch.Tensor
+            ``[n, T]``.
+        """
+        pos, key, value, dist = self.read(group, tier)
+        where = {int(p): i for i, p in enumerate(pos.tolist())}
+        try:
+            out = torch.tensor([where[int(p)] for p in positions.tolist()], dtype=torch.long)
+        except KeyError as exc:
+            raise ValueError(f"position {exc.args[0]} is not kept at tier {tier} in group "
+                             f"{group}") from None
+        keep = torch.ones(len(pos), dtype=torch.bool)
+        keep[out] = False
+        tier_ = self.tiers[tier]
+        k_hat = tier_.key.decode(_rows(key, out, self.d))
+        v_hat = tier_.value.decode(_rows(value, out, self.d))
+        rest = torch.nonzero(keep).squeeze(1)
+        self._rebuild(group, tier, pos[rest], _rows(key, rest, self.d),
+                      _rows(value, rest, self.d), dist[rest])
+        return k_hat, v_hat, dist[out]
+
+    def _rebuild(self, group: int, tier: int, positions: torch.Tensor, key: Codes,
+                 value: Codes, distortion: torch.Tensor) -> None:
+        """Make the run of (group, tier) exactly these tokens: sorted, packed into pages."""
+        pool, p = self.pools[tier], self.page_size
+        table = self.tables[group]
+        mine = table["tier"] == tier
+        self._free(pool, sorted(table["page_id"][mine].tolist(), reverse=True))
+        table = self.tables[group] = self.tables[group][self.tables[group]["tier"] != tier]
+        n = len(positions)
+        if n == 0:
+            return
+        order = torch.argsort(positions)
+        positions = positions[order]
+        pages = -(-n // p)
+        first = positions[::p]
+        span = positions - first.repeat_interleave(p)[:n]
+        if span.max() >= _MAX_SPAN:
+            raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
+                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
+        ids = self._alloc(pool, group, pages)
+        slots = (torch.tensor(ids)[:, None] * p + torch.arange(p)).reshape(-1)[:n]
+        for dst, src in ((pool.key, key), (pool.value, value)):
+            dst.payload[slots] = src.payload[order]
+            for k, v in src.side.items():
+                dst.side[k][slots] = v[order]
+        pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16)
+        pool.distortion[slots] = distortion[order]
+        entries = np.zeros(pages, PAGE_TABLE_ENTRY)
+        entries["page_id"], entries["first_position"] = ids, first.numpy()
+        entries["valid"] = np.minimum(p, n - p * np.arange(pages))
+        entries["tier"] = tier
+        table = np.concatenate([table, entries])
+        self.tables[group] = table[np.lexsort((table["first_position"], table["tier"]))]
+
+    def _alloc(self, pool: TierPool, group: int, pages: int) -> list[int]:
+        """Append ``pages`` zeroed pages owned by ``group``; their ids."""
+        start = pool.pages
+        rows = pages * self.page_size
+        pool.key, pool.value = (_cat(c, _empty(codec, rows), self.d) for c, codec in
+                                ((pool.key, pool.tier.key), (pool.value, pool.tier.value)))
+        pool.offset = torch.cat([pool.offset, torch.zeros(rows, dtype=torch.int16)])
+        pool.distortion = torch.cat([pool.distortion, torch.zeros(rows, len(self.tiers))])
+        pool.owner += [group] * pages
+        return list(range(start, start + pages))
+
+    def _free(self, pool: TierPool, ids: list[int]) -> None:
+        """Free pages ``ids`` (descending): the pool's last page moves into each freed one."""
+        p = self.page_size
+        for page in ids:
+            last = pool.pages - 1
+            if page != last:
+                src = torch.arange(last * p, last * p + p)
+                dst = torch.arange(page * p, page * p + p)
+                pool._apply(lambda t, src=src, dst=dst: t.index_copy(0, dst, t[src]))
+                owner = pool.owner[last]
+                table = self.tables[owner]
+                moved = (table["page_id"] == last) & (table["tier"] == pool.index)
+                table["page_id"][moved] = page
+                pool.owner[page] = owner
+            pool.owner.pop()
+            pool._apply(lambda t, rows=last * p: t[:rows].clone())
+

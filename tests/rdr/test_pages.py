@@ -1,0 +1,108 @@
+"""The paged store: every kept token in exactly one slot, positions recoverable, exact bytes."""
+
+import numpy as np
+import pytest
+import torch
+
+from sphkv.rdr import default_tiers
+from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
+from sphkv.rdr.pages import OFFSET_BYTES, PagedStore
+
+D, P = 16, 4
+
+
+@pytest.fixture
+def tiers():
+    return default_tiers(D)
+
+
+def _put(store, group, tier, positions, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(positions)
+    keys, values = torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen)
+    store.put(group, tier, torch.tensor(positions), keys, values,
+              torch.rand(n, len(store.tiers), generator=gen))
+    return keys, values
+
+
+def _check(store, expected):
+    """Each group's kept positions per tier are ``expected``; bytes are exact."""
+    for group, per_tier in expected.items():
+        got = {t: p.tolist() for t, p in store.positions(group).items()}
+        assert got == {t: sorted(p) for t, p in per_tier.items() if p}
+    pages = {t: 0 for t in store.pools}
+    for table in store.tables:
+        assert np.all(table["valid"] >= 1) and np.all(table["valid"] <= P)
+        for t in store.pools:
+            pages[t] += int((table["tier"] == t).sum())
+    for t, pool in store.pools.items():
+        assert pool.pages == pages[t]
+        # every page id of the pool is listed by exactly one page-table entry
+        ids = sorted(i for table in store.tables for i in table["page_id"][table["tier"] == t])
+        assert ids == list(range(pool.pages))
+    accounted = sum(pages[t] * P * (int(store.tiers[t].bytes_per_token_head) + OFFSET_BYTES)
+                    for t in store.pools)
+    accounted += sum(pages.values()) * PAGE_TABLE_ENTRY.itemsize
+    assert store.nbytes() == accounted == store.held_bytes()
+
+
+def test_put_take_positions_and_bytes(tiers):
+    store = PagedStore(tiers, groups=3, page_size=P)
+    fp16, turbo2 = tiers.index("fp16"), tiers.index("turbo2")
+    keys, values = _put(store, 0, fp16, [0, 1, 2, 9, 12])
+    _put(store, 1, turbo2, [3, 4, 5, 6, 7, 8, 10], seed=1)
+    _put(store, 0, turbo2, [5, 6], seed=2)
+    _put(store, 0, fp16, [20, 21, 30], seed=3)  # fills the partial page, then a new one
+    _put(store, 2, tiers.index("drop"), [1, 2])  # drop keeps nothing
+    _check(store, {0: {fp16: [0, 1, 2, 9, 12, 20, 21, 30], turbo2: [5, 6]},
+                   1: {turbo2: [3, 4, 5, 6, 7, 8, 10]}, 2: {}})
+    # fp16 pages hold the keys exactly (to fp16 rounding)
+    pos, kc, _, _ = store.read(0, fp16)
+    assert torch.equal(tiers[fp16].key.decode(kc)[:3], keys[:3].half().float())
+    # taking tokens returns their reconstructions and frees their slots
+    k_hat, v_hat, dist = store.take(0, fp16, torch.tensor([9, 1]))
+    assert torch.equal(k_hat, keys[[3, 1]].half().float())
+    assert torch.equal(v_hat, values[[3, 1]].half().float())
+    assert dist.shape == (2, len(tiers))
+    store.take(1, turbo2, torch.tensor([3, 4, 5, 6, 7]))
+    _check(store, {0: {fp16: [0, 2, 12, 20, 21, 30], turbo2: [5, 6]}, 1: {turbo2: [8, 10]}})
+    with pytest.raises(ValueError, match="not kept"):
+        store.take(1, turbo2, torch.tensor([3]))
+
+
+def test_gather_pads_and_masks(tiers):
+    store = PagedStore(tiers, groups=2, page_size=P)
+    int8 = tiers.index("int8")
+    k0, _ = _put(store, 0, int8, [0, 1, 2, 3, 4, 5])
+    _put(store, 1, int8, [7])
+    key, value, valid = store.gather(int8, [0, 1])
+    assert key.shape == (2, 6, D) and valid.sum(1).tolist() == [6, 1]
+    assert torch.allclose(tiers[int8].key.decode(key)[0], k0, atol=0.05)
+
+
+def test_random_operations_keep_invariants(tiers):
+    gen = np.random.default_rng(0)
+    store = PagedStore(tiers, groups=4, page_size=P)
+    kept: dict[int, dict[int, list[int]]] = {g: {} for g in range(4)}
+    next_pos = 0
+    for step in range(60):
+        group = int(gen.integers(4))
+        tier = int(gen.integers(1, len(tiers)))
+        if gen.random() < 0.6 or not kept[group].get(tier):
+            n = int(gen.integers(1, 7))
+            pos = list(range(next_pos, next_pos + n))
+            next_pos += n
+            _put(store, group, tier, pos, seed=step)
+            kept[group].setdefault(tier, []).extend(pos)
+        else:
+            have = kept[group][tier]
+            out = list(gen.choice(have, size=int(gen.integers(1, len(have) + 1)), replace=False))
+            store.take(group, tier, torch.tensor(out))
+            kept[group][tier] = [p for p in have if p not in out]
+        _check(store, kept)
+
+
+def test_page_span_limit(tiers):
+    store = PagedStore(tiers, groups=1, page_size=P)
+    with pytest.raises(ValueError, match="span"):
+        _put(store, 0, 1, [0, 70_000])
