@@ -1,0 +1,536 @@
+"""A compressed KV cache for Hugging Face generation, driven by the greedy online allocator.
+
+:class:`SphkvCache` is a ``transformers`` :class:`~transformers.Cache` whose layers keep the
+recent tokens dense (fp16) in a window and everything older in tier-homogeneous pages
+(:class:`sphkv.rdr.pages.PagedStore`). ``update`` appends the new keys and values to the window
+and returns the layer itself as a handle; the attention function registered as ``"sphkv"``
+(:func:`sphkv_attention`) reads logits straight from the key codes (the codec's ``logits``),
+decodes the values, adds the window densely, and handles GQA, causality within the new tokens
+and left padding. Positions continue as if nothing were dropped: the cache reports every token
+it has seen as its length, so RoPE and masks advance as usual.
+
+The allocator (DESIGN.md §4), with W the observation window:
+
+- **after prefill**, every token but the last W gets a distortion row ``D[i, :]`` from the
+  layer's last W queries (:func:`sphkv.rdr.distortion.layer_distortion`, with the method's
+  utility estimator), and one greedy solve over all layers, heads and sequences picks its tier
+  within the budget (pages and page-table entries counted); its λ is the price of a byte;
+- **during decode** new tokens enter the window; when it holds 2W tokens, the oldest W are
+  admitted at the current price, ``argmin_t D[i, t] + λ c_t``; when that overflows the budget,
+  a greedy solve over everything kept (tiers may only go down) demotes or drops tokens and
+  sets λ to its price; when it does not, λ is lowered by ``decay`` so that later tokens may take
+  the room.
+
+Bytes: the pages, their page tables, the window (2W tokens at most, reserved from the budget)
+and the per-sequence padding offsets; :meth:`SphkvCache.nbytes` never exceeds the budget after
+prefill. During the prefill forward itself the window holds the whole prompt at fp16 (attention
+over the prompt needs it); it is compressed before the forward returns.
+
+A :class:`Method` is a tier-ladder restriction plus a utility estimator, so RDR, drop-only
+(StreamingLLM, SnapKV, KeyDiff) and quantize-only (KIVI-, TurboQuant-style) methods share this
+one code path at equal bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from sphkv.codec import KiviCodec
+from sphkv.rdr.distortion import PAGE_TABLE_ENTRY, layer_distortion
+from sphkv.rdr.pages import PagedStore
+from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
+from sphkv.rdr.tiers import Tier, TierSet, ada_tiers, default_tiers
+from sphkv.rdr.utility import Estimator, get_estimator
+from sphkv.solvers import solve
+
+__all__ = ["METHODS", "CompressedLayer", "Method", "Recency", "SphkvCache", "get_method",
+           "register_attention", "sphkv_attention"]
+
+ATTENTION_NAME = "sphkv"
+# distortion of dropping an item under a method that never drops: dropping happens only when
+# nothing else holds the budget (relative to the largest distortion of the same items)
+_NO_DROP_PENALTY = 1e6
+
+
+@dataclass
+class Recency(Estimator):
+    """Recency: later tokens are more useful (with the sinks, StreamingLLM's rule).
+
+    Based on Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+    arXiv 2309.17453.
+    """
+
+    def _score(self, keys, values, queries):
+        return torch.arange(keys.shape[1], dtype=torch.float32).expand(keys.shape[0], -1)
+
+
+def _kivi_tiers(d: int) -> TierSet:
+    """drop → KIVI-style int2 → int4, groups of 32 channels per token for keys and values
+    (KIVI's per-channel keys need whole groups of tokens, which single pages do not have)."""
+    def kivi(bits: int) -> Tier:
+        g = math.gcd(d, 32)
+        return Tier(f"kivi{bits}", KiviCodec(d=d, bits=bits, group_size=g, axis="token"),
+                    KiviCodec(d=d, bits=bits, group_size=g, axis="token"))
+
+    return TierSet((Tier("drop"), kivi(2), kivi(4)))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method: a tier ladder, the tiers it may use, and a utility estimator.
+
+    Parameters
+    ----------
+    name : str
+    ladder : callable
+        ``ladder(d) -> TierSet`` (drop first).
+    tiers : tuple of str, optional
+        The tiers allocations may choose; all of the ladder when omitted. The first attention
+        sinks take the dearest of them.
+    estimator : str or Estimator, optional
+        Utility estimator whose ranking weights the distortion; the measured attention of the
+        observation window when omitted.
+    drop : bool
+        Whether the method drops tokens; if not, drop is only the last resort that holds the
+        budget.
+    """
+
+    name: str
+    ladder: Callable[[int], TierSet] = default_tiers
+    tiers: tuple[str, ...] | None = None
+    estimator: str | Estimator | None = None
+    drop: bool = True
+
+    def tier_set(self, d: int) -> TierSet:
+        """The ladder restricted to the method's tiers, drop always first."""
+        full = self.ladder(d)
+        names = self.tiers or tuple(full.names)
+        return TierSet(tuple(t for t in full if t.is_drop or t.name in names))
+
+    def get_estimator(self) -> Estimator | None:
+        if isinstance(self.estimator, str):
+            return get_estimator(self.estimator)
+        return self.estimator
+
+
+#: name -> method; every method runs through :class:`SphkvCache`
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rdr"),
+    Method("rdr-ada", ladder=ada_tiers),
+    Method("streamingllm", tiers=("fp16",), estimator=Recency()),
+    Method("snapkv", tiers=("fp16",), estimator="snapkv"),
+    Method("keydiff", tiers=("fp16",), estimator="keydiff"),
+    Method("kivi", ladder=_kivi_tiers, drop=False),
+    Method("turboquant", tiers=("turbo2", "turbo3", "turbo4"), drop=False),
+)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer of :class:`SphkvCache`: its fp16 window; its pages live in the cache's store.
+
+    Attributes
+    ----------
+    keys, values : torch.Tensor
+        fp16 ``[B, H_kv, w, d]``, the window: tokens at positions ``start … length-1``.
+    length : int
+        Tokens seen (padding included), kept or not.
+    """
+
+    is_sliding = False
+
+    def __init__(self, cache: SphkvCache, index: int):
+        super().__init__()
+        self.cache, self.index, self.length = cache, index, 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        self.keys = torch.zeros(b, h, 0, d, dtype=torch.float16, device=key_states.device)
+        self.values = torch.zeros_like(self.keys)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the new tokens to the window; return ``(self, self)`` as handles."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states.half()], dim=-2)
+        self.values = torch.cat([self.values, value_states.half()], dim=-2)
+        self.length += key_states.shape[-2]
+        return self, self
+
+    @property
+    def start(self) -> int:
+        """Position of the window's first token."""
+        return self.length - self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def window_bytes(self) -> int:
+        return (self.keys.numel() + self.values.numel()) * 2 if self.is_initialized else 0
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
+               scaling: float) -> torch.Tensor:
+        """Attention of the new queries over the pages and the window.
+
+        Parameters
+        ----------
+        query : torch.Tensor
+            ``[B, H_q, m, d]``, the last m positions; query head h reads kv-head
+            ``h // (H_q // H_kv)``.
+        attention_mask : torch.Tensor, optional
+            ``[B, 1, m, length]`` (bool, or additive float); only read at the first forward,
+            for the left padding.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, m, H_q, d]``.
+        """
+        b, hq, m, d = query.shape
+        h = self.keys.shape[1]
+        g = hq // h
+        cache = self.cache
+        if cache.pad is None:
+            cache.set_padding(attention_mask, b)
+        q = query.float().reshape(b, h, g * m, d)  # the G query heads of a kv-head, head-major
+        logits, values = [], []
+        for tier, key, value, valid in cache.pages(self.index, b, h):
+            s = tier.key.logits(q, key).view(b, h, g, m, -1)
+            logits.append(s.masked_fill(~valid[:, :, None, None], -math.inf))
+            values.append(tier.value.decode(value))
+        # window: token at position p is seen by query position t iff pad_b <= p <= t
+        pos = self.start + torch.arange(self.keys.shape[-2], device=q.device)
+        t = self.length - m + torch.arange(m, device=q.device)
+        seen = (pos[None, None, :] >= cache.pad[:, None, None]) & (pos[None, None, :]
+                                                                   <= t[None, :, None])
+        s = (q @ self.keys.float().mT).view(b, h, g, m, -1)
+        logits.append(s.masked_fill(~seen[:, None, None], -math.inf))
+        values.append(self.values.float())
+        # softmax(q·k/√d); a padding query that sees no key gets weights 0, not NaN
+        p = torch.softmax(torch.cat(logits, dim=-1) * scaling, dim=-1).nan_to_num(0.0)
+        out = p.view(b, h, g * m, -1) @ torch.cat(values, dim=2)
+        return out.view(b, hq, m, d).transpose(1, 2).to(query.dtype)
+
+
+class SphkvCache(Cache):
+    """A KV cache compressed by the greedy online allocator within a byte budget.
+
+    Use with ``model.generate(..., past_key_values=cache)`` on a model whose attention
+    implementation is ``"sphkv"`` (:func:`register_attention`); see
+    :func:`sphkv.integrations.hf.generate.compressed_generate`.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's config (layers, kv-heads, head dim).
+    budget : float
+        Bytes the cache may hold (pages, page tables, window, padding offsets).
+    method : Method or str
+        Tier ladder restriction and estimator (:data:`METHODS`).
+    window : int
+        W: tokens kept dense (between W and 2W), observation queries and admission chunk.
+    sinks : int
+        The first ``sinks`` tokens of each sequence take the method's dearest tier.
+    page_size : int
+        Slots per page.
+    decay : float
+        λ is multiplied by it after an admission that fits.
+
+    Attributes
+    ----------
+    price : float
+        λ, distortion per byte at the margin.
+    history : list of int
+        :meth:`nbytes` at every step: before and after each admission.
+    """
+
+    def __init__(self, config, budget: float, method: Method | str = "rdr", window: int = 16,
+                 sinks: int = 4, page_size: int = 16, decay: float = 0.8):
+        text = config.get_text_config(decoder=True)
+        self.n_layers = text.num_hidden_layers
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
+        if window < 1 or sinks < 0 or page_size < 1 or not 0 < decay <= 1:
+            raise ValueError(f"need window >= 1, sinks >= 0, page_size >= 1, 0 < decay <= 1; "
+                             f"got {window}, {sinks}, {page_size}, {decay}")
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or \
+            text.hidden_size // text.num_attention_heads
+        self.method = get_method(method) if isinstance(method, str) else method
+        self.tiers = self.method.tier_set(self.head_dim)
+        self.estimator = self.method.get_estimator()
+        self.budget, self.window, self.sinks = float(budget), window, sinks
+        self.page_size, self.decay = page_size, decay
+        self.price = 0.0
+        self.history: list[int] = []
+        self.store: PagedStore | None = None
+        self.pad: torch.Tensor | None = None
+        self._queries: dict[int, torch.Tensor] = {}
+
+    # --- accounting --------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Accounted bytes: pages with their page tables, the window, the padding offsets."""
+        store = self.store.nbytes() if self.store is not None else 0
+        pad = self.pad.numel() * self.pad.element_size() if self.pad is not None else 0
+        return store + sum(layer.window_bytes() for layer in self.layers) + pad
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors and page tables the cache really holds."""
+        store = self.store.held_bytes() if self.store is not None else 0
+        window = sum(t.numel() * t.element_size() for layer in self.layers
+                     if layer.is_initialized for t in (layer.keys, layer.values))
+        pad = self.pad.numel() * self.pad.element_size() if self.pad is not None else 0
+        return store + window + pad
+
+    def fp16_bytes(self) -> int:
+        """Bytes of an uncompressed fp16 cache of every token seen."""
+        layer = self.layers[0]
+        return self.n_layers * layer.keys.shape[0] * self.kv_heads * layer.length \
+            * 4 * self.head_dim
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.history, default=0)
+
+    # --- attention-side hooks ----------------------------------------------------------------
+    def set_padding(self, attention_mask: torch.Tensor | None, batch: int) -> None:
+        """Left padding per sequence from the first forward's mask ``[B, 1, m, m]`` (the last
+        query sees every real token); none without a mask."""
+        if attention_mask is None:
+            self.pad = torch.zeros(batch, dtype=torch.long)
+            return
+        mask = attention_mask[:, 0, -1]
+        seen = mask if mask.dtype == torch.bool else mask == 0
+        self.pad = seen.int().argmax(dim=-1).long()
+
+    def pages(self, layer: int, batch: int, heads: int):
+        """Per non-empty tier of ``layer``: ``(tier, key Codes, value Codes, valid)``, codes
+        ``[B, H_kv, n]`` padded to the longest run, ``valid`` bool ``[B, H_kv, n]``."""
+        if self.store is None:
+            return
+        groups = [self._group(b, layer, h) for b in range(batch) for h in range(heads)]
+        for t in self.store.pools:
+            if not any(self.store.count(g, t) for g in groups):
+                continue
+            key, value, valid = self.store.gather(t, groups)
+            shape = (batch, heads, valid.shape[-1])
+            yield (self.tiers[t], _reshape(key, shape), _reshape(value, shape),
+                   valid.view(shape))
+
+    def observe(self, layer: int, query: torch.Tensor) -> None:
+        """Keep the layer's last W queries; after the last layer, run the allocator."""
+        prev = self._queries.get(layer)
+        q = query.detach().float()
+        q = q if prev is None else torch.cat([prev, q], dim=2)
+        self._queries[layer] = q[:, :, -self.window:]
+        if layer == self.n_layers - 1:
+            self._step()
+
+    # --- the allocator -----------------------------------------------------------------------
+    def _group(self, b: int, layer: int, h: int) -> int:
+        return (b * self.n_layers + layer) * self.kv_heads + h
+
+    def _step(self) -> None:
+        first = self.store is None
+        if first:
+            b = self.layers[0].keys.shape[0]
+            self.store = PagedStore(self.tiers, b * self.n_layers * self.kv_heads,
+                                    self.page_size)
+            old = self.layers[0].keys.shape[-2] - self.window
+            if old > 0:
+                self._prefill(old)
+        while self.layers[0].keys.shape[-2] >= 2 * self.window:
+            self.history.append(self.nbytes())
+            self._admit(self.window)
+        self.history.append(self.nbytes())
+        if self.history[-1] > self.budget:
+            raise RuntimeError(f"cache holds {self.history[-1]} bytes, above the budget of "
+                               f"{self.budget:.0f}; this is a bug")
+
+    def _reserve(self) -> int:
+        """Bytes kept for the window at its largest (2W tokens) and the padding offsets."""
+        b = self.layers[0].keys.shape[0]
+        return self.n_layers * b * self.kv_heads * 2 * self.window * 4 * self.head_dim \
+            + self.pad.numel() * self.pad.element_size()
+
+    def _items(self, n: int):
+        """Distortion rows of the window's n oldest real tokens, per (b, layer).
+
+        Yields ``(b, layer, positions [n'], keys, values [H, n', d], D [H, n', T])``; padding
+        tokens are left out (they are never kept).
+        """
+        for layer_idx, layer in enumerate(self.layers):
+            pos = layer.start + torch.arange(layer.keys.shape[-2])
+            for b in range(layer.keys.shape[0]):
+                real = pos >= self.pad[b]
+                k, v = layer.keys[b][:, real].float(), layer.values[b][:, real].float()
+                q = self._queries[layer_idx][b]
+                q = q[:, -min(q.shape[1], k.shape[1]):]
+                d = layer_distortion(k, v, q, self.tiers, self.estimator)
+                old = pos[real] < layer.start + n
+                if not old.any():
+                    continue
+                d = d[:, old.numpy()]
+                if not self.method.drop:
+                    d[..., 0] = _NO_DROP_PENALTY * max(d[..., 1:].max(), 1e-30)
+                yield b, layer_idx, pos[real][old], k[:, old], v[:, old], d
+
+    def _sink_tier(self) -> int:
+        return len(self.tiers) - 1
+
+    def _is_sink(self, b: int, positions: torch.Tensor) -> torch.Tensor:
+        return positions - self.pad[b] < self.sinks
+
+    def _write(self, b, layer, positions, keys, values, d, tiers) -> None:
+        for h in range(keys.shape[0]):
+            for t in np.unique(tiers[h]):
+                sel = torch.from_numpy(tiers[h] == t)
+                self.store.put(self._group(b, layer, h), int(t), positions[sel],
+                               keys[h][sel], values[h][sel], torch.from_numpy(d[h][sel.numpy()]))
+
+    def _trim(self, n: int) -> None:
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[:, :, n:].clone(), layer.values[:, :, n:].clone()
+
+    def _page_problem(self, d, forced, groups, budget) -> AllocationProblem:
+        return AllocationProblem(
+            distortion=d, cost=self.store.slot_costs, budget=budget, groups=groups,
+            page_size=self.page_size, page_overhead=PAGE_TABLE_ENTRY.itemsize, forced=forced,
+            tier_names=self.tiers.names)
+
+    def _prefill(self, n: int) -> None:
+        """One greedy solve over the n oldest tokens of every layer, head and sequence."""
+        items = list(self._items(n))
+        if not items:
+            self._trim(n)
+            return
+        rows, forced, groups = [], [], []
+        for b, layer, pos, k, _, d in items:
+            h = k.shape[0]
+            rows.append(d.reshape(-1, len(self.tiers)))
+            sink = np.tile(self._is_sink(b, pos).numpy(), h)
+            forced.append(np.where(sink, self._sink_tier(), -1))
+            groups.append(np.repeat([self._group(b, layer, j) for j in range(h)], len(pos)))
+        page_budget = self.budget - self._reserve()
+        try:
+            problem = self._page_problem(np.concatenate(rows), np.concatenate(forced),
+                                         np.concatenate(groups), max(page_budget, 0.0))
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(self.budget, exc.min_cost + self._reserve()) from None
+        alloc = solve(problem, "greedy")
+        self.price = float(alloc.price or 0.0)
+        start = 0
+        for b, layer, pos, k, v, d in items:
+            size = k.shape[0] * len(pos)
+            tiers = alloc.tiers[start:start + size].reshape(k.shape[0], len(pos))
+            self._write(b, layer, pos, k, v, d, tiers)
+            start += size
+        self._trim(n)
+
+    def _admit(self, n: int) -> None:
+        """Admit the window's n oldest tokens at price λ; demote when over the budget."""
+        # amortized bytes per item: its slot and its share of a page-table entry
+        cost = self.store.slot_costs
+        cost = np.where(cost > 0, cost + PAGE_TABLE_ENTRY.itemsize / self.page_size, 0.0)
+        for b, layer, pos, k, v, d in list(self._items(n)):
+            tiers = np.argmin(d + self.price * cost, axis=-1)
+            tiers[:, self._is_sink(b, pos).numpy()] = self._sink_tier()
+            self._write(b, layer, pos, k, v, d, tiers)
+        self._trim(n)
+        page_budget = self.budget - self._reserve()
+        if self.store.nbytes() > page_budget:
+            self._demote(page_budget)
+        else:
+            self.price *= self.decay
+
+    def _demote(self, budget: float) -> None:
+        """Greedy over every kept item, tiers only going down, within ``budget`` bytes."""
+        kept = [(g, t, *self.store.read(g, t)[::3]) for g in range(len(self.store.tables))
+                for t in self.store.pools if self.store.count(g, t)]
+        d = np.concatenate([dist.double().numpy() for *_, dist in kept])
+        cur = np.concatenate([np.full(len(pos), t) for _, t, pos, _ in kept])
+        pos = torch.cat([pos for _, _, pos, _ in kept])
+        group = np.concatenate([np.full(len(p), g) for g, _, p, _ in kept])
+        # a token's lost precision cannot come back: above its tier it only loses, by a hair,
+        # so that no upgrade is ever worth a byte (page repair included)
+        above = np.arange(d.shape[1])[None, :] > cur[:, None]
+        d_cur = d[np.arange(len(d)), cur][:, None]
+        d = np.where(above, d_cur * (1 + 1e-6) + 1e-9 * d.max(initial=0.0), d)
+        b = torch.from_numpy(group // (self.n_layers * self.kv_heads))
+        sink = (pos - self.pad[b] < self.sinks).numpy()
+        alloc = solve(self._page_problem(d, np.where(sink, cur, -1), group, budget), "greedy")
+        self.price = float(alloc.price or 0.0)
+        new = alloc.tiers
+        for g, t in {(int(g), int(t)) for g, t in zip(group[new != cur], cur[new != cur],
+                                                      strict=True)}:
+            sel = (group == g) & (cur == t) & (new != cur)
+            k_hat, v_hat, dist = self.store.take(g, t, pos[sel])
+            for to in np.unique(new[sel]):
+                m = torch.from_numpy(new[sel] == to)
+                self.store.put(g, int(to), pos[sel][m], k_hat[m], v_hat[m], dist[m])
+
+
+def _reshape(codes, shape):
+    """Codes of ``[N, n]`` vectors viewed as ``[*shape]`` (shape ``(B, H, n)``)."""
+    from sphkv.codec import Codes
+
+    return Codes(codes.payload.reshape(*shape, -1),
+                 {k: v.reshape(*shape, *v.shape[2:]) for k, v in codes.side.items()},
+                 torch.Size((*shape, codes.shape[-1])))
+
+
+def sphkv_attention(module, query: torch.Tensor, key, value, attention_mask, scaling=None,
+                    dropout: float = 0.0, **kwargs):
+    """Attention from the compressed cache's handles (``AttentionInterface`` signature).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention module (``layer_idx``).
+    query : torch.Tensor
+        ``[B, H_q, m, d]`` after RoPE.
+    key, value : CompressedLayer
+        The handles :meth:`CompressedLayer.update` returned.
+    attention_mask : torch.Tensor, optional
+        ``[B, 1, m, length]``; read at prefill for left padding.
+
+    Returns
+    -------
+    tuple
+        ``(out [B, m, H_q, d], None)``.
+    """
+    if not isinstance(key, CompressedLayer):
+        raise TypeError("the sphkv attention reads a SphkvCache: call the model with "
+                        "past_key_values=SphkvCache(...) and use_cache=True")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = key.attend(query, attention_mask, scaling)
+    key.cache.observe(key.index, query)
+    return out, None
+
+
+def register_attention() -> str:
+    """Register :func:`sphkv_attention` (and SDPA's mask, for left padding) as ``"sphkv"``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, sphkv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
