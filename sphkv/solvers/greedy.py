@@ -66,9 +66,10 @@ def _hull(xp, distortion, cost):
         dc_table = cost[None, :] - cost[:, None]
         inv_dc_table = xp.where(dc_table > 0, 1.0 / xp.where(dc_table > 0, dc_table, 1.0), 0.0)
     steps = t - 1
-    to = xp.full((steps, n), -1, dtype=xp.int64)
-    dcs, dds, effs = (xp.zeros((steps, n), dtype=xp.float64) for _ in range(3))
-    prev_eff = xp.full(n, inf, dtype=xp.float64)
+    dev = array_api_compat.device(distortion)
+    to = xp.full((steps, n), -1, dtype=xp.int64, device=dev)
+    dcs, dds, effs = (xp.zeros((steps, n), dtype=xp.float64, device=dev) for _ in range(3))
+    prev_eff = xp.full(n, inf, dtype=xp.float64, device=dev)
     for s in range(steps):
         if cost.ndim == 1:
             inv_dc = xp.take(inv_dc_table, cur, axis=0)
@@ -111,6 +112,7 @@ def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None,
     xp = xp or array_api_compat.array_namespace(np.empty(0))
     distortion = xp.asarray(distortion, dtype=xp.float64)
     cost = xp.asarray(cost, dtype=xp.float64)
+    dev = array_api_compat.device(distortion)
     n, t = distortion.shape
     base, to, dc, dd, eff = _hull(xp, distortion, cost)
     base_distortion = float(xp.sum(_gather(xp, distortion, base)))
@@ -118,13 +120,13 @@ def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None,
     hull_tiers = [base]
     for s in range(to.shape[0]):
         hull_tiers.append(xp.where(to[s] >= 0, to[s], hull_tiers[-1]))
-    hull_tiers = _np(xp.stack(hull_tiers, axis=0))
+    hull_tiers = xp.stack(hull_tiers, axis=0)
     # Valid segments, step-major: their flat index orders ties by (step, item).
     flat = xp.reshape(to, (-1,)) >= 0
     index = xp.nonzero(flat)[0]
     dc, dd, eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
     if index.shape[0] == 0:
-        return hull_tiers[0], base_distortion, 0.0
+        return _np(hull_tiers[0]), base_distortion, 0.0
     # Buckets by log2 efficiency, highest efficiency first.
     lg = xp.log2(eff)
     lo, hi = float(xp.min(lg)), float(xp.max(lg))
@@ -134,10 +136,11 @@ def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None,
 
     def select(room: float):
         """Segments of the sorted prefix within ``room``, the breaking one and bytes left."""
-        limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64)
+        limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=dev)
         b = int(xp.searchsorted(bucket_cum, limit, side="right")[0])
         if b == _N_BINS:
-            return xp.ones(dc.shape[0], dtype=xp.bool), None, room - float(bucket_cum[-1])
+            return (xp.ones(dc.shape[0], dtype=xp.bool, device=dev), None,
+                    room - float(bucket_cum[-1]))
         before = float(bucket_cum[b - 1]) if b else 0.0
         members = xp.nonzero(bucket == b)[0]
         members = members[xp.argsort(-eff[members], stable=True)]
@@ -155,39 +158,53 @@ def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None,
     price = 0.0 if brk is None else float(eff[brk])
     if bound_room is not None:
         taken, brk, left = select(room)
-    n_taken = _np(_bincount(xp, index[taken] % n, minlength=n))
+    n_taken = _bincount(xp, index[taken] % n, minlength=n)
     if brk is not None:
-        # Fill, on the CPU: later segments that still fit, in efficiency order.
+        # Fill: later segments that still fit, in efficiency order.
         later = xp.nonzero(~taken & (dc <= left))[0]
         later = later[xp.argsort(-eff[later], stable=True)]
-        later_flat = _np(index[later])
-        _fill(later_flat % n, later_flat // n, _np(dc[later]), left, n_taken,
+        _fill(xp, index[later] % n, index[later] // n, dc[later], left, n_taken,
               int(index[brk]) % n)
-    return hull_tiers[n_taken, np.arange(n)], lp_bound, price
+    tiers = xp.take_along_axis(hull_tiers, n_taken[None, :], axis=0)[0]
+    return _np(tiers), lp_bound, price
 
 
 def _np(x) -> np.ndarray:
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
-def _fill(item, step, dc, left: float, n_taken: np.ndarray, blocked_item: int) -> None:
-    """Take, in order, segments that fit and continue their item's hull; updates ``n_taken``."""
-    if item.size == 0:
+def _fill(xp, item, step, dc, left: float, n_taken, broken_item: int) -> None:
+    """Scan candidate segments in order; take one if it continues its item's hull and fits.
+
+    An item whose candidate is passed over (not its next segment, or too dear) is blocked
+    from then on, as is the item of the breaking segment. Done as jumps from one taken
+    segment to the next — at most left / (least segment cost) of them — rather than a loop over
+    every candidate. Updates ``n_taken`` [N] in place.
+    """
+    if item.shape[0] == 0:
         return
-    blocked = {blocked_item}
-    # Once ``left`` is below every remaining segment's cost, nothing more fits.
-    smallest_after = np.minimum.accumulate(dc[::-1])[::-1]
-    for i, s, c, smallest in zip(item.tolist(), step.tolist(), dc.tolist(),
-                                 smallest_after.tolist()):
-        if left < smallest:
-            break
-        if i in blocked:
-            continue
-        if s == n_taken[i] and c <= left:
-            left -= c
-            n_taken[i] += 1
-        else:
-            blocked.add(i)
+    dev = array_api_compat.device(item)
+    blocked = xp.zeros(n_taken.shape[0], dtype=xp.bool, device=dev)
+    blocked[broken_item] = True
+    position = xp.arange(item.shape[0], device=dev)
+    # previous[k]: position of the candidate before k of the same item (-1 if none).
+    by_item = xp.argsort(item, stable=True)
+    same = xp.concat([xp.zeros(1, dtype=xp.bool, device=dev),
+                      item[by_item][1:] == item[by_item][:-1]])
+    previous = xp.full(item.shape[0], -1, dtype=xp.int64, device=dev)
+    previous[by_item[1:][same[1:]]] = by_item[:-1][same[1:]]
+    start = 0
+    while True:
+        # The first candidate of its item from here on, its hull's next segment, and it fits.
+        eligible = ((position >= start) & (previous < start) & (step == n_taken[item])
+                    & (dc <= left) & ~blocked[item])
+        if not bool(xp.any(eligible)):
+            return
+        p = int(xp.argmax(xp.astype(eligible, xp.int8)))
+        blocked[item[start:p]] = True  # passed over on the way
+        left -= float(dc[p])
+        n_taken[item[p]] += 1
+        start = p + 1
 
 
 @register
