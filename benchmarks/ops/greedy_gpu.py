@@ -1,15 +1,17 @@
 """Greedy allocation with torch on a GPU: hulls, bucketed selection and fill, no pages.
 
 ``on_device_ms``: ``greedy_tiers`` on distortion and cost already on the device (what an online
-allocator sees), median of ``triton.testing.do_bench`` (of 5 timed runs on the CPU). ``solve_ms``: the whole
-``solve(problem, "greedy", backend="torch", device=...)`` from numpy arrays on the host,
-transfers and the host-side feasibility check included. Same synthetic instances as the
-``solvers`` op, budget 1/8 of fp16. Allocations are checked equal to the numpy backend's.
+allocator sees), median of ``triton.testing.do_bench`` (of 5 timed runs on the CPU).
+``solve_ms``: the whole ``solve(problem, "greedy", backend="torch", device=...)`` from numpy
+arrays on the host, transfers and the host-side feasibility check included. Same synthetic
+instances as the ``solvers`` op, budget 1/8 of fp16. Allocations are checked equal to the numpy
+backend's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import array_api_compat
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 - cost.min() * free.sum())
         d = torch.as_tensor(problem.distortion[free], device=args.device)
         c = torch.as_tensor(cost, device=args.device)
-        on_device = _median_ms(lambda: greedy_tiers(d, c, room, xp=xp), args.device)
+        on_device = _median_ms(functools.partial(greedy_tiers, d, c, room, xp=xp), args.device)
         start = time.perf_counter()
         gpu = solve(problem, "greedy", backend="torch", device=args.device)
         solve_ms = (time.perf_counter() - start) * 1e3
