@@ -16,7 +16,9 @@ The allocator (DESIGN.md §4), with W the observation window:
   utility estimator), and one greedy solve over all layers, heads and sequences picks its tier
   within the budget (pages and page-table entries counted); its λ is the price of a byte;
 - **during decode** new tokens enter the window; when it holds 2W tokens, the oldest W are
-  admitted at the current price, ``argmin_t D[i, t] + λ c_t``; when that overflows the budget,
+  admitted at the current price, ``argmin_t D[i, t] + λ c_t`` (their rows are measured with the
+  last W queries over the window's tokens only, so the attention weights are those of the
+  window's softmax, larger than over the whole cache); when that overflows the budget,
   a greedy solve over everything kept (tiers may only go down) demotes or drops tokens and
   sets λ to its price; when it does not, λ is lowered by ``decay`` so that later tokens may take
   the room.
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sphkv.codec import KiviCodec
+from sphkv.codec import Codes, KiviCodec
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY, layer_distortion
 from sphkv.rdr.pages import PagedStore
 from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
@@ -183,6 +185,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("SphkvCache supports greedy and sampled decoding, not beam "
+                                  "search: its pages are not reordered per beam")
 
     def window_bytes(self) -> int:
         return (self.keys.numel() + self.values.numel()) * 2 if self.is_initialized else 0
@@ -488,10 +494,8 @@ class SphkvCache(Cache):
                 self.store.put(g, int(to), pos[sel][m], k_hat[m], v_hat[m], dist[m])
 
 
-def _reshape(codes, shape):
+def _reshape(codes: Codes, shape: tuple[int, int, int]) -> Codes:
     """Codes of ``[N, n]`` vectors viewed as ``[*shape]`` (shape ``(B, H, n)``)."""
-    from sphkv.codec import Codes
-
     return Codes(codes.payload.reshape(*shape, -1),
                  {k: v.reshape(*shape, *v.shape[2:]) for k, v in codes.side.items()},
                  torch.Size((*shape, codes.shape[-1])))
