@@ -178,41 +178,52 @@ def solvers() -> None:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option(help="Where the table (JSON, markdown) and the "
-                                               "rate-distortion PNG go.")] = Path("sphkv-demo"),
-    tokens: Annotated[int, typer.Option(help="Cached tokens per kv-head.")] = 512,
-    layers: Annotated[int, typer.Option(help="Layers (SmolLM2: 30).")] = 30,
+    out_dir: Annotated[Path, typer.Option(help="Where demo.json and rate_distortion.png "
+                                               "go.")] = Path("sphkv-demo"),
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Solve a synthetic SmolLM2-shaped problem instead (no model)."
+    )] = False,
+    tokens: Annotated[int, typer.Option(help="Tokens prefilled (cached per kv-head).")] = 640,
     ilp_time_limit: Annotated[float, typer.Option(help="Seconds per ilp solve.")] = 10.0,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 0,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated through the compressed "
+                                                 "cache.")] = 32,
+    layers: Annotated[int, typer.Option(help="With --synthetic: layers (SmolLM2: 30).")] = 30,
+    seed: Annotated[int, typer.Option(help="With --synthetic: seed of the problem.")] = 0,
 ) -> None:
-    """Solve a realistic synthetic problem with every solver at several budgets.
+    """The main job: the whole pipeline on SmolLM2 and a text shipped in the package.
 
-    The problem is shaped like SmolLM2's cache (LAYERS × 3 kv-heads × TOKENS tokens, six tiers
-    from drop to fp16, pages of 16 with 16 bytes of page-table overhead, attention sinks and a
-    recent window forced to fp16, heavy-tailed utilities). Prints a comparison table and writes
-    a rate-distortion plot.
+    Captures a KV trace of TOKENS tokens of Pride and Prejudice, measures each item's distortion
+    at six tiers (drop, 2/3/4-bit, int8, fp16) with the real codecs, solves the allocation with
+    every solver at 1/16, 1/8, 1/4 and 1/2 of the fp16 bytes (pages of 16, sinks and the recent
+    window at fp16), prints the comparison and draws the rate-distortion curves, then generates
+    NEW_TOKENS tokens through the compressed cache at 1/4 of the fp16 bytes and reports its
+    memory. With --synthetic, a synthetic problem of LAYERS × 3 kv-heads × TOKENS items replaces
+    the model (no generation).
     """
-    from sphkv.analysis.rd import plot_rate_distortion
+    from sphkv.analysis.rd import plot_rate_distortion, solver_sweep
 
+    if not synthetic:
+        from sphkv.integrations.hf.demo import run_demo
+
+        result = run_demo(out_dir, tokens=tokens, new_tokens=new_tokens,
+                          ilp_time_limit=ilp_time_limit, console=err)
+        Console().print(_summary_table(result["rows"], f"SmolLM2 trace: {result['items']:,} "
+                                                       "items × 6 tiers, pages of 16"))
+        gen = result["generation"]
+        Console().print(
+            f"generated {gen['new_tokens']} tokens through the compressed cache: peak "
+            f"{gen['cache_bytes_peak']:,} bytes against {gen['fp16_bytes']:,} at fp16 "
+            f"({gen['cache_bytes_peak'] / gen['fp16_bytes']:.1%}; budget "
+            f"{gen['budget_bytes']:,.0f})\n…{gen['text']}")
+        return
     base = synthetic_problem(layers=layers, tokens=tokens, recent=8, seed=seed)
-    fractions = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
-    rows = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err) as progress:
-        task = progress.add_task("demo", total=len(fractions) * len(SOLVERS))
-        for fraction in fractions:
-            try:
-                problem = base.with_budget(fraction * base.full_cost())
-            except InfeasibleBudgetError as exc:
-                err.print(f"[yellow]skipping budget {fraction:g}:[/yellow] {exc}")
-                progress.advance(task, len(SOLVERS))
-                continue
-            for method in SOLVERS:
-                progress.update(task, description=f"budget 1/{round(1 / fraction)}: {method}")
-                alloc = solve_problem(problem, method,
-                                      time_limit=ilp_time_limit if method == "ilp" else None)
-                rows.append(alloc.summary() | {"budget_fraction": fraction})
-                progress.advance(task)
+        task = progress.add_task("demo", total=None)
+        rows = solver_sweep(
+            base, ilp_time_limit=ilp_time_limit,
+            on_step=lambda label: progress.update(task, description=label),
+            on_skip=lambda f, exc: err.print(f"[yellow]skipping budget {f:g}:[/yellow] {exc}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(
         {"problem": {"items": base.n_items, "tiers": base.tier_names, "page_size": base.page_size,

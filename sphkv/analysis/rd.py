@@ -4,7 +4,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_rate_distortion"]
+__all__ = ["BUDGET_FRACTIONS", "plot_rate_distortion", "solver_sweep"]
+
+BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+def solver_sweep(problem, fractions=BUDGET_FRACTIONS, ilp_time_limit: float = 10.0,
+                 on_step=None, on_skip=None) -> list[dict]:
+    """Every registered solver at each budget (a fraction of the all-fp16 cost).
+
+    Returns one summary row per (budget, solver) with ``budget_fraction`` added. ``on_step(label)``
+    is called before each solve, ``on_skip(fraction, error)`` for a budget below the cheapest
+    feasible assignment (skipped).
+    """
+    from sphkv.rdr import InfeasibleBudgetError
+    from sphkv.solvers import SOLVERS, solve
+
+    rows = []
+    for fraction in fractions:
+        try:
+            at_budget = problem.with_budget(fraction * problem.full_cost())
+        except InfeasibleBudgetError as exc:
+            if on_skip is not None:
+                on_skip(fraction, exc)
+            continue
+        for method in SOLVERS:
+            if on_step is not None:
+                on_step(f"budget 1/{round(1 / fraction)}: {method}")
+            alloc = solve(at_budget, method,
+                          time_limit=ilp_time_limit if method == "ilp" else None)
+            rows.append(alloc.summary() | {"budget_fraction": fraction,
+                                           "items": at_budget.n_items})
+    return rows
 
 
 def plot_rate_distortion(rows: list[dict], path: str | Path, title: str) -> Path:

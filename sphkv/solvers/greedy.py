@@ -9,7 +9,7 @@ multiplier λ, the price of a byte. The integer answer drops the fraction and th
 remaining bytes with later segments that still fit.
 
 With pages the same is done on the amortized cost ``c + h/P`` (a relaxation of the paged cost,
-so the bound stays valid), then partial pages are repaired (``sphkv.solvers.pages``).
+so the bound stays valid), then partial pages are repaired (``sphkv.solvers.page_repair``).
 
 O(N T² + N T log N T); numpy and torch (CPU or GPU) versions give the same allocation.
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
-from sphkv.solvers.pages import paged_dual_bound, repair_pages
+from sphkv.solvers.page_repair import paged_dual_bound, repair_pages
 
 __all__ = ["GreedySolver", "greedy_tiers"]
 

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.greedy import GreedySolver
-from sphkv.solvers.pages import reassign
+from sphkv.solvers.page_repair import reassign
 
 __all__ = ["ILPSolver"]
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
-from sphkv.solvers.pages import paged_dual_bound, repair_pages
+from sphkv.solvers.page_repair import paged_dual_bound, repair_pages
 
 __all__ = ["LPSolver"]
 
