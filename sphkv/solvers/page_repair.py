@@ -2,7 +2,7 @@
 
 A group with n items at tier t pays ``ceil(n / P)`` pages of ``P c + h`` bytes, so an allocation
 solved on the amortized cost ``c + h/P`` may exceed the budget by its partial pages, or leave free
-slots unused. Two local moves, each priced exactly by the page counts they change:
+slots unused. Local moves, each priced exactly by the page counts it changes:
 
 - *trim* (while over budget): empty one partial page of (group g, tier t) — or a full one if none
   is partial — by demoting its least-harmed items to a cheaper tier u; taken in order of
@@ -15,7 +15,10 @@ slots unused. Two local moves, each priced exactly by the page counts they chang
 - *exchange*: a fill that does not fit, paid for by trims in other groups that cost less
   distortion than the fill saves (a page-granular knapsack is not solved by ratio order alone).
 
-Every move changes one group only, so only that group's candidate moves are recomputed.
+Every move changes one group only, so only that group's candidate moves are recomputed. After the
+moves, ``reassign`` puts the items of each group into the slots its pages pay for at least
+distortion (a min-cost flow), which may empty pages for another round; ``paged_dual_bound`` is
+the matching lower bound.
 """
 
 from __future__ import annotations
