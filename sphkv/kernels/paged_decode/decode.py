@@ -1,0 +1,186 @@
+"""Dense fp16 paged decode attention in Triton: GQA, split-K over pages, log-sum-exp merge.
+
+Stage 1 (``_kernel``): one program per (sequence, kv head, split). It loads the ``G`` query
+heads that share the kv head once, then walks its split's tokens ``BLOCK_N`` at a time — each
+token's page from the block table, its K and V rows read once for all ``G`` heads — with the
+online softmax (running max ``m``, running sum ``l``, accumulator ``acc``, all in float32, in
+base 2). It writes the split's normalized output ``acc / l`` and its log-sum-exp ``m + log2 l``.
+
+Stage 2 (``_merge_kernel``): one program per (sequence, query head) combines the splits:
+``o = Σ_s 2^(lse_s − M) o_s / Σ_s 2^(lse_s − M)`` with ``M = max_s lse_s``; a split past the end
+of its sequence has ``lse = −∞`` and weight 0.
+
+Splits are sized from the block table's capacity (``max_pages · P`` tokens), not from
+``lengths``, so the launcher never waits for the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_decode"]
+
+LOG2E = 1.4426950408889634  # 1/ln 2: e^x = 2^(x·log2 e)
+
+
+@triton.jit
+def _kernel(q, k_pages, v_pages, block_table, lengths, o_part, lse_part, qk_scale,
+            stride_qb, stride_qh,
+            stride_kp, stride_ks, stride_kh,
+            stride_vp, stride_vs, stride_vh,
+            stride_bt,
+            HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+            P: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
+            NUM_SPLITS: tl.constexpr):
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    length = tl.load(lengths + i_b)
+    start = i_s * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
+
+    o_g = tl.arange(0, G_PAD)
+    o_d = tl.arange(0, D)
+    m_g = o_g < G
+    # the G query heads of kv head i_h; rows G … G_PAD-1 are zero padding for tl.dot
+    p_q = q + i_b * stride_qb + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_g[:, None], other=0.0)
+
+    b_m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([G_PAD], dtype=tl.float32)
+    b_acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        # token n sits in slot n % P of page block_table[b, n // P]
+        b_page = tl.load(block_table + i_b * stride_bt + o_n // P, mask=m_n, other=0)
+        b_slot = o_n % P
+        p_k = (k_pages + b_page[:, None].to(tl.int64) * stride_kp + b_slot[:, None] * stride_ks
+               + i_h * stride_kh + o_d[None, :])
+        p_v = (v_pages + b_page[:, None].to(tl.int64) * stride_vp + b_slot[:, None] * stride_vs
+               + i_h * stride_vh + o_d[None, :])
+        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+        # s = q·k · scale · log2 e: logits in base 2, [G_PAD, BLOCK_N]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        # online softmax; every block holds ≥ 1 valid token, so b_m_new is finite
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+
+    # an empty split (start ≥ length) leaves l = 0: lse = −∞, output 0
+    b_nonempty = b_l > 0
+    b_o = tl.where(b_nonempty[:, None], b_acc / tl.where(b_nonempty, b_l, 1.0)[:, None], 0.0)
+    b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
+    # partials are [B·Hq, NUM_SPLITS, D] and [B·Hq, NUM_SPLITS]
+    i_row = i_b * HKV * G + i_h * G + o_g
+    p_o = o_part + (i_row[:, None] * NUM_SPLITS + i_s) * D + o_d[None, :]
+    tl.store(p_o, b_o, mask=m_g[:, None])
+    tl.store(lse_part + i_row * NUM_SPLITS + i_s, b_lse, mask=m_g)
+
+
+@triton.jit
+def _merge_kernel(o_part, lse_part, out, stride_ob, stride_oh,
+                  HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  S_PAD: tl.constexpr):
+    i_row = tl.program_id(0)
+    i_b, i_h = i_row // HQ, i_row % HQ
+    o_s = tl.arange(0, S_PAD)
+    o_d = tl.arange(0, D)
+    m_s = o_s < NUM_SPLITS
+    b_lse = tl.load(lse_part + i_row * NUM_SPLITS + o_s, mask=m_s, other=float("-inf"))
+    # weight of split s: 2^(lse_s − max lse), 0 for empty splits (lse = −∞)
+    b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
+    b_o = tl.load(o_part + (i_row * NUM_SPLITS + o_s[:, None]) * D + o_d[None, :],
+                  mask=m_s[:, None], other=0.0)
+    b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
+    tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
+
+
+def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
+    """Splits per (sequence, kv head): about 4 programs per multiprocessor, at least one block
+    of tokens per split."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 4)
+    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(capacity, block_n)))
+
+
+def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_splits, num_warps,
+            num_stages):
+    B, Hq, D = q.shape
+    P, Hkv = k_pages.shape[1], k_pages.shape[2]
+    group = Hq // Hkv
+    capacity = block_table.shape[1] * P
+    if num_splits is None:
+        num_splits = _num_splits(B * Hkv, capacity, block_n, q.device)
+    # each split covers a whole number of BLOCK_N blocks
+    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(capacity, split_len)
+
+    o_part = torch.empty(B * Hq, num_splits, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B * Hq, num_splits, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    _kernel[(B * Hkv, num_splits)](
+        q, k_pages, v_pages, block_table, lengths, o_part, lse_part, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
+        block_table.stride(0),
+        HKV=Hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, P=P,
+        BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=num_splits,
+        num_warps=num_warps, num_stages=num_stages)
+    _merge_kernel[(B * Hq,)](
+        o_part, lse_part, out, out.stride(0), out.stride(1),
+        HQ=Hq, D=D, NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4)
+    return out
+
+
+def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                 block_table: torch.Tensor, lengths: torch.Tensor, scale: float | None = None,
+                 *, block_n: int = 64, num_splits: int | None = None, num_warps: int = 4,
+                 num_stages: int = 2) -> torch.Tensor:
+    """Decode attention of one query token per sequence over a paged fp16 KV cache.
+
+    Parameters
+    ----------
+    q : [B, Hq, D] fp16 or bf16, last dim contiguous
+    k_pages, v_pages : [num_pages, P, Hkv, D], same dtype, last dim contiguous
+    block_table : [B, max_pages] int32, page ids in token order
+    lengths : [B] int32, 1 ≤ lengths[b] ≤ max_pages · P (not checked: that would synchronize)
+    scale : logit scale, default 1/√D
+    block_n : tokens per inner step (a power of two ≥ 16; may span several pages)
+    num_splits : splits per (sequence, kv head); default about 4 programs per multiprocessor
+    num_warps, num_stages : Triton launch options
+
+    Returns
+    -------
+    [B, Hq, D], the dtype of ``q``: ``softmax(q·Kᵀ·scale)·V`` over tokens ``0 … lengths[b]-1``.
+    D is a power of two ≥ 16; Hq is a multiple of Hkv; query head h reads kv head h // (Hq/Hkv).
+    """
+    B, Hq, D = q.shape
+    if k_pages.shape != v_pages.shape or k_pages.ndim != 4 or k_pages.shape[3] != D:
+        raise ValueError(f"k_pages and v_pages must both be [num_pages, P, Hkv, {D}], got "
+                         f"{tuple(k_pages.shape)} and {tuple(v_pages.shape)}")
+    Hkv = k_pages.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim D={D} must be a power of two ≥ 16")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two ≥ 16")
+    if block_table.shape[0] != B or lengths.shape != (B,):
+        raise ValueError(f"block_table must be [{B}, max_pages] and lengths [{B}], got "
+                         f"{tuple(block_table.shape)} and {tuple(lengths.shape)}")
+    if q.stride(-1) != 1 or k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
+        raise ValueError("q, k_pages and v_pages must be contiguous in the head dim")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_splits,
+                   num_warps, num_stages)
