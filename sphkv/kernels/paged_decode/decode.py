@@ -29,18 +29,18 @@ LOG2E = 1.4426950408889634  # 1/ln 2: e^x = 2^(x·log2 e)
 
 @triton.jit
 def _kernel(q, k_pages, v_pages, block_table, lengths, o_part, lse_part, qk_scale,
+            split_len, num_splits,
             stride_qb, stride_qh,
             stride_kp, stride_ks, stride_kh,
             stride_vp, stride_vs, stride_vh,
             stride_bt,
             HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-            P: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
-            NUM_SPLITS: tl.constexpr):
+            P: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     length = tl.load(lengths + i_b)
-    start = i_s * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, length)
+    start = i_s * split_len
+    end = tl.minimum(start + split_len, length)
 
     o_g = tl.arange(0, G_PAD)
     o_d = tl.arange(0, D)
@@ -79,26 +79,25 @@ def _kernel(q, k_pages, v_pages, block_table, lengths, o_part, lse_part, qk_scal
     b_nonempty = b_l > 0
     b_o = tl.where(b_nonempty[:, None], b_acc / tl.where(b_nonempty, b_l, 1.0)[:, None], 0.0)
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
-    # partials are [B·Hq, NUM_SPLITS, D] and [B·Hq, NUM_SPLITS]
+    # partials are [B·Hq, num_splits, D] and [B·Hq, num_splits]
     i_row = i_b * HKV * G + i_h * G + o_g
-    p_o = o_part + (i_row[:, None] * NUM_SPLITS + i_s) * D + o_d[None, :]
+    p_o = o_part + (i_row[:, None] * num_splits + i_s) * D + o_d[None, :]
     tl.store(p_o, b_o, mask=m_g[:, None])
-    tl.store(lse_part + i_row * NUM_SPLITS + i_s, b_lse, mask=m_g)
+    tl.store(lse_part + i_row * num_splits + i_s, b_lse, mask=m_g)
 
 
 @triton.jit
-def _merge_kernel(o_part, lse_part, out, stride_ob, stride_oh,
-                  HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  S_PAD: tl.constexpr):
+def _merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
+                  HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
     i_row = tl.program_id(0)
     i_b, i_h = i_row // HQ, i_row % HQ
     o_s = tl.arange(0, S_PAD)
     o_d = tl.arange(0, D)
-    m_s = o_s < NUM_SPLITS
-    b_lse = tl.load(lse_part + i_row * NUM_SPLITS + o_s, mask=m_s, other=float("-inf"))
+    m_s = o_s < num_splits
+    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
     # weight of split s: 2^(lse_s − max lse), 0 for empty splits (lse = −∞)
     b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
-    b_o = tl.load(o_part + (i_row * NUM_SPLITS + o_s[:, None]) * D + o_d[None, :],
+    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
                   mask=m_s[:, None], other=0.0)
     b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
     tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
@@ -129,16 +128,16 @@ def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_split
     out = torch.empty_like(q)
     _kernel[(B * Hkv, num_splits)](
         q, k_pages, v_pages, block_table, lengths, o_part, lse_part, scale * LOG2E,
+        split_len, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
         block_table.stride(0),
         HKV=Hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, P=P,
-        BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=num_splits,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _merge_kernel[(B * Hq,)](
-        o_part, lse_part, out, out.stride(0), out.stride(1),
-        HQ=Hq, D=D, NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        o_part, lse_part, out, num_splits, out.stride(0), out.stride(1),
+        HQ=Hq, D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4)
     return out
 
