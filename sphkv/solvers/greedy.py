@@ -9,7 +9,8 @@ multiplier λ, the price of a byte. The integer answer drops the fraction and th
 remaining bytes with later segments that still fit.
 
 With pages the same is done on the amortized cost ``c + h/P`` (a relaxation of the paged cost,
-so the bound stays valid), then partial pages are repaired (``sphkv.solvers.page_repair``).
+so the bound stays valid), then partial pages are repaired (``sphkv.solvers.page_repair``) from
+two starts, and the better repair is kept.
 
 O(N T² + N T log N T); numpy and torch (CPU or GPU) versions give the same allocation.
 """
@@ -26,7 +27,7 @@ from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_repair import paged_dual_bound, repair_pages
 
-__all__ = ["GreedySolver", "greedy_tiers"]
+__all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
 _N_BINS = 4096
 
@@ -97,76 +98,100 @@ def _hull(xp, distortion, cost):
     return base, to[:steps], dcs[:steps], dds[:steps], effs[:steps]
 
 
-def greedy_tiers(distortion, cost, room: float, bound_room: float | None = None, xp=None):
-    """Allocate by hull segments in efficiency order within ``room`` bytes above the base.
+class HullSegments:
+    """Every item's hull segments, bucketed by efficiency, ready to allocate any room.
 
-    ``distortion`` [N, T], ``cost`` [N, T] or [T]. Returns ``(tiers, lp_bound, price)`` as
-    numpy/float: the integer allocation (the prefix of segments that fits, then a fill with later
-    segments that still fit), the LP optimum (the prefix plus the fraction of the breaking
-    segment, within ``bound_room`` if given, else ``room``) and λ, the breaking efficiency.
+    Parameters
+    ----------
+    distortion : array [N, T]
+    cost : array [N, T] or [T]
+    xp : array namespace, optional
+        ``array_api_compat`` namespace of the arrays (numpy when omitted; torch for CPU/GPU).
 
-    Only the bin of efficiencies that holds the break is sorted: segments are bucketed by
-    log2(efficiency), whole buckets above the break are taken, so the result is that of one
+    Only the bucket of efficiencies that holds the break is ever sorted: segments are bucketed
+    by log2(efficiency), whole buckets above the break are taken, so the result is that of one
     stable sort of all segments (ties by hull step, then item) at O(N T) cost.
     """
-    xp = xp or array_api_compat.array_namespace(np.empty(0))
-    distortion = xp.asarray(distortion, dtype=xp.float64)
-    cost = xp.asarray(cost, dtype=xp.float64)
-    dev = array_api_compat.device(distortion)
-    n, t = distortion.shape
-    base, to, dc, dd, eff = _hull(xp, distortion, cost)
-    base_distortion = float(xp.sum(_gather(xp, distortion, base)))
-    # Tier of each item after taking its first s hull segments: [T, N].
-    hull_tiers = [base]
-    for s in range(to.shape[0]):
-        hull_tiers.append(xp.where(to[s] >= 0, to[s], hull_tiers[-1]))
-    hull_tiers = xp.stack(hull_tiers, axis=0)
-    # Valid segments, step-major: their flat index orders ties by (step, item).
-    flat = xp.reshape(to, (-1,)) >= 0
-    index = xp.nonzero(flat)[0]
-    dc, dd, eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
-    if index.shape[0] == 0:
-        return _np(hull_tiers[0]), base_distortion, 0.0
-    # Buckets by log2 efficiency, highest efficiency first.
-    lg = xp.log2(eff)
-    lo, hi = float(xp.min(lg)), float(xp.max(lg))
-    scale = (_N_BINS - 1) / (hi - lo) if hi > lo else 0.0
-    bucket = xp.astype(xp.clip((hi - lg) * scale, 0, _N_BINS - 1), xp.int64)
-    bucket_cum = xp.cumulative_sum(_bincount(xp, bucket, weights=dc, minlength=_N_BINS))
 
-    def select(room: float):
+    def __init__(self, distortion, cost, xp=None):
+        xp = self.xp = xp or array_api_compat.array_namespace(np.empty(0))
+        distortion = xp.asarray(distortion, dtype=xp.float64)
+        cost = xp.asarray(cost, dtype=xp.float64)
+        self.dev = array_api_compat.device(distortion)
+        self.n = distortion.shape[0]
+        base, to, dc, dd, eff = _hull(xp, distortion, cost)
+        self.base_distortion = float(xp.sum(_gather(xp, distortion, base)))
+        # Tier of each item after taking its first s hull segments: [T, N].
+        hull_tiers = [base]
+        for s in range(to.shape[0]):
+            hull_tiers.append(xp.where(to[s] >= 0, to[s], hull_tiers[-1]))
+        self.hull_tiers = xp.stack(hull_tiers, axis=0)
+        # Valid segments, step-major: their flat index orders ties by (step, item).
+        flat = xp.reshape(to, (-1,)) >= 0
+        self.index = xp.nonzero(flat)[0]
+        self.dc, self.dd, self.eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
+        if self.index.shape[0] == 0:
+            return
+        # Buckets by log2 efficiency, highest efficiency first.
+        lg = xp.log2(self.eff)
+        lo, hi = float(xp.min(lg)), float(xp.max(lg))
+        scale = (_N_BINS - 1) / (hi - lo) if hi > lo else 0.0
+        self.bucket = xp.astype(xp.clip((hi - lg) * scale, 0, _N_BINS - 1), xp.int64)
+        self.bucket_cum = xp.cumulative_sum(_bincount(xp, self.bucket, weights=self.dc,
+                                                      minlength=_N_BINS))
+
+    def _select(self, room: float):
         """Segments of the sorted prefix within ``room``, the breaking one and bytes left."""
-        limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=dev)
-        b = int(xp.searchsorted(bucket_cum, limit, side="right")[0])
+        xp = self.xp
+        limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=self.dev)
+        b = int(xp.searchsorted(self.bucket_cum, limit, side="right")[0])
         if b == _N_BINS:
-            return (xp.ones(dc.shape[0], dtype=xp.bool, device=dev), None,
-                    room - float(bucket_cum[-1]))
-        before = float(bucket_cum[b - 1]) if b else 0.0
-        members = xp.nonzero(bucket == b)[0]
-        members = members[xp.argsort(-eff[members], stable=True)]
-        cum = before + xp.cumulative_sum(dc[members])
+            return (xp.ones(self.dc.shape[0], dtype=xp.bool, device=self.dev), None,
+                    room - float(self.bucket_cum[-1]))
+        before = float(self.bucket_cum[b - 1]) if b else 0.0
+        members = xp.nonzero(self.bucket == b)[0]
+        members = members[xp.argsort(-self.eff[members], stable=True)]
+        cum = before + xp.cumulative_sum(self.dc[members])
         k = int(xp.searchsorted(cum, limit, side="right")[0])
-        taken = bucket < b
+        taken = self.bucket < b
         taken[members[:k]] = True
         return taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
 
-    # The LP optimum: the prefix within bound_room plus a fraction of the breaking segment.
-    taken, brk, left = select(room if bound_room is None else bound_room)
-    lp_bound = base_distortion + float(xp.sum(xp.where(taken, dd, 0.0)))
-    if brk is not None:
-        lp_bound += min(max(left / float(dc[brk]), 0.0), 1.0) * float(dd[brk])
-    price = 0.0 if brk is None else float(eff[brk])
-    if bound_room is not None:
-        taken, brk, left = select(room)
-    n_taken = _bincount(xp, index[taken] % n, minlength=n)
-    if brk is not None:
-        # Fill: later segments that still fit, in efficiency order.
-        later = xp.nonzero(~taken & (dc <= left))[0]
-        later = later[xp.argsort(-eff[later], stable=True)]
-        _fill(xp, index[later] % n, index[later] // n, dc[later], left, n_taken,
-              int(index[brk]) % n)
-    tiers = xp.take_along_axis(hull_tiers, n_taken[None, :], axis=0)[0]
-    return _np(tiers), lp_bound, price
+    def lp_bound(self, room: float) -> tuple[float, float]:
+        """The LP optimum within ``room`` bytes above the base (the sorted prefix plus a fraction
+        of the breaking segment), and λ, the breaking efficiency (0 when everything fits)."""
+        if self.index.shape[0] == 0:
+            return self.base_distortion, 0.0
+        taken, brk, left = self._select(room)
+        bound = self.base_distortion + float(self.xp.sum(self.xp.where(taken, self.dd, 0.0)))
+        if brk is None:
+            return bound, 0.0
+        bound += min(max(left / float(self.dc[brk]), 0.0), 1.0) * float(self.dd[brk])
+        return bound, float(self.eff[brk])
+
+    def allocate(self, room: float) -> np.ndarray:
+        """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
+        xp, n = self.xp, self.n
+        if self.index.shape[0] == 0:
+            return _np(self.hull_tiers[0])
+        taken, brk, left = self._select(room)
+        n_taken = _bincount(xp, self.index[taken] % n, minlength=n)
+        if brk is not None:
+            later = xp.nonzero(~taken & (self.dc <= left))[0]
+            later = later[xp.argsort(-self.eff[later], stable=True)]
+            _fill(xp, self.index[later] % n, self.index[later] // n, self.dc[later], left,
+                  n_taken, int(self.index[brk]) % n)
+        return _np(xp.take_along_axis(self.hull_tiers, n_taken[None, :], axis=0)[0])
+
+
+def greedy_tiers(distortion, cost, room: float, xp=None):
+    """Greedy allocation within ``room`` bytes above the base: ``(tiers, lp_bound, price)``.
+
+    ``distortion`` [N, T], ``cost`` [N, T] or [T], as numpy or (with ``xp``) torch arrays;
+    ``tiers`` [N] is numpy. See :class:`HullSegments`.
+    """
+    hull = HullSegments(distortion, cost, xp)
+    return (hull.allocate(room), *hull.lp_bound(room))
 
 
 def _np(x) -> np.ndarray:
@@ -252,17 +277,26 @@ class GreedySolver(Solver):
         room = bound_room
         if problem.page_size is not None:
             room = problem.budget - problem.page_cost(problem.forced_counts()) - base_cost
-        if self.backend == "numpy":
-            tiers[free], bound, price = greedy_tiers(distortion, cost, room, bound_room)
-        else:
+        xp = None
+        if self.backend == "torch":
             import torch
 
             xp = array_api_compat.array_namespace(torch.empty(0))
-            tiers[free], bound, price = greedy_tiers(
-                torch.as_tensor(distortion, device=self.device),
-                torch.as_tensor(cost, device=self.device), room, bound_room, xp=xp)
+            distortion = torch.as_tensor(distortion, device=self.device)
+            cost = torch.as_tensor(cost, device=self.device)
+        hull = HullSegments(distortion, cost, xp)
+        bound, price = hull.lp_bound(bound_room)
         bound += problem.distortion[fixed, tiers[fixed]].sum()
+        tiers[free] = hull.allocate(room)
         if problem.page_size is not None:
-            tiers = repair_pages(problem, tiers)
+            # Two starts for the page repair, from both ends of the forced pages' accounting
+            # (whole pages, or amortized with their free slots as room); the better one wins.
+            starts = [tiers]
+            if bound_room != room:
+                other = tiers.copy()
+                other[free] = hull.allocate(bound_room)
+                starts.append(other)
+            repaired = [repair_pages(problem, t) for t in starts]
+            tiers = min(repaired, key=problem.distortion_of)
             bound = max(bound, paged_dual_bound(problem, price))
         return finish(problem, tiers, bound, "feasible", price)
