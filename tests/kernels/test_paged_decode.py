@@ -8,31 +8,10 @@ import pytest
 import torch
 
 from sphkv.kernels.paged_decode import paged_decode, paged_decode_naive
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
-    """‖out − ref‖ / ‖ref‖ ≤ ratio, NaN never passing; prints the error it saw."""
-    assert not out.isnan().any(), f"{name}: NaN in output (an element was not written)"
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    print(f"{name}: relative error {err:.3g} (limit {ratio})")
-    assert err <= ratio, f"{name}: relative error {err:.3g} > {ratio}"
+from tests.kernels.common import DEVICE, assert_close
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """``torch.empty``/``empty_like`` return NaN-filled float tensors inside the test."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def make_case(B, Hq, Hkv, D, L, P, seed, ragged=True):
+def make_case(B, Hq, Hkv, D, L, P, seed):
     """Fresh random q and a paged cache with pages scattered through the pools (and spare
     pages no sequence owns). Lengths vary per sequence, ending at ``L`` for the longest."""
     gen = torch.Generator().manual_seed(seed)
@@ -42,11 +21,8 @@ def make_case(B, Hq, Hkv, D, L, P, seed, ragged=True):
     k = torch.randn(num_pages, P, Hkv, D, generator=gen).half()
     v = torch.randn(num_pages, P, Hkv, D, generator=gen).half()
     block_table = torch.randperm(num_pages, generator=gen)[:B * max_pages].view(B, max_pages)
-    if ragged:
-        lengths = torch.randint(1, L + 1, (B,), generator=gen)
-        lengths[0] = L
-    else:
-        lengths = torch.full((B,), L)
+    lengths = torch.randint(1, L + 1, (B,), generator=gen)
+    lengths[0] = L
     return [t.to(DEVICE) for t in (q, k, v, block_table.int(), lengths.int())]
 
 
