@@ -41,12 +41,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("block_n", [16, 64], ids=["N16", "N64"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,L,P,tier_name", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_matches_reference(nan_empty, B, Hq, Hkv, D, L, P, tier_name):
+def test_matches_reference(nan_empty, B, Hq, Hkv, D, L, P, tier_name, block_n):
     args, tier = make_case(B, Hq, Hkv, D, L, P, tier_name, seed=L)
     ref = quant_decode_naive(*args, tier)
-    out = quant_decode(*args, tier, block_n=16)
+    out = quant_decode(*args, tier, block_n=block_n)
     # fp16 dot operands (R q, the codebook levels, p·‖v‖) put the error near 1e-3
     assert_close(f"B{B}-H{Hq}-Hkv{Hkv}-D{D}-L{L}-P{P}-{tier_name}", ref, out, 3e-3)
 

@@ -9,10 +9,10 @@ A TurboQuant-style code of a vector x is its rotated, normalized coordinates
 
 ``_kernel`` is the paged decode of ``sphkv.kernels.paged_decode`` (one program per sequence,
 kv head and split; GQA; online softmax in base 2) with K and V rows replaced by their codes: a
-block of ``BLOCK_N`` tokens' payload bytes is loaded, the codes unpacked in registers into the
-natural coordinate order, looked up in the codebook and fed to the same two dots. The splits are
-merged by ``paged_decode``'s log-sum-exp merge; rotating q and rotating the output back are one
-matmul each with the rotation's matrix, once per call.
+block of ``BLOCK_N`` tokens' payload bytes is loaded, each bit field of the bytes looked up in
+the codebook in registers and fed to the dots (one per field: no reordering of the codes). The
+splits are merged by ``paged_decode``'s log-sum-exp merge; rotating q and rotating the output
+back are one matmul each with the rotation's matrix, once per call.
 """
 
 from __future__ import annotations
@@ -32,20 +32,16 @@ __all__ = ["quant_decode"]
 
 
 @triton.jit
-def _unpack(b_bytes, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Bytes [BLOCK_N, D·BITS/8] -> codes [BLOCK_N, D]. Code j sits at stream bits
-    j·BITS … j·BITS+BITS-1, little-endian in each byte, so byte i holds codes
-    i·(8/BITS) + s at shift s·BITS; ``join`` + ``reshape`` put them back in order."""
-    if BITS == 8:
-        b_c = b_bytes
-    elif BITS == 4:
-        b_c = tl.reshape(tl.join(b_bytes & 15, b_bytes >> 4), [BLOCK_N, D])
-    else:
-        # BITS == 2: join(join(c0, c2), join(c1, c3))[i, y, x] = c_{2y+x}, at 4i + 2y + x
-        b_c0, b_c1 = b_bytes & 3, (b_bytes >> 2) & 3
-        b_c2, b_c3 = (b_bytes >> 4) & 3, b_bytes >> 6
-        b_c = tl.reshape(tl.join(tl.join(b_c0, b_c2), tl.join(b_c1, b_c3)), [BLOCK_N, D])
-    return b_c.to(tl.int32)
+def _field(b_bytes, s: tl.constexpr, BITS: tl.constexpr):
+    """Codes i·(8/BITS) + s of every byte i: code j sits at stream bits j·BITS … j·BITS+BITS-1,
+    little-endian in each byte, so byte i holds codes i·(8/BITS) + s at shift s·BITS."""
+    return ((b_bytes >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _q_part(p_q, o_b, m_g, s: tl.constexpr, PER: tl.constexpr):
+    """Coordinates i·PER + s of R q, [G_PAD, D/PER] fp16 (zero rows past G)."""
+    return tl.load(p_q + (o_b * PER + s)[None, :], mask=m_g[:, None], other=0.0).to(tl.float16)
 
 
 @triton.jit
@@ -55,26 +51,38 @@ def _kernel(q_rot, k_codes, k_norm, v_codes, v_norm, k_levels, v_levels, block_t
             HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
             P: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
             BLOCK_N: tl.constexpr):
+    # The codes are never put back in coordinate order: with PER = 8/BITS codes per byte,
+    # field s of the payload bytes holds coordinates i·PER + s, so
+    #   q̃ · lev[c] = Σ_s (R q)[s::PER] · lev[c_s]          (PER dots of width D/PER)
+    # and the value sum is kept as PER accumulators acc_s = coordinates i·PER + s.
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     length = tl.load(lengths + i_b * stride_lb + i_h)
     start = i_s * split_len
     end = tl.minimum(start + split_len, length)
 
-    K_BYTES: tl.constexpr = D * K_BITS // 8
-    V_BYTES: tl.constexpr = D * V_BITS // 8
+    K_PER: tl.constexpr = 8 // K_BITS
+    V_PER: tl.constexpr = 8 // V_BITS
+    K_BYTES: tl.constexpr = D // K_PER
+    V_BYTES: tl.constexpr = D // V_PER
     o_g = tl.arange(0, G_PAD)
-    o_d = tl.arange(0, D)
     o_kb = tl.arange(0, K_BYTES)
     o_vb = tl.arange(0, V_BYTES)
     m_g = o_g < G
-    # R q of the G query heads of kv head i_h (rows G … G_PAD-1: zero padding for tl.dot)
-    p_q = q_rot + i_b * stride_qb + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None], other=0.0).to(tl.float16)
+    # R q of the G query heads of kv head i_h, split into its K_PER fields (unused fields
+    # repeat field 0 and are never read)
+    p_q = q_rot + i_b * stride_qb + (i_h * G + o_g)[:, None] * stride_qh
+    b_q0 = _q_part(p_q, o_kb, m_g, 0, K_PER)
+    b_q1 = _q_part(p_q, o_kb, m_g, 1, K_PER) if K_PER > 1 else b_q0
+    b_q2 = _q_part(p_q, o_kb, m_g, 2, K_PER) if K_PER > 2 else b_q0
+    b_q3 = _q_part(p_q, o_kb, m_g, 3, K_PER) if K_PER > 2 else b_q0
 
     b_m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([G_PAD], dtype=tl.float32)
-    b_acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    b_acc0 = tl.zeros([G_PAD, V_BYTES], dtype=tl.float32)
+    b_acc1 = tl.zeros([G_PAD, V_BYTES], dtype=tl.float32)
+    b_acc2 = tl.zeros([G_PAD, V_BYTES], dtype=tl.float32)
+    b_acc3 = tl.zeros([G_PAD, V_BYTES], dtype=tl.float32)
     p_bt = block_table + i_b * stride_btb + i_h * stride_bth
     for n0 in range(start, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
@@ -87,27 +95,51 @@ def _kernel(q_rot, k_codes, k_norm, v_codes, v_norm, k_levels, v_levels, block_t
                            mask=m_n[:, None], other=0)
         b_knorm = tl.load(k_norm + b_row, mask=m_n, other=0.0).to(tl.float32)
         b_vnorm = tl.load(v_norm + b_row, mask=m_n, other=0.0).to(tl.float32)
-        # lev_k[c] [BLOCK_N, D]: the key's rotated unit-variance coordinates
-        b_k = tl.load(k_levels + _unpack(b_kbytes, K_BITS, BLOCK_N, D)).to(tl.float16)
-        # s = (R q · lev_k[c]) · ‖k‖ · scale/√D · log2 e: logits in base 2
-        b_s = tl.dot(b_q, tl.trans(b_k)) * (b_knorm * qk_scale)[None, :]
+        # Σ_s (R q)[s::PER] · lev_k[c_s]: [G_PAD, BLOCK_N]
+        b_s = tl.dot(b_q0, tl.trans(tl.load(k_levels + _field(b_kbytes, 0, K_BITS))
+                                    .to(tl.float16)))
+        if K_PER > 1:
+            b_s += tl.dot(b_q1, tl.trans(tl.load(k_levels + _field(b_kbytes, 1, K_BITS))
+                                         .to(tl.float16)))
+        if K_PER > 2:
+            b_s += tl.dot(b_q2, tl.trans(tl.load(k_levels + _field(b_kbytes, 2, K_BITS))
+                                         .to(tl.float16)))
+            b_s += tl.dot(b_q3, tl.trans(tl.load(k_levels + _field(b_kbytes, 3, K_BITS))
+                                         .to(tl.float16)))
+        # times ‖k‖ · scale/√D · log2 e: logits in base 2
+        b_s = b_s * (b_knorm * qk_scale)[None, :]
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(v_levels + _unpack(b_vbytes, V_BITS, BLOCK_N, D)).to(tl.float16)
         # Σ_n p_n ‖v_n‖ lev_v[c_n]: the value sum in the rotated domain, without the 1/√D
         b_pv = (b_p * b_vnorm[None, :]).to(tl.float16)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv, b_v)
+        b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(
+            b_pv, tl.load(v_levels + _field(b_vbytes, 0, V_BITS)).to(tl.float16))
+        if V_PER > 1:
+            b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(
+                b_pv, tl.load(v_levels + _field(b_vbytes, 1, V_BITS)).to(tl.float16))
+        if V_PER > 2:
+            b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(
+                b_pv, tl.load(v_levels + _field(b_vbytes, 2, V_BITS)).to(tl.float16))
+            b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(
+                b_pv, tl.load(v_levels + _field(b_vbytes, 3, V_BITS)).to(tl.float16))
         b_m = b_m_new
 
+    # an empty split (start ≥ length) leaves l = 0: lse = −∞, output 0
     b_nonempty = b_l > 0
-    b_o = tl.where(b_nonempty[:, None], b_acc / tl.where(b_nonempty, b_l, 1.0)[:, None], 0.0)
+    b_inv_l = tl.where(b_nonempty, 1.0 / tl.where(b_nonempty, b_l, 1.0), 0.0)[:, None]
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
     i_row = i_b * HKV * G + i_h * G + o_g
-    tl.store(o_part + (i_row[:, None] * num_splits + i_s) * D + o_d[None, :], b_o,
-             mask=m_g[:, None])
+    # field s of the value sum is coordinates i·V_PER + s of the split's output
+    p_o = o_part + (i_row[:, None] * num_splits + i_s) * D + o_vb[None, :] * V_PER
+    tl.store(p_o, b_acc0 * b_inv_l, mask=m_g[:, None])
+    if V_PER > 1:
+        tl.store(p_o + 1, b_acc1 * b_inv_l, mask=m_g[:, None])
+    if V_PER > 2:
+        tl.store(p_o + 2, b_acc2 * b_inv_l, mask=m_g[:, None])
+        tl.store(p_o + 3, b_acc3 * b_inv_l, mask=m_g[:, None])
     tl.store(lse_part + i_row * num_splits + i_s, b_lse, mask=m_g)
 
 
