@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tiers", nargs="+", default=["turbo4", "turbo2"])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64],
+                        help="tokens per inner step of the kernel, each timed")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -48,7 +50,7 @@ def _pool(tier, num_pages: int, P: int, gen) -> list[torch.Tensor]:
     return out
 
 
-def _measure(name, B, L, P, tiers, gen, copy_bw) -> list[dict]:
+def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
     Hq, Hkv, D = SHAPES[name]
     label = f"{name} L={L}"
     q, k, v, bt = _case(B, Hq, Hkv, D, L, P, gen)
@@ -77,15 +79,17 @@ def _measure(name, B, L, P, tiers, gen, copy_bw) -> list[dict]:
         assert not out.isnan().any() and rel_err < 3e-3, f"{label} {tier_name}: error {rel_err}"
 
         full = torch.full((B, Hkv), L, device="cuda", dtype=torch.int32)
-        t = _bench(functools.partial(quant_decode, q, *pool, bt, full, tier))
         code_bytes = B * Hkv * L * tier.bytes_per_token_head
         nbytes = code_bytes + 2 * B * Hq * D * 2 + bt.numel() * 4
-        rows.append({"shape": name, "B": B, "L": L, "tier": tier_name,
-                     "kv_bytes_vs_fp16": fp16_bytes / code_bytes, "bytes_MB": nbytes / 1e6,
-                     "floor_us": nbytes / copy_bw * 1e6, "us": t * 1e6,
-                     "GB_s": gbps(nbytes, t), "pct_copy": 100 * nbytes / t / copy_bw,
-                     "sdpa_us": t_sdpa * 1e6, "paged_us": t_paged * 1e6,
-                     "vs_sdpa": t_sdpa / t, "vs_paged": t_paged / t, "rel_err": rel_err})
+        for block_n in block_ns:
+            t = _bench(functools.partial(quant_decode, q, *pool, bt, full, tier,
+                                         block_n=block_n))
+            rows.append({"shape": name, "B": B, "L": L, "tier": tier_name, "block_n": block_n,
+                         "kv_bytes_vs_fp16": fp16_bytes / code_bytes, "bytes_MB": nbytes / 1e6,
+                         "floor_us": nbytes / copy_bw * 1e6, "us": t * 1e6,
+                         "GB_s": gbps(nbytes, t), "pct_copy": 100 * nbytes / t / copy_bw,
+                         "sdpa_us": t_sdpa * 1e6, "paged_us": t_paged * 1e6,
+                         "vs_sdpa": t_sdpa / t, "vs_paged": t_paged / t, "rel_err": rel_err})
     return rows
 
 
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.shapes:
         for L in args.lengths:
-            rows += _measure(name, args.batch, L, args.page_size, args.tiers, gen, copy_bw)
+            rows += _measure(name, args.batch, L, args.page_size, args.tiers, args.block_n, gen,
+                             copy_bw)
             torch.cuda.empty_cache()
     for r in rows:
         r["copy_GB_s"] = copy_bw / 1e9
