@@ -41,7 +41,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("block_n", [16, 64], ids=["N16", "N64"])
+@pytest.mark.parametrize("block_n", [32, 64], ids=["N32", "N64"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,L,P,tier_name", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_matches_reference(nan_empty, B, Hq, Hkv, D, L, P, tier_name, block_n):
@@ -60,7 +60,9 @@ def test_splits_and_scale(nan_empty):
         assert_close(f"splits={splits}, scale=0.2", ref, out, 3e-3)
 
 
-def test_rejects_turbo3():
-    args, _ = make_case(1, 2, 1, 64, 16, 16, "turbo4", seed=0)
+def test_rejects_turbo3_and_small_blocks():
+    args, tier = make_case(1, 2, 1, 64, 16, 16, "turbo4", seed=0)
     with pytest.raises(ValueError, match="2, 4 or 8 bits"):
         quant_decode(*args, default_tiers(64)[default_tiers(64).index("turbo3")])
+    with pytest.raises(ValueError, match="block_n"):
+        quant_decode(*args, tier, block_n=16)

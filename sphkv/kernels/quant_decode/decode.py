@@ -219,7 +219,8 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
     tier : a tier whose key and value codecs are :class:`~sphkv.codec.TurboQuantCodec` of 2, 4
         or 8 bits (``turbo2``, ``turbo4`` of :func:`sphkv.rdr.default_tiers`)
     scale : logit scale, default 1/√D
-    block_n, num_splits, num_warps, num_stages : as in :func:`sphkv.kernels.paged_decode`
+    block_n : tokens per inner step, a power of two ≥ 32
+    num_splits, num_warps, num_stages : as in :func:`sphkv.kernels.paged_decode`
 
     Returns
     -------
@@ -244,8 +245,9 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
                              f"{t.dtype} {tuple(t.shape)}")
     if v_norm.shape != k_norm.shape or not (k_norm.is_contiguous() and v_norm.is_contiguous()):
         raise ValueError("k_norm and v_norm must be contiguous [num_pages, P]")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two ≥ 16")
+    # at 16 tokens the register gather of 2-bit codes fails to compile (Triton 3.6, H100)
+    if block_n < 32 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two ≥ 32")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     k_rt, _, k_levels = _constants(D, key.bits, key.seed, q.device)
     _, v_inv, v_levels = _constants(D, value.bits, value.seed, q.device)
