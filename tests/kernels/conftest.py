@@ -1,18 +1,11 @@
-"""Kernel tests run their Triton kernels on the CPU through the interpreter when no GPU is there.
-
-``TRITON_INTERPRET`` must be set before the first ``@triton.jit`` runs, so it is set here, before
-any kernel module is imported by the tests.
+"""Kernel test fixtures. ``TRITON_INTERPRET`` (kernels on the CPU when there is no GPU) is set in
+``tests/conftest.py``: Triton reads it when first imported, which other tests may cause.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
