@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
     grid = QUICK if args.quick else FULL
+    if args.methods:
+        grid = {**grid, "methods": tuple(args.methods)}
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     header = {"model": args.model, "text": Path(args.text).name, "quick": args.quick,
@@ -173,6 +175,18 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     return md, js, png
 
 
+def merge(data: list[dict]) -> tuple[list[dict], dict]:
+    """Rows of several runs, a later run's cell (task, context, setting, method, budget)
+    replacing an earlier one's, and the first run's header naming every run's commit."""
+    cells = {}
+    for d in data:
+        for r in d["rows"]:
+            cells[(r["task"], r["context"], r.get("setting"), r["method"], r["budget"])] = r
+    commits = dict.fromkeys(d["commit"] for d in data)
+    header = {k: v for k, v in data[0].items() if k != "rows"}
+    return list(cells.values()), {**header, "commit": ", ".join(commits)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--text", type=Path, required=True, help="text file (.gz allowed)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        help="run only these methods (merge with earlier runs: --from-json)")
     parser.add_argument("--contexts", type=int, nargs="+",
                         help="run only the groups of these context lengths")
     parser.add_argument("--chunk", type=int, default=16,
@@ -188,13 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="output file stem (default eval or eval_quick)")
     parser.add_argument("--from-json", type=Path, nargs="+",
-                        help="rewrite the table and plot from earlier runs' JSON (their rows "
-                             "merged, the first one's header)")
+                        help="rewrite the table and plot from earlier runs' JSON: their rows "
+                             "merged, a later file's cell replacing an earlier one's; the "
+                             "first one's header, with every run's commit")
     args = parser.parse_args(argv)
     name = args.name = args.name or ("eval_quick" if args.quick else "eval")
     if args.from_json:
         data = [json.loads(path.read_text()) for path in args.from_json]
-        rows, header = [r for d in data for r in d.pop("rows")], data[0]
+        rows, header = merge(data)
     else:
         rows, header = run(args)
     paths = write(rows, header, args.out_dir, name)

@@ -200,3 +200,14 @@ def test_smollm2_smoke():
     used = {cache.tiers[t].name for t, p in cache.store.pools.items() if p.pages}
     assert len(used) >= 2  # mixed precision, not a single tier
     assert tok.decode(out[0, 300:]).strip()
+
+
+def test_observation_queries(model):
+    with pytest.raises(ValueError, match="observation"):
+        SphkvCache(model.config, 1e6, observation=0)
+    # the method's observation unless the cache overrides it; the window for the baselines
+    assert SphkvCache(model.config, 1e6, "rdr", window=8).observation == 256
+    assert SphkvCache(model.config, 1e6, "snapkv", window=8).observation == 8
+    assert SphkvCache(model.config, 1e6, "rdr", observation=32).observation == 32
+    # a deferred cache passes on only an explicit observation
+    assert SphkvCache(model.config, None).observation == 256

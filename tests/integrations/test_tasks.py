@@ -248,3 +248,17 @@ def test_quick_sweep_on_smollm2(tmp_path):
     table = (tmp_path / "eval_quick.md").read_text()
     assert "## ppl" in table and "## passkey" in table and "## fidelity" in table
     assert (tmp_path / "eval_quick.png").stat().st_size > 10_000
+
+
+def test_sweep_merge_replaces_cells_and_names_every_commit():
+    from benchmarks.eval_sweep import merge
+
+    def row(method, ppl):
+        return {"task": "ppl", "context": 1024, "setting": None, "method": method,
+                "budget": 0.125, "ppl": ppl}
+
+    old = {"commit": "aaa", "date": "d", "rows": [row("rdr", 18.0), row("h2o", 19.0)]}
+    new = {"commit": "bbb", "date": "e", "rows": [row("rdr", 17.0)]}
+    rows, header = merge([old, new])
+    assert sorted((r["method"], r["ppl"]) for r in rows) == [("h2o", 19.0), ("rdr", 17.0)]
+    assert header["commit"] == "aaa, bbb" and header["date"] == "d" and "rows" not in header

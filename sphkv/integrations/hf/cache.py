@@ -176,7 +176,11 @@ class SphkvCache(Cache):
     method : Method or str
         Tier ladder restriction and estimator (:data:`METHODS`).
     window : int
-        W: tokens kept dense (between W and 2W), observation queries and admission chunk.
+        W: tokens kept dense (between W and 2W), observation queries of each admission, and
+        admission chunk.
+    observation : int, optional
+        Queries (the prompt's last ones) whose attention weighs the distortion of the prefill
+        allocation; the method's :attr:`~Method.observation`, else W, by default.
     sinks : int
         The first ``sinks`` tokens of each sequence take the method's dearest tier.
     page_size : int
@@ -193,14 +197,16 @@ class SphkvCache(Cache):
     """
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
-                 window: int = 16,
-                 sinks: int = 4, page_size: int = 16, decay: float = 0.8):
+                 window: int = 16, sinks: int = 4, page_size: int = 16, decay: float = 0.8,
+                 observation: int | None = None):
         text = config.get_text_config(decoder=True)
         self.n_layers = text.num_hidden_layers
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
         if window < 1 or sinks < 0 or page_size < 1 or not 0 < decay <= 1:
             raise ValueError(f"need window >= 1, sinks >= 0, page_size >= 1, 0 < decay <= 1; "
                              f"got {window}, {sinks}, {page_size}, {decay}")
+        if observation is not None and observation < 1:
+            raise ValueError(f"observation must be >= 1 queries or None, got {observation}")
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or \
             text.hidden_size // text.num_attention_heads
@@ -210,6 +216,8 @@ class SphkvCache(Cache):
         self.config = config
         self.budget = None if budget is None else float(budget)
         self.window, self.sinks = window, sinks
+        self._observation = observation  # as given: compress() passes it on
+        self.observation = observation or self.method.observation or window
         self.page_size, self.decay = page_size, decay
         self.price = 0.0
         self.history: list[int] = []
@@ -269,18 +277,22 @@ class SphkvCache(Cache):
                    valid.view(shape))
 
     def observe(self, layer: int, query: torch.Tensor) -> None:
-        """Keep the layer's last W queries (every prefill query for a deferred cache or an
+        """Keep the layer's last queries (every prefill query for a deferred cache or an
         estimator that reads them all); after the last layer, run the allocator."""
         prev = self._queries.get(layer)
         q = query.detach().float()
         q = q if prev is None else torch.cat([prev, q], dim=2)
         keep_all = self.store is None and (self.budget is None or self._all_queries())
-        self._queries[layer] = q if keep_all else q[:, :, -self.window:]
+        self._queries[layer] = q if keep_all else q[:, :, -self._kept_queries():]
         if layer == self.n_layers - 1 and self.budget is not None:
             self._step()
 
     def _all_queries(self) -> bool:
         return getattr(self.estimator, "all_queries", False)
+
+    def _kept_queries(self) -> int:
+        """Queries the prefill allocation reads: the observation and the admissions' window."""
+        return max(self.window, self.observation)
 
     def compress(self, method: Method | str, budget: float) -> SphkvCache:
         """A copy of this deferred cache (``budget=None``, after its prefill) compressed by
@@ -292,12 +304,13 @@ class SphkvCache(Cache):
         if self.pad is None:
             raise ValueError("compress() needs the prefill to have run through the cache")
         out = SphkvCache(self.config, budget, method, window=self.window, sinks=self.sinks,
-                         page_size=self.page_size, decay=self.decay)
+                         page_size=self.page_size, decay=self.decay,
+                         observation=self._observation)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
             theirs.is_initialized = True
         out.pad = self.pad
-        out._queries = {i: q if out._all_queries() else q[:, :, -self.window:]
+        out._queries = {i: q if out._all_queries() else q[:, :, -out._kept_queries():]
                         for i, q in self._queries.items()}
         out._step()
         return out
@@ -346,7 +359,8 @@ class SphkvCache(Cache):
                 v = layer.values[b][:, real].float().cpu()
                 q_all = self._queries[layer_idx][b].cpu()
                 q_all = q_all[:, -min(q_all.shape[1], k.shape[1]):]
-                q = q_all[:, -self.window:]
+                # the prefill's observation; after it only the window's queries are kept
+                q = q_all[:, -self.observation:]
                 d = layer_distortion(k, v, q, self.tiers, self.estimator,
                                      q_all if self._all_queries() else None)
                 old = pos[real] < layer.start + n

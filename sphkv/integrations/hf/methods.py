@@ -131,6 +131,10 @@ class Method:
     drop : bool
         Whether the method drops tokens; if not, drop is only the last resort that holds the
         budget.
+    observation : int, optional
+        Prompt queries whose measured attention weighs the prefill allocation (the cache's
+        window when omitted). RDR reads 256: a 16-query window misses tokens that later
+        queries attend to, and its drops cost perplexity (docs/evaluation.md).
     """
 
     name: str
@@ -138,6 +142,7 @@ class Method:
     tiers: tuple[str, ...] | None = None
     estimator: str | Estimator | None = None
     drop: bool = True
+    observation: int | None = None
 
     def tier_set(self, d: int) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first."""
@@ -153,9 +158,9 @@ class Method:
 
 #: name -> method; every method runs through :class:`SphkvCache`
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rdr"),
-    Method("rdr-ada", ladder=ada_tiers),
-    Method("rdr-scalar", ladder=scalar_tiers),
+    Method("rdr", observation=256),
+    Method("rdr-ada", ladder=ada_tiers, observation=256),
+    Method("rdr-scalar", ladder=scalar_tiers, observation=256),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),
     Method("h2o", tiers=("fp16",), estimator="h2o"),
