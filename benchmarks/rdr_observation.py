@@ -22,6 +22,7 @@ from sphkv.integrations.hf.cache import SphkvCache
 from sphkv.integrations.hf.generate import _sphkv_attention
 from sphkv.integrations.hf.methods import METHODS, get_method
 from sphkv.integrations.hf.tasks import budget_bytes
+from sphkv.rdr.problem import InfeasibleBudgetError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
             model(ids[None, :n], past_key_values=shared, use_cache=True)
             for budget in args.budgets:
                 start = time.perf_counter()
-                cache = shared.compress(get_method(args.method),
-                                        budget_bytes(model, budget, n + m))
+                try:
+                    cache = shared.compress(get_method(args.method),
+                                            budget_bytes(model, budget, n + m))
+                except InfeasibleBudgetError as exc:
+                    print(f"budget={budget:.4f} skipped: {exc}", flush=True)
+                    continue
                 nll = 0.0
                 for a in range(n, n + m, chunk):
                     b = min(a + chunk, n + m)
