@@ -12,7 +12,8 @@ it has seen as its length, so RoPE and masks advance as usual.
 The allocator (DESIGN.md §4), with W the observation window:
 
 - **after prefill**, every token but the last W gets a distortion row ``D[i, :]`` from the
-  layer's last W queries (:func:`sphkv.rdr.distortion.layer_distortion`, with the method's
+  layer's last ``observation`` queries (W unless the method or cache says otherwise; RDR
+  reads 256) (:func:`sphkv.rdr.distortion.layer_distortion`, with the method's
   utility estimator), and one greedy solve over all layers, heads and sequences picks its tier
   within the budget (pages and page-table entries counted); its λ is the price of a byte;
 - **during decode** new tokens enter the window; when it holds 2W tokens, the oldest W are
