@@ -163,11 +163,13 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
 
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                     runs: list[tuple[str, float]], chunk: int = 16, window: int = 16,
-                    sinks: int = 4, page_size: int = 16) -> list[PerplexityResult]:
+                    sinks: int = 4, page_size: int = 16,
+                    observation: int | None = None) -> list[PerplexityResult]:
     """:func:`perplexity` for several ``(method, budget)`` runs on one context, sharing the
     prefill: compressed methods copy one deferred cache (:meth:`SphkvCache.compress`) that
     prefilled the context once, exactly as each would have after its own prefill. A result's
-    ``seconds`` leaves the shared prefill out."""
+    ``seconds`` leaves the shared prefill out; ``observation`` overrides every method's
+    observed prompt queries (:class:`SphkvCache`)."""
     ids = torch.as_tensor(ids).reshape(-1)
     for method, _ in runs:
         _check_method(method)
@@ -191,7 +193,7 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                 else:
                     if shared is None:
                         shared = SphkvCache(model.config, None, window=window, sinks=sinks,
-                                            page_size=page_size)
+                                            page_size=page_size, observation=observation)
                         model(ids[None, :context], past_key_values=shared, use_cache=True)
                     start = time.perf_counter()
                     cache = shared.compress(get_method(method), limit)
