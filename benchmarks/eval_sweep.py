@@ -24,11 +24,11 @@ METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "streamingllm", "snapkv", "h2
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 #: the full grid, sized to run in about an hour on 2 CPU cores (two processes, ``--tasks``):
 #: perplexity at N ∈ {1k, 2k} scoring M = 128; fidelity at N ∈ {1k, 2k, 4k}; pass key at
-#: N = 1k over 4 depths 10 %…90 %, both settings
+#: N = 1k over 8 depths 10 %…90 %, both settings
 FULL = {"methods": METHODS, "budgets": BUDGETS,
         "ppl": {"contexts": (1024, 2048), "scored": 128},
         "fidelity": {"contexts": (1024, 2048, 4096)},
-        "passkey": {"contexts": (1024,), "trials": 4,
+        "passkey": {"contexts": (1024,), "trials": 8,
                     "settings": ("query-agnostic", "query-aware")}}
 #: quick: a few cells at small N (CI)
 QUICK = {"methods": ("none", "rdr", "snapkv", "kivi"), "budgets": (1 / 8,),

@@ -79,7 +79,7 @@ def _weights(keys, values, queries, estimator: Estimator | None, score_queries=N
 
 def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                      tiers: TierSet, estimator: Estimator | None = None,
-                     score_queries: torch.Tensor | None = None) -> np.ndarray:
+                     score_queries: torch.Tensor | None = None, floor: float = 0.0) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -95,10 +95,18 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     score_queries : torch.Tensor, optional
         ``[H_q, m, d]``, the queries of positions ``n-m … n-1`` the estimator scores with
         (H2O's accumulated attention reads every prefill query); ``queries`` by default.
+    floor : float
+        Weight ``α`` in [0, 1) of a uniform prior on the attention of queries not observed:
+        ``π ← (1 − α) π + α / n``. The observed queries are a sample; a token none of them
+        attends to gets ``D ≈ 0`` at every tier and would be dropped for free, though later
+        queries may read it. The floor makes every drop cost something, so when the budget
+        allows, cheap rungs are preferred to drops.
     """
+    if not 0 <= floor < 1:
+        raise ValueError(f"floor must be in [0, 1), got {floor}")
     keys, values, queries = keys.float(), values.float(), queries.float()
     p, pi = _weights(keys, values, queries, estimator, score_queries)
-    pi = pi.double()
+    pi = (1 - floor) * pi.double() + floor / keys.shape[1]
     o = (p @ values[:, None]).double()  # o_q [H_kv, G, W, d]
     v = values.double()[:, None]  # [H_kv, 1, n, d]
     # ‖v_i − o_q‖² = ‖v_i‖² − 2 v_i·o_q + ‖o_q‖², [H_kv, G, W, n]

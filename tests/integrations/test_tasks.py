@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from sphkv.cli import app
+from sphkv.integrations.hf.cache import register_attention
 from sphkv.integrations.hf.tasks import (
     KEY_SENTENCE,
     NONE,
@@ -20,7 +21,6 @@ from sphkv.integrations.hf.tasks import (
     perplexity,
     perplexity_runs,
 )
-from sphkv.integrations.hf.cache import register_attention
 
 from .fixtures import AUSTEN, byte_tokenizer, tiny_model
 

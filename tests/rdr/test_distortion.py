@@ -115,6 +115,30 @@ def test_estimator_weights_keep_the_profile():
     assert np.isfinite(got).all() and (got >= 0).all()
 
 
+def test_floor_mixes_a_uniform_prior_into_the_weights():
+    """With floor α, every weight is (1 − α) p + α / n: a token no observed query attends to
+    (its key pushed far away) still costs (α/n / (1 − α/n))² Σ_q ‖v − o_q‖² to drop."""
+    k, v, q = _layer(h_kv=1, group=2, n=20, w=5)
+    q[..., 0] += 10  # every query leans along e_0 …
+    k[0, 3] = 0
+    k[0, 3, 0] = -100  # … and token 3's key points away: p ≈ 0 for every query
+    alpha, n = 0.1, k.shape[1]
+    plain, floored = layer_distortion(k, v, q, TIERS), layer_distortion(k, v, q, TIERS,
+                                                                      floor=alpha)
+    assert plain[0, 3, 0] < 1e-12
+    p = attention_probs(k, q).double()  # [1, 2, 5, 20]
+    o = p @ v[:, None].double()
+    pi = (1 - alpha) * p + alpha / n
+    dist2 = (v[0, 3].double() - o).square().sum(-1)
+    ref = ((pi[..., 3] / (1 - pi[..., 3])) ** 2 * dist2).sum()
+    assert floored[0, 3, 0] == pytest.approx(ref.item(), rel=1e-6)
+    assert floored[0, 3, 0] > 0
+    np.testing.assert_array_equal(layer_distortion(k, v, q, TIERS, floor=0.0), plain)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="floor"):
+            layer_distortion(k, v, q, TIERS, floor=bad)
+
+
 def test_problem_from_trace(small_trace):
     t = small_trace
     problem = problem_from_trace(t, TIERS, 0.5, sinks=4)

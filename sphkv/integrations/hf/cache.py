@@ -363,7 +363,7 @@ class SphkvCache(Cache):
                 # the prefill's observation; after it only the window's queries are kept
                 q = q_all[:, -self.observation:]
                 d = layer_distortion(k, v, q, self.tiers, self.estimator,
-                                     q_all if self._all_queries() else None)
+                                     q_all if self._all_queries() else None, self.method.floor)
                 old = pos[real] < layer.start + n
                 if not old.any():
                     continue

@@ -135,6 +135,10 @@ class Method:
         Prompt queries whose measured attention weighs the prefill allocation (the cache's
         window when omitted). RDR reads 256: a 16-query window misses tokens that later
         queries attend to, and its drops cost perplexity (docs/evaluation.md).
+    floor : float
+        Weight of the uniform prior mixed into the observed attention
+        (:func:`~sphkv.rdr.distortion.layer_distortion`), so that tokens no observed query
+        reads still cost something to drop.
     """
 
     name: str
@@ -143,6 +147,7 @@ class Method:
     estimator: str | Estimator | None = None
     drop: bool = True
     observation: int | None = None
+    floor: float = 0.0
 
     def tier_set(self, d: int) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first."""
