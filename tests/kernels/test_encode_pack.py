@@ -12,7 +12,7 @@ import torch
 
 from sphkv.codec import Codes, Fp16Codec, Int8Codec, TurboQuantCodec
 from sphkv.codec.packing import unpack
-from sphkv.kernels.encode_pack import encode_pack, encode_pack_naive
+from sphkv.kernels.encode_pack import encode_codes, encode_pack, encode_pack_naive
 from tests.kernels.common import DEVICE
 
 # |z − threshold| below which the kernel and the reference may pick different sides
@@ -95,6 +95,26 @@ def test_encode_pack_matches_reference(name, codec, n, dtype):
         assert torch.equal(ref.payload, out.payload)
         for k in ref.side:
             assert torch.equal(ref.side[k], out.side[k])
+
+
+@pytest.mark.parametrize("codec", [TurboQuantCodec(d=64, bits=3), Int8Codec(d=64),
+                                   Fp16Codec(d=64)], ids=["turbo3", "int8", "fp16"])
+def test_encode_codes_is_the_codecs_encode(codec):
+    """encode_codes: new codes of every vector in order, on x's device, as the codec's."""
+    gen = torch.Generator().manual_seed(3)
+    x, *_ = make(codec, 41, 41, gen, torch.float16)
+    ref, out = codec.encode(x.float().cpu()), encode_codes(x, codec)
+    assert out.shape == ref.shape and out.payload.device == x.device
+    assert out.payload.dtype == ref.payload.dtype and out.side.keys() == ref.side.keys()
+    slots = torch.arange(41, device=DEVICE)
+    if isinstance(codec, TurboQuantCodec):
+        check_turbo(codec, x, Codes(ref.payload.to(DEVICE), {k: v.to(DEVICE) for k, v in
+                                                            ref.side.items()}, ref.shape),
+                    out, slots)
+    else:
+        assert torch.equal(out.payload.cpu(), ref.payload)
+        for k in ref.side:
+            assert torch.equal(out.side[k].cpu(), ref.side[k])
 
 
 def test_refusals():

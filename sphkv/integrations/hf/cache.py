@@ -41,9 +41,10 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sphkv.codec import Codes
+from sphkv.codec import Codec, Codes
 from sphkv.integrations.hf.kernel_attention import kernel_attend
 from sphkv.integrations.hf.methods import METHODS, Method, get_method
+from sphkv.kernels.encode_pack import KERNEL_CODECS, encode_codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY, layer_distortion
 from sphkv.rdr.pages import PagedStore
 from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
@@ -354,23 +355,24 @@ class SphkvCache(Cache):
             pos = layer.start + torch.arange(layer.keys.shape[-2])
             for b in range(layer.keys.shape[0]):
                 real = pos >= self.pad[b]
-                # the allocator runs on the host (distortion rows, solver); the store copies
-                # the codes into its pools on the device
-                k = layer.keys[b][:, real].float().cpu()
-                v = layer.values[b][:, real].float().cpu()
+                # the allocator runs on the host (distortion rows, solver); the tokens are
+                # encoded where they are (:meth:`_write`)
+                k, v = layer.keys[b][:, real], layer.values[b][:, real]
                 q_all = self._queries[layer_idx][b].cpu()
                 q_all = q_all[:, -min(q_all.shape[1], k.shape[1]):]
                 # the prefill's observation; after it only the window's queries are kept
                 q = q_all[:, -self.observation:]
-                d = layer_distortion(k, v, q, self.tiers, self.estimator,
-                                     q_all if self._all_queries() else None, self.method.floor)
+                d = layer_distortion(k.float().cpu(), v.float().cpu(), q, self.tiers,
+                                     self.estimator, q_all if self._all_queries() else None,
+                                     self.method.floor)
                 old = pos[real] < layer.start + n
                 if not old.any():
                     continue
                 d = d[:, old.numpy()]
                 if not self.method.drop:
                     d[..., 0] = _NO_DROP_PENALTY * max(d[..., 1:].max(), 1e-30)
-                yield b, layer_idx, pos[real][old], k[:, old], v[:, old], d
+                on = old.to(k.device)
+                yield b, layer_idx, pos[real][old], k[:, on], v[:, on], d
 
     def _sink_tier(self) -> int:
         return len(self.tiers) - 1
@@ -386,9 +388,9 @@ class SphkvCache(Cache):
             if self.tiers[int(t)].is_drop:
                 continue
             sel = tiers == t
-            h_sel, sel_t = heads[sel], torch.from_numpy(sel)
-            key = self.tiers[int(t)].key.encode(keys[sel_t])
-            value = self.tiers[int(t)].value.encode(values[sel_t])
+            h_sel, sel_t = heads[sel], torch.from_numpy(sel).to(keys.device)
+            key = _encode(self.tiers[int(t)].key, keys[sel_t])
+            value = _encode(self.tiers[int(t)].value, values[sel_t])
             dist = torch.from_numpy(d[sel])
             for h in np.unique(h_sel):
                 rows = torch.from_numpy(np.flatnonzero(h_sel == h))
@@ -478,6 +480,15 @@ class SphkvCache(Cache):
             for to in np.unique(new[sel]):
                 m = torch.from_numpy(new[sel] == to)
                 self.store.put(g, int(to), pos[sel][m], k_hat[m], v_hat[m], dist[m])
+
+
+def _encode(codec: Codec, x: torch.Tensor) -> Codes:
+    """``codec.encode`` of the vectors ``x [n, d]``: on a GPU by the Triton kernel
+    (:func:`~sphkv.kernels.encode_pack.encode_codes`) where the codec has one, else on the
+    host (the store copies the codes into its pools)."""
+    if x.is_cuda and isinstance(codec, KERNEL_CODECS):
+        return encode_codes(x, codec)
+    return codec.encode(x.float().cpu())
 
 
 def _rows(codes: Codes, index: torch.Tensor) -> Codes:

@@ -31,9 +31,11 @@ import triton.language as tl
 
 from sphkv.codec import Codec, Codes, Fp16Codec, Int8Codec, TurboQuantCodec
 
-__all__ = ["encode_pack"]
+__all__ = ["KERNEL_CODECS", "encode_codes", "encode_pack"]
 
 FP16, INT8, TURBO = 0, 1, 2
+#: the codecs :func:`encode_pack` encodes
+KERNEL_CODECS = (Fp16Codec, Int8Codec, TurboQuantCodec)
 
 
 @triton.jit
@@ -159,3 +161,18 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
                   math.sqrt(d), KIND=kind, D=d, BITS=bits, NBYTES=nbytes, CODES=codes,
                   GROUP=bits * codes // 8 if bits else 1, SPLIT=x.dtype != torch.float16,
                   BLOCK_M=block_m, num_warps=num_warps)
+
+
+def encode_codes(x: torch.Tensor, codec: Codec) -> Codes:
+    """``codec.encode(x)`` of ``x [N, D]`` by :func:`encode_pack`: new flat codes of N vectors
+    on ``x``'s device (slot i holds vector i), equal to the codec's own up to the ties
+    :func:`encode_pack` names."""
+    # shapes and dtypes of one vector's codes
+    one = codec.encode(torch.zeros(1, codec.d))
+    n, dev = x.shape[0], x.device
+    pool = Codes(torch.empty(n, *one.payload.shape[1:], dtype=one.payload.dtype, device=dev),
+                 {k: torch.empty(n, *v.shape[1:], dtype=v.dtype, device=dev)
+                  for k, v in one.side.items()},
+                 torch.Size((n, codec.d)))
+    encode_pack(x, codec, pool, torch.arange(n, device=dev))
+    return pool
