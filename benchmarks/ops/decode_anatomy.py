@@ -18,6 +18,11 @@ the shape of a TurboQuant tier in its rotated domain), except in ``fp16``. Modes
 - ``split-magic``: as ``split-affine``, ``c`` made fp16 without a conversion instruction: the
   bits ``0x6400 | c`` read as fp16 are ``1024 + c``.
 - ``bytes``: the code bytes themselves as fp16, one half-width dot (loads and one conversion).
+- ``interleaved-prmt``: the codes of ``interleaved-lut`` decoded without ``tl.gather`` or a
+  reshape: low nibbles (even coordinates) and high nibbles (odd) make two ``[N, D/2]`` tiles,
+  dotted with q's even and odd coordinates, and ``lev[c]`` is looked up in registers by PTX
+  byte permutes (``prmt``), four codes at a time, in inline assembly (:func:`prmt_lookup_asm`;
+  GPU only: the interpreter runs no assembly).
 
 Each mode is checked against :func:`anatomy_naive` (decode the codes in torch, attend in float64)
 first; then every mode is timed at each ``block_n`` × warps and the best is reported with its
@@ -37,11 +42,65 @@ import triton.language as tl
 from benchmarks.common import gbps
 from benchmarks.ops.paged_decode import _bench, _ceilings, _sdpa
 
-MODES = ("fp16", "interleaved-lut", "split-lut", "split-affine", "split-magic", "bytes")
-FP16, INTERLEAVED_LUT, SPLIT_LUT, SPLIT_AFFINE, SPLIT_MAGIC, BYTES = range(len(MODES))
+MODES = ("fp16", "interleaved-lut", "split-lut", "split-affine", "split-magic", "bytes",
+         "interleaved-prmt")
+ASM_MODES = ("interleaved-prmt",)
 LOG2E = 1.4426950408889634
 # uniform levels of the affine modes: a·c + b spans ±3.75 like 4-bit Gaussian levels
 AFFINE = (0.5, -3.75)
+
+
+def prmt_lookup_asm(levels: torch.Tensor) -> str:
+    """PTX for ``tl.inline_asm_elementwise(pack=4)``: one register of four code bytes
+    (``$4``) → the fp16 levels of their low nibbles (``$0, $1``) and high nibbles (``$2, $3``).
+
+    The 16 levels' low bytes are held in four registers (``l0 … l3``: codes 0–7 in l0:l1, 8–15
+    in l2:l3) and their high bytes in four (``h0 … h3``). A ``prmt`` with a selector of four
+    3-bit nibbles reads four bytes of an 8-byte table, so four codes' low bytes come from two
+    lookups (codes below 8 and from 8), merged by a byte mask of bit 3 (a sign-replicating
+    ``prmt`` of the codes shifted up by 4); likewise the high bytes; two more ``prmt``
+    interleave low and high bytes into fp16 pairs.
+    """
+    bits = levels.to(torch.float16).view(torch.int16).long() & 0xFFFF
+    lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+
+    def word(b):  # four bytes, the first lowest
+        return f"0x{b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24:08X}"
+
+    tables = "".join(f"mov.b32 l{i}, {word(lo[4 * i:4 * i + 4])};\n"
+                     f"mov.b32 h{i}, {word(hi[4 * i:4 * i + 4])};\n" for i in range(4))
+
+    def half(y: str, out0: str, out1: str) -> str:
+        return (
+            # selectors: bytes reordered (c0, c2, c1, c3), then nibbles 0–3 = c0 … c3, bit 3 off
+            f"prmt.b32 z, {y}, zr, 0x3120;\n"
+            "shr.b32 s, z, 12;\n"
+            "lop3.b32 s, z, s, k7, 0xA8;\n"  # (z | s) & 0x7777
+            # byte k = 0xFF where c_k ≥ 8: bit 3 moved to the byte's sign, replicated
+            f"shl.b32 m, {y}, 4;\n"
+            "prmt.b32 m, m, zr, 0xBA98;\n"
+            "prmt.b32 a0, l0, l1, s;\n"
+            "prmt.b32 a1, l2, l3, s;\n"
+            "prmt.b32 b0, h0, h1, s;\n"
+            "prmt.b32 b1, h2, h3, s;\n"
+            "lop3.b32 a0, a0, a1, m, 0xD8;\n"  # (a1 & m) | (a0 & ~m)
+            "lop3.b32 b0, b0, b1, m, 0xD8;\n"
+            f"prmt.b32 {out0}, a0, b0, 0x5140;\n"
+            f"prmt.b32 {out1}, a0, b0, 0x7362;\n")
+
+    return ("{\n.reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, zr, k7, y, z, s, m, a0, a1, b0, b1;\n"
+            + tables + "mov.b32 zr, 0;\nmov.b32 k7, 0x7777;\n"
+            + "and.b32 y, $4, 0x0F0F0F0F;\n" + half("y", "$0", "$1")
+            + "shr.b32 y, $4, 4;\nand.b32 y, y, 0x0F0F0F0F;\n" + half("y", "$2", "$3")
+            + "}")
+
+
+@triton.jit
+def _even_odd_tiles(p_rows, o_h, m_n, ASM: tl.constexpr):
+    """Tiles ``[BLOCK_N, D/2]`` fp16 of the even (low nibbles) and odd coordinates."""
+    b_b = tl.load(p_rows + o_h[None, :], mask=m_n[:, None], other=0)
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b_b],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -73,7 +132,7 @@ def _interleaved_tile(p_rows, o_h, m_n, b_lev, D: tl.constexpr, BLOCK_N: tl.cons
 @triton.jit
 def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_scale, a, b,
             S: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr,
-            MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+            MODE: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     start = i_s * split_len
     end = tl.minimum(start + split_len, length)
@@ -81,11 +140,16 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
     HALVES: tl.constexpr = MODE >= 2
     AFF: tl.constexpr = (MODE == 3) or (MODE == 4)
     o_r, o_d, o_h = tl.arange(0, R_PAD), tl.arange(0, D), tl.arange(0, NB)
+    # the coordinates of the two half tiles: even and odd (prmt), else first and second half
+    if MODE == 6:
+        o_lo, o_hi = 2 * o_h, 2 * o_h + 1
+    else:
+        o_lo, o_hi = o_h, NB + o_h
     m_r = o_r < R
     p_q = q + (i_bh * R + o_r[:, None]) * D
     b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0)
-    b_q_lo = tl.load(p_q + o_h[None, :], mask=m_r[:, None], other=0.0)
-    b_q_hi = tl.load(p_q + NB + o_h[None, :], mask=m_r[:, None], other=0.0)
+    b_q_lo = tl.load(p_q + o_lo[None, :], mask=m_r[:, None], other=0.0)
+    b_q_hi = tl.load(p_q + o_hi[None, :], mask=m_r[:, None], other=0.0)
     b_qsum = tl.sum(b_q.to(tl.float32), 1)
     b_lev = tl.load(lev + tl.arange(0, 16)).to(tl.float16)
 
@@ -108,8 +172,11 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
                 b_k = _interleaved_tile(k_x + row[:, None] * NB, o_h, m_n, b_lev, D, BLOCK_N)
                 b_s = tl.dot(b_q, tl.trans(b_k))
             else:
-                b_k_lo, b_k_hi = _split_tiles(k_x + row[:, None] * NB, o_h, m_n, b_lev, MODE,
-                                              BLOCK_N)
+                if MODE == 6:
+                    b_k_lo, b_k_hi = _even_odd_tiles(k_x + row[:, None] * NB, o_h, m_n, ASM)
+                else:
+                    b_k_lo, b_k_hi = _split_tiles(k_x + row[:, None] * NB, o_h, m_n, b_lev,
+                                                  MODE, BLOCK_N)
                 b_s = tl.dot(b_q_lo, tl.trans(b_k_lo))
                 if MODE != 5:
                     b_s += tl.dot(b_q_hi, tl.trans(b_k_hi))
@@ -131,8 +198,11 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
                 b_v = _interleaved_tile(v_x + row[:, None] * NB, o_h, m_n, b_lev, D, BLOCK_N)
                 b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pn.to(tl.float16), b_v)
             else:
-                b_v_lo, b_v_hi = _split_tiles(v_x + row[:, None] * NB, o_h, m_n, b_lev, MODE,
-                                              BLOCK_N)
+                if MODE == 6:
+                    b_v_lo, b_v_hi = _even_odd_tiles(v_x + row[:, None] * NB, o_h, m_n, ASM)
+                else:
+                    b_v_lo, b_v_hi = _split_tiles(v_x + row[:, None] * NB, o_h, m_n, b_lev,
+                                                  MODE, BLOCK_N)
                 if AFF:
                     b_shift = b_shift * b_alpha + b * tl.sum(b_pn, 1)
                     b_pn = b_pn * a
@@ -147,9 +217,9 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
     p_o = o_part + ((i_bh * S + i_s) * R + o_r[:, None]) * D
     if HALVES:
-        tl.store(p_o + o_h[None, :], (b_acc_lo + b_shift[:, None]) * b_inv[:, None],
+        tl.store(p_o + o_lo[None, :], (b_acc_lo + b_shift[:, None]) * b_inv[:, None],
                  mask=m_r[:, None])
-        tl.store(p_o + NB + o_h[None, :], (b_acc_hi + b_shift[:, None]) * b_inv[:, None],
+        tl.store(p_o + o_hi[None, :], (b_acc_hi + b_shift[:, None]) * b_inv[:, None],
                  mask=m_r[:, None])
     else:
         tl.store(p_o + o_d[None, :], b_acc * b_inv[:, None], mask=m_r[:, None])
@@ -181,7 +251,7 @@ def decode_naive(mode: str, x: torch.Tensor, n: torch.Tensor, lev: torch.Tensor)
     lo, hi = x & 15, x >> 4
     if mode == "bytes":
         vec = torch.cat([x.double(), torch.zeros_like(x, dtype=torch.float64)], -1)
-    elif mode == "interleaved-lut":
+    elif mode in ("interleaved-lut", "interleaved-prmt"):
         vec = lev.double()[torch.stack([lo, hi], -1).flatten(-2)]
     elif mode == "split-lut":
         vec = lev.double()[torch.cat([lo, hi], -1)]
@@ -219,7 +289,9 @@ def _launch(mode, case, scale, o_part, lse, split_len, splits, block_n, num_warp
                           o_part, lse, case["k_x"].shape[1], split_len, scale * LOG2E,
                           AFFINE[0], AFFINE[1], S=splits, R=group,
                           R_PAD=max(16, triton.next_power_of_2(group)), D=d,
-                          MODE=MODES.index(mode), BLOCK_N=block_n, num_warps=num_warps)
+                          MODE=MODES.index(mode), BLOCK_N=block_n,
+                          ASM=prmt_lookup_asm(case["lev"].cpu()) if mode in ASM_MODES else "",
+                          num_warps=num_warps)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,8 +334,9 @@ def run(args) -> list[dict]:
     for length in args.lengths:
         qd = torch.randn(args.batch, hq, 1, d, generator=gen).half().cuda()
         kd = torch.randn(args.batch, hkv, length, d, generator=gen).half().cuda()
-        sdpa = min(_sdpa(qd, kd, kd, f"L={length}"), default=(float("nan"), "none"))
-        del qd, kd
+        vd = torch.randn(args.batch, hkv, length, d, generator=gen).half().cuda()
+        sdpa = min(_sdpa(qd, kd, vd, f"L={length}"), default=(float("nan"), "none"))
+        del qd, kd, vd
         for mode in args.modes:
             case = make_case(mode, bh, group, length, d, lev, gen, "cuda")
             timed = []
