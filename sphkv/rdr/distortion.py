@@ -79,7 +79,8 @@ def _weights(keys, values, queries, estimator: Estimator | None, score_queries=N
 
 def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                      tiers: TierSet, estimator: Estimator | None = None,
-                     score_queries: torch.Tensor | None = None, floor: float = 0.0) -> np.ndarray:
+                     score_queries: torch.Tensor | None = None, floor: float = 0.0,
+                     relative: bool = False) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -101,6 +102,11 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         attends to gets ``D ≈ 0`` at every tier and would be dropped for free, though later
         queries may read it. The floor makes every drop cost something, so when the budget
         allows, cheap rungs are preferred to drops.
+    relative : bool
+        Divide by the layer's output energy ``Σ_q ‖o_q‖²`` (all its heads): D becomes the
+        squared output error relative to the layer's output, so that one allocation over
+        several layers weighs each layer's relative error (what the evaluation's fidelity
+        task reports) instead of favouring the layers whose outputs are largest.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -126,6 +132,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
             d = pi.square() * (e.square() * dist2 + 2 * e * cross
                                + dv.square().sum(-1)[:, :, None])
         out[:, :, t] = d.clamp_min(0).sum(dim=(1, 2)).numpy()
+    if relative:
+        out /= max(o.square().sum().item(), 1e-300)
     return out
 
 

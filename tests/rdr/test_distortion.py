@@ -139,6 +139,18 @@ def test_floor_mixes_a_uniform_prior_into_the_weights():
             layer_distortion(k, v, q, TIERS, floor=bad)
 
 
+def test_relative_divides_by_the_layer_output_energy():
+    k, v, q = _layer(h_kv=2, group=2, n=12, w=4)
+    plain = layer_distortion(k, v, q, TIERS)
+    o = attention_probs(k, q).double() @ v[:, None].double()
+    np.testing.assert_allclose(layer_distortion(k, v, q, TIERS, relative=True),
+                               plain / o.square().sum().item(), rtol=1e-6)
+    # values three times larger: the relative drop row does not move
+    np.testing.assert_allclose(layer_distortion(k, 3 * v, q, TIERS, relative=True)[..., 0],
+                               layer_distortion(k, v, q, TIERS, relative=True)[..., 0],
+                               rtol=1e-5)  # float32 rounding of ‖v − o‖²
+
+
 def test_problem_from_trace(small_trace):
     t = small_trace
     problem = problem_from_trace(t, TIERS, 0.5, sinks=4)

@@ -364,7 +364,7 @@ class SphkvCache(Cache):
                 q = q_all[:, -self.observation:]
                 d = layer_distortion(k.float().cpu(), v.float().cpu(), q, self.tiers,
                                      self.estimator, q_all if self._all_queries() else None,
-                                     self.method.floor)
+                                     self.method.floor, self.method.relative)
                 old = pos[real] < layer.start + n
                 if not old.any():
                     continue

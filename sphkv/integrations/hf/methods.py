@@ -139,6 +139,10 @@ class Method:
         Weight of the uniform prior mixed into the observed attention
         (:func:`~sphkv.rdr.distortion.layer_distortion`), so that tokens no observed query
         reads still cost something to drop.
+    relative : bool
+        Weigh each layer's distortion relative to its output energy
+        (:func:`~sphkv.rdr.distortion.layer_distortion`), so that the one allocation over all
+        layers does not favour the layers with the largest outputs.
     """
 
     name: str
@@ -148,6 +152,7 @@ class Method:
     drop: bool = True
     observation: int | None = None
     floor: float = 0.0
+    relative: bool = False
 
     def tier_set(self, d: int) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first."""
