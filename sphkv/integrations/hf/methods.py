@@ -4,7 +4,9 @@ A :class:`Method` is a tier-ladder restriction plus a utility estimator, so RDR,
 quantize-only methods share one cache code path at equal bytes. :data:`METHODS` is the registry
 by name:
 
-- RDR (drop allowed, weights from the window's measured attention): ``rdr``
+- RDR (drop allowed; weights: the measured attention of the last 256 prompt queries mixed
+  half and half with a uniform prior (``floor=0.5``); distortion relative to each layer's
+  output energy (``relative``); docs/evaluation.md has the experiments): ``rdr``
   (:func:`~sphkv.rdr.tiers.default_tiers`), ``rdr-ada`` (:func:`~sphkv.rdr.tiers.ada_tiers`),
   ``rdr-scalar`` (:func:`~sphkv.rdr.tiers.scalar_tiers`: int2, int4, int8, fp16).
 - Drop-only (fp16 or drop), tokens ranked by an estimator of :mod:`sphkv.rdr.utility`:
@@ -168,9 +170,9 @@ class Method:
 
 #: name -> method; every method runs through :class:`SphkvCache`
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rdr", observation=256),
-    Method("rdr-ada", ladder=ada_tiers, observation=256),
-    Method("rdr-scalar", ladder=scalar_tiers, observation=256),
+    Method("rdr", observation=256, floor=0.5, relative=True),
+    Method("rdr-ada", ladder=ada_tiers, observation=256, floor=0.5, relative=True),
+    Method("rdr-scalar", ladder=scalar_tiers, observation=256, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),
     Method("h2o", tiers=("fp16",), estimator="h2o"),
