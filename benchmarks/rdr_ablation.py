@@ -1,0 +1,67 @@
+"""Perplexity of RDR against the knobs of its distortion: the number of prompt queries it
+observes, the uniform prior mixed into their attention (``floor``) and whether distortion is
+taken relative to each layer's output energy (``relative``).
+
+The sweep's perplexity task (:func:`~sphkv.integrations.hf.tasks.perplexity_runs`: N tokens
+prefilled, the next M scored in chunks of 16) with one shared prefill per observation count.
+Every combination runs at every budget; one line per cell.
+
+    python -m benchmarks.rdr_ablation --text ../shared/data/austen/pride_and_prejudice.txt.gz \\
+        --observations 256 --floors 0 0.5 --relative off on --budgets 0.125 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+from pathlib import Path
+
+import torch
+
+from sphkv.integrations.hf import load_model, read_tokens
+from sphkv.integrations.hf.methods import METHODS
+from sphkv.integrations.hf.tasks import perplexity_runs
+
+
+def variant(base: str, floor: float, relative: bool) -> str:
+    """Register ``base`` with ``floor`` and ``relative`` in :data:`METHODS`; its name."""
+    name = f"{base}[floor={floor:g},relative={'on' if relative else 'off'}]"
+    METHODS[name] = dataclasses.replace(METHODS[base], name=name, floor=floor,
+                                        relative=relative)
+    return name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, required=True, help="text file (.gz allowed)")
+    parser.add_argument("--context", type=int, default=1024, help="N, prefilled tokens")
+    parser.add_argument("--scored", type=int, default=128, help="M, scored tokens")
+    parser.add_argument("--observations", type=int, nargs="+", default=[256],
+                        help="prompt queries the prefill allocation reads")
+    parser.add_argument("--floors", type=float, nargs="+", default=[0.5],
+                        help="weights of the uniform prior, each in [0, 1)")
+    parser.add_argument("--relative", nargs="+", choices=["off", "on"], default=["on"],
+                        help="distortion relative to each layer's output energy")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25],
+                        help="fractions of the fp16 cache")
+    parser.add_argument("--method", default="rdr", choices=["rdr", "rdr-ada", "rdr-scalar"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model()
+    ids = read_tokens(tok, args.text, args.context + args.scored + 1)
+    runs = [(variant(args.method, f, r == "on"), b)
+            for f, r in itertools.product(args.floors, args.relative) for b in args.budgets]
+    for observation in args.observations:
+        results = perplexity_runs(model, ids, args.context, args.scored, runs,
+                                  observation=observation)
+        for (name, budget), r in zip(runs, results, strict=True):
+            print(f"{name} observation={observation:5d} budget={budget:.4f} ppl={r.ppl:.3f} "
+                  f"peak/fp16={r.cache_bytes_peak / r.fp16_bytes:.4f} ({r.seconds:.0f} s)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
