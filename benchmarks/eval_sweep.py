@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     grid = QUICK if args.quick else FULL
     if args.methods:
         grid = {**grid, "methods": tuple(args.methods)}
+    if args.passkey_trials or args.settings:
+        grid = {**grid, "passkey": {**grid["passkey"],
+                                    "trials": args.passkey_trials or grid["passkey"]["trials"],
+                                    "settings": tuple(args.settings
+                                                      or grid["passkey"]["settings"])}}
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     header = {"model": args.model, "text": Path(args.text).name, "quick": args.quick,
@@ -158,8 +163,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     md = out_dir / f"{name}.md"
     lines = [f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}", "",
              f"model {header['model']}, text {header['text']}; perplexity scores "
-             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key "
-             f"{header['passkey_trials']} trials per cell; "
+             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
+             f"trials per cell in its table; "
              f"{header['threads']} threads; seconds per run exclude the shared prefill", ""]
     for task in TASKS:
         cell = [r for r in rows if r["task"] == task]
@@ -198,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only these methods (merge with earlier runs: --from-json)")
     parser.add_argument("--contexts", type=int, nargs="+",
                         help="run only the groups of these context lengths")
+    parser.add_argument("--settings", nargs="+", choices=FULL["passkey"]["settings"],
+                        help="pass key: run only these settings")
+    parser.add_argument("--passkey-trials", type=int,
+                        help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=16,
                         help="perplexity: tokens per teacher-forced forward")
     parser.add_argument("--threads", type=int, default=2)
