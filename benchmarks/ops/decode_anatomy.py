@@ -21,8 +21,9 @@ the shape of a TurboQuant tier in its rotated domain), except in ``fp16``. Modes
 - ``interleaved-prmt``: the codes of ``interleaved-lut`` decoded without ``tl.gather`` or a
   reshape: low nibbles (even coordinates) and high nibbles (odd) make two ``[N, D/2]`` tiles,
   dotted with q's even and odd coordinates, and ``lev[c]`` is looked up in registers by PTX
-  byte permutes (``prmt``), four codes at a time, in inline assembly (:func:`prmt_lookup_asm`;
-  GPU only: the interpreter runs no assembly).
+  byte permutes (``prmt``), four codes at a time, in inline assembly
+  (:func:`sphkv.kernels.ada_decode.lookup.prmt_lookup_asm`; GPU only: the interpreter runs no
+  assembly).
 
 Each mode is checked against :func:`anatomy_naive` (decode the codes in torch, attend in float64)
 first; then every mode is timed at each ``block_n`` × warps and the best is reported with its
@@ -41,6 +42,7 @@ import triton.language as tl
 
 from benchmarks.common import gbps
 from benchmarks.ops.paged_decode import _bench, _ceilings, _sdpa
+from sphkv.kernels.ada_decode.lookup import even_odd_levels, prmt_lookup_asm
 
 MODES = ("fp16", "interleaved-lut", "split-lut", "split-affine", "split-magic", "bytes",
          "interleaved-prmt")
@@ -48,59 +50,6 @@ ASM_MODES = ("interleaved-prmt",)
 LOG2E = 1.4426950408889634
 # uniform levels of the affine modes: a·c + b spans ±3.75 like 4-bit Gaussian levels
 AFFINE = (0.5, -3.75)
-
-
-def prmt_lookup_asm(levels: torch.Tensor) -> str:
-    """PTX for ``tl.inline_asm_elementwise(pack=4)``: one register of four code bytes
-    (``$4``) → the fp16 levels of their low nibbles (``$0, $1``) and high nibbles (``$2, $3``).
-
-    The 16 levels' low bytes are held in four registers (``l0 … l3``: codes 0–7 in l0:l1, 8–15
-    in l2:l3) and their high bytes in four (``h0 … h3``). A ``prmt`` with a selector of four
-    3-bit nibbles reads four bytes of an 8-byte table, so four codes' low bytes come from two
-    lookups (codes below 8 and from 8), merged by a byte mask of bit 3 (a sign-replicating
-    ``prmt`` of the codes shifted up by 4); likewise the high bytes; two more ``prmt``
-    interleave low and high bytes into fp16 pairs.
-    """
-    bits = levels.to(torch.float16).view(torch.int16).long() & 0xFFFF
-    lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-
-    def word(b):  # four bytes, the first lowest
-        return f"0x{b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24:08X}"
-
-    tables = "".join(f"mov.b32 l{i}, {word(lo[4 * i:4 * i + 4])};\n"
-                     f"mov.b32 h{i}, {word(hi[4 * i:4 * i + 4])};\n" for i in range(4))
-
-    def half(y: str, out0: str, out1: str) -> str:
-        return (
-            # selectors: bytes reordered (c0, c2, c1, c3), then nibbles 0–3 = c0 … c3, bit 3 off
-            f"prmt.b32 z, {y}, zr, 0x3120;\n"
-            "shr.b32 s, z, 12;\n"
-            "lop3.b32 s, z, s, k7, 0xA8;\n"  # (z | s) & 0x7777
-            # byte k = 0xFF where c_k ≥ 8: bit 3 moved to the byte's sign, replicated
-            f"shl.b32 m, {y}, 4;\n"
-            "prmt.b32 m, m, zr, 0xBA98;\n"
-            "prmt.b32 a0, l0, l1, s;\n"
-            "prmt.b32 a1, l2, l3, s;\n"
-            "prmt.b32 b0, h0, h1, s;\n"
-            "prmt.b32 b1, h2, h3, s;\n"
-            "lop3.b32 a0, a0, a1, m, 0xD8;\n"  # (a1 & m) | (a0 & ~m)
-            "lop3.b32 b0, b0, b1, m, 0xD8;\n"
-            f"prmt.b32 {out0}, a0, b0, 0x5140;\n"
-            f"prmt.b32 {out1}, a0, b0, 0x7362;\n")
-
-    return ("{\n.reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, zr, k7, y, z, s, m, a0, a1, b0, b1;\n"
-            + tables + "mov.b32 zr, 0;\nmov.b32 k7, 0x7777;\n"
-            + "and.b32 y, $4, 0x0F0F0F0F;\n" + half("y", "$0", "$1")
-            + "shr.b32 y, $4, 4;\nand.b32 y, y, 0x0F0F0F0F;\n" + half("y", "$2", "$3")
-            + "}")
-
-
-@triton.jit
-def _even_odd_tiles(p_rows, o_h, m_n, ASM: tl.constexpr):
-    """Tiles ``[BLOCK_N, D/2]`` fp16 of the even (low nibbles) and odd coordinates."""
-    b_b = tl.load(p_rows + o_h[None, :], mask=m_n[:, None], other=0)
-    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b_b],
-                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -173,7 +122,7 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
                 b_s = tl.dot(b_q, tl.trans(b_k))
             else:
                 if MODE == 6:
-                    b_k_lo, b_k_hi = _even_odd_tiles(k_x + row[:, None] * NB, o_h, m_n, ASM)
+                    b_k_lo, b_k_hi = even_odd_levels(k_x + row[:, None] * NB, o_h, m_n, ASM)
                 else:
                     b_k_lo, b_k_hi = _split_tiles(k_x + row[:, None] * NB, o_h, m_n, b_lev,
                                                   MODE, BLOCK_N)
@@ -199,7 +148,7 @@ def _kernel(q, k_x, k_n, v_x, v_n, lev, o_part, lse_part, length, split_len, qk_
                 b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pn.to(tl.float16), b_v)
             else:
                 if MODE == 6:
-                    b_v_lo, b_v_hi = _even_odd_tiles(v_x + row[:, None] * NB, o_h, m_n, ASM)
+                    b_v_lo, b_v_hi = even_odd_levels(v_x + row[:, None] * NB, o_h, m_n, ASM)
                 else:
                     b_v_lo, b_v_hi = _split_tiles(v_x + row[:, None] * NB, o_h, m_n, b_lev,
                                                   MODE, BLOCK_N)

@@ -5,7 +5,9 @@ bit depth 1–8 (codes may straddle bytes), int8 with a per-vector scale, fp16, 
 (radius + angle codes per level). Each kind is decoded tile by tile into an fp16 block
 ``[BLOCK_N, D]`` in its codec's domain and fed to full-width dots:
 
-    TurboQuant   x̂ = Rᵀ (‖x‖/√D) lev[c]          logits with R q, values summed rotated
+    TurboQuant   x̂ = Rᵀ (‖x‖/√D) lev[c]          logits with R q, values summed rotated;
+                 at 4 bits on a GPU, lev[c] by a register lookup into even and odd half
+                 tiles (:mod:`sphkv.kernels.ada_decode.lookup`)
     int8         x̂ = s · c
     fp16         x̂ = x
     ADA          x̂ = Rᵀ r u,  u_j = Π_ℓ (cos θ_ℓ,j>>ℓ  or  sin θ_ℓ,j>>ℓ as bit ℓ−1 of j is 0 or 1),
@@ -33,6 +35,7 @@ import triton
 import triton.language as tl
 
 from sphkv.codec import Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
+from sphkv.kernels.ada_decode.lookup import even_odd_levels, prmt_enabled, prmt_lookup_asm
 from sphkv.kernels.ada_decode.naive import TierPages, Window
 from sphkv.kernels.paged_decode.decode import LOG2E, _num_splits
 
@@ -118,7 +121,8 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
             K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_BYTES: tl.constexpr,
             V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_BYTES: tl.constexpr,
             K_CODES: tl.constexpr, K_GROUP: tl.constexpr, V_CODES: tl.constexpr,
-            V_GROUP: tl.constexpr,
+            V_GROUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+            K_PRMT: tl.constexpr, V_PRMT: tl.constexpr,
             BLOCK_N: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -132,6 +136,13 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     # q [B, HKV, R, D] in the segment's key domain: row r is query head i_h·G + r // M at
     # query position r % M; rows R … R_PAD−1 are zero padding for tl.dot
     b_q = tl.load(q + (i_bh * R + o_r[:, None]) * D + o_d[None, :], mask=m_r[:, None], other=0.0)
+    # 4-bit TurboQuant by the register lookup: byte i holds coordinates 2i and 2i + 1, decoded
+    # into an even and an odd half tile, dotted with q's even and odd coordinates
+    o_h = tl.arange(0, D // 2)
+    if K_PRMT:
+        p_q = q + (i_bh * R + o_r[:, None]) * D + 2 * o_h[None, :]
+        b_q_e = tl.load(p_q, mask=m_r[:, None], other=0.0)
+        b_q_o = tl.load(p_q + 1, mask=m_r[:, None], other=0.0)
     if WINDOW:
         # query position i sees window tokens first[b] ≤ n ≤ W − M + i
         lo = tl.load(first + i_b)
@@ -140,6 +151,8 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     b_m = tl.full([R_PAD], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([R_PAD], dtype=tl.float32)
     b_acc = tl.zeros([R_PAD, D], dtype=tl.float32)
+    b_acc_e = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
+    b_acc_o = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -164,10 +177,15 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
                 b_vs = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
             else:
                 b_vs = tl.load(v_side + b_row).to(tl.float32)
-        b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP, K_BYTES, D,
-                    LOG2D, BLOCK_N)
         # s = q·k̂ · scale · log2 e, the per-row factor (norm/√D, scale, radius) applied after
-        b_s = tl.dot(b_q, tl.trans(b_k)) * (b_ks * (k_mult * qk_scale))[None, :]
+        if K_PRMT:
+            b_k_e, b_k_o = even_odd_levels(p_k, o_h, m_n, K_ASM)
+            b_s = tl.dot(b_q_e, tl.trans(b_k_e)) + tl.dot(b_q_o, tl.trans(b_k_o))
+        else:
+            b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
+                        K_BYTES, D, LOG2D, BLOCK_N)
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_s = b_s * (b_ks * (k_mult * qk_scale))[None, :]
         m_s = m_n[None, :]
         if WINDOW:
             m_s = m_s & (o_n >= lo)[None, :] & (o_n[None, :] <= b_hi[:, None])
@@ -178,19 +196,28 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         b_alpha = tl.exp2(b_m - b_m_use)
         b_p = tl.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP, V_BYTES, D,
-                    LOG2D, BLOCK_N)
         b_pv = (b_p * (b_vs * v_mult)[None, :]).to(tl.float16)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv, b_v)
+        if V_PRMT:
+            b_v_e, b_v_o = even_odd_levels(p_v, o_h, m_n, V_ASM)
+            b_acc_e = b_acc_e * b_alpha[:, None] + tl.dot(b_pv, b_v_e)
+            b_acc_o = b_acc_o * b_alpha[:, None] + tl.dot(b_pv, b_v_o)
+        else:
+            b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
+                        V_BYTES, D, LOG2D, BLOCK_N)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv, b_v)
         b_m = b_m_new
 
     # a split that saw nothing (l = 0) has lse = −∞ and output 0
     b_nonempty = b_l > 0
-    b_o = tl.where(b_nonempty[:, None], b_acc / tl.where(b_nonempty, b_l, 1.0)[:, None], 0.0)
+    b_inv = tl.where(b_nonempty, 1.0 / tl.where(b_nonempty, b_l, 1.0), 0.0)
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
     i_row = i_bh * R + o_r
-    p_o = o_part + (i_row[:, None] * num_splits + split_base + i_s) * D + o_d[None, :]
-    tl.store(p_o, b_o, mask=m_r[:, None])
+    p_o = o_part + (i_row[:, None] * num_splits + split_base + i_s) * D
+    if V_PRMT:
+        tl.store(p_o + 2 * o_h[None, :], b_acc_e * b_inv[:, None], mask=m_r[:, None])
+        tl.store(p_o + 2 * o_h[None, :] + 1, b_acc_o * b_inv[:, None], mask=m_r[:, None])
+    else:
+        tl.store(p_o + o_d[None, :], b_acc * b_inv[:, None], mask=m_r[:, None])
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
 
 
@@ -255,6 +282,7 @@ class _Side:
     def __init__(self, codec, codes, d: int, device: torch.device, role: str):
         self.levels = self.meta = self.trig = None
         self.seed, self.mult, self.bits = None, 1.0, 0
+        self.asm = ""  # the register lookup of 4-bit levels (lookup.py), where it runs
         side = next(iter(codes.side.values()), None)
         payload = codes.payload
         if isinstance(codec, Fp16Codec):
@@ -265,6 +293,8 @@ class _Side:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             self.levels = _levels(d, codec.bits, device)
+            if codec.bits == 4 and prmt_enabled(device):
+                self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif isinstance(codec, SphericalCodec) and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
@@ -395,7 +425,8 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
                 lengths, lengths, first, o_part, lse_part, scale * LOG2E, 1.0, 1.0, split_len,
                 base, total, 0, 0, keys.stride(0), keys.stride(1), keys.stride(2),
                 P=1, WINDOW=True, K_KIND=FP16, K_BITS=0, K_BYTES=D, V_KIND=FP16, V_BITS=0,
-                V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, **common)
+                V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, K_ASM="", V_ASM="",
+                K_PRMT=False, V_PRMT=False, **common)
             continue
         q_seg, key, value, table, lengths, _, page_size = seg
         if value.seed is not None:
@@ -411,6 +442,7 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
             P=page_size, WINDOW=False, K_KIND=key.kind, K_BITS=key.bits, K_BYTES=key.nbytes,
             V_KIND=value.kind, V_BITS=value.bits, V_BYTES=value.nbytes,
             K_CODES=key.codes, K_GROUP=key.group, V_CODES=value.codes, V_GROUP=value.group,
+            K_ASM=key.asm, V_ASM=value.asm, K_PRMT=bool(key.asm), V_PRMT=bool(value.asm),
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             **{**common, "num_stages": 1 if key.kind == ADA else num_stages})
 

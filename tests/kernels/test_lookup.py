@@ -1,0 +1,81 @@
+"""The 4-bit register lookup of ``sphkv.kernels.ada_decode.lookup``: its PTX executed on the CPU
+by a small emulator of the instructions it uses (the interpreter runs no assembly; on a GPU the
+decode tests run it for real)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphkv.codec import TurboQuantCodec
+from sphkv.kernels.ada_decode.lookup import prmt_lookup_asm
+
+
+def test_prmt_tables_hold_the_levels():
+    """The asm's byte tables are the fp16 levels: low and high bytes of code c at byte c."""
+    lev = torch.linspace(-2.7, 2.7, 16)
+    asm = prmt_lookup_asm(lev)
+    bits = lev.half().view(torch.int16).long() & 0xFFFF
+    for i in range(4):
+        for name, table in (("l", bits & 0xFF), ("h", bits >> 8)):
+            word = sum(int(table[4 * i + j]) << 8 * j for j in range(4))
+            assert f"mov.b32 {name}{i}, 0x{word:08X};" in asm
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX of :func:`prmt_lookup_asm` (mov, and, shl, shr, prmt in
+    its default mode, lop3) on 32-bit integers: the CPU check of the lookup's logic."""
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        a = [val(x) for x in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "shl.b32":
+            r = a[0] << a[1]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":  # byte k of d: byte (nibble k & 7) of {b, a}; nibble bit 3 →
+            pool = a[0] | a[1] << 32  # that byte's sign replicated
+            r = 0
+            for k in range(4):
+                sel = a[2] >> 4 * k & 0xF
+                byte = pool >> 8 * (sel & 7) & 0xFF
+                r |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * k
+        elif op == "lop3.b32":  # bit i of d: bit (a_i b_i c_i) of the lookup table
+            r = 0
+            for i in range(32):
+                idx = (a[0] >> i & 1) << 2 | (a[1] >> i & 1) << 1 | (a[2] >> i & 1)
+                r |= (a[3] >> idx & 1) << i
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return regs
+
+
+def test_prmt_lookup_decodes_every_byte():
+    """For all 256 code bytes in each lane: the low nibbles' levels in $0/$1, the high ones'
+    in $2/$3, element 0 in the low half."""
+    lev = torch.as_tensor(TurboQuantCodec(d=64, bits=4).quantizer.levels, dtype=torch.float32)
+    want = lev.half().view(torch.int16).long() & 0xFFFF
+    asm = prmt_lookup_asm(lev)
+    for start in range(0, 256, 4):
+        b = [start, (start + 77) % 256, (start + 151) % 256, (start + 230) % 256]
+        out = _run_ptx(asm, {"$4": b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24})
+        for k in range(4):
+            reg_lo, reg_hi, shift = f"${k // 2}", f"${2 + k // 2}", 16 * (k % 2)
+            assert out[reg_lo] >> shift & 0xFFFF == want[b[k] & 15]
+            assert out[reg_hi] >> shift & 0xFFFF == want[b[k] >> 4]
+
+
+def test_refuses_other_than_16_levels():
+    with pytest.raises(ValueError, match="16 levels"):
+        prmt_lookup_asm(torch.zeros(8))
