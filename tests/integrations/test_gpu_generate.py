@@ -42,8 +42,9 @@ def _generate(device: str, ids: torch.Tensor, method: str, budget: float):
     check = _Check(cache)
     model.set_attn_implementation(register_attention())
     with torch.no_grad():
+        # min_new_tokens: the tiny random model may pick its EOS token; every step is checked
         out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=NEW,
-                             do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             min_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True,
                              stopping_criteria=StoppingCriteriaList([check]))
     assert check.steps == NEW
     return out.sequences.cpu(), torch.stack(out.scores).cpu().float(), cache, check.tiers
