@@ -293,7 +293,7 @@ class _Side:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             self.levels = _levels(d, codec.bits, device)
-            if codec.bits == 4 and prmt_enabled(device):
+            if codec.bits == 4 and d >= 32 and prmt_enabled(device):  # half tiles: K ≥ 16
                 self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif isinstance(codec, SphericalCodec) and role == "key":
             self.kind, rows = ADA, payload
