@@ -43,11 +43,13 @@ def _generate(device: str, ids: torch.Tensor, method: str, budget: float):
     model.set_attn_implementation(register_attention())
     with torch.no_grad():
         # min_new_tokens: the tiny random model may pick its EOS token; every step is checked
+        # (its processor sets EOS to −inf in the scores: compare the raw logits)
         out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=NEW,
-                             min_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             min_new_tokens=NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True,
                              stopping_criteria=StoppingCriteriaList([check]))
     assert check.steps == NEW
-    return out.sequences.cpu(), torch.stack(out.scores).cpu().float(), cache, check.tiers
+    return out.sequences.cpu(), torch.stack(out.logits).cpu().float(), cache, check.tiers
 
 
 @pytest.mark.parametrize("method", ["rdr", "rdr-ada"])
