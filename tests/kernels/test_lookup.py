@@ -23,8 +23,8 @@ def test_prmt_tables_hold_the_levels():
 
 
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX of :func:`prmt_lookup_asm` (mov, and, shl, shr, prmt in
-    its default mode, lop3) on 32-bit integers: the CPU check of the lookup's logic."""
+    """Execute the straight-line PTX of :func:`prmt_lookup_asm` (mov, and, or, shl, shr, prmt
+    in its default mode, lop3) on 32-bit integers: the CPU check of the lookup's logic."""
     def val(x):
         return regs[x] if x in regs else int(x, 0)
 
@@ -39,6 +39,8 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
             r = a[0]
         elif op == "and.b32":
             r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
         elif op == "shl.b32":
             r = a[0] << a[1]
         elif op == "shr.b32":
@@ -76,6 +78,20 @@ def test_prmt_lookup_decodes_every_byte():
             assert out[reg_hi] >> shift & 0xFFFF == want[b[k] >> 4]
 
 
-def test_refuses_other_than_16_levels():
-    with pytest.raises(ValueError, match="16 levels"):
+def test_prmt_lookup_decodes_every_2bit_byte():
+    """2-bit codes: field f (bits 2f, 2f + 1 of each byte) in $2f/$2f+1, element 0 low."""
+    lev = torch.as_tensor(TurboQuantCodec(d=64, bits=2).quantizer.levels, dtype=torch.float32)
+    want = lev.half().view(torch.int16).long() & 0xFFFF
+    asm = prmt_lookup_asm(lev)
+    for start in range(0, 256, 4):
+        b = [start, (start + 77) % 256, (start + 151) % 256, (start + 230) % 256]
+        out = _run_ptx(asm, {"$8": b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24})
+        for f in range(4):
+            for k in range(4):
+                reg, shift = f"${2 * f + k // 2}", 16 * (k % 2)
+                assert out[reg] >> shift & 0xFFFF == want[b[k] >> 2 * f & 3], (start, f, k)
+
+
+def test_refuses_other_level_counts():
+    with pytest.raises(ValueError, match="4 or 16 levels"):
         prmt_lookup_asm(torch.zeros(8))

@@ -6,8 +6,8 @@ bit depth 1–8 (codes may straddle bytes), int8 with a per-vector scale, fp16, 
 ``[BLOCK_N, D]`` in its codec's domain and fed to full-width dots:
 
     TurboQuant   x̂ = Rᵀ (‖x‖/√D) lev[c]          logits with R q, values summed rotated;
-                 at 4 bits on a GPU, lev[c] by a register lookup into even and odd half
-                 tiles (:mod:`sphkv.kernels.ada_decode.lookup`)
+                 at 2 and 4 bits on a GPU, lev[c] by a register lookup into quarter or
+                 half tiles (:mod:`sphkv.kernels.ada_decode.lookup`)
     int8         x̂ = s · c
     fp16         x̂ = x
     ADA          x̂ = Rᵀ r u,  u_j = Π_ℓ (cos θ_ℓ,j>>ℓ  or  sin θ_ℓ,j>>ℓ as bit ℓ−1 of j is 0 or 1),
@@ -35,7 +35,12 @@ import triton
 import triton.language as tl
 
 from sphkv.codec import Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
-from sphkv.kernels.ada_decode.lookup import even_odd_levels, prmt_enabled, prmt_lookup_asm
+from sphkv.kernels.ada_decode.lookup import (
+    even_odd_levels,
+    prmt_enabled,
+    prmt_lookup_asm,
+    quarter_levels,
+)
 from sphkv.kernels.ada_decode.naive import TierPages, Window
 from sphkv.kernels.paged_decode.decode import LOG2E, _num_splits
 
@@ -136,13 +141,19 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     # q [B, HKV, R, D] in the segment's key domain: row r is query head i_h·G + r // M at
     # query position r % M; rows R … R_PAD−1 are zero padding for tl.dot
     b_q = tl.load(q + (i_bh * R + o_r[:, None]) * D + o_d[None, :], mask=m_r[:, None], other=0.0)
-    # 4-bit TurboQuant by the register lookup: byte i holds coordinates 2i and 2i + 1, decoded
-    # into an even and an odd half tile, dotted with q's even and odd coordinates
-    o_h = tl.arange(0, D // 2)
-    if K_PRMT:
-        p_q = q + (i_bh * R + o_r[:, None]) * D + 2 * o_h[None, :]
-        b_q_e = tl.load(p_q, mask=m_r[:, None], other=0.0)
-        b_q_o = tl.load(p_q + 1, mask=m_r[:, None], other=0.0)
+    # TurboQuant by the register lookup (K_PRMT/V_PRMT = bits): at 4 bits byte i holds
+    # coordinates 2i and 2i + 1, decoded into an even and an odd half tile; at 2 bits it holds
+    # 4i … 4i + 3, decoded into four quarter tiles; each is dotted with q's matching coordinates
+    o_h, o_f = tl.arange(0, D // 2), tl.arange(0, D // 4)
+    p_q = q + (i_bh * R + o_r[:, None]) * D
+    if K_PRMT == 4:
+        b_q_e = tl.load(p_q + 2 * o_h[None, :], mask=m_r[:, None], other=0.0)
+        b_q_o = tl.load(p_q + 2 * o_h[None, :] + 1, mask=m_r[:, None], other=0.0)
+    if K_PRMT == 2:
+        b_q0 = tl.load(p_q + 4 * o_f[None, :], mask=m_r[:, None], other=0.0)
+        b_q1 = tl.load(p_q + 4 * o_f[None, :] + 1, mask=m_r[:, None], other=0.0)
+        b_q2 = tl.load(p_q + 4 * o_f[None, :] + 2, mask=m_r[:, None], other=0.0)
+        b_q3 = tl.load(p_q + 4 * o_f[None, :] + 3, mask=m_r[:, None], other=0.0)
     if WINDOW:
         # query position i sees window tokens first[b] ≤ n ≤ W − M + i
         lo = tl.load(first + i_b)
@@ -153,6 +164,10 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     b_acc = tl.zeros([R_PAD, D], dtype=tl.float32)
     b_acc_e = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
     b_acc_o = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
+    b_acc0 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
+    b_acc1 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
+    b_acc2 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
+    b_acc3 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -178,9 +193,13 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
             else:
                 b_vs = tl.load(v_side + b_row).to(tl.float32)
         # s = q·k̂ · scale · log2 e, the per-row factor (norm/√D, scale, radius) applied after
-        if K_PRMT:
+        if K_PRMT == 4:
             b_k_e, b_k_o = even_odd_levels(p_k, o_h, m_n, K_ASM)
             b_s = tl.dot(b_q_e, tl.trans(b_k_e)) + tl.dot(b_q_o, tl.trans(b_k_o))
+        elif K_PRMT == 2:
+            b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_f, m_n, K_ASM)
+            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
+                tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
         else:
             b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
                         K_BYTES, D, LOG2D, BLOCK_N)
@@ -197,10 +216,16 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         b_p = tl.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_pv = (b_p * (b_vs * v_mult)[None, :]).to(tl.float16)
-        if V_PRMT:
+        if V_PRMT == 4:
             b_v_e, b_v_o = even_odd_levels(p_v, o_h, m_n, V_ASM)
             b_acc_e = b_acc_e * b_alpha[:, None] + tl.dot(b_pv, b_v_e)
             b_acc_o = b_acc_o * b_alpha[:, None] + tl.dot(b_pv, b_v_o)
+        elif V_PRMT == 2:
+            b_v0, b_v1, b_v2, b_v3 = quarter_levels(p_v, o_f, m_n, V_ASM)
+            b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_pv, b_v0)
+            b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_pv, b_v1)
+            b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pv, b_v2)
+            b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pv, b_v3)
         else:
             b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
                         V_BYTES, D, LOG2D, BLOCK_N)
@@ -213,9 +238,14 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
     i_row = i_bh * R + o_r
     p_o = o_part + (i_row[:, None] * num_splits + split_base + i_s) * D
-    if V_PRMT:
+    if V_PRMT == 4:
         tl.store(p_o + 2 * o_h[None, :], b_acc_e * b_inv[:, None], mask=m_r[:, None])
         tl.store(p_o + 2 * o_h[None, :] + 1, b_acc_o * b_inv[:, None], mask=m_r[:, None])
+    elif V_PRMT == 2:
+        tl.store(p_o + 4 * o_f[None, :], b_acc0 * b_inv[:, None], mask=m_r[:, None])
+        tl.store(p_o + 4 * o_f[None, :] + 1, b_acc1 * b_inv[:, None], mask=m_r[:, None])
+        tl.store(p_o + 4 * o_f[None, :] + 2, b_acc2 * b_inv[:, None], mask=m_r[:, None])
+        tl.store(p_o + 4 * o_f[None, :] + 3, b_acc3 * b_inv[:, None], mask=m_r[:, None])
     else:
         tl.store(p_o + o_d[None, :], b_acc * b_inv[:, None], mask=m_r[:, None])
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
@@ -293,7 +323,9 @@ class _Side:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             self.levels = _levels(d, codec.bits, device)
-            if codec.bits == 4 and d >= 32 and prmt_enabled(device):  # half tiles: K ≥ 16
+            # the register lookup at 4 and 2 bits; its tiles of D/2 or D/4 coordinates are dot
+            # operands, so D·bits/8 ≥ 16
+            if codec.bits in (2, 4) and d * codec.bits >= 128 and prmt_enabled(device):
                 self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif isinstance(codec, SphericalCodec) and role == "key":
             self.kind, rows = ADA, payload
@@ -426,7 +458,7 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
                 base, total, 0, 0, keys.stride(0), keys.stride(1), keys.stride(2),
                 P=1, WINDOW=True, K_KIND=FP16, K_BITS=0, K_BYTES=D, V_KIND=FP16, V_BITS=0,
                 V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, K_ASM="", V_ASM="",
-                K_PRMT=False, V_PRMT=False, **common)
+                K_PRMT=0, V_PRMT=0, **common)
             continue
         q_seg, key, value, table, lengths, _, page_size = seg
         if value.seed is not None:
@@ -442,7 +474,8 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
             P=page_size, WINDOW=False, K_KIND=key.kind, K_BITS=key.bits, K_BYTES=key.nbytes,
             V_KIND=value.kind, V_BITS=value.bits, V_BYTES=value.nbytes,
             K_CODES=key.codes, K_GROUP=key.group, V_CODES=value.codes, V_GROUP=value.group,
-            K_ASM=key.asm, V_ASM=value.asm, K_PRMT=bool(key.asm), V_PRMT=bool(value.asm),
+            K_ASM=key.asm, V_ASM=value.asm, K_PRMT=key.bits if key.asm else 0,
+            V_PRMT=value.bits if value.asm else 0,
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             **{**common, "num_stages": 1 if key.kind == ADA else num_stages})
 

@@ -1,4 +1,4 @@
-"""4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
+"""2- and 4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
 
 ``tl.gather`` of the 16 Lloyd–Max levels costs more than the rest of a 4-bit decode
 (docs/kernel_notes.md, session 4). Here a ``prmt`` reads four bytes of an 8-byte table in one
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["prmt_enabled", "prmt_lookup_asm"]
+__all__ = ["even_odd_levels", "prmt_enabled", "prmt_lookup_asm", "quarter_levels"]
 
 
 def prmt_enabled(device: torch.device) -> bool:
@@ -22,56 +22,74 @@ def prmt_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
+def _word(b) -> str:  # four bytes, the first lowest
+    return f"0x{b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24:08X}"
+
+
+# selectors from the codes y (one code per byte, < 8): bytes reordered (c0, c2, c1, c3), then
+# nibbles 0–3 of s = c0 … c3 (prmt reads only bits 0–15 of its selector)
+_SELECT = "prmt.b32 z, y, zr, 0x3120;\nshr.b32 s, z, 12;\nor.b32 s, z, s;\n"
+# fp16 pairs from four low bytes a0 and four high bytes b0
+_PAIRS = "prmt.b32 {0}, a0, b0, 0x5140;\nprmt.b32 {1}, a0, b0, 0x7362;\n"
+
+
 @functools.lru_cache(maxsize=16)
-def _asm(bits: tuple[int, ...]) -> str:
+def _asm4(bits: tuple[int, ...]) -> str:
     lo = [b & 0xFF for b in bits]
     hi = [b >> 8 for b in bits]
-
-    def word(b):  # four bytes, the first lowest
-        return f"0x{b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24:08X}"
-
-    tables = "".join(f"mov.b32 l{i}, {word(lo[4 * i:4 * i + 4])};\n"
-                     f"mov.b32 h{i}, {word(hi[4 * i:4 * i + 4])};\n" for i in range(4))
+    tables = "".join(f"mov.b32 l{i}, {_word(lo[4 * i:4 * i + 4])};\n"
+                     f"mov.b32 h{i}, {_word(hi[4 * i:4 * i + 4])};\n" for i in range(4))
 
     def half(out0: str, out1: str) -> str:
-        return (
-            # selectors: bytes reordered (c0, c2, c1, c3), then nibbles 0–3 = c0 … c3, bit 3 off
-            "prmt.b32 z, y, zr, 0x3120;\n"
-            "shr.b32 s, z, 12;\n"
-            "lop3.b32 s, z, s, k7, 0xA8;\n"  # (z | s) & 0x7777
-            # byte k = 0xFF where c_k ≥ 8: bit 3 moved to the byte's sign, replicated
-            "shl.b32 m, y, 4;\n"
-            "prmt.b32 m, m, zr, 0xBA98;\n"
-            "prmt.b32 a0, l0, l1, s;\n"  # low bytes of codes 0–7 …
-            "prmt.b32 a1, l2, l3, s;\n"  # … and 8–15
-            "prmt.b32 b0, h0, h1, s;\n"
-            "prmt.b32 b1, h2, h3, s;\n"
-            "lop3.b32 a0, a0, a1, m, 0xD8;\n"  # (a1 & m) | (a0 & ~m)
-            "lop3.b32 b0, b0, b1, m, 0xD8;\n"
-            f"prmt.b32 {out0}, a0, b0, 0x5140;\n"  # fp16 pairs: low byte, high byte
-            f"prmt.b32 {out1}, a0, b0, 0x7362;\n")
+        return (_SELECT + "and.b32 s, s, 0x7777;\n"  # bit 3 off: it would sign-replicate
+                # byte k = 0xFF where c_k ≥ 8: bit 3 moved to the byte's sign, replicated
+                "shl.b32 m, y, 4;\n"
+                "prmt.b32 m, m, zr, 0xBA98;\n"
+                "prmt.b32 a0, l0, l1, s;\n"  # low bytes of codes 0–7 …
+                "prmt.b32 a1, l2, l3, s;\n"  # … and 8–15
+                "prmt.b32 b0, h0, h1, s;\n"
+                "prmt.b32 b1, h2, h3, s;\n"
+                "lop3.b32 a0, a0, a1, m, 0xD8;\n"  # (a1 & m) | (a0 & ~m)
+                "lop3.b32 b0, b0, b1, m, 0xD8;\n"
+                + _PAIRS.format(out0, out1))
 
-    return ("{\n.reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, zr, k7, y, z, s, m, a0, a1, b0, b1;\n"
-            + tables + "mov.b32 zr, 0;\nmov.b32 k7, 0x7777;\n"
+    return ("{\n.reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, zr, y, z, s, m, a0, a1, b0, b1;\n"
+            + tables + "mov.b32 zr, 0;\n"
             + "and.b32 y, $4, 0x0F0F0F0F;\n" + half("$0", "$1")
             + "shr.b32 y, $4, 4;\nand.b32 y, y, 0x0F0F0F0F;\n" + half("$2", "$3")
             + "}")
 
 
-def prmt_lookup_asm(levels: torch.Tensor) -> str:
-    """PTX for ``tl.inline_asm_elementwise(pack=4)``: one register of four code bytes (``$4``)
-    → the fp16 levels of their low nibbles (``$0, $1``) and high nibbles (``$2, $3``).
+@functools.lru_cache(maxsize=16)
+def _asm2(bits: tuple[int, ...]) -> str:
+    tables = (f"mov.b32 l0, {_word([b & 0xFF for b in bits])};\n"
+              f"mov.b32 h0, {_word([b >> 8 for b in bits])};\n")
+    fields = "".join(
+        f"shr.b32 y, $8, {2 * f};\nand.b32 y, y, 0x03030303;\n" + _SELECT
+        + "prmt.b32 a0, l0, zr, s;\nprmt.b32 b0, h0, zr, s;\n"
+        + _PAIRS.format(f"${2 * f}", f"${2 * f + 1}") for f in range(4))
+    return ("{\n.reg .b32 l0, h0, zr, y, z, s, a0, b0;\n" + tables + "mov.b32 zr, 0;\n"
+            + fields + "}")
 
-    The 16 levels' low bytes are held in four registers (``l0 … l3``: codes 0–7 in l0:l1, 8–15
-    in l2:l3) and their high bytes in four (``h0 … h3``). Four codes' low bytes come from two
-    lookups (codes below 8 and from 8), merged by a byte mask of bit 3 (a sign-replicating
-    ``prmt`` of the codes shifted up by 4); likewise the high bytes; two more ``prmt``
-    interleave low and high bytes into fp16 pairs.
+
+def prmt_lookup_asm(levels: torch.Tensor) -> str:
+    """PTX for ``tl.inline_asm_elementwise(pack=4)``: one register of four code bytes → the
+    fp16 levels of their codes, field by field, two registers (four elements) per field.
+
+    - 16 levels (4-bit codes, 2 per byte): input ``$4``; low nibbles → ``$0, $1``, high
+      nibbles → ``$2, $3``. The levels' low bytes sit in four registers (codes 0–7 in
+      ``l0:l1``, 8–15 in ``l2:l3``), their high bytes in four more. Four codes' low bytes
+      come from two lookups (codes below 8 and from 8), merged by a byte mask of bit 3 (a
+      sign-replicating ``prmt`` of the codes shifted up by 4); likewise the high bytes.
+    - 4 levels (2-bit codes, 4 per byte): input ``$8``; field f (bits 2f, 2f + 1 of every
+      byte) → ``$2f, $2f+1``; one lookup each for the low and the high bytes.
+
+    Two more ``prmt`` interleave low and high bytes into fp16 pairs.
     """
-    if levels.numel() != 16:
-        raise ValueError(f"need the 16 levels of a 4-bit code, got {levels.numel()}")
+    if levels.numel() not in (4, 16):
+        raise ValueError(f"need the 4 or 16 levels of a 2- or 4-bit code, got {levels.numel()}")
     bits = levels.detach().cpu().to(torch.float16).view(torch.int16).long() & 0xFFFF
-    return _asm(tuple(bits.tolist()))
+    return (_asm4 if levels.numel() == 16 else _asm2)(tuple(bits.tolist()))
 
 
 @triton.jit
@@ -82,3 +100,13 @@ def even_odd_levels(p_rows, o_h, m_n, ASM: tl.constexpr):
     b_b = tl.load(p_rows + o_h[None, :], mask=m_n[:, None], other=0)
     return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b_b],
                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def quarter_levels(p_rows, o_f, m_n, ASM: tl.constexpr):
+    """``lev[c]`` of the 2-bit codes in bits 2f, 2f + 1 of the bytes ``p_rows [N, 1] + o_f
+    [D/4]`` (coordinates 4i + f), f = 0 … 3: four fp16 tiles ``[N, D/4]``."""
+    b_b = tl.load(p_rows + o_f[None, :], mask=m_n[:, None], other=0)
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b_b],
+                                     dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                     is_pure=True, pack=4)
