@@ -22,11 +22,13 @@ METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "streamingllm", "snapkv", "h2
            "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
 #: fractions of the fp16 cache
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-#: the full grid, sized to run in about an hour on 2 CPU cores (two processes, ``--tasks``):
-#: perplexity at N ∈ {1k, 2k} scoring M = 128; fidelity at N ∈ {1k, 2k, 4k}; pass key at
+#: the full grid (DESIGN.md §5); on 2 CPU cores it takes several hours, not the hour the
+#: issue asks for (docs/evaluation.md has the measured times): run it in pieces with
+#: ``--tasks``/``--contexts``/``--methods``/``--budgets`` and merge with ``--from-json``.
+#: Perplexity at N ∈ {1k, 2k, 4k} scoring M = 128; fidelity at N ∈ {1k, 2k, 4k}; pass key at
 #: N = 1k over 8 depths 10 %…90 %, both settings
 FULL = {"methods": METHODS, "budgets": BUDGETS,
-        "ppl": {"contexts": (1024, 2048), "scored": 128},
+        "ppl": {"contexts": (1024, 2048, 4096), "scored": 128},
         "fidelity": {"contexts": (1024, 2048, 4096)},
         "passkey": {"contexts": (1024,), "trials": 8,
                     "settings": ("query-agnostic", "query-aware")}}
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     grid = QUICK if args.quick else FULL
     if args.methods:
         grid = {**grid, "methods": tuple(args.methods)}
+    if args.budgets:
+        grid = {**grid, "budgets": tuple(args.budgets)}
     if args.passkey_trials or args.settings:
         grid = {**grid, "passkey": {**grid["passkey"],
                                     "trials": args.passkey_trials or grid["passkey"]["trials"],
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="run only these methods (merge with earlier runs: --from-json)")
+    parser.add_argument("--budgets", type=float, nargs="+",
+                        help="run only these budgets (fractions of the fp16 cache)")
     parser.add_argument("--contexts", type=int, nargs="+",
                         help="run only the groups of these context lengths")
     parser.add_argument("--settings", nargs="+", choices=FULL["passkey"]["settings"],
