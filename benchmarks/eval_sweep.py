@@ -56,12 +56,63 @@ def groups(grid: dict, tasks: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """Run every group; rows for the table and the header's settings."""
+def units(grid: dict, todo: list[dict], jobs: int) -> list[tuple[dict, tuple[str, ...]]]:
+    """The work of the sweep: each group split into ``jobs`` parts by method (every part
+    prefills the group's context itself), the longest first (pass key, then by context)."""
+    out = [(g, grid["methods"][i::jobs]) for g in todo for i in range(jobs)
+           if grid["methods"][i::jobs]]
+    return sorted(out, key=lambda u: (u[0]["task"] != "passkey", -u[0]["context"]))
+
+
+# the worker's model, tokenizer and token ids (loaded once per worker process)
+_WORKER: dict = {}
+
+
+def _load(model: str, text: str, tokens: int, threads: int) -> None:
     import torch
 
     from sphkv.integrations.hf import load_model, read_tokens
+
+    torch.set_num_threads(threads)
+    _WORKER["model"], _WORKER["tok"] = load_model(model)
+    _WORKER["ids"] = read_tokens(_WORKER["tok"], text, tokens)
+
+
+def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int) -> list[dict]:
+    """The rows of one group's runs of ``methods`` (every budget), in a worker."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
+
+    model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"]
+    pairs = runs({**grid, "methods": methods})
+    n = g["context"]
+    if g["task"] == "ppl":
+        results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk)
+        quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
+                    / r.fp16_bytes} for r in results]
+    elif g["task"] == "fidelity":
+        results = fidelity_runs(model, ids, n, pairs)
+        quality = [{"error": r.mean_error, "layer_errors": r.layer_errors,
+                    "bytes_vs_fp16": r.cache_bytes / r.fp16_bytes} for r in results]
+    else:
+        results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
+                               trials=grid["passkey"]["trials"])
+        quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
+                    "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
+    return [{**g, "method": method, "budget": budget, **q, "seconds": r.seconds}
+            for (method, budget), q, r in zip(pairs, quality, results, strict=True)]
+
+
+def _order(row: dict) -> tuple:
+    return (TASKS.index(row["task"]), row["context"], row["setting"] or "",
+            METHODS.index(row["method"]), row["budget"])
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Run every unit on ``--jobs`` worker processes; rows for the table and the header."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     grid = QUICK if args.quick else FULL
     if args.methods:
@@ -73,43 +124,40 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                                     "trials": args.passkey_trials or grid["passkey"]["trials"],
                                     "settings": tuple(args.settings
                                                       or grid["passkey"]["settings"])}}
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
     header = {"model": args.model, "text": Path(args.text).name, "quick": args.quick,
               "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
-              "passkey_trials": grid["passkey"]["trials"], "threads": args.threads}
+              "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
+              "threads": args.threads}
     todo = [g for g in groups(grid, tuple(args.tasks))
             if not args.contexts or g["context"] in args.contexts]
-    pairs = runs(grid)
+    work = units(grid, todo, args.jobs)
     longest = max(g["context"] for g in todo) + grid["ppl"]["scored"] + 1
-    ids = read_tokens(tok, args.text, longest)
-    rows = []
-    for i, g in enumerate(todo):
-        start = time.perf_counter()
-        n = g["context"]
-        if g["task"] == "ppl":
-            results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs,
-                                      chunk=args.chunk)
-            quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
-                        / r.fp16_bytes} for r in results]
-        elif g["task"] == "fidelity":
-            results = fidelity_runs(model, ids, n, pairs)
-            quality = [{"error": r.mean_error, "layer_errors": r.layer_errors,
-                        "bytes_vs_fp16": r.cache_bytes / r.fp16_bytes} for r in results]
-        else:
-            results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
-                                   trials=grid["passkey"]["trials"])
-            quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
-                        "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
-        for (method, budget), q, r in zip(pairs, quality, results, strict=True):
-            rows.append({**g, "method": method, "budget": budget, **q, "seconds": r.seconds})
-        print(f"[{i + 1}/{len(todo)}] {g['task']} N={n} {g['setting'] or ''}: "
-              f"{len(pairs)} runs in {time.perf_counter() - start:.0f} s", flush=True)
-        # the groups done so far, should the sweep be stopped
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"{args.name}.partial.json").write_text(
-            json.dumps({**environment(), **header, "rows": rows}, indent=2))
-    return rows, header
+    threads = max(1, args.threads // args.jobs)
+    rows: list[dict] = []
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_load,
+                             initargs=(args.model, str(args.text), longest, threads)) as pool, \
+            Progress(TextColumn("{task.description}"), BarColumn(),
+                     TextColumn("{task.completed}/{task.total} units"),
+                     TimeElapsedColumn()) as progress:
+        bar = progress.add_task("eval sweep", total=len(work))
+        futures = {pool.submit(run_unit, grid, g, methods, args.chunk): (g, methods)
+                   for g, methods in work}
+        for future in as_completed(futures):
+            g, methods = futures[future]
+            rows += future.result()
+            progress.console.print(f"{g['task']} N={g['context']} {g['setting'] or ''} "
+                                   f"{', '.join(methods)}: done at "
+                                   f"{time.perf_counter() - start:.0f} s")
+            progress.advance(bar)
+            # the units done so far, should the sweep be stopped
+            (args.out_dir / f"{args.name}.partial.json").write_text(
+                json.dumps({**environment(), **header, "rows": sorted(rows, key=_order)},
+                           indent=2))
+    header["wall_seconds"] = round(time.perf_counter() - start)
+    return sorted(rows, key=_order), header
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -169,7 +217,9 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              f"model {header['model']}, text {header['text']}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
              f"trials per cell in its table; "
-             f"{header['threads']} threads; seconds per run exclude the shared prefill", ""]
+             f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
+             + (f", {header['wall_seconds']} s wall" if "wall_seconds" in header else "")
+             + "; seconds per run exclude the shared prefill", ""]
     for task in TASKS:
         cell = [r for r in rows if r["task"] == task]
         if cell:
@@ -215,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=16,
                         help="perplexity: tokens per teacher-forced forward")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="worker processes (each loads the model; the cores are shared)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads in all (each worker gets threads // jobs)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="output file stem (default eval or eval_quick)")
     parser.add_argument("--from-json", type=Path, nargs="+",

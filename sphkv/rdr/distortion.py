@@ -2,8 +2,8 @@
 
 For one kv-head, its observation queries q (the window's queries of all its query heads) attend
 with weights ``p_qi`` (causal softmax of ``q·k_i/√d``) and output ``o_q = Σ_i p_qi v_i``.
-Storing item i at tier t changes its logit by ``e_qi = (q·k̂_i − q·k_i)/√d`` (read from the key
-codes with the codec's ``logits``) and its value by ``Δv_i = v̂_i − v_i``. To first order
+Storing item i at tier t changes its logit by ``e_qi = q·(k̂_i − k_i)/√d`` (what the key codes'
+``logits`` give, to rounding) and its value by ``Δv_i = v̂_i − v_i``. To first order
 (``∂o/∂s_i = p_i (v_i − o)``) the output moves by ``p_qi (e_qi (v_i − o_q) + Δv_i)``, so
 
     D[i, t]    = Σ_q p_qi² ‖e_qi (v_i − o_q) + Δv_i‖²
@@ -50,17 +50,19 @@ def _grouped(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
     return queries.reshape(h_kv, -1, queries.shape[-1])
 
 
-def _coded(tier: Tier, keys: torch.Tensor, values: torch.Tensor):
-    """Key codes and decoded values ``v̂`` ``[H_kv, n, d]`` of a non-drop tier."""
-    return tier.key.encode(keys), tier.value.decode(tier.value.encode(values))
+def _deltas(tier: Tier, keys: torch.Tensor, values: torch.Tensor):
+    """``k̂ − k`` and ``v̂ − v`` ``[H_kv, n, d]`` of a non-drop tier, through its codecs."""
+    return (tier.key.decode(tier.key.encode(keys)) - keys,
+            tier.value.decode(tier.value.encode(values)) - values)
 
 
-def _logit_error(tier: Tier, codes, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """``e_qi = (q·k̂_i − q·k_i)/√d`` ``[H_kv, G, W, n]``, q·k̂ read from the codes."""
-    h_kv, d = keys.shape[0], keys.shape[-1]
+def _logit_error(dk: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``e_qi = q·(k̂_i − k_i)/√d`` ``[H_kv, G, W, n]`` from ``dk = k̂ − k``. A key codec's
+    ``logits`` equal ``q·k̂`` to rounding (:meth:`~sphkv.codec.Codec.logits`); the difference
+    is taken before the product, so that it does not cancel."""
+    h_kv, d = dk.shape[0], dk.shape[-1]
     q = _grouped(queries.float(), h_kv)
-    err = (tier.key.logits(q, codes) - q @ keys.mT) / d**0.5
-    return err.view(h_kv, -1, queries.shape[1], keys.shape[1])
+    return (q @ dk.mT / d**0.5).view(h_kv, -1, queries.shape[1], dk.shape[1])
 
 
 def _weights(keys, values, queries, estimator: Estimator | None, score_queries=None):
@@ -112,28 +114,32 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     keys, values, queries = keys.float(), values.float(), queries.float()
     p, pi = _weights(keys, values, queries, estimator, score_queries)
-    pi = (1 - floor) * pi.double() + floor / keys.shape[1]
-    o = (p @ values[:, None]).double()  # o_q [H_kv, G, W, d]
-    v = values.double()[:, None]  # [H_kv, 1, n, d]
-    # ‖v_i − o_q‖² = ‖v_i‖² − 2 v_i·o_q + ‖o_q‖², [H_kv, G, W, n]
-    dist2 = (v.square().sum(-1)[:, :, None] - 2 * o @ v.mT
-             + o.square().sum(-1)[..., None]).clamp_min(0)
+    pi = (1 - floor) * pi + floor / keys.shape[1]
+    w = pi.square()
+    o = p @ values[:, None]  # o_q [H_kv, G, W, d]
+    v = values[:, None]  # [H_kv, 1, n, d]
+    # ‖v_i − o_q‖² = ‖v_i‖² − 2 v_i·o_q + ‖o_q‖², [H_kv, G, W, n], in float64: where one
+    # token holds nearly all the weight, o_q ≈ v_i cancels, and the drop row multiplies the
+    # difference by 1/(1 − p)²
+    o64, v64 = o.double(), v.double()
+    dist2 = (v64.square().sum(-1)[:, :, None] - 2 * o64 @ v64.mT
+             + o64.square().sum(-1)[..., None]).clamp_min(0).float()
     out = np.empty((keys.shape[0], keys.shape[1], len(tiers)))
     for t, tier in enumerate(tiers):
         if tier.is_drop:
-            w = pi.clamp(max=_MAX_P)
-            d = (w / (1 - w)).square() * dist2
+            r = pi.clamp(max=_MAX_P)
+            d = ((r / (1 - r)).square() * dist2).sum(dim=(1, 2))
         else:
-            codes, v_hat = _coded(tier, keys, values)
-            e = _logit_error(tier, codes, keys, queries).double()
-            dv = (v_hat.double() - values.double())[:, None]  # Δv_i [H_kv, 1, n, d]
+            dk, dv = _deltas(tier, keys, values)
+            e = _logit_error(dk, queries)
             # (v_i − o_q)·Δv_i = v_i·Δv_i − o_q·Δv_i
-            cross = (v * dv).sum(-1)[:, :, None] - o @ dv.mT
-            d = pi.square() * (e.square() * dist2 + 2 * e * cross
-                               + dv.square().sum(-1)[:, :, None])
-        out[:, :, t] = d.clamp_min(0).sum(dim=(1, 2)).numpy()
+            cross = (v * dv[:, None]).sum(-1)[:, :, None] - o @ dv[:, None].mT
+            # Σ_q π² ‖e (v − o) + Δv‖², expanded; the ‖Δv‖² term needs only Σ_q π²
+            d = ((w * e * (e * dist2 + 2 * cross)).sum(dim=(1, 2))
+                 + w.sum(dim=(1, 2)) * dv.square().sum(-1))
+        out[:, :, t] = d.clamp_min(0).double().numpy()
     if relative:
-        out /= max(o.square().sum().item(), 1e-300)
+        out /= max(o64.square().sum().item(), 1e-300)
     return out
 
 
@@ -174,8 +180,9 @@ def true_errors(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
             r = p / (1 - p.clamp(max=_MAX_P))
             err = r.square() * (oo - 2 * ov + vv)  # ‖r (o − v)‖²
         else:
-            codes, v_hat = _coded(tier, keys, values)
-            eps = _logit_error(tier, codes, keys, queries).double()[..., :n_items]
+            dk, dv = _deltas(tier, keys, values)
+            eps = _logit_error(dk, queries).double()[..., :n_items]
+            v_hat = values + dv
             grow = eps.exp()
             den = 1 - p + p * grow
             r, p_new = p * (1 - grow) / den, p * grow / den

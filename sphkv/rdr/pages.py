@@ -28,7 +28,7 @@ from sphkv.codec import Codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.tiers import Tier, TierSet
 
-__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "slot_bytes"]
+__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "cat_codes", "slot_bytes"]
 
 #: bytes of the per-slot position offset from the page's first position
 OFFSET_BYTES = 2
@@ -54,10 +54,11 @@ def _to(codes: Codes, device: torch.device) -> Codes:
                  codes.shape)
 
 
-def _cat(a: Codes, b: Codes, d: int) -> Codes:
-    payload = torch.cat([a.payload, b.payload])
-    return Codes(payload, {k: torch.cat([a.side[k], b.side[k]]) for k in a.side},
-                 torch.Size((payload.shape[0], d)))
+def cat_codes(parts: list[Codes]) -> Codes:
+    """Flat codes ``[n_1 + n_2 + …]`` of one codec, one part after another."""
+    payload = torch.cat([c.payload for c in parts])
+    return Codes(payload, {k: torch.cat([c.side[k] for c in parts]) for k in parts[0].side},
+                 torch.Size((payload.shape[0], parts[0].shape[-1])))
 
 
 def _empty(template: Codes, rows: int) -> Codes:
@@ -143,6 +144,8 @@ class PagedStore:
         self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device)
                       for t, tier in enumerate(tiers) if not tier.is_drop}
         self.tables = [np.zeros(0, PAGE_TABLE_ENTRY) for _ in range(groups)]
+        #: counts the writes: readers may keep what they decoded while it stays the same
+        self.version = 0
 
     # --- accounting --------------------------------------------------------------------------
     @property
@@ -217,6 +220,93 @@ class PagedStore:
         return (_rows(pool.key, index, self.d), _rows(pool.value, index, self.d),
                 valid.to(self.device))
 
+    def contents(self, tier: int):
+        """Every token kept at ``tier``, in slot order.
+
+        Returns
+        -------
+        group : numpy.ndarray
+            int64 ``[n]``, each token's group.
+        positions : torch.Tensor
+            int64 ``[n]`` (on the CPU).
+        key, value : Codes
+            ``[n]`` vectors.
+        distortion : torch.Tensor
+            ``[n, T]``.
+        """
+        pool, p = self.pools[tier], self.page_size
+        first = np.zeros(pool.pages, np.int64)
+        valid = np.zeros(pool.pages, np.int64)
+        for table in self.tables:
+            entries = table[table["tier"] == tier]
+            first[entries["page_id"]] = entries["first_position"]
+            valid[entries["page_id"]] = entries["valid"]
+        page = np.repeat(np.arange(pool.pages), valid)
+        within = np.arange(len(page)) - np.repeat(np.cumsum(valid) - valid, valid)
+        slots = torch.from_numpy(page * p + within).to(self.device)
+        positions = (torch.from_numpy(first[page]) + pool.offset[slots].long().cpu()
+                     + _OFFSET_SHIFT)
+        return (np.asarray(pool.owner, dtype=np.int64)[page], positions,
+                _rows(pool.key, slots, self.d), _rows(pool.value, slots, self.d),
+                pool.distortion[slots])
+
+    def replace(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
+                value: Codes, distortion: torch.Tensor) -> None:
+        """Make ``tier``'s pool hold exactly these tokens (any order, already encoded by the
+        tier's codecs): each group's run sorted by position and packed into whole pages, the
+        groups' pages one after another. One pass over the pool, however many groups change.
+
+        Parameters
+        ----------
+        group : numpy.ndarray
+            int ``[n]``.
+        positions : torch.Tensor
+            int ``[n]``, distinct within a group.
+        key, value : Codes
+            ``[n]`` vectors.
+        distortion : torch.Tensor
+            ``[n, T]``.
+        """
+        pool, p = self.pools[tier], self.page_size
+        group = np.asarray(group, dtype=np.int64)
+        pos = positions.long().cpu().numpy()
+        order = np.lexsort((pos, group))
+        group, pos = group[order], pos[order]
+        counts = np.bincount(group, minlength=len(self.tables))
+        pages = -(-counts // p)
+        rank = np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
+        page = np.repeat(np.cumsum(pages) - pages, counts) + rank // p
+        first = pos[rank % p == 0]  # [pages], page ids in order
+        span = pos - first[page]
+        if len(span) and span.max() >= _MAX_SPAN:
+            raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
+                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
+        rows = int(pages.sum()) * p
+        slots = torch.from_numpy(page * p + rank % p).to(self.device)
+        src = torch.from_numpy(order).to(self.device)
+        pool.key, pool.value = (_empty(t, rows) for t in pool.templates)
+        pool.offset = torch.zeros(rows, dtype=torch.int16, device=self.device)
+        pool.distortion = torch.zeros(rows, len(self.tiers), device=self.device)
+        pool.owner = np.repeat(np.arange(len(self.tables)), pages).tolist()
+        self._write_slots(pool, slots, torch.from_numpy(span), _rows(key, src, self.d),
+                          _rows(value, src, self.d), distortion.float().to(self.device)[src])
+        valid = np.minimum(p, np.repeat(counts, pages)
+                           - p * (np.arange(len(first)) - np.repeat(np.cumsum(pages) - pages,
+                                                                    pages)))
+        start = 0
+        for g, n_pages in enumerate(pages):
+            table = self.tables[g]
+            if n_pages == 0 and not (table["tier"] == tier).any():
+                continue
+            entries = np.zeros(n_pages, PAGE_TABLE_ENTRY)
+            entries["page_id"] = np.arange(start, start + n_pages)
+            entries["first_position"] = first[start:start + n_pages]
+            entries["valid"] = valid[start:start + n_pages]
+            entries["tier"] = tier
+            table = np.concatenate([table[table["tier"] != tier], entries])
+            self.tables[g] = table[np.lexsort((table["first_position"], table["tier"]))]
+            start += n_pages
+
     # --- writing -----------------------------------------------------------------------------
     def put(self, group: int, tier: int, positions: torch.Tensor, keys: torch.Tensor,
             values: torch.Tensor, distortion: torch.Tensor) -> None:
@@ -260,7 +350,7 @@ class PagedStore:
             self._append(group, tier, run[-1], *new)
         else:
             self._rebuild(group, tier, *(torch.cat([a, b]) if isinstance(a, torch.Tensor)
-                                         else _cat(a, b, self.d)
+                                         else cat_codes([a, b])
                                          for a, b in zip(self.read(group, tier), new,
                                                          strict=True)))
 
@@ -353,9 +443,9 @@ class PagedStore:
         table = np.concatenate([self.tables[group], entries])
         self.tables[group] = table[np.lexsort((table["first_position"], table["tier"]))]
 
-    @staticmethod
-    def _write_slots(pool: TierPool, slots: torch.Tensor, span: torch.Tensor, key: Codes,
+    def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor, key: Codes,
                      value: Codes, distortion: torch.Tensor) -> None:
+        self.version += 1
         for dst, src in ((pool.key, key), (pool.value, value)):
             dst.payload[slots] = src.payload
             for k, v in src.side.items():
@@ -367,7 +457,7 @@ class PagedStore:
         """Append ``pages`` zeroed pages owned by ``group``; their ids."""
         start = pool.pages
         rows = pages * self.page_size
-        pool.key, pool.value = (_cat(c, _empty(t, rows), self.d)
+        pool.key, pool.value = (cat_codes([c, _empty(t, rows)])
                                 for c, t in zip((pool.key, pool.value), pool.templates,
                                                 strict=True))
         pool.offset = torch.cat([pool.offset, pool.offset.new_zeros(rows)])
@@ -381,6 +471,7 @@ class PagedStore:
         the new end (their page-table entries follow), and the pool shrinks."""
         if not ids:
             return
+        self.version += 1
         p, end = self.page_size, pool.pages - len(ids)
         freed = set(ids)
         holes = sorted(i for i in freed if i < end)

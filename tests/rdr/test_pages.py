@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sphkv.codec import Codes
 from sphkv.rdr import default_tiers
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.pages import OFFSET_BYTES, PagedStore
@@ -117,3 +118,37 @@ def test_page_span_limit(tiers):
     _put(store, 0, 1, [70_000])
     _check(store, {0: {1: [0, 70_000]}})
     assert len(store.tables[0]) == 2
+
+
+def test_contents_and_replace_repack_every_group(tiers):
+    store = PagedStore(tiers, groups=3, page_size=P)
+    turbo2, fp16 = tiers.index("turbo2"), tiers.index("fp16")
+    _put(store, 0, turbo2, [0, 1, 2, 3, 4])
+    _put(store, 2, turbo2, [7, 9], seed=1)
+    _put(store, 1, fp16, [3, 4], seed=2)
+    version = store.version
+    group, pos, key, value, dist = store.contents(turbo2)
+    assert sorted(zip(group.tolist(), pos.tolist(), strict=True)) == \
+        [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (2, 7), (2, 9)]
+    before = dict(zip(zip(group.tolist(), pos.tolist(), strict=True),
+                      tiers[turbo2].key.decode(key), strict=True))
+    # drop group 0's tokens 1 and 3, move group 2's run to group 1, shuffled
+    keep = torch.tensor([i for i, (g, p) in enumerate(zip(group, pos.tolist(), strict=True))
+                         if (g, p) not in {(0, 1), (0, 3)}]).flip(0)
+    new_group = np.where(group[keep.numpy()] == 2, 1, group[keep.numpy()])
+    store.replace(turbo2, new_group, pos[keep], _codes(key, keep), _codes(value, keep),
+                  dist[keep])
+    assert store.version > version
+    _check(store, {0: {turbo2: [0, 2, 4]}, 1: {turbo2: [7, 9], fp16: [3, 4]}, 2: {}})
+    group, pos, key, _, _ = store.contents(turbo2)
+    for g, p, k in zip(group.tolist(), pos.tolist(), tiers[turbo2].key.decode(key), strict=True):
+        assert torch.equal(k, before[(0 if g == 0 else 2, p)])
+    store.replace(turbo2, np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long),
+                  _codes(key, torch.zeros(0, dtype=torch.long)),
+                  _codes(value, torch.zeros(0, dtype=torch.long)), dist[:0])
+    _check(store, {0: {}, 1: {fp16: [3, 4]}, 2: {}})
+
+
+def _codes(codes, index):
+    return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
+                 torch.Size((len(index), codes.shape[-1])))

@@ -46,7 +46,7 @@ from sphkv.integrations.hf.kernel_attention import kernel_attend
 from sphkv.integrations.hf.methods import METHODS, Method, get_method
 from sphkv.kernels.encode_pack import KERNEL_CODECS, encode_codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY, layer_distortion
-from sphkv.rdr.pages import PagedStore
+from sphkv.rdr.pages import PagedStore, cat_codes
 from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
 from sphkv.solvers import solve
 
@@ -75,6 +75,7 @@ class CompressedLayer(CacheLayerMixin):
     def __init__(self, cache: SphkvCache, index: int):
         super().__init__()
         self.cache, self.index, self.length = cache, index, 0
+        self._decoded: tuple[int, list] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape
@@ -112,6 +113,18 @@ class CompressedLayer(CacheLayerMixin):
     def window_bytes(self) -> int:
         return (self.keys.numel() + self.values.numel()) * 2 if self.is_initialized else 0
 
+    def _decoded_pages(self, b: int, h: int) -> list:
+        """``(k̂, v̂ [B, H_kv, n, d], valid [B, H_kv, n])`` per non-empty tier of the layer's
+        pages, decoded again only after the store changed. ``q·k̂`` equals the logits the key
+        codes give, to rounding (:meth:`~sphkv.codec.Codec.logits`); between admissions,
+        decoding steps reuse the decoded pages."""
+        version = self.cache.store.version if self.cache.store is not None else -1
+        if self._decoded is None or self._decoded[0] != version:
+            self._decoded = (version, [(tier.key.decode(key), tier.value.decode(value), valid)
+                                       for tier, key, value, valid
+                                       in self.cache.pages(self.index, b, h)])
+        return self._decoded[1]
+
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float) -> torch.Tensor:
         """Attention of the new queries over the pages and the window.
@@ -139,17 +152,23 @@ class CompressedLayer(CacheLayerMixin):
         if cache.pad is None:
             cache.set_padding(attention_mask, b)
         q = query.float().reshape(b, h, g * m, d)  # the G query heads of a kv-head, head-major
-        logits, values = [], []
-        for tier, key, value, valid in cache.pages(self.index, b, h):
-            s = tier.key.logits(q, key).view(b, h, g, m, -1)
-            logits.append(s.masked_fill(~valid[:, :, None, None], -math.inf))
-            values.append(tier.value.decode(value))
         # window: token at position p is seen by query position t iff pad_b <= p <= t
         pos = self.start + torch.arange(self.keys.shape[-2], device=q.device)
         t = self.length - m + torch.arange(m, device=q.device)
         pad = cache.pad.to(q.device)
         seen = (pos[None, None, :] >= pad[:, None, None]) & (pos[None, None, :]
                                                              <= t[None, :, None])
+        pages = self._decoded_pages(b, h)
+        if not pages:  # a prefill: the window alone, through torch's fused attention
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.float(), self.keys.float(), self.values.float(), seen[:, None],
+                scale=scaling, enable_gqa=True)
+            return out.nan_to_num(0.0).transpose(1, 2).to(query.dtype)
+        logits, values = [], []
+        for key, value, valid in pages:
+            s = (q @ key.mT).view(b, h, g, m, -1)
+            logits.append(s.masked_fill(~valid[:, :, None, None], -math.inf))
+            values.append(value)
         s = (q @ self.keys.float().mT).view(b, h, g, m, -1)
         logits.append(s.masked_fill(~seen[:, None, None], -math.inf))
         values.append(self.values.float())
@@ -226,6 +245,9 @@ class SphkvCache(Cache):
         self.store: PagedStore | None = None
         self.pad: torch.Tensor | None = None
         self._queries: dict[int, torch.Tensor] = {}
+        # the prefill's distortion rows per method (its repr names every field), shared by the
+        # copies :meth:`compress` makes: they do not depend on the budget
+        self._prefill_items: dict[str, list] = {}
 
     # --- accounting --------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -312,6 +334,7 @@ class SphkvCache(Cache):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
             theirs.is_initialized = True
         out.pad = self.pad
+        out._prefill_items = self._prefill_items
         out._queries = {i: q if out._all_queries() else q[:, :, -out._kept_queries():]
                         for i, q in self._queries.items()}
         out._step()
@@ -380,23 +403,39 @@ class SphkvCache(Cache):
     def _is_sink(self, b: int, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.pad[b] < self.sinks
 
-    def _write(self, b, layer, positions, keys, values, d, tiers) -> None:
-        """Put the items ``[H, n]`` of (b, layer) into the store at ``tiers [H, n]``, each
-        tier's keys and values encoded in one call."""
-        heads = np.arange(keys.shape[0])[:, None].repeat(keys.shape[1], 1)
-        for t in np.unique(tiers):
-            if self.tiers[int(t)].is_drop:
+    def _put(self, items: list, tiers: list[np.ndarray]) -> None:
+        """Add the items of :meth:`_items` to the store at ``tiers`` (``[H, n]`` each): each
+        tier's new keys and values encoded in one call and its pool rewritten once."""
+        group, pos, keys, values, dist, tier = [], [], [], [], [], []
+        for (b, layer, p, k, v, d), t in zip(items, tiers, strict=True):
+            h = k.shape[0]
+            group.append(np.repeat([self._group(b, layer, j) for j in range(h)], len(p)))
+            pos.append(p.repeat(h))  # head-major, as the rows of k [H, n, d]
+            keys.append(k.reshape(-1, k.shape[-1]))
+            values.append(v.reshape(-1, v.shape[-1]))
+            dist.append(d.reshape(-1, d.shape[-1]))
+            tier.append(t.reshape(-1))
+        if not items:
+            return
+        group, pos, tier = np.concatenate(group), torch.cat(pos), np.concatenate(tier)
+        keys, values = torch.cat(keys), torch.cat(values)
+        dist = torch.from_numpy(np.concatenate(dist))
+        for t in self.store.pools:
+            sel = tier == t
+            if not sel.any():
                 continue
-            sel = tiers == t
-            h_sel, sel_t = heads[sel], torch.from_numpy(sel).to(keys.device)
-            key = _encode(self.tiers[int(t)].key, keys[sel_t])
-            value = _encode(self.tiers[int(t)].value, values[sel_t])
-            dist = torch.from_numpy(d[sel])
-            for h in np.unique(h_sel):
-                rows = torch.from_numpy(np.flatnonzero(h_sel == h))
-                self.store.put_encoded(self._group(b, layer, int(h)), int(t),
-                                       positions[torch.from_numpy(sel[h])],
-                                       _rows(key, rows), _rows(value, rows), dist[rows])
+            on, host = torch.from_numpy(sel).to(keys.device), torch.from_numpy(sel)
+            new = (group[sel], pos[host], _encode(self.tiers[t].key, keys[on]),
+                   _encode(self.tiers[t].value, values[on]), dist[host])
+            self._replace(t, [self.store.contents(t), new])
+
+    def _replace(self, tier: int, parts: list[tuple]) -> None:
+        """Rewrite ``tier``'s pool as the union of ``parts``, each ``(group, positions, key
+        Codes, value Codes, distortion)`` as :meth:`PagedStore.contents` returns them."""
+        group, pos, key, value, dist = zip(*parts, strict=True)
+        self.store.replace(tier, np.concatenate(group), torch.cat(pos), cat_codes(list(key)),
+                           cat_codes(list(value)),
+                           torch.cat([x.to(self.store.device) for x in dist]))
 
     def _trim(self, n: int) -> None:
         for layer in self.layers:
@@ -410,7 +449,10 @@ class SphkvCache(Cache):
 
     def _prefill(self, n: int) -> None:
         """One greedy solve over the n oldest tokens of every layer, head and sequence."""
-        items = list(self._items(n))
+        key = repr(self.method)
+        if key not in self._prefill_items:
+            self._prefill_items[key] = list(self._items(n))
+        items = self._prefill_items[key]
         if not items:
             self._trim(n)
             return
@@ -429,12 +471,9 @@ class SphkvCache(Cache):
             raise InfeasibleBudgetError(self.budget, exc.min_cost + self._reserve()) from None
         alloc = solve(problem, "greedy")
         self.price = float(alloc.price or 0.0)
-        start = 0
-        for b, layer, pos, k, v, d in items:
-            size = k.shape[0] * len(pos)
-            tiers = alloc.tiers[start:start + size].reshape(k.shape[0], len(pos))
-            self._write(b, layer, pos, k, v, d, tiers)
-            start += size
+        sizes = np.cumsum([k.shape[0] * len(pos) for _, _, pos, k, _, _ in items])[:-1]
+        self._put(items, [t.reshape(k.shape[0], -1) for t, (*_, k, _, _) in
+                          zip(np.split(alloc.tiers, sizes), items, strict=True)])
         self._trim(n)
 
     def _admit(self, n: int) -> None:
@@ -442,10 +481,12 @@ class SphkvCache(Cache):
         # amortized bytes per item: its slot and its share of a page-table entry
         cost = self.store.slot_costs
         cost = np.where(cost > 0, cost + PAGE_TABLE_ENTRY.itemsize / self.page_size, 0.0)
-        for b, layer, pos, k, v, d in list(self._items(n)):
-            tiers = np.argmin(d + self.price * cost, axis=-1)
-            tiers[:, self._is_sink(b, pos).numpy()] = self._sink_tier()
-            self._write(b, layer, pos, k, v, d, tiers)
+        items = list(self._items(n))
+        tiers = []
+        for b, _, pos, _, _, d in items:
+            tiers.append(np.argmin(d + self.price * cost, axis=-1))
+            tiers[-1][:, self._is_sink(b, pos).numpy()] = self._sink_tier()
+        self._put(items, tiers)
         self._trim(n)
         page_budget = self.budget - self._reserve()
         if self.store.nbytes() > page_budget:
@@ -455,13 +496,11 @@ class SphkvCache(Cache):
 
     def _demote(self, budget: float) -> None:
         """Greedy over every kept item, tiers only going down, within ``budget`` bytes."""
-        kept = [(g, int(t), *self.store.distortion(g, int(t)))
-                for g, table in enumerate(self.store.tables)
-                for t in np.unique(table["tier"])]
-        d = np.concatenate([dist.double().cpu().numpy() for *_, dist in kept])
-        cur = np.concatenate([np.full(len(pos), t) for _, t, pos, _ in kept])
-        pos = torch.cat([pos for _, _, pos, _ in kept])
-        group = np.concatenate([np.full(len(p), g) for g, _, p, _ in kept])
+        kept = {t: self.store.contents(t) for t in self.store.pools}
+        group = np.concatenate([c[0] for c in kept.values()])
+        pos = torch.cat([c[1] for c in kept.values()])
+        d = torch.cat([c[4] for c in kept.values()]).double().cpu().numpy()
+        cur = np.concatenate([np.full(len(c[0]), t) for t, c in kept.items()])
         # a token's lost precision cannot come back: above its tier it only loses, by a hair,
         # so that no upgrade is ever worth a byte (page repair included)
         above = np.arange(d.shape[1])[None, :] > cur[:, None]
@@ -472,14 +511,33 @@ class SphkvCache(Cache):
         alloc = solve(self._page_problem(d, np.where(sink, cur, -1), group, budget), "greedy",
                       repair=False)
         self.price = float(alloc.price or 0.0)
-        new = alloc.tiers
-        for g, t in {(int(g), int(t)) for g, t in zip(group[new != cur], cur[new != cur],
-                                                      strict=True)}:
-            sel = (group == g) & (cur == t) & (new != cur)
-            k_hat, v_hat, dist = self.store.take(g, t, pos[sel])
-            for to in np.unique(new[sel]):
-                m = torch.from_numpy(new[sel] == to)
-                self.store.put(g, int(to), pos[sel][m], k_hat[m], v_hat[m], dist[m])
+        # each pool: the tokens that stay, then those moved in (decoded from their old tier
+        # and encoded at the new one)
+        parts: dict[int, list] = {t: [] for t in kept}
+        changed = set()
+        start = 0
+        for t, (g, p, key, value, dist) in kept.items():
+            to = alloc.tiers[start:start + len(g)]
+            start += len(g)
+            if (to == t).all():
+                parts[t].append((g, p, key, value, dist))
+                continue
+            changed.add(t)
+            stay, moved = np.flatnonzero(to == t), np.flatnonzero(to != t)
+            parts[t].append(_select(g, p, key, value, dist, stay))
+            g, p, key, value, dist = _select(g, p, key, value, dist, moved)
+            k_hat, v_hat = self.tiers[t].key.decode(key), self.tiers[t].value.decode(value)
+            for dest in np.unique(to[moved]):
+                if self.tiers[int(dest)].is_drop:
+                    continue
+                m = np.flatnonzero(to[moved] == dest)
+                on = torch.from_numpy(m).to(k_hat.device)
+                parts[int(dest)].append((g[m], p[m], _encode(self.tiers[int(dest)].key, k_hat[on]),
+                                         _encode(self.tiers[int(dest)].value, v_hat[on]),
+                                         dist[on]))
+                changed.add(int(dest))
+        for t in changed:
+            self._replace(t, parts[t])
 
 
 def _encode(codec: Codec, x: torch.Tensor) -> Codes:
@@ -495,6 +553,14 @@ def _rows(codes: Codes, index: torch.Tensor) -> Codes:
     """The vectors ``index [n]`` of flat codes."""
     return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
                  torch.Size((len(index), codes.shape[-1])))
+
+
+def _select(group, positions, key, value, dist, index: np.ndarray) -> tuple:
+    """Rows ``index`` of :meth:`PagedStore.contents`'s ``(group, positions, key, value,
+    distortion)``."""
+    on = torch.from_numpy(index).to(dist.device)
+    return (group[index], positions[torch.from_numpy(index)], _rows(key, on), _rows(value, on),
+            dist[on])
 
 
 def _reshape(codes: Codes, shape: tuple[int, int, int]) -> Codes:
