@@ -153,6 +153,10 @@ class Codec(ABC):
     def decode(self, codes: Codes) -> torch.Tensor:
         """Reconstruct ``x̂`` ``[..., d]`` (float32) from ``codes``."""
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``x̂ = decode(encode(x))``, float32 ``[..., d]``."""
+        return self.decode(self.encode(x))
+
     def logits(self, q: torch.Tensor, codes: Codes) -> torch.Tensor:
         """Attention logits ``q · x̂`` from the codes.
 

@@ -144,9 +144,23 @@ class KiviCodec(Codec):
         return Codes(pack([codes], [self.bits]), {"scale": scale, "zero": zero}, x.shape)
 
     def decode(self, codes: Codes) -> torch.Tensor:
+        """``x̂``; with ``axis="channel"`` the side may also hold each vector's own (s, z)
+        ``[..., n, d]`` (its group's, as a paged store reads them back)."""
         c = unpack(codes.payload, [(self.d, self.bits)])[0].float()
-        s, z = (codes.side[k].float().unsqueeze(-1) for k in ("scale", "zero"))
-        return self._ungroup(self._groups(c) * s + z)
+        s, z = (codes.side[k].float() for k in ("scale", "zero"))
+        if self.axis == "channel" and s.shape[-2] == c.shape[-2]:
+            return c * s + z
+        return self._ungroup(self._groups(c) * s.unsqueeze(-1) + z.unsqueeze(-1))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))``; with ``axis="channel"``, dimension -2 of any length: its last
+        group is completed by repeating the last vector (as a paged store completes a
+        partial page), which leaves the group's minima and maxima as they are."""
+        if self.axis == "token" or x.shape[-2] % self.group_size == 0:
+            return super().reconstruct(x)
+        n = x.shape[-2]
+        pad = x[..., -1:, :].expand(*x.shape[:-2], -n % self.group_size, x.shape[-1])
+        return super().reconstruct(torch.cat([x, pad], dim=-2))[..., :n, :]
 
 
 @dataclass

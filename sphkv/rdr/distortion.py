@@ -52,8 +52,7 @@ def _grouped(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
 
 def _deltas(tier: Tier, keys: torch.Tensor, values: torch.Tensor):
     """``k̂ − k`` and ``v̂ − v`` ``[H_kv, n, d]`` of a non-drop tier, through its codecs."""
-    return (tier.key.decode(tier.key.encode(keys)) - keys,
-            tier.value.decode(tier.value.encode(values)) - values)
+    return tier.key.reconstruct(keys) - keys, tier.value.reconstruct(values) - values
 
 
 def _logit_error(dk: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

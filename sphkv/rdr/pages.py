@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sphkv.codec import Codes
+from sphkv.codec import Codes, KiviCodec
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.tiers import Tier, TierSet
 
@@ -47,6 +47,22 @@ def _rows(codes: Codes, index: torch.Tensor, d: int) -> Codes:
     """The vectors ``index`` (any shape) of flat codes ``[S]``, as codes ``[*index.shape]``."""
     return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
                  torch.Size((*index.shape, d)))
+
+
+def _paged_keys(tier: Tier) -> bool:
+    """Whether the tier's keys are quantized per channel over groups of tokens (KIVI's keys):
+    the store makes each page one group."""
+    return isinstance(tier.key, KiviCodec) and tier.key.axis == "channel"
+
+
+def _stripe(codes: Codes, p: int) -> Codes:
+    """Codes of whole pages (``[pages, P]`` vectors, statistics ``[pages, 1, d]``) in slot
+    layout: ``[pages · P]`` rows, slot j of a page holding channels ``j d/P … (j+1) d/P − 1``
+    of its page's statistics, so that a page's bytes are its slots' bytes."""
+    rows = codes.payload.shape[0] * p
+    return Codes(codes.payload.reshape(rows, -1),
+                 {k: v.reshape(rows, -1) for k, v in codes.side.items()},
+                 torch.Size((rows, codes.shape[-1])))
 
 
 def _to(codes: Codes, device: torch.device) -> Codes:
@@ -89,9 +105,19 @@ class TierPool:
     def __init__(self, tier: Tier, index: int, page_size: int, n_tiers: int,
                  device: torch.device):
         self.tier, self.index, self.page_size = tier, index, page_size
-        # codes of one zero vector: the shapes and dtypes of new slots
-        self.templates = tuple(_to(codec.encode(torch.zeros(1, codec.d)), device)
-                               for codec in (tier.key, tier.value))
+        self.paged_keys = _paged_keys(tier)
+        key = tier.key
+        if self.paged_keys and (key.group_size != page_size or key.d % page_size):
+            raise ValueError(f"tier {tier.name} quantizes its keys per channel over groups of "
+                             f"{key.group_size} tokens, one page each: it needs page_size = "
+                             f"{key.group_size} dividing d = {key.d}, got page_size {page_size}")
+        # codes of one zero vector: the shapes and dtypes of new slots (paged keys: a slot's
+        # codes and its stripe of the page's statistics)
+        one = torch.zeros(1, dtype=torch.long)
+        key_template = (_rows(_stripe(key.encode(torch.zeros(1, page_size, key.d)), page_size),
+                              one, key.d) if self.paged_keys else key.encode(torch.zeros(1, key.d)))
+        self.templates = tuple(_to(c, device) for c in
+                               (key_template, tier.value.encode(torch.zeros(1, key.d))))
         self.key, self.value = (_empty(t, 0) for t in self.templates)
         self.offset = torch.zeros(0, dtype=torch.int16, device=device)
         self.distortion = torch.zeros(0, n_tiers, device=device)
@@ -108,6 +134,18 @@ class TierPool:
     def held_bytes(self) -> int:
         """Bytes of the tensors that make up the pages (codes, side information, offsets)."""
         return self.key.nbytes + self.value.nbytes + self.offset.numel() * 2
+
+    def key_rows(self, slots: torch.Tensor) -> Codes:
+        """Key codes of ``slots`` (any shape); paged keys carry their page's statistics in full
+        (``[..., d]`` per slot), as the key codec decodes them."""
+        d = self.tier.key.d
+        if not self.paged_keys:
+            return _rows(self.key, slots, d)
+        p = self.page_size
+        stripes = (slots // p * p).unsqueeze(-1) + torch.arange(p, device=slots.device)
+        return Codes(self.key.payload[slots],
+                     {k: v[stripes].flatten(-2) for k, v in self.key.side.items()},
+                     torch.Size((*slots.shape, d)))
 
     def _apply(self, fn) -> None:
         """Replace every per-slot tensor ``t`` by ``fn(t)``."""
@@ -197,7 +235,7 @@ class PagedStore:
         """``(positions [n], key Codes [n], value Codes [n], distortion [n, T])`` of a run."""
         slots, pos = self._slots(group, tier)
         pool = self.pools[tier]
-        return (pos, _rows(pool.key, slots, self.d), _rows(pool.value, slots, self.d),
+        return (pos, pool.key_rows(slots), _rows(pool.value, slots, self.d),
                 pool.distortion[slots])
 
     def gather(self, tier: int, groups: list[int]):
@@ -217,7 +255,7 @@ class PagedStore:
         for i, s in enumerate(slots):
             index[i, :len(s)], valid[i, :len(s)] = s, True
         pool, index = self.pools[tier], index.to(self.device)
-        return (_rows(pool.key, index, self.d), _rows(pool.value, index, self.d),
+        return (pool.key_rows(index), _rows(pool.value, index, self.d),
                 valid.to(self.device))
 
     def contents(self, tier: int):
@@ -247,7 +285,7 @@ class PagedStore:
         positions = (torch.from_numpy(first[page]) + pool.offset[slots].long().cpu()
                      + _OFFSET_SHIFT)
         return (np.asarray(pool.owner, dtype=np.int64)[page], positions,
-                _rows(pool.key, slots, self.d), _rows(pool.value, slots, self.d),
+                pool.key_rows(slots), _rows(pool.value, slots, self.d),
                 pool.distortion[slots])
 
     def replace(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
@@ -262,7 +300,11 @@ class PagedStore:
             int ``[n]``.
         positions : torch.Tensor
             int ``[n]``, distinct within a group.
-        key, value : Codes
+        key : Codes or torch.Tensor
+            ``[n]`` vectors' codes; for a tier whose keys are quantized per channel over a page
+            (:class:`~sphkv.codec.KiviCodec` with ``axis="channel"``), the vectors ``[n, d]``
+            themselves, encoded here page by page.
+        value : Codes
             ``[n]`` vectors.
         distortion : torch.Tensor
             ``[n, T]``.
@@ -288,8 +330,19 @@ class PagedStore:
         pool.offset = torch.zeros(rows, dtype=torch.int16, device=self.device)
         pool.distortion = torch.zeros(rows, len(self.tiers), device=self.device)
         pool.owner = np.repeat(np.arange(len(self.tables)), pages).tolist()
-        self._write_slots(pool, slots, torch.from_numpy(span), _rows(key, src, self.d),
-                          _rows(value, src, self.d), distortion.float().to(self.device)[src])
+        if pool.paged_keys:
+            # each page one group of the per-channel statistics; the empty slots of a partial
+            # page repeat its first token, which leaves its minima and maxima as they are
+            x = key.float().to(self.device)[src]
+            lead = torch.from_numpy(np.flatnonzero(rank % p == 0)).to(self.device)
+            grid = x[lead].unsqueeze(1).repeat(1, p, 1)
+            grid.view(-1, self.d)[slots] = x
+            pool.key = _stripe(pool.tier.key.encode(grid), p)
+            key = _rows(pool.key, slots, self.d)
+        else:
+            key = _rows(key, src, self.d)
+        self._write_slots(pool, slots, torch.from_numpy(span), key, _rows(value, src, self.d),
+                          distortion.float().to(self.device)[src])
         valid = np.minimum(p, np.repeat(counts, pages)
                            - p * (np.arange(len(first)) - np.repeat(np.cumsum(pages) - pages,
                                                                     pages)))
@@ -324,8 +377,16 @@ class PagedStore:
         if self.tiers[tier].is_drop or len(positions) == 0:
             return
         tier_ = self.tiers[tier]
-        self.put_encoded(group, tier, positions, tier_.key.encode(keys),
-                         tier_.value.encode(values), distortion)
+        value = _to(tier_.value.encode(values), self.device)
+        if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
+            g, pos, key, val, dist = self.contents(tier)
+            self.replace(tier, np.concatenate([g, np.full(len(positions), group)]),
+                         torch.cat([pos, positions.long().cpu()]),
+                         torch.cat([tier_.key.decode(key), keys.float().to(self.device)]),
+                         cat_codes([val, value]),
+                         torch.cat([dist, distortion.float().to(self.device)]))
+            return
+        self.put_encoded(group, tier, positions, tier_.key.encode(keys), value, distortion)
 
     def put_encoded(self, group: int, tier: int, positions: torch.Tensor, key: Codes,
                     value: Codes, distortion: torch.Tensor) -> None:
@@ -337,6 +398,9 @@ class PagedStore:
         """
         if self.tiers[tier].is_drop or len(positions) == 0:
             return
+        if self.pools[tier].paged_keys:
+            raise ValueError(f"tier {self.tiers[tier].name} quantizes its keys per page: write "
+                             f"it with put() or replace(), which encode whole pages")
         positions = positions.long().cpu()
         order = torch.argsort(positions)
         o = order.to(self.device)
@@ -377,6 +441,14 @@ class PagedStore:
         tier_ = self.tiers[tier]
         k_hat = tier_.key.decode(_rows(key, out, self.d))
         v_hat = tier_.value.decode(_rows(value, out, self.d))
+        if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
+            g, pos_all, key_all, value_all, dist_all = self.contents(tier)
+            stay = ~((g == group) & np.isin(pos_all.numpy(), positions.numpy()))
+            on = torch.from_numpy(np.flatnonzero(stay)).to(self.device)
+            self.replace(tier, g[stay], pos_all[torch.from_numpy(stay)],
+                         tier_.key.decode(_rows(key_all, on, self.d)),
+                         _rows(value_all, on, self.d), dist_all[on])
+            return k_hat, v_hat, dist[out]
         rest = torch.nonzero(keep).squeeze(1)
         rest_dev = rest.to(self.device)
         self._rebuild(group, tier, pos[rest], _rows(key, rest_dev, self.d),

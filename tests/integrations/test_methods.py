@@ -21,7 +21,7 @@ from .fixtures import TINY
 
 DROP_ONLY = ("h2o", "manifoldkv", "manifoldkv-windowed")
 QUANTIZE_ONLY = ("polarquant", "fibquant")
-NEW = (*DROP_ONLY, *QUANTIZE_ONLY, "rdr-scalar")
+NEW = (*DROP_ONLY, *QUANTIZE_ONLY, "rdr-scalar", "kivi")
 DIMS = (64, 128)
 PROMPT, NEW_TOKENS, WINDOW = 96, 12, 8
 
@@ -111,6 +111,21 @@ def test_quantizer_ladders_span_an_eighth_to_a_third_of_fp16(d):
         assert 0.125 <= fraction[0] < 0.18 and 0.25 < fraction[-1] < 0.31
 
 
+@pytest.mark.parametrize("d", DIMS)
+def test_kivi_keys_per_channel_over_a_page_values_per_token(d):
+    from sphkv.codec import KiviCodec
+
+    for page_size in (4, 16):
+        tiers = METHODS["kivi"].tier_set(d, page_size)
+        assert tiers.names == ["drop", "kivi2", "kivi4"]
+        for tier, bits in zip(tiers[1:], (2, 4), strict=True):
+            assert tier.key == KiviCodec(d=d, bits=bits, group_size=page_size, axis="channel")
+            assert tier.value == KiviCodec(d=d, bits=bits, group_size=32, axis="token")
+            # codes, then fp16 scale and zero: per channel per page, per 32 channels per token
+            assert tier.bytes_per_token_head == (2 * bits * d // 8 + 4 * d // page_size
+                                                 + 4 * d // 32)
+
+
 def test_all_queries_attribute():
     assert Estimator.all_queries is False
     assert AccumulatedAttention.all_queries is True
@@ -132,7 +147,7 @@ def test_budget_held_and_tiers_within_the_ladder(model, method):
         assert 0 < sum(kept.values()) < _seen(cache)
 
 
-@pytest.mark.parametrize("method", QUANTIZE_ONLY)
+@pytest.mark.parametrize("method", (*QUANTIZE_ONLY, "kivi"))
 def test_quantize_only_drops_nothing_at_a_generous_budget(model, method):
     cache = _run(model, method, 0.9)
     kept = _kept(cache)

@@ -152,3 +152,32 @@ def test_contents_and_replace_repack_every_group(tiers):
 def _codes(codes, index):
     return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
                  torch.Size((len(index), codes.shape[-1])))
+
+
+def test_paged_keys_quantize_each_page_whole():
+    """KIVI's per-channel keys: each page one group of statistics, striped over its slots."""
+    from sphkv.codec import KiviCodec
+    from sphkv.rdr import Tier, TierSet
+
+    key = KiviCodec(d=D, bits=4, group_size=P, axis="channel")
+    tiers = TierSet((Tier("drop"), Tier("kc4", key, KiviCodec(d=D, bits=4, group_size=D,
+                                                                axis="token"))))
+    with pytest.raises(ValueError, match="page_size"):
+        PagedStore(tiers, groups=1, page_size=2 * P)
+    store = PagedStore(tiers, groups=2, page_size=P)
+    keys, _ = _put(store, 0, 1, [0, 1, 2, 3, 4, 5])
+    _put(store, 1, 1, [3, 7], seed=1)
+    _check(store, {0: {1: [0, 1, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
+    pos, k_codes, _, _ = store.read(0, 1)
+    # a full page and a partial one, each quantized as one group of its own tokens
+    expected = torch.cat([key.reconstruct(keys[:4]), key.reconstruct(keys[4:])])
+    assert torch.equal(key.decode(k_codes), expected)
+    k_hat, _, _ = store.take(0, 1, torch.tensor([1]))
+    assert torch.equal(k_hat[0], expected[1])
+    _check(store, {0: {1: [0, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
+    # the repacked first page [0, 2, 3, 4] is quantized again from its decoded keys
+    _, k_codes, _, _ = store.read(0, 1)
+    assert torch.equal(key.decode(k_codes)[:4], key.reconstruct(expected[[0, 2, 3, 4]]))
+    with pytest.raises(ValueError, match="per page"):
+        store.put_encoded(0, 1, torch.tensor([9]), key.encode(keys[:4]),
+                          tiers[1].value.encode(keys[:1]), torch.zeros(1, 2))

@@ -232,7 +232,7 @@ class SphkvCache(Cache):
         self.head_dim = getattr(text, "head_dim", None) or \
             text.hidden_size // text.num_attention_heads
         self.method = get_method(method) if isinstance(method, str) else method
-        self.tiers = self.method.tier_set(self.head_dim)
+        self.tiers = self.method.tier_set(self.head_dim, page_size)
         self.estimator = self.method.get_estimator()
         self.config = config
         self.budget = None if budget is None else float(budget)
@@ -425,7 +425,7 @@ class SphkvCache(Cache):
             if not sel.any():
                 continue
             on, host = torch.from_numpy(sel).to(keys.device), torch.from_numpy(sel)
-            new = (group[sel], pos[host], _encode(self.tiers[t].key, keys[on]),
+            new = (group[sel], pos[host], self._key_part(t, keys[on]),
                    _encode(self.tiers[t].value, values[on]), dist[host])
             self._replace(t, [self.store.contents(t), new])
 
@@ -433,9 +433,21 @@ class SphkvCache(Cache):
         """Rewrite ``tier``'s pool as the union of ``parts``, each ``(group, positions, key
         Codes, value Codes, distortion)`` as :meth:`PagedStore.contents` returns them."""
         group, pos, key, value, dist = zip(*parts, strict=True)
-        self.store.replace(tier, np.concatenate(group), torch.cat(pos), cat_codes(list(key)),
+        if self.store.pools[tier].paged_keys:  # the store encodes whole pages from vectors
+            key = torch.cat([k if isinstance(k, torch.Tensor) else self.tiers[tier].key.decode(k)
+                             for k in key])
+        else:
+            key = cat_codes(list(key))
+        self.store.replace(tier, np.concatenate(group), torch.cat(pos), key,
                            cat_codes(list(value)),
                            torch.cat([x.to(self.store.device) for x in dist]))
+
+    def _key_part(self, tier: int, keys: torch.Tensor):
+        """New keys ``[n, d]`` for :meth:`_replace`: encoded, or as they are for a tier whose
+        pages are quantized whole."""
+        if self.store.pools[tier].paged_keys:
+            return keys
+        return _encode(self.tiers[tier].key, keys)
 
     def _trim(self, n: int) -> None:
         for layer in self.layers:
@@ -532,7 +544,7 @@ class SphkvCache(Cache):
                     continue
                 m = np.flatnonzero(to[moved] == dest)
                 on = torch.from_numpy(m).to(k_hat.device)
-                parts[int(dest)].append((g[m], p[m], _encode(self.tiers[int(dest)].key, k_hat[on]),
+                parts[int(dest)].append((g[m], p[m], self._key_part(int(dest), k_hat[on]),
                                          _encode(self.tiers[int(dest)].value, v_hat[on]),
                                          dist[on]))
                 changed.add(int(dest))

@@ -59,13 +59,25 @@ class Recency(Estimator):
         return torch.arange(keys.shape[1], dtype=torch.float32).expand(keys.shape[0], -1)
 
 
-def _kivi_tiers(d: int) -> TierSet:
-    """drop → KIVI-style int2 → int4, groups of 32 channels per token for keys and values
-    (KIVI's per-channel keys need whole groups of tokens, which single pages do not have)."""
+def _kivi_tiers(d: int, page_size: int = 16) -> TierSet:
+    """drop → kivi2 → kivi4: KIVI's asymmetric int-b, keys per channel and values per token.
+
+    Keys: one fp16 scale and zero point per channel over each page of a head's tokens
+    (:class:`KiviCodec` with ``axis="channel"`` and ``group_size=page_size``; the paged store
+    quantizes each page whole). KIVI groups 32 tokens and keeps the newest ones fp16 until a
+    group fills; here a group is a page, the cache's fp16 window holds the newest tokens, and a
+    page that gains or loses tokens is quantized again from its decoded keys. Values: one scale
+    and zero point per 32 channels of each token. Bytes per token-head at d = 64 and 16-token
+    pages (with the 2-byte slot offset): 58 and 90 (fp16: 256); 16 of them are the key
+    statistics.
+
+    Based on Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+    arXiv 2402.02750.
+    """
     def kivi(bits: int) -> Tier:
-        g = math.gcd(d, 32)
-        return Tier(f"kivi{bits}", KiviCodec(d=d, bits=bits, group_size=g, axis="token"),
-                    KiviCodec(d=d, bits=bits, group_size=g, axis="token"))
+        return Tier(f"kivi{bits}", KiviCodec(d=d, bits=bits, group_size=page_size,
+                                             axis="channel"),
+                    KiviCodec(d=d, bits=bits, group_size=math.gcd(d, 32), axis="token"))
 
     return TierSet((Tier("drop"), kivi(2), kivi(4)))
 
@@ -123,7 +135,8 @@ class Method:
     ----------
     name : str
     ladder : callable
-        ``ladder(d) -> TierSet`` (drop first).
+        ``ladder(d) -> TierSet`` (drop first), or ``ladder(d, page_size)`` with
+        ``paged_keys``.
     tiers : tuple of str, optional
         The tiers allocations may choose; all of the ladder when omitted. The first attention
         sinks take the dearest of them.
@@ -145,6 +158,9 @@ class Method:
         Weigh each layer's distortion relative to its output energy
         (:func:`~sphkv.rdr.distortion.layer_distortion`), so that the one allocation over all
         layers does not favour the layers with the largest outputs.
+    paged_keys : bool
+        The ladder's keys are quantized per page (KIVI's per channel): it takes the cache's
+        page size.
     """
 
     name: str
@@ -155,10 +171,12 @@ class Method:
     observation: int | None = None
     floor: float = 0.0
     relative: bool = False
+    paged_keys: bool = False
 
-    def tier_set(self, d: int) -> TierSet:
-        """The ladder restricted to the method's tiers, drop always first."""
-        full = self.ladder(d)
+    def tier_set(self, d: int, page_size: int = 16) -> TierSet:
+        """The ladder restricted to the method's tiers, drop always first, for head dimension
+        ``d`` and pages of ``page_size`` slots."""
+        full = self.ladder(d, page_size) if self.paged_keys else self.ladder(d)
         names = self.tiers or tuple(full.names)
         return TierSet(tuple(t for t in full if t.is_drop or t.name in names))
 
@@ -179,7 +197,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("keydiff", tiers=("fp16",), estimator="keydiff"),
     Method("manifoldkv", tiers=("fp16",), estimator="manifoldkv"),
     Method("manifoldkv-windowed", tiers=("fp16",), estimator="manifoldkv-windowed"),
-    Method("kivi", ladder=_kivi_tiers, drop=False),
+    Method("kivi", ladder=_kivi_tiers, drop=False, paged_keys=True),
     Method("turboquant", tiers=("turbo2", "turbo3", "turbo4"), drop=False),
     Method("polarquant", ladder=_polar_tiers, drop=False),
     Method("fibquant", ladder=_fib_tiers, drop=False),
