@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from sphkv.cli import app
-from sphkv.integrations.hf.cache import register_attention
+from sphkv.integrations.hf.cache import METHODS, register_attention
 from sphkv.integrations.hf.tasks import (
     KEY_SENTENCE,
     NONE,
@@ -262,3 +262,28 @@ def test_sweep_merge_replaces_cells_and_names_every_commit():
     rows, header = merge([old, new])
     assert sorted((r["method"], r["ppl"]) for r in rows) == [("h2o", 19.0), ("rdr", 17.0)]
     assert header["commit"] == "aaa, bbb" and header["date"] == "d" and "rows" not in header
+
+
+def test_sweep_units_split_each_group_by_method_longest_first():
+    from benchmarks.eval_sweep import FULL, TASKS, groups, units
+
+    todo = groups(FULL, TASKS)
+    work = units(FULL, todo, 3)
+    assert len(work) == 3 * len(todo)
+    for g in todo:  # every method of every group runs in exactly one unit
+        methods = [m for unit, part in work if unit == g for m in part]
+        assert sorted(methods) == sorted(FULL["methods"])
+    tasks = [unit["task"] for unit, _ in work]
+    assert tasks == sorted(tasks, key=lambda t: t != "passkey")
+    rest = [unit["context"] for unit, _ in work if unit["task"] != "passkey"]
+    assert rest == sorted(rest, reverse=True)
+
+
+def test_ablation_one_bit_rung_sits_below_the_ladder():
+    from benchmarks.rdr_ablation import variant
+
+    name = variant("rdr", 0.5, True, one_bit=True)
+    tiers = METHODS[name].tier_set(64)
+    assert tiers.names == ["drop", "turbo1", *METHODS["rdr"].tier_set(64).names[1:]]
+    # 1 bit per coordinate and an fp16 norm, for the key and the value
+    assert tiers.costs[1] == 2 * (64 // 8 + 2)
