@@ -217,7 +217,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
              f"trials per cell in its table; "
              f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
-             + (f", {header['wall_seconds']} s wall" if "wall_seconds" in header else "")
+             + (f", {header['wall_seconds']} s wall (runs merged: their sum)"
+                if "wall_seconds" in header else "")
              + "; seconds per run exclude the shared prefill", ""]
     for task in TASKS:
         cell = [r for r in rows if r["task"] == task]
@@ -235,13 +236,16 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
 
 def merge(data: list[dict]) -> tuple[list[dict], dict]:
     """Rows of several runs, a later run's cell (task, context, setting, method, budget)
-    replacing an earlier one's, and the first run's header naming every run's commit."""
+    replacing an earlier one's, and the first run's header naming every run's commit and
+    summing their wall times."""
     cells = {}
     for d in data:
         for r in d["rows"]:
             cells[(r["task"], r["context"], r.get("setting"), r["method"], r["budget"])] = r
     commits = dict.fromkeys(d["commit"] for d in data)
     header = {k: v for k, v in data[0].items() if k != "rows"}
+    if all("wall_seconds" in d for d in data):
+        header["wall_seconds"] = sum(d["wall_seconds"] for d in data)
     return list(cells.values()), {**header, "commit": ", ".join(commits)}
 
 

@@ -257,9 +257,11 @@ def test_sweep_merge_replaces_cells_and_names_every_commit():
         return {"task": "ppl", "context": 1024, "setting": None, "method": method,
                 "budget": 0.125, "ppl": ppl}
 
-    old = {"commit": "aaa", "date": "d", "rows": [row("rdr", 18.0), row("h2o", 19.0)]}
-    new = {"commit": "bbb", "date": "e", "rows": [row("rdr", 17.0)]}
+    old = {"commit": "aaa", "date": "d", "wall_seconds": 100,
+           "rows": [row("rdr", 18.0), row("h2o", 19.0)]}
+    new = {"commit": "bbb", "date": "e", "wall_seconds": 20, "rows": [row("rdr", 17.0)]}
     rows, header = merge([old, new])
+    assert header["wall_seconds"] == 120
     assert sorted((r["method"], r["ppl"]) for r in rows) == [("h2o", 19.0), ("rdr", 17.0)]
     assert header["commit"] == "aaa, bbb" and header["date"] == "d" and "rows" not in header
 
