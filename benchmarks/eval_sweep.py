@@ -1,7 +1,8 @@
 """Quality sweep: methods × budgets × tasks through the compressed cache (DESIGN.md §5).
 
 ``python -m benchmarks.eval_sweep --text FILE`` runs the grid; ``--quick`` a few cells at small
-N (CI). Each (task, context, setting) prefills once and every (method, budget) run copies that
+N (CI). Each (task, context, setting) is split by method into ``--jobs`` parts that run on as
+many worker processes; a part prefills once and every (method, budget) run copies that
 prefill (:func:`sphkv.integrations.hf.tasks.perplexity_runs` and friends). Writes
 ``eval[_quick].{md,json,png}`` to ``--out-dir``: date, commit, device, model, text and trial
 counts in the header; the plot has quality against bytes, one line per method. The registry of

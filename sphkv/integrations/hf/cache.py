@@ -159,7 +159,7 @@ class CompressedLayer(CacheLayerMixin):
         seen = (pos[None, None, :] >= pad[:, None, None]) & (pos[None, None, :]
                                                              <= t[None, :, None])
         pages = self._decoded_pages(b, h)
-        if not pages:  # a prefill: the window alone, through torch's fused attention
+        if not pages:  # the window alone (a prefill): torch's fused attention
             out = torch.nn.functional.scaled_dot_product_attention(
                 query.float(), self.keys.float(), self.values.float(), seen[:, None],
                 scale=scaling, enable_gqa=True)
