@@ -116,5 +116,60 @@ def test_refusals():
         ada_decode(q, pages, None, block_n=32, num_warps=8)
     with pytest.raises(ValueError, match="at most"):
         ada_decode(torch.randn(1, 2, 65, 64).to(DEVICE), pages, None)
+    with pytest.raises(ValueError, match="first must be"):
+        pages[0].first = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)
+        ada_decode(q, pages, None)
     with pytest.raises(ValueError, match="nothing to attend"):
         ada_decode(q, [], None)
+
+
+# id: batch, query heads, kv heads, head dim, longest run, page size, window, positions, block
+BOUND_CASES = [
+    ("B2-H9-G3-D64-L75-P8-W21-M1-N32", 2, 9, 3, 64, 75, 8, 21, 1, 32),
+    ("B3-H4-G2-D64-L70-P5-W13-M3-N32", 3, 4, 2, 64, 70, 5, 13, 3, 32),
+    ("B1-H6-G3-D128-L99-P16-W0-M2-N64", 1, 6, 3, 128, 99, 16, 0, 2, 64),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,L,P,W,M,block_n", [c[1:] for c in BOUND_CASES],
+                         ids=[c[0] for c in BOUND_CASES])
+def test_visibility_bounds(nan_empty, B, Hq, Hkv, D, L, P, W, M, block_n):
+    """Sliding-window lower bounds: per-row ``first`` on the runs of two tiers (``[B, Hkv, M]``
+    and ``[B, Hkv]``) and on the window (``[B, M]``), hiding whole blocks and splits, and
+    everything for some rows (those return 0)."""
+    gen = torch.Generator().manual_seed(L + W + M)
+    tiers = default_tiers(D)
+    pages = [make_pages(tiers[tiers.index(n)], B, Hkv, D, L, P, gen)
+             for n in ("turbo3", "int8")]
+    pages[0].first = torch.randint(-2, L + 3, (B, Hkv, M), generator=gen).int().to(DEVICE)
+    pages[0].first[0, 0, 0] = L - 3  # only the last tokens, past several hidden blocks
+    pages[1].first = torch.randint(0, L // 2, (B, Hkv), generator=gen).int().to(DEVICE)
+    pages[1].first[-1, -1] = L + 1  # hides the whole run
+    window = None
+    if W:
+        window = make_window(B, Hkv, D, W, gen)
+        window.first = torch.randint(-1, W + 1, (B, M), generator=gen).to(DEVICE)
+        window.first[-1] = W  # the last sequence's rows see nothing in the window …
+        pages[0].first[-1] = L  # … nor in either tier: its output is 0
+        pages[1].first[-1] = L
+    elif B == 1:
+        pages[0].first[0, -1, -1] = L  # the last row of the last kv head sees nothing
+        pages[1].first[0, -1] = L
+    q = torch.randn(B, Hq, M, D, generator=gen).half().to(DEVICE)
+    ref = ada_decode_naive(q, pages, window)
+    out = ada_decode(q, pages, window, block_n=block_n, num_splits=3)
+    if W:
+        assert out[-1].abs().max() == 0 and ref[-1].abs().max() == 0
+    else:
+        assert out[0, -1, -1].abs().max() == 0 and ref[0, -1, -1].abs().max() == 0
+    assert_close(f"bounds B{B}-H{Hq}-Hkv{Hkv}-D{D}-L{L}-P{P}-W{W}-M{M}", ref, out, 3e-3)
+
+
+def test_window_bound_per_batch_equals_per_row(nan_empty):
+    """A ``[B]`` window bound means the same bound for every query position."""
+    gen = torch.Generator().manual_seed(7)
+    window = make_window(2, 2, 64, 40, gen)
+    q = torch.randn(2, 4, 3, 64, generator=gen).half().to(DEVICE)
+    rows = Window(window.keys, window.values, window.first[:, None].expand(2, 3).contiguous())
+    assert_close("[B] vs [B, M] window bound", ada_decode(q, [], window),
+                 ada_decode(q, [], rows), 1e-6)

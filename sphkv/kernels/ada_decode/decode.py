@@ -41,7 +41,7 @@ from sphkv.kernels.ada_decode.lookup import (
     prmt_lookup_asm,
     quarter_levels,
 )
-from sphkv.kernels.ada_decode.naive import TierPages, Window
+from sphkv.kernels.ada_decode.naive import TierPages, Window, row_bounds
 from sphkv.kernels.paged_decode.decode import LOG2E, _num_splits
 
 __all__ = ["ada_decode"]
@@ -120,9 +120,10 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
 def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
             block_table, lengths, first, o_part, lse_part,
             qk_scale, k_mult, v_mult, split_len, split_base, num_splits,
-            stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
+            stride_btb, stride_bth, stride_wb, stride_wh, stride_wn, stride_fb, stride_fh,
             HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, M: tl.constexpr,
             D: tl.constexpr, LOG2D: tl.constexpr, P: tl.constexpr, WINDOW: tl.constexpr,
+            BOUND: tl.constexpr,
             K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_BYTES: tl.constexpr,
             V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_BYTES: tl.constexpr,
             K_CODES: tl.constexpr, K_GROUP: tl.constexpr, V_CODES: tl.constexpr,
@@ -155,9 +156,13 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         b_q2 = tl.load(p_q + 4 * o_f[None, :] + 2, mask=m_r[:, None], other=0.0)
         b_q3 = tl.load(p_q + 4 * o_f[None, :] + 3, mask=m_r[:, None], other=0.0)
     if WINDOW:
-        # query position i sees window tokens first[b] ≤ n ≤ W − M + i
-        lo = tl.load(first + i_b)
+        # query position i sees window tokens n ≤ W − M + i
         b_hi = length - M + o_r % M
+    if BOUND:
+        # … and tokens n ≥ first[b, (h,) i]; blocks hidden from every row are skipped
+        b_lo = tl.load(first + i_b * stride_fb + i_h * stride_fh + o_r % M)
+        lo_min = tl.min(tl.where(m_r, b_lo, end), 0)
+        start += tl.maximum(lo_min - start, 0) // BLOCK_N * BLOCK_N
 
     b_m = tl.full([R_PAD], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([R_PAD], dtype=tl.float32)
@@ -207,7 +212,9 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         b_s = b_s * (b_ks * (k_mult * qk_scale))[None, :]
         m_s = m_n[None, :]
         if WINDOW:
-            m_s = m_s & (o_n >= lo)[None, :] & (o_n[None, :] <= b_hi[:, None])
+            m_s = m_s & (o_n[None, :] <= b_hi[:, None])
+        if BOUND:
+            m_s = m_s & (o_n[None, :] >= b_lo[:, None])
         b_s = tl.where(m_s, b_s, float("-inf"))
         # online softmax; a row may see nothing yet (window masks): keep its exponents finite
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -305,6 +312,14 @@ def _ada_tables(d: int, bits: tuple[int, ...], device: torch.device):
             torch.as_tensor(trig, dtype=torch.float32, device=device))
 
 
+def _bounds(first: torch.Tensor, shape: tuple[int, ...], M: int,
+            device: torch.device) -> torch.Tensor:
+    """A visibility bound ``[*shape]`` or ``[*shape, M]`` as contiguous int32 ``[*shape, M]``."""
+    if first.shape not in (shape, (*shape, M)):
+        raise ValueError(f"first must be {list(shape)} or {[*shape, M]}, got {list(first.shape)}")
+    return row_bounds(first, shape, M).to(device=device, dtype=torch.int32).contiguous()
+
+
 class _Side:
     """How the kernel reads one codec's rows: kind, bits, row tensor, side tensor, per-row
     factor, domain (rotation seed or None), tables."""
@@ -357,8 +372,10 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
     ----------
     q : [B, Hq, M, D] float; G·M ≤ 128 with G = Hq / Hkv
     pages : list of :class:`TierPages` on ``q``'s device, one per tier (pools contiguous,
-        block tables int32 ``[B, Hkv, max_pages]``, lengths int32 ``[B, Hkv]`` ≥ 0)
-    window : :class:`Window`, fp16 ``[B, Hkv, W, D]`` with unit stride in D, or None
+        block tables int32 ``[B, Hkv, max_pages]``, lengths int32 ``[B, Hkv]`` ≥ 0, optional
+        lower bounds ``first`` ``[B, Hkv]`` or ``[B, Hkv, M]``)
+    window : :class:`Window`, fp16 ``[B, Hkv, W, D]`` with unit stride in D, ``first``
+        ``[B]`` or ``[B, M]``; or None
     scale : logit scale, default 1/√D
     block_n : tokens per inner step, a power of two ≥ 32 (may span pages of one tier)
     num_splits : splits per (sequence, kv head) of each tier; default about 4 programs per
@@ -414,7 +431,8 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
         key = _Side(tp.tier.key, tp.key, D, dev, "key")
         value = _Side(tp.tier.value, tp.value, D, dev, "value")
         segments.append((q_in(key.seed), key, value, tp.block_table, tp.lengths,
-                         tp.block_table.shape[2] * tp.page_size, tp.page_size))
+                         tp.block_table.shape[2] * tp.page_size, tp.page_size,
+                         None if tp.first is None else _bounds(tp.first, (B, Hkv), M, dev)))
     v_seeds = {s[2].seed for s in segments} - {None}
     if len(v_seeds) > 1:
         raise ValueError(f"value codecs rotate with different seeds {sorted(v_seeds)}; the "
@@ -451,16 +469,16 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
                 raise ValueError("window keys and values must be fp16 with equal strides and "
                                  "unit stride in D")
             lengths = torch.full((B, Hkv), keys.shape[2], dtype=torch.int32, device=dev)
-            first = window.first.to(device=dev, dtype=torch.int32)
+            first = _bounds(window.first, (B,), M, dev)
             _kernel[(B * Hkv, n)](
                 q_in(None), keys, keys, values, values, q_rows, q_rows, lengths, q_rows,
                 lengths, lengths, first, o_part, lse_part, scale * LOG2E, 1.0, 1.0, split_len,
-                base, total, 0, 0, keys.stride(0), keys.stride(1), keys.stride(2),
-                P=1, WINDOW=True, K_KIND=FP16, K_BITS=0, K_BYTES=D, V_KIND=FP16, V_BITS=0,
-                V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, K_ASM="", V_ASM="",
-                K_PRMT=0, V_PRMT=0, **common)
+                base, total, 0, 0, keys.stride(0), keys.stride(1), keys.stride(2), M, 0,
+                P=1, WINDOW=True, BOUND=True, K_KIND=FP16, K_BITS=0, K_BYTES=D, V_KIND=FP16,
+                V_BITS=0, V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, K_ASM="",
+                V_ASM="", K_PRMT=0, V_PRMT=0, **common)
             continue
-        q_seg, key, value, table, lengths, _, page_size = seg
+        q_seg, key, value, table, lengths, _, page_size, first = seg
         if value.seed is not None:
             rotated[base:base + n] = 1
         k_lev, k_meta, k_trig = key.tables()
@@ -468,10 +486,12 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
         _kernel[(B * Hkv, n)](
             q_seg, key.rows, key.side if key.side is not None else key.dummy,
             value.rows, value.side if value.side is not None else value.dummy,
-            k_lev, v_lev, k_meta, k_trig, table, lengths.contiguous(), lengths,
+            k_lev, v_lev, k_meta, k_trig, table, lengths.contiguous(),
+            lengths if first is None else first,
             o_part, lse_part, scale * LOG2E, key.mult, value.mult, split_len, base, total,
-            table.stride(0), table.stride(1), 0, 0, 0,
-            P=page_size, WINDOW=False, K_KIND=key.kind, K_BITS=key.bits, K_BYTES=key.nbytes,
+            table.stride(0), table.stride(1), 0, 0, 0, Hkv * M, M,
+            P=page_size, WINDOW=False, BOUND=first is not None, K_KIND=key.kind,
+            K_BITS=key.bits, K_BYTES=key.nbytes,
             V_KIND=value.kind, V_BITS=value.bits, V_BYTES=value.nbytes,
             K_CODES=key.codes, K_GROUP=key.group, V_CODES=value.codes, V_GROUP=value.group,
             K_ASM=key.asm, V_ASM=value.asm, K_PRMT=key.bits if key.asm else 0,

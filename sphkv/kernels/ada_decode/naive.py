@@ -38,6 +38,10 @@ class TierPages:
         int32 ``[B, Hkv]``: tokens of the run, ``0 ≤ lengths ≤ max_pages · P``.
     page_size : int
         P.
+    first : torch.Tensor or None
+        int ``[B, Hkv]`` or ``[B, Hkv, M]``: query position i does not see run tokens
+        ``n < first[b, h, i]`` (a sliding window hides a prefix of each run, which is sorted by
+        position); None: every run token is seen.
     """
 
     tier: Tier
@@ -46,17 +50,24 @@ class TierPages:
     block_table: torch.Tensor
     lengths: torch.Tensor
     page_size: int
+    first: torch.Tensor | None = None
 
 
 @dataclass
 class Window:
     """The fp16 recent tokens: ``keys``, ``values`` ``[B, Hkv, W, D]``; query position i of M
-    (the last M of the window) sees window tokens ``first[b] ≤ n ≤ W − M + i`` (``first``:
-    int ``[B]``, the left padding, may be ≤ 0)."""
+    (the last M of the window) sees window tokens ``first[b, i] ≤ n ≤ W − M + i`` (``first``:
+    int ``[B]``, the same bound for every query, or ``[B, M]``; the left padding or a sliding
+    window's start, may be ≤ 0)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     first: torch.Tensor
+
+
+def row_bounds(first: torch.Tensor, shape: tuple[int, ...], M: int) -> torch.Tensor:
+    """A visibility bound ``[*shape]`` or ``[*shape, M]`` as ``[*shape, M]``."""
+    return first.unsqueeze(-1).expand(*shape, M) if first.dim() == len(shape) else first
 
 
 def _run(pages: TierPages, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +108,20 @@ def ada_decode_naive(q: torch.Tensor, pages: list[TierPages], window: Window | N
             runs = [_run(p, b, h) for p in pages]
             keys = [k for k, _ in runs]
             values = [v for _, v in runs]
-            seen = [torch.ones(M, len(k), dtype=torch.bool, device=q.device) for k in keys]
+            seen = []
+            for p, k in zip(pages, keys, strict=True):
+                n = torch.arange(len(k), device=q.device)
+                if p.first is None:
+                    seen.append(torch.ones(M, len(k), dtype=torch.bool, device=q.device))
+                else:
+                    lo = row_bounds(p.first, tuple(p.lengths.shape), M)[b, h]
+                    seen.append(n[None, :] >= lo[:, None].to(q.device))
             if window is not None:
                 w = window.keys.shape[2]
                 n = torch.arange(w, device=q.device)
                 i = torch.arange(M, device=q.device)
-                seen.append((n[None, :] >= window.first[b]) & (n[None, :] <= w - M + i[:, None]))
+                lo = row_bounds(window.first, (B,), M)[b].to(q.device)
+                seen.append((n[None, :] >= lo[:, None]) & (n[None, :] <= w - M + i[:, None]))
                 keys.append(window.keys[b, h].float())
                 values.append(window.values[b, h].float())
             k, v, seen = torch.cat(keys), torch.cat(values), torch.cat(seen, dim=1)
