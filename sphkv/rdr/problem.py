@@ -9,6 +9,9 @@ tier-homogeneous pages of P slots. A page of tier t in group g costs ``P * cost[
 page_overhead`` bytes whether full or not, so group g with n items at tier t pays
 ``ceil(n / P)`` pages. Tiers that cost nothing (``drop``) hold no pages.
 
+With ``ceiling``, item i may only take tiers ``0 … ceiling[i]`` (an online demotion step: a token's
+tier may only go down). Every solver treats it as a constraint: disallowed tiers are not choices.
+
 Based on "Spherical KV: Angle-Domain Attention and Rate-Distortion Retention for Efficient
 Long-Context Inference", arXiv 2605.18856.
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 __all__ = ["AllocationProblem", "Allocation", "InfeasibleBudgetError", "FILE_FORMAT_VERSION"]
 
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2  # 2 added ``ceiling``; version 1 files are still read
 _TINY = 1e-30
 
 
@@ -40,8 +43,11 @@ class InfeasibleBudgetError(ValueError):
 
 
 def _float_array(name: str, value, ndim: tuple[int, ...]) -> np.ndarray:
+    """A read-only float64 copy of ``value``, checked finite and >= 0."""
+    if np.iscomplexobj(value):
+        raise ValueError(f"{name} must be real, got complex values")
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        arr = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be a numeric array, got {type(value).__name__}") from exc
     if arr.ndim not in ndim:
@@ -53,17 +59,32 @@ def _float_array(name: str, value, ndim: tuple[int, ...]) -> np.ndarray:
     if np.any(arr < 0):
         bad = np.argwhere(arr < 0)[0]
         raise ValueError(f"{name} must be >= 0; found {arr[tuple(bad)]} at index {tuple(bad)}")
+    arr.flags.writeable = False
     return arr
 
 
 def _int_array(name: str, value, n: int) -> np.ndarray:
+    """A read-only int64 copy of ``value`` [n]; bool masks and fractions are refused."""
     arr = np.asarray(value)
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) (one entry per item), got {arr.shape}")
+    if arr.dtype == bool or np.iscomplexobj(arr):
+        raise ValueError(f"{name} must hold integers (tier or group indices), got dtype "
+                         f"{arr.dtype}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        try:
+            as_float = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}") from exc
+        if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
             raise ValueError(f"{name} must hold integers")
-    return arr.astype(np.int64)
+    arr = np.array(arr, dtype=np.int64)
+    arr.flags.writeable = False
+    return arr
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(eq=False)
@@ -89,6 +110,12 @@ class AllocationProblem:
         -1 where the item is free, else the tier it must take (sinks, the recent window).
     tier_names : list of str, optional
         A name per tier, for reports.
+    ceiling : int array [N], optional
+        The highest tier index item i may take (tiers ``0 … ceiling[i]``); -1 = no ceiling.
+        ``forced[i] <= ceiling[i]`` where both are set.
+
+    Arrays are copied at construction and kept read-only, so later writes to the caller's
+    arrays do not reach the problem.
     """
 
     distortion: np.ndarray
@@ -99,6 +126,7 @@ class AllocationProblem:
     page_overhead: float = 0.0
     forced: np.ndarray | None = None
     tier_names: list[str] | None = None
+    ceiling: np.ndarray | None = None
     _group_cost: np.ndarray = field(init=False, repr=False)
     _group_index: np.ndarray = field(init=False, repr=False)
 
@@ -111,6 +139,8 @@ class AllocationProblem:
         if self.cost.shape not in ((t,), (n, t)):
             raise ValueError(f"cost must have shape ({t},) or ({n}, {t}) to match distortion "
                              f"{self.distortion.shape}, got {self.cost.shape}")
+        if isinstance(self.budget, (bool, np.bool_)):
+            raise ValueError(f"budget must be a number of bytes, got {self.budget!r}")
         try:
             self.budget = float(self.budget)
         except (TypeError, ValueError) as exc:
@@ -119,12 +149,14 @@ class AllocationProblem:
             raise ValueError(f"budget must be finite and >= 0, got {self.budget}")
         if self.groups is None:
             self.groups = np.zeros(n, dtype=np.int64)
+            self.groups.flags.writeable = False
         else:
             self.groups = _int_array("groups", self.groups, n)
             if n and self.groups.min() < 0:
                 raise ValueError("groups must be >= 0")
         if self.forced is None:
             self.forced = np.full(n, -1, dtype=np.int64)
+            self.forced.flags.writeable = False
         else:
             self.forced = _int_array("forced", self.forced, n)
             bad = (self.forced < -1) | (self.forced >= t)
@@ -132,21 +164,50 @@ class AllocationProblem:
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(f"forced[{i}] = {self.forced[i]} is out of range: use -1 for a "
                                  f"free item or a tier in [0, {t - 1}]")
+        if self.ceiling is None:
+            self._ceiling = np.full(n, t - 1, dtype=np.int64)
+            self._has_ceiling = False
+        else:
+            self.ceiling = _int_array("ceiling", self.ceiling, n)
+            bad = (self.ceiling < -1) | (self.ceiling >= t)
+            if np.any(bad):
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"ceiling[{i}] = {self.ceiling[i]} is out of range: use -1 for "
+                                 f"no ceiling or a tier in [0, {t - 1}]")
+            self._ceiling = np.where(self.ceiling < 0, t - 1, self.ceiling)
+            self._has_ceiling = bool(np.any(self._ceiling < t - 1))
+            above = self.forced > self._ceiling
+            if np.any(above):
+                i = int(np.flatnonzero(above)[0])
+                raise ValueError(f"forced[{i}] = {self.forced[i]} is above ceiling[{i}] = "
+                                 f"{self.ceiling[i]}: a forced tier must be allowed")
+        self._ceiling.flags.writeable = False
         if self.page_size is not None:
-            if int(self.page_size) != self.page_size or self.page_size < 1:
+            if not _is_integer(self.page_size) or self.page_size < 1:
                 raise ValueError(f"page_size must be a positive integer, got {self.page_size!r}")
             self.page_size = int(self.page_size)
-        self.page_overhead = float(self.page_overhead)
+        if isinstance(self.page_overhead, (bool, np.bool_)):
+            raise ValueError(f"page_overhead must be a number of bytes, got {self.page_overhead!r}")
+        try:
+            self.page_overhead = float(self.page_overhead)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"page_overhead must be a number of bytes, got "
+                             f"{self.page_overhead!r}") from exc
         if not np.isfinite(self.page_overhead) or self.page_overhead < 0:
             raise ValueError(f"page_overhead must be finite and >= 0, got {self.page_overhead}")
         if self.page_overhead > 0 and self.page_size is None:
             raise ValueError("page_overhead needs page_size: overhead is counted per page")
         if self.tier_names is not None:
-            self.tier_names = [str(s) for s in self.tier_names]
+            if isinstance(self.tier_names, (str, bytes)) or not all(
+                    isinstance(name, str) for name in self.tier_names):
+                raise ValueError("tier_names must be a list of strings, one per tier, got "
+                                 f"{self.tier_names!r}")
+            self.tier_names = list(self.tier_names)
             if len(self.tier_names) != t:
                 raise ValueError(f"tier_names must name all {t} tiers, got {len(self.tier_names)}")
         # Dense group ids 0..G-1 and the cost row of each group.
         uniq, self._group_index = np.unique(self.groups, return_inverse=True)
+        self._group_index.flags.writeable = False
         if self.cost.ndim == 1:
             self._group_cost = np.broadcast_to(self.cost, (len(uniq), t)).copy()
         else:
@@ -157,6 +218,7 @@ class AllocationProblem:
             ):
                 raise ValueError("cost rows must be equal within each group when page_size is "
                                  "set: a page holds items of one cost")
+        self._group_cost.flags.writeable = False
         min_cost = self.min_cost()
         if self.budget < min_cost * (1 - 1e-12) - 1e-9:
             raise InfeasibleBudgetError(self.budget, min_cost)
@@ -173,6 +235,20 @@ class AllocationProblem:
     @property
     def n_groups(self) -> int:
         return self._group_cost.shape[0]
+
+    @property
+    def has_ceiling(self) -> bool:
+        """Whether some item may not take every tier."""
+        return self._has_ceiling
+
+    @property
+    def ceiling_tier(self) -> np.ndarray:
+        """The highest tier each item may take, [N] (``n_tiers - 1`` where unbounded)."""
+        return self._ceiling
+
+    def allowed(self, items=slice(None)) -> np.ndarray:
+        """[n, T] bool: whether each of ``items`` may take tier t (``t <= ceiling``)."""
+        return np.arange(self.n_tiers)[None, :] <= self._ceiling[items, None]
 
     @property
     def group_index(self) -> np.ndarray:
@@ -236,7 +312,7 @@ class AllocationProblem:
     def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9) -> bool:
         tiers = self._check_tiers(tiers)
         free = self.forced < 0
-        if np.any(tiers[~free] != self.forced[~free]):
+        if np.any(tiers[~free] != self.forced[~free]) or np.any(tiers > self._ceiling):
             return False
         return self.cost_of(tiers) <= self.budget * (1 + rtol) + 1e-9
 
@@ -249,54 +325,96 @@ class AllocationProblem:
         return tiers.astype(np.int64)
 
     def full_cost(self, tier: int = -1) -> float:
-        """Bytes when every item takes ``tier`` (the last, fp16, by default); forced kept."""
-        t = np.full(self.n_items, tier % self.n_tiers)
+        """Bytes when every item takes ``tier`` (the last, fp16, by default) or its ceiling if
+        lower; forced kept."""
+        t = np.minimum(np.full(self.n_items, tier % self.n_tiers), self._ceiling)
         t[self.forced >= 0] = self.forced[self.forced >= 0]
         return self.cost_of(t)
 
     def min_cost_tiers(self) -> np.ndarray:
-        """The cheapest feasible assignment (least distortion among equally cheap tiers)."""
-        c = self.item_cost
-        cheapest_item = np.lexsort((self.distortion, c), axis=1)[:, 0] if self.n_items else (
-            np.zeros(0, dtype=np.int64))
-        tiers = np.where(self.forced >= 0, self.forced, cheapest_item).astype(np.int64)
-        if self.page_size is None:
-            return tiers
-        # With pages, free items first fill the slots that forced items leave free in their
-        # partial pages (no extra bytes); the rest take pages of the cheapest tier.
-        is_forced = self.forced >= 0
-        forced_counts = self.forced_counts()
-        pb = self.page_bytes
-        for g in range(self.n_groups):
-            if np.any(pb[g] == 0):
-                continue  # a tier without pages (drop) absorbs every free item for nothing
-            free_items = np.flatnonzero((self._group_index == g) & ~is_forced)
-            slots = (-forced_counts[g]) % self.page_size
-            if free_items.size == 0 or slots.sum() == 0:
-                continue
-            cheapest = int(np.argmin(pb[g]))
-            # The items that suffer most in the cheapest tier take the free slots.
-            by_harm = free_items[np.argsort(-self.distortion[free_items, cheapest], kind="stable")]
-            slot_tiers = np.repeat(np.arange(self.n_tiers), slots)[: by_harm.size]
-            tiers[by_harm[: slot_tiers.size]] = slot_tiers
+        """A cheapest feasible assignment, [N].
+
+        Without pages: each free item's cheapest allowed tier (least distortion among ties).
+        With pages, per group (see :meth:`_min_pages`): the fewest bytes of pages that hold every
+        item within its ceiling; free items fill those slots in order of ceiling, then of
+        distortion at tier 0, so items that lose most when dropped get the dearer slots.
+        """
+        n, t = self.distortion.shape
+        free = self.forced < 0
+        if self.page_size is None or n == 0:
+            c = np.where(self.allowed(), self.item_cost, np.inf)
+            cheapest = (np.lexsort((self.distortion, c), axis=1)[:, 0] if n
+                        else np.zeros(0, dtype=np.int64))
+            return np.where(free, cheapest, self.forced).astype(np.int64)
+        capacity = self._min_pages()[1]
+        # Free items of each group in order (group, ceiling, distortion at tier 0); the k-th of
+        # its group takes the tier whose cumulative capacity first exceeds k. Hall's condition
+        # (at most C_k items with ceiling <= k, C_k the slots of tiers <= k) puts it within its
+        # ceiling.
+        items = np.flatnonzero(free)
+        g = self._group_index[items]
+        items = items[np.lexsort((self.distortion[items, 0], self._ceiling[items], g))]
+        g = self._group_index[items]
+        rank = np.arange(items.size) - np.searchsorted(g, g)
+        cum = np.cumsum(capacity, axis=1)  # [G, T]
+        tier_of = (rank[:, None] >= cum[g]).sum(axis=1)
+        tiers = self.forced.copy()
+        tiers[items] = tier_of
         return tiers
 
+    def _min_pages(self) -> tuple[float, np.ndarray]:
+        """Least page bytes for every item within its ceiling, and the free slots it pays for.
+
+        Per group: forced items fill s_t = (-f_t) mod P slots of their own pages for nothing;
+        demand D_k = free items with ceiling <= k must fit the slots of tiers <= k. Taking k
+        upwards, a shortfall is bought as pages of the cheapest tier <= k: every such page
+        serves constraint k and all later ones alike, and earlier ones already hold, so the
+        cheapest is optimal (a covering problem with nested constraints). Tiers whose pages
+        cost nothing hold any number of items. Returns (bytes, slots [G, T]).
+        """
+        p, (ng, t) = self.page_size, self._group_cost.shape
+        pb = self.page_bytes
+        forced = self.forced_counts()
+        free = self.forced < 0
+        unlimited = np.iinfo(np.int64).max // (4 * t)
+        slots = np.where(pb > 0, (-forced) % p, unlimited)
+        demand = np.cumsum(np.bincount(
+            self._group_index[free] * t + self._ceiling[free], minlength=ng * t).reshape(ng, t),
+            axis=1)
+        covered = np.zeros(ng, dtype=np.int64)
+        rows = np.arange(ng)
+        cheapest = np.zeros(ng, dtype=np.int64)
+        bought = np.zeros((ng, t), dtype=np.int64)  # pages beyond the forced items' own
+        for k in range(t):
+            cheapest = np.where(pb[:, k] < pb[rows, cheapest], k, cheapest)
+            covered = np.minimum(covered + slots[:, k], unlimited)
+            pages = -(-np.maximum(demand[:, k] - covered, 0) // p)
+            bought[rows, cheapest] += pages
+            covered += pages * p
+        return self.page_cost(forced) + float((bought * pb).sum()), slots + bought * p
+
     def min_cost(self) -> float:
-        return self.cost_of(self.min_cost_tiers()) if self.n_items else 0.0
+        """Least bytes of any feasible assignment (exact, pages and ceilings included)."""
+        if self.n_items == 0:
+            return 0.0
+        if self.page_size is None:
+            return self.cost_of(self.min_cost_tiers())
+        return self._min_pages()[0]
 
     def max_useful_cost(self) -> float:
         """Bytes of the least-distortion assignment; any budget above it changes nothing."""
         return self.cost_of(self.best_distortion_tiers())
 
     def best_distortion_tiers(self) -> np.ndarray:
-        order = np.lexsort((self.item_cost, self.distortion), axis=1)[:, 0]
+        d = np.where(self.allowed(), self.distortion, np.inf)
+        order = np.lexsort((self.item_cost, d), axis=1)[:, 0]
         return np.where(self.forced >= 0, self.forced, order).astype(np.int64)
 
     def with_budget(self, budget: float) -> AllocationProblem:
         return AllocationProblem(
             distortion=self.distortion, cost=self.cost, budget=budget, groups=self.groups,
             page_size=self.page_size, page_overhead=self.page_overhead, forced=self.forced,
-            tier_names=self.tier_names,
+            tier_names=self.tier_names, ceiling=self.ceiling,
         )
 
     # --- file layout ---------------------------------------------------------------------
@@ -305,10 +423,12 @@ class AllocationProblem:
         meta = {"format": "sphkv.AllocationProblem", "version": FILE_FORMAT_VERSION,
                 "page_size": self.page_size, "page_overhead": self.page_overhead,
                 "tier_names": self.tier_names}
+        ceiling = self.ceiling if self.ceiling is not None else np.full(self.n_items, -1)
         with open(path, "wb") as fh:
             np.savez_compressed(
                 fh, distortion=self.distortion, cost=self.cost, budget=np.float64(self.budget),
-                groups=self.groups, forced=self.forced, meta=np.array(json.dumps(meta)),
+                groups=self.groups, forced=self.forced, ceiling=ceiling,
+                meta=np.array(json.dumps(meta)),
             )
 
     @classmethod
@@ -317,14 +437,19 @@ class AllocationProblem:
 
         Layout: a NumPy ``.npz`` archive with arrays ``distortion`` [N, T] float64, ``cost`` [T]
         or [N, T] float64, ``budget`` scalar float64 (bytes), ``groups`` [N] int64, ``forced``
-        [N] int64 (-1 = free), and ``meta``, a JSON string with keys ``format``
-        (``"sphkv.AllocationProblem"``), ``version``, ``page_size`` (int or null),
-        ``page_overhead`` (bytes) and ``tier_names`` (list or null). ``budget`` overrides the
-        stored budget.
+        [N] int64 (-1 = free), ``ceiling`` [N] int64 (-1 = none; from version 2), and ``meta``, a
+        JSON string with keys ``format`` (``"sphkv.AllocationProblem"``), ``version``,
+        ``page_size`` (int or null), ``page_overhead`` (bytes) and ``tier_names`` (list or
+        null). ``budget`` overrides the stored budget. Versions 1 and 2 are read.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"problem file {path} does not exist")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"PK\x03\x04":  # every .npz is a zip archive
+            raise ValueError(f"{path} is not a .npz archive (it does not start like a zip file); "
+                             "expected a problem written by AllocationProblem.save")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -334,17 +459,25 @@ class AllocationProblem:
         if missing:
             raise ValueError(f"{path} is missing arrays {sorted(missing)}; not a saved "
                              "sphkv.AllocationProblem")
-        meta = json.loads(str(arrays["meta"]))
-        if meta.get("format") != "sphkv.AllocationProblem":
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a sphkv.AllocationProblem")
-        if meta.get("version") != FILE_FORMAT_VERSION:
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: its metadata is not JSON ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != "sphkv.AllocationProblem":
+            format_ = meta.get("format") if isinstance(meta, dict) else meta
+            raise ValueError(f"{path} holds {format_!r}, not a sphkv.AllocationProblem")
+        if meta.get("version") not in (1, FILE_FORMAT_VERSION):
             raise ValueError(f"{path} has format version {meta.get('version')}; this sphkv reads "
-                             f"version {FILE_FORMAT_VERSION}")
+                             f"versions 1 and {FILE_FORMAT_VERSION}")
+        absent = {"page_size", "page_overhead", "tier_names"} - meta.keys()
+        if absent:
+            raise ValueError(f"{path}: its metadata lacks the fields {sorted(absent)}")
         return cls(
             distortion=arrays["distortion"], cost=arrays["cost"],
             budget=float(arrays["budget"]) if budget is None else budget,
             groups=arrays["groups"], forced=arrays["forced"], page_size=meta["page_size"],
             page_overhead=meta["page_overhead"], tier_names=meta["tier_names"],
+            ceiling=arrays.get("ceiling"),
         )
 
 

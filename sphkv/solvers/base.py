@@ -31,7 +31,10 @@ class Solver:
         if time_limit is not None and not time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit}")
         start = time.perf_counter()
-        alloc = self._solve(problem, time_limit)
+        if problem.n_items == 0:  # nothing to choose: the empty assignment is optimal
+            alloc = finish(problem, np.zeros(0, dtype=np.int64), 0.0, "optimal")
+        else:
+            alloc = self._solve(problem, time_limit)
         alloc.seconds = time.perf_counter() - start
         alloc.method = self.NAME
         alloc.budget = problem.budget

@@ -48,16 +48,19 @@ def _gather(xp, table, index):
     return xp.take_along_axis(table, index[:, None], axis=1)[:, 0]
 
 
-def _hull(xp, distortion, cost):
+def _hull(xp, distortion, cost, allowed=None):
     """Lower convex hull of each item's (cost, distortion) points, walked from its cheapest tier.
 
-    ``cost`` is [N, T] or a shared row [T]. Returns ``base`` [N] (cheapest tier, least distortion
+    ``cost`` is [N, T] or a shared row [T]; ``allowed`` [N, T] (optional) marks the tiers an item
+    may take, and the hull covers only those. Returns ``base`` [N] (cheapest tier, least distortion
     among ties) and, per hull step s, rows of ``to`` [T-1, N] (tier reached, -1 past the hull's
     end), ``dc`` (> 0), ``dd`` (< 0) and ``eff`` = -dd/dc, non-increasing along the hull.
     """
     n, t = distortion.shape
     inf = float("inf")
     cost_nt = cost if cost.ndim == 2 else cost[None, :]
+    if allowed is not None:
+        cost_nt = xp.where(allowed, cost_nt, inf)
     cheapest = cost_nt == xp.min(cost_nt, axis=1, keepdims=True)
     cur = xp.argmin(xp.where(cheapest, distortion, inf), axis=1)
     base = cur
@@ -79,6 +82,8 @@ def _hull(xp, distortion, cost):
             inv_dc = xp.where(dc > 0, 1.0 / xp.where(dc > 0, dc, 1.0), 0.0)
         # Next hull point: the steepest descent to a dearer tier (slope 0 to cheaper ones).
         slope = (distortion - d_cur[:, None]) * inv_dc
+        if allowed is not None:
+            slope = xp.where(allowed, slope, inf)  # a tier above the ceiling is no choice
         nxt = xp.argmin(slope, axis=1)
         best = _gather(xp, slope, nxt)
         active = best < 0
@@ -107,19 +112,23 @@ class HullSegments:
     cost : array [N, T] or [T]
     xp : array namespace, optional
         ``array_api_compat`` namespace of the arrays (numpy when omitted; torch for CPU/GPU).
+    allowed : bool array [N, T], optional
+        Tiers each item may take (its ceiling); all when omitted.
 
     Only the bucket of efficiencies that holds the break is ever sorted: segments are bucketed
     by log2(efficiency), whole buckets above the break are taken, so the result is that of one
     stable sort of all segments (ties by hull step, then item) at O(N T) cost.
     """
 
-    def __init__(self, distortion, cost, xp=None):
+    def __init__(self, distortion, cost, xp=None, allowed=None):
         xp = self.xp = xp or array_api_compat.array_namespace(np.empty(0))
         distortion = xp.asarray(distortion, dtype=xp.float64)
         cost = xp.asarray(cost, dtype=xp.float64)
         self.dev = array_api_compat.device(distortion)
         self.n = distortion.shape[0]
-        base, to, dc, dd, eff = _hull(xp, distortion, cost)
+        if allowed is not None:
+            allowed = xp.asarray(allowed, device=self.dev)
+        base, to, dc, dd, eff = _hull(xp, distortion, cost, allowed)
         self.base_distortion = float(xp.sum(_gather(xp, distortion, base)))
         # Tier of each item after taking its first s hull segments: [T, N].
         hull_tiers = [base]
@@ -271,7 +280,11 @@ class GreedySolver(Solver):
         fixed = np.flatnonzero(~free)
         per_item = np.broadcast_to(amortized, problem.distortion.shape)
         forced_cost = per_item[fixed, tiers[fixed]].sum()
-        if amortized.ndim == 1:
+        allowed = problem.allowed(free) if problem.has_ceiling else None
+        if allowed is not None:
+            cost = amortized if amortized.ndim == 1 else amortized[free]
+            base_cost = np.where(allowed, cost, np.inf).min(axis=1).sum()
+        elif amortized.ndim == 1:
             cost, base_cost = amortized, amortized.min() * free.sum()
         else:
             cost = amortized[free]
@@ -289,8 +302,10 @@ class GreedySolver(Solver):
 
             xp = array_api_compat.array_namespace(torch.empty(0))
             distortion = torch.as_tensor(distortion, device=self.device)
-            cost = torch.as_tensor(cost, device=self.device)
-        hull = HullSegments(distortion, cost, xp)
+            cost = torch.tensor(cost, device=self.device)  # a copy: the problem's is read-only
+            if allowed is not None:
+                allowed = torch.as_tensor(allowed, device=self.device)
+        hull = HullSegments(distortion, cost, xp, allowed)
         bound, price = hull.lp_bound(bound_room)
         bound += problem.distortion[fixed, tiers[fixed]].sum()
         tiers[free] = hull.allocate(room)
@@ -352,7 +367,7 @@ def _fill_free_slots(problem: AllocationProblem, tiers: np.ndarray) -> np.ndarra
     for t in np.argsort(-dearest)[:np.count_nonzero(dearest)]:  # tiers that hold pages
         counts = problem.counts(tiers)[:, t]
         slots = np.where(counts > 0, -counts % p, 0)  # empty slots of the last page
-        rows = np.flatnonzero(free & (tiers != t))
+        rows = np.flatnonzero(free & (tiers != t) & (problem.ceiling_tier >= t))
         gain = d[rows, tiers[rows]] - d[rows, t]
         keep = (gain > 0) & (slots[group[rows]] > 0)
         rows, gain = rows[keep], gain[keep]

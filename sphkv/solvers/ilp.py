@@ -34,15 +34,17 @@ __all__ = ["ILPSolver"]
 BACKENDS = ("highs", "scip", "cpsat")
 
 
-def _undominated(distortion: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """[N, T] mask of tiers that no other tier of the item dominates (ties keep the lower index)."""
+def _undominated(distortion: np.ndarray, cost: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """[N, T] mask of allowed tiers that no other allowed tier of the item dominates (ties keep
+    the lower index)."""
     n, t = distortion.shape
-    keep = np.ones((n, t), dtype=bool)
+    keep = allowed.copy()
     for a in range(t):
         for b in range(t):
             if a == b:
                 continue
-            no_worse = (cost[:, b] <= cost[:, a]) & (distortion[:, b] <= distortion[:, a])
+            no_worse = (allowed[:, b] & (cost[:, b] <= cost[:, a])
+                        & (distortion[:, b] <= distortion[:, a]))
             strictly = (cost[:, b] < cost[:, a]) | (distortion[:, b] < distortion[:, a]) | (b < a)
             keep[:, a] &= ~(no_worse & strictly)
     return keep
@@ -71,16 +73,17 @@ class _Model:
 
 def _build(problem: AllocationProblem, free: np.ndarray, objective: np.ndarray,
            hint_tiers: np.ndarray, all_integer: bool) -> _Model:
-    n_free, t = free.size, problem.n_tiers
+    n_free = free.size
     paged = problem.page_size is not None
     fixed = np.flatnonzero(problem.forced >= 0)
     item_cost = np.broadcast_to(problem.cost, problem.distortion.shape)
+    allowed = problem.allowed(free)  # x[i, t] exists only for tiers within the ceiling
     if paged:
-        x_mask = np.ones((n_free, t), dtype=bool)
+        x_mask = allowed
         page_bytes = problem.page_bytes
         mg, mt = np.nonzero(page_bytes > 0)
     else:
-        x_mask = _undominated(problem.distortion[free], item_cost[free])
+        x_mask = _undominated(problem.distortion[free], item_cost[free], allowed)
         mg = mt = np.zeros(0, dtype=np.int64)
     xi, xt = np.nonzero(x_mask)
     n_x, n_m = xi.size, mg.size

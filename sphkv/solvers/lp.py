@@ -58,7 +58,8 @@ def _round_within(problem: AllocationProblem, x: np.ndarray, cost: np.ndarray) -
     # harmfully; a vertex has at most one, so this loop is short.
     fractional = np.flatnonzero((x.max(axis=1) < 1 - 1e-6) & (problem.forced < 0))
     for i in fractional[np.argsort(x[fractional].max(axis=1))]:
-        cheaper = np.flatnonzero(cost[i] < cost[i, tiers[i]])
+        cheaper = np.flatnonzero((cost[i] < cost[i, tiers[i]])
+                                 & (np.arange(problem.n_tiers) <= problem.ceiling_tier[i]))
         if cheaper.size == 0:
             continue
         # Least distortion among tiers that repay the overrun, else the cheapest.
@@ -111,17 +112,20 @@ class LPSolver(Solver):
         x_full[fixed, problem.forced[fixed]] = 1.0
         n_free = int(free.sum())
         if n_free:
-            # x[i, t] = share of free item i at tier t, flattened row-major.
-            x = cp.Variable(n_free * t, nonneg=True)
-            rows = sp.kron(sp.eye(n_free, format="csr"), np.ones((1, t)), format="csr")
-            objective = cp.Minimize(problem.distortion[free].ravel() @ x)
-            budget = cost[free].ravel() @ x <= problem.budget - fixed_cost
+            # x[k] = share of free item xi[k] at tier xt[k], for the tiers within its ceiling.
+            xi, xt = np.nonzero(problem.allowed(free))
+            x = cp.Variable(xi.size, nonneg=True)
+            rows = sp.csr_matrix((np.ones(xi.size), (xi, np.arange(xi.size))),
+                                 shape=(n_free, xi.size))
+            items = np.flatnonzero(free)[xi]
+            objective = cp.Minimize(problem.distortion[items, xt] @ x)
+            budget = cost[items, xt] @ x <= problem.budget - fixed_cost
             constraints = [rows @ x == 1, budget]
             lp = cp.Problem(objective, constraints)
             lp.solve(solver=self.backend, **_TIME_LIMIT_OPTION[self.backend](time_limit))
             if lp.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
                 raise RuntimeError(f"LP solver {self.backend} ended with status {lp.status}")
-            x_full[free] = np.clip(x.value.reshape(n_free, t), 0.0, 1.0)
+            x_full[items, xt] = np.clip(x.value, 0.0, 1.0)
             # The bound from the solver's value, less its tolerance so it stays a bound.
             bound = lp.value + fixed_distortion
             bound -= 1e-7 * max(abs(bound), 1.0)

@@ -39,6 +39,7 @@ class _Group:
         self.items = items
         self.free = problem.forced[items] < 0
         self.d = problem.distortion[items]
+        self.allowed = problem.allowed(items)
         self.pb = page_bytes
         self.page_size = problem.page_size
 
@@ -63,11 +64,12 @@ class _Group:
             if members.size < k:
                 continue
             for u in np.flatnonzero(self.pb < self.pb[t]):
-                harm = self.d[members, u] - cur_d[members]
+                harm = np.where(self.allowed[members, u], self.d[members, u] - cur_d[members],
+                                np.inf)
                 pick = np.argpartition(harm, k - 1)[:k] if k < members.size else np.arange(k)
                 dest = np.full(k, u)
                 d_bytes = self.move_cost(counts, np.full(k, t), dest)
-                if d_bytes < 0:
+                if d_bytes < 0 and np.isfinite(harm[pick]).all():
                     moves.append((d_bytes, float(harm[pick].sum()), members[pick], dest))
         return moves
 
@@ -81,7 +83,8 @@ class _Group:
             k = int(-counts[t] % self.page_size) or self.page_size
             gain = cur_d - self.d[:, t]
             for a in np.flatnonzero(self.pb < self.pb[t]):
-                members = np.flatnonzero(self.free & (tiers == a) & (gain > 0))
+                members = np.flatnonzero(self.free & (tiers == a) & (gain > 0)
+                                         & self.allowed[:, t])
                 if members.size == 0:
                     continue
                 if members.size > k:
@@ -236,11 +239,12 @@ def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None,
         if n == 0:
             continue
         flow = min_cost_flow.SimpleMinCostFlow()
-        # Nodes: items 0..n-1, tier slots n..n+T-1, sink n+T.
+        # Nodes: items 0..n-1, tier slots n..n+T-1, sink n+T; an arc per allowed tier.
+        ok = problem.allowed(items).ravel()
         flow.add_arcs_with_capacity_and_unit_cost(
-            np.repeat(np.arange(n), t), np.tile(n + np.arange(t), n),
-            np.ones(n * t, dtype=np.int64),
-            np.rint(problem.distortion[items] * scale).astype(np.int64).ravel())
+            np.repeat(np.arange(n), t)[ok], np.tile(n + np.arange(t), n)[ok],
+            np.ones(int(ok.sum()), dtype=np.int64),
+            np.rint(problem.distortion[items] * scale).astype(np.int64).ravel()[ok])
         flow.add_arcs_with_capacity_and_unit_cost(
             n + np.arange(t), np.full(t, n + t), np.minimum(capacity[g], n).astype(np.int64),
             np.zeros(t, dtype=np.int64))
@@ -248,7 +252,9 @@ def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None,
         supplies[:n], supplies[-1] = 1, -n
         flow.set_nodes_supplies(np.arange(n + t + 1), supplies)
         if flow.solve() == flow.OPTIMAL:
-            out[items] = np.argmax(flow.flows(np.arange(n * t)).reshape(n, t), axis=1)
+            x = np.zeros(n * t, dtype=np.int64)
+            x[ok] = flow.flows(np.arange(int(ok.sum())))
+            out[items] = np.argmax(x.reshape(n, t), axis=1)
     return out
 
 
@@ -293,7 +299,8 @@ def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
     from scipy.optimize import minimize_scalar
 
     free = problem.forced < 0
-    d = problem.distortion[free]
+    allowed = problem.allowed(free)
+    d = np.where(allowed, problem.distortion[free], np.inf)  # a tier above the ceiling: no choice
     cost = np.broadcast_to(problem.amortized_cost(), problem.distortion.shape)[free]
     group = problem.group_index[free]
     slots = np.where(problem.page_bytes > 0, (-problem.forced_counts()) % problem.page_size, 0)
@@ -308,7 +315,7 @@ def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
         best = (d + lam * cost).min(axis=1)
         credit = 0.0
         for g, t in slot_pairs:
-            gain = np.maximum(best[members[g]] - d[members[g], t], 0.0)
+            gain = np.maximum(best[members[g]] - d[members[g], t], 0.0)  # 0 where not allowed
             s = int(slots[g, t])
             credit += (np.partition(gain, gain.size - s)[-s:].sum() if gain.size > s
                        else gain.sum())

@@ -80,7 +80,7 @@ def test_save_load_round_trip(tmp_path):
 def test_load_rejects_corrupt_and_foreign_files(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not a .npz archive"):
         AllocationProblem.load(bad)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, distortion=D)
