@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,13 @@ import torch.nn.functional as F
 from benchmarks.common import gbps
 from benchmarks.ops.paged_decode import SHAPES, _bench, _case, _ceilings, _sdpa
 from sphkv.codec import Codes, Fp16Codec, Int8Codec
-from sphkv.kernels.ada_decode import TierPages, Window, ada_decode, ada_decode_naive
+from sphkv.kernels.ada_decode import (
+    AdaDecodePlan,
+    TierPages,
+    Window,
+    ada_decode,
+    ada_decode_naive,
+)
 from sphkv.kernels.paged_decode import paged_decode
 from sphkv.rdr.tiers import ada_tiers, default_tiers
 
@@ -75,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode", action="store_true", help="also time the prefill encode")
     parser.add_argument("--graph", action="store_true",
                         help="also time CUDA-graph replays (the device time, no host launch work)")
+    parser.add_argument("--splits", type=int, nargs="+", default=[0],
+                        help="splits per (sequence, kv head), 0: the launcher's default")
+    parser.add_argument("--baseline", default=None,
+                        help="a module with another ada_decode(q, pages, window, block_n=, "
+                             "num_warps=) to time in the same run (rows impl=baseline)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -152,7 +164,28 @@ def _graphed(fn):
     return graph.replay
 
 
-def _measure(name, B, L, P, configs, block_ns, warps, gen, copy_bw, graph=False) -> list[dict]:
+def _variants(q, pages, window, block_ns, warps, splits, baseline):
+    """(impl, block_n, warps, splits, fn) for each timed variant: the current kernel with its
+    plan made once, and the baseline module's ``ada_decode`` if given."""
+    for block_n in block_ns:
+        for nw in warps:
+            if block_n < 8 * nw:  # refused by ada_decode (a Triton 3.6 gather limit)
+                continue
+            for n in splits:
+                plan = AdaDecodePlan(pages, window, q.shape[1], q.shape[2], q.shape[3],
+                                     device=q.device, block_n=block_n, num_warps=nw,
+                                     num_splits=n or None)
+                yield "current", block_n, nw, n, functools.partial(ada_decode, q, pages, window,
+                                                                   plan=plan)
+            if baseline is not None:
+                yield "baseline", block_n, nw, 0, functools.partial(baseline.ada_decode, q,
+                                                                    pages, window,
+                                                                    block_n=block_n,
+                                                                    num_warps=nw)
+
+
+def _measure(name, B, L, P, configs, block_ns, warps, gen, copy_bw, graph=False, splits=(0,),
+             baseline=None) -> list[dict]:
     Hq, Hkv, D = SHAPES[name]
     label = f"{name} L={L}"
     q, k, v, bt = _case(B, Hq, Hkv, D, L, P, gen)
@@ -172,23 +205,19 @@ def _measure(name, B, L, P, configs, block_ns, warps, gen, copy_bw, graph=False)
         pages, window, nbytes = make_case(config, B, Hkv, D, L, P, gen)
         nbytes += 2 * B * Hq * D * 2
         q = torch.randn(B, Hq, 1, D, generator=gen, device="cuda").half()
-        for block_n in block_ns:
-            for nw in warps:
-                if block_n < 8 * nw:  # refused by ada_decode (a Triton 3.6 gather limit)
-                    continue
-                fn = functools.partial(ada_decode, q, pages, window, block_n=block_n,
-                                       num_warps=nw)
-                t = _bench(fn)
-                t_graph = _bench(_graphed(fn)) if graph else float("nan")
-                rows.append({"graph_us": t_graph * 1e6, "vs_sdpa_graph": t_sdpa / t_graph,
-                             "pct_copy_graph": 100 * nbytes / t_graph / copy_bw,
-                             "shape": name, "B": B, "L": L, "config": config,
-                             "block_n": block_n, "warps": nw,
-                             "kv_bytes_vs_fp16": fp16_bytes / nbytes, "bytes_MB": nbytes / 1e6,
-                             "floor_us": nbytes / copy_bw * 1e6, "us": t * 1e6,
-                             "GB_s": gbps(nbytes, t), "pct_copy": 100 * nbytes / t / copy_bw,
-                             "sdpa_us": t_sdpa * 1e6, "paged_us": t_paged * 1e6,
-                             "vs_sdpa": t_sdpa / t, "vs_paged": t_paged / t, "rel_err": err})
+        for impl, block_n, nw, n, fn in _variants(q, pages, window, block_ns, warps, splits,
+                                                  baseline):
+            t = _bench(fn)
+            t_graph = _bench(_graphed(fn)) if graph else float("nan")
+            rows.append({"graph_us": t_graph * 1e6, "vs_sdpa_graph": t_sdpa / t_graph,
+                         "pct_copy_graph": 100 * nbytes / t_graph / copy_bw,
+                         "shape": name, "B": B, "L": L, "config": config, "impl": impl,
+                         "block_n": block_n, "warps": nw, "splits": n,
+                         "kv_bytes_vs_fp16": fp16_bytes / nbytes, "bytes_MB": nbytes / 1e6,
+                         "floor_us": nbytes / copy_bw * 1e6, "us": t * 1e6,
+                         "GB_s": gbps(nbytes, t), "pct_copy": 100 * nbytes / t / copy_bw,
+                         "sdpa_us": t_sdpa * 1e6, "paged_us": t_paged * 1e6,
+                         "vs_sdpa": t_sdpa / t, "vs_paged": t_paged / t, "rel_err": err})
         del pages, window
         torch.cuda.empty_cache()
     return rows
@@ -216,6 +245,7 @@ def _encode_rows(gen) -> list[dict]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    baseline = None if args.baseline is None else importlib.import_module(args.baseline)
     copy_bw, _ = _ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows = []
@@ -224,7 +254,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if name.startswith("9q") and L > 32768:
                 continue
             rows += _measure(name, args.batch, L, args.page_size, args.configs, args.block_n,
-                             args.num_warps, gen, copy_bw, args.graph)
+                             args.num_warps, gen, copy_bw, args.graph, args.splits, baseline)
             torch.cuda.empty_cache()
     for r in rows:
         r["copy_GB_s"] = copy_bw / 1e9
@@ -234,8 +264,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> str:
-    cols = ("shape", "L", "config", "block_n", "warps", "kv_bytes_vs_fp16", "us", "pct_copy",
-            "graph_us", "pct_copy_graph", "sdpa_us", "vs_sdpa", "vs_sdpa_graph", "vs_paged")
+    cols = ("shape", "L", "config", "impl", "block_n", "warps", "splits", "kv_bytes_vs_fp16",
+            "us", "pct_copy", "graph_us", "pct_copy_graph", "sdpa_us", "vs_sdpa",
+            "vs_sdpa_graph", "vs_paged")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "pct_copy" in r:

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sphkv.codec import Codes
-from sphkv.kernels.ada_decode import TierPages, Window, ada_decode, ada_decode_naive
+from sphkv.kernels.ada_decode import (
+    AdaDecodePlan,
+    TierPages,
+    Window,
+    ada_decode,
+    ada_decode_naive,
+)
 from sphkv.rdr.tiers import ada_tiers, default_tiers
 from tests.kernels.common import DEVICE, assert_close
 
@@ -62,6 +68,8 @@ CASES = [
     ("B3-H8-G4-D64-L70-P5-mixed-W17", 3, 8, 2, 64, 70, 5,
      ("turbo2", "turbo3", "turbo4", "int8", "fp16"), 17, 1),
     ("B2-H4-G4-D128-L33-P8-mixed-W6-M3", 2, 4, 1, 128, 33, 8, ("turbo4", "int8"), 6, 3),
+    ("B2-H8-G4-D128-L77-P16-turbo234-W5", 2, 8, 2, 128, 77, 16, ("turbo3", "turbo2", "turbo4"),
+     5, 1),
 ]
 
 
@@ -173,3 +181,19 @@ def test_window_bound_per_batch_equals_per_row(nan_empty):
     rows = Window(window.keys, window.values, window.first[:, None].expand(2, 3).contiguous())
     assert_close("[B] vs [B, M] window bound", ada_decode(q, [], window),
                  ada_decode(q, [], rows), 1e-6)
+
+
+def test_plan_reused(nan_empty):
+    """A plan made once serves later calls with a new q and runs that grew in place."""
+    gen = torch.Generator().manual_seed(11)
+    tiers = default_tiers(64)
+    pages = [make_pages(tiers[tiers.index(n)], 2, 2, 64, 40, 8, gen) for n in ("turbo4", "fp16")]
+    window = make_window(2, 2, 64, 7, gen)
+    plan = AdaDecodePlan(pages, window, 6, 1, 64, device=torch.device(DEVICE), block_n=32)
+    for step in range(2):
+        q = torch.randn(2, 6, 1, 64, generator=gen).half().to(DEVICE)
+        assert_close(f"plan, step {step}", ada_decode_naive(q, pages, window),
+                     ada_decode(q, pages, window, plan=plan), 3e-3)
+        pages[0].lengths.clamp_(max=39).add_(1)  # every run one token longer, at most 40
+    with pytest.raises(ValueError, match="plan was made"):
+        plan.run(torch.randn(2, 6, 2, 64).half().to(DEVICE))

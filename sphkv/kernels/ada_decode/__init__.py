@@ -1,12 +1,13 @@
-"""Decode attention over mixed-tier pages plus the fp16 window (DESIGN.md §4).
+"""Decode attention over mixed-tier pages plus the fp16 window.
 
 ``ada_decode`` is the Triton kernel (every tier of the default and ADA ladders read from its
-codes, GQA, split-K over pages with a log-sum-exp merge); ``ada_decode_naive`` the plain-torch
+codes, GQA, split-K over pages with a log-sum-exp merge, every segment of a layer in one
+launch); :class:`AdaDecodePlan` its per-step plan; ``ada_decode_naive`` the plain-torch
 definition over the codecs' ``decode``. :class:`TierPages` and :class:`Window` describe what
 they read.
 """
 
-from sphkv.kernels.ada_decode.decode import ada_decode
+from sphkv.kernels.ada_decode.decode import AdaDecodePlan, ada_decode
 from sphkv.kernels.ada_decode.naive import TierPages, Window, ada_decode_naive
 
-__all__ = ["TierPages", "Window", "ada_decode", "ada_decode_naive"]
+__all__ = ["AdaDecodePlan", "TierPages", "Window", "ada_decode", "ada_decode_naive"]

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from sphkv.codec import Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
 from sphkv.kernels.ada_decode.lookup import (
+    eighth_levels,
     even_odd_levels,
     prmt_enabled,
     prmt_lookup_asm,
@@ -44,7 +45,7 @@ from sphkv.kernels.ada_decode.lookup import (
 from sphkv.kernels.ada_decode.naive import TierPages, Window, row_bounds
 from sphkv.kernels.paged_decode.decode import LOG2E, _num_splits
 
-__all__ = ["ada_decode"]
+__all__ = ["AdaDecodePlan", "ada_decode"]
 
 # kinds of rows a segment holds
 FP16, INT8, TURBO, ADA = 0, 1, 2, 3
@@ -117,62 +118,66 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
 
 
 @triton.jit
-def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
-            block_table, lengths, first, o_part, lse_part,
-            qk_scale, k_mult, v_mult, split_len, split_base, num_splits,
-            stride_btb, stride_bth, stride_wb, stride_wh, stride_wn, stride_fb, stride_fh,
-            HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, M: tl.constexpr,
-            D: tl.constexpr, LOG2D: tl.constexpr, P: tl.constexpr, WINDOW: tl.constexpr,
-            BOUND: tl.constexpr,
-            K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_BYTES: tl.constexpr,
-            V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_BYTES: tl.constexpr,
-            K_CODES: tl.constexpr, K_GROUP: tl.constexpr, V_CODES: tl.constexpr,
-            V_GROUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
-            K_PRMT: tl.constexpr, V_PRMT: tl.constexpr,
-            BLOCK_N: tl.constexpr):
-    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
+             block_table, lengths, first, o_part, lse_part, i_bh, i_s,
+             qk_scale, k_mult, v_mult, split_len, split_base, num_splits,
+             stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
+             HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, M: tl.constexpr,
+             D: tl.constexpr, LOG2D: tl.constexpr, P: tl.constexpr, WINDOW: tl.constexpr,
+             BOUND: tl.constexpr,
+             K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_BYTES: tl.constexpr,
+             V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_BYTES: tl.constexpr,
+             K_CODES: tl.constexpr, K_GROUP: tl.constexpr, V_CODES: tl.constexpr,
+             V_GROUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+             K_NF: tl.constexpr, V_NF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split ``i_s`` of one segment (a tier's runs or the window) for (sequence, kv head)
+    ``i_bh``: its partial output and log-sum-exp, written at split ``split_base + i_s``."""
     i_b, i_h = i_bh // HKV, i_bh % HKV
     length = tl.load(lengths + i_bh)
     start = i_s * split_len
     end = tl.minimum(start + split_len, length)
 
     o_r = tl.arange(0, R_PAD)
-    o_d = tl.arange(0, D)
     m_r = o_r < R
     # q [B, HKV, R, D] in the segment's key domain: row r is query head i_h·G + r // M at
-    # query position r % M; rows R … R_PAD−1 are zero padding for tl.dot
-    b_q = tl.load(q + (i_bh * R + o_r[:, None]) * D + o_d[None, :], mask=m_r[:, None], other=0.0)
-    # TurboQuant by the register lookup (K_PRMT/V_PRMT = bits): at 4 bits byte i holds
-    # coordinates 2i and 2i + 1, decoded into an even and an odd half tile; at 2 bits it holds
-    # 4i … 4i + 3, decoded into four quarter tiles; each is dotted with q's matching coordinates
-    o_h, o_f = tl.arange(0, D // 2), tl.arange(0, D // 4)
-    p_q = q + (i_bh * R + o_r[:, None]) * D
-    if K_PRMT == 4:
-        b_q_e = tl.load(p_q + 2 * o_h[None, :], mask=m_r[:, None], other=0.0)
-        b_q_o = tl.load(p_q + 2 * o_h[None, :] + 1, mask=m_r[:, None], other=0.0)
-    if K_PRMT == 2:
-        b_q0 = tl.load(p_q + 4 * o_f[None, :], mask=m_r[:, None], other=0.0)
-        b_q1 = tl.load(p_q + 4 * o_f[None, :] + 1, mask=m_r[:, None], other=0.0)
-        b_q2 = tl.load(p_q + 4 * o_f[None, :] + 2, mask=m_r[:, None], other=0.0)
-        b_q3 = tl.load(p_q + 4 * o_f[None, :] + 3, mask=m_r[:, None], other=0.0)
+    # query position r % M; rows R … R_PAD−1 are zero padding for tl.dot.
+    # Codes by the register lookup come as NF field tiles (NF = 2, 4, 8 at 4, 2, 3 bits): field
+    # f holds coordinates NF·i + f and is dotted with q's matching coordinates; NF = 1 is the
+    # whole tile in coordinate order.
+    o_kw = tl.arange(0, D // K_NF)
+    p_q = q + (i_bh * R + o_r[:, None]) * D + K_NF * o_kw[None, :]
+    b_q0 = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    if K_NF >= 2:
+        b_q1 = tl.load(p_q + 1, mask=m_r[:, None], other=0.0)
+    if K_NF >= 4:
+        b_q2 = tl.load(p_q + 2, mask=m_r[:, None], other=0.0)
+        b_q3 = tl.load(p_q + 3, mask=m_r[:, None], other=0.0)
+    if K_NF == 8:
+        b_q4 = tl.load(p_q + 4, mask=m_r[:, None], other=0.0)
+        b_q5 = tl.load(p_q + 5, mask=m_r[:, None], other=0.0)
+        b_q6 = tl.load(p_q + 6, mask=m_r[:, None], other=0.0)
+        b_q7 = tl.load(p_q + 7, mask=m_r[:, None], other=0.0)
     if WINDOW:
         # query position i sees window tokens n ≤ W − M + i
         b_hi = length - M + o_r % M
     if BOUND:
-        # … and tokens n ≥ first[b, (h,) i]; blocks hidden from every row are skipped
-        b_lo = tl.load(first + i_b * stride_fb + i_h * stride_fh + o_r % M)
+        # … and tokens n ≥ first[b, h, i]; blocks hidden from every row are skipped
+        b_lo = tl.load(first + i_bh * M + o_r % M)
         lo_min = tl.min(tl.where(m_r, b_lo, end), 0)
         start += tl.maximum(lo_min - start, 0) // BLOCK_N * BLOCK_N
 
+    VW: tl.constexpr = D // V_NF
+    o_vw = tl.arange(0, VW)
     b_m = tl.full([R_PAD], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([R_PAD], dtype=tl.float32)
-    b_acc = tl.zeros([R_PAD, D], dtype=tl.float32)
-    b_acc_e = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
-    b_acc_o = tl.zeros([R_PAD, D // 2], dtype=tl.float32)
-    b_acc0 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
-    b_acc1 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
-    b_acc2 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
-    b_acc3 = tl.zeros([R_PAD, D // 4], dtype=tl.float32)
+    b_acc0 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc1 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc2 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc3 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc4 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc5 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc6 = tl.zeros([R_PAD, VW], dtype=tl.float32)
+    b_acc7 = tl.zeros([R_PAD, VW], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -198,17 +203,24 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
             else:
                 b_vs = tl.load(v_side + b_row).to(tl.float32)
         # s = q·k̂ · scale · log2 e, the per-row factor (norm/√D, scale, radius) applied after
-        if K_PRMT == 4:
-            b_k_e, b_k_o = even_odd_levels(p_k, o_h, m_n, K_ASM)
-            b_s = tl.dot(b_q_e, tl.trans(b_k_e)) + tl.dot(b_q_o, tl.trans(b_k_o))
-        elif K_PRMT == 2:
-            b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_f, m_n, K_ASM)
+        if K_NF == 2:
+            b_k0, b_k1 = even_odd_levels(p_k, o_kw, m_n, K_ASM)
+            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1))
+        elif K_NF == 4:
+            b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_kw, m_n, K_ASM)
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
                 tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
+        elif K_NF == 8:
+            b_k0, b_k1, b_k2, b_k3, b_k4, b_k5, b_k6, b_k7 = eighth_levels(p_k, o_kw, m_n,
+                                                                           K_ASM)
+            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
+                tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3)) + \
+                tl.dot(b_q4, tl.trans(b_k4)) + tl.dot(b_q5, tl.trans(b_k5)) + \
+                tl.dot(b_q6, tl.trans(b_k6)) + tl.dot(b_q7, tl.trans(b_k7))
         else:
             b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
                         K_BYTES, D, LOG2D, BLOCK_N)
-            b_s = tl.dot(b_q, tl.trans(b_k))
+            b_s = tl.dot(b_q0, tl.trans(b_k))
         b_s = b_s * (b_ks * (k_mult * qk_scale))[None, :]
         m_s = m_n[None, :]
         if WINDOW:
@@ -222,40 +234,85 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         b_alpha = tl.exp2(b_m - b_m_use)
         b_p = tl.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_alpha = b_alpha[:, None]
         b_pv = (b_p * (b_vs * v_mult)[None, :]).to(tl.float16)
-        if V_PRMT == 4:
-            b_v_e, b_v_o = even_odd_levels(p_v, o_h, m_n, V_ASM)
-            b_acc_e = b_acc_e * b_alpha[:, None] + tl.dot(b_pv, b_v_e)
-            b_acc_o = b_acc_o * b_alpha[:, None] + tl.dot(b_pv, b_v_o)
-        elif V_PRMT == 2:
-            b_v0, b_v1, b_v2, b_v3 = quarter_levels(p_v, o_f, m_n, V_ASM)
-            b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_pv, b_v0)
-            b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_pv, b_v1)
-            b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pv, b_v2)
-            b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pv, b_v3)
+        if V_NF == 2:
+            b_v0, b_v1 = even_odd_levels(p_v, o_vw, m_n, V_ASM)
+            b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
+            b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
+        elif V_NF == 4:
+            b_v0, b_v1, b_v2, b_v3 = quarter_levels(p_v, o_vw, m_n, V_ASM)
+            b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
+            b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
+            b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
+            b_acc3 = b_acc3 * b_alpha + tl.dot(b_pv, b_v3)
+        elif V_NF == 8:
+            b_v0, b_v1, b_v2, b_v3, b_v4, b_v5, b_v6, b_v7 = eighth_levels(p_v, o_vw, m_n,
+                                                                           V_ASM)
+            b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
+            b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
+            b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
+            b_acc3 = b_acc3 * b_alpha + tl.dot(b_pv, b_v3)
+            b_acc4 = b_acc4 * b_alpha + tl.dot(b_pv, b_v4)
+            b_acc5 = b_acc5 * b_alpha + tl.dot(b_pv, b_v5)
+            b_acc6 = b_acc6 * b_alpha + tl.dot(b_pv, b_v6)
+            b_acc7 = b_acc7 * b_alpha + tl.dot(b_pv, b_v7)
         else:
             b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
                         V_BYTES, D, LOG2D, BLOCK_N)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pv, b_v)
+            b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v)
         b_m = b_m_new
 
     # a split that saw nothing (l = 0) has lse = −∞ and output 0
     b_nonempty = b_l > 0
-    b_inv = tl.where(b_nonempty, 1.0 / tl.where(b_nonempty, b_l, 1.0), 0.0)
+    b_inv = tl.where(b_nonempty, 1.0 / tl.where(b_nonempty, b_l, 1.0), 0.0)[:, None]
     b_lse = tl.where(b_nonempty, b_m + tl.log2(tl.where(b_nonempty, b_l, 1.0)), float("-inf"))
     i_row = i_bh * R + o_r
-    p_o = o_part + (i_row[:, None] * num_splits + split_base + i_s) * D
-    if V_PRMT == 4:
-        tl.store(p_o + 2 * o_h[None, :], b_acc_e * b_inv[:, None], mask=m_r[:, None])
-        tl.store(p_o + 2 * o_h[None, :] + 1, b_acc_o * b_inv[:, None], mask=m_r[:, None])
-    elif V_PRMT == 2:
-        tl.store(p_o + 4 * o_f[None, :], b_acc0 * b_inv[:, None], mask=m_r[:, None])
-        tl.store(p_o + 4 * o_f[None, :] + 1, b_acc1 * b_inv[:, None], mask=m_r[:, None])
-        tl.store(p_o + 4 * o_f[None, :] + 2, b_acc2 * b_inv[:, None], mask=m_r[:, None])
-        tl.store(p_o + 4 * o_f[None, :] + 3, b_acc3 * b_inv[:, None], mask=m_r[:, None])
-    else:
-        tl.store(p_o + o_d[None, :], b_acc * b_inv[:, None], mask=m_r[:, None])
+    # field f of the value sum is output coordinates NF·i + f
+    p_o = o_part + (i_row[:, None] * num_splits + split_base + i_s) * D + V_NF * o_vw[None, :]
+    m_o = m_r[:, None]
+    tl.store(p_o, b_acc0 * b_inv, mask=m_o)
+    if V_NF >= 2:
+        tl.store(p_o + 1, b_acc1 * b_inv, mask=m_o)
+    if V_NF >= 4:
+        tl.store(p_o + 2, b_acc2 * b_inv, mask=m_o)
+        tl.store(p_o + 3, b_acc3 * b_inv, mask=m_o)
+    if V_NF == 8:
+        tl.store(p_o + 4, b_acc4 * b_inv, mask=m_o)
+        tl.store(p_o + 5, b_acc5 * b_inv, mask=m_o)
+        tl.store(p_o + 6, b_acc6 * b_inv, mask=m_o)
+        tl.store(p_o + 7, b_acc7 * b_inv, mask=m_o)
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
+
+
+@triton.jit
+def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
+            block_table, lengths, first, k_mult, v_mult, split_base,
+            stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
+            o_part, lse_part, qk_scale, split_len, num_splits,
+            NSEG: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+            M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
+            P: tl.constexpr, WINDOW: tl.constexpr, BOUND: tl.constexpr,
+            K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_BYTES: tl.constexpr,
+            V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_BYTES: tl.constexpr,
+            K_CODES: tl.constexpr, K_GROUP: tl.constexpr, V_CODES: tl.constexpr,
+            V_GROUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+            K_NF: tl.constexpr, V_NF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Every segment of a layer in one launch: program (i_bh, i_x) runs split
+    ``i_x − split_base[t]`` of the segment t with ``split_base[t] ≤ i_x < split_base[t + 1]``;
+    each argument but the shared ones is a tuple over the segments."""
+    i_bh, i_x = tl.program_id(0), tl.program_id(1)
+    for t in tl.static_range(NSEG):
+        if (i_x >= split_base[t]) & (i_x < split_base[t + 1]):
+            _segment(q[t], k_rows[t], k_side[t], v_rows[t], v_side[t], k_levels[t],
+                     v_levels[t], ada_meta[t], ada_trig[t], block_table[t], lengths[t],
+                     first[t], o_part, lse_part, i_bh, i_x - split_base[t], qk_scale,
+                     k_mult[t], v_mult[t], split_len, split_base[t], num_splits,
+                     stride_btb[t], stride_bth[t], stride_wb[t], stride_wh[t], stride_wn[t],
+                     HKV, R, R_PAD, M, D, LOG2D, P[t], WINDOW[t], BOUND[t], K_KIND[t],
+                     K_BITS[t], K_BYTES[t], V_KIND[t], V_BITS[t], V_BYTES[t], K_CODES[t],
+                     K_GROUP[t], V_CODES[t], V_GROUP[t], K_ASM[t], V_ASM[t], K_NF[t], V_NF[t],
+                     BLOCK_N)
 
 
 @triton.jit
@@ -322,50 +379,221 @@ def _bounds(first: torch.Tensor, shape: tuple[int, ...], M: int,
 
 class _Side:
     """How the kernel reads one codec's rows: kind, bits, row tensor, side tensor, per-row
-    factor, domain (rotation seed or None), tables."""
+    factor, domain (rotation seed or None), tables, field tiles of the register lookup."""
 
-    def __init__(self, codec, codes, d: int, device: torch.device, role: str):
-        self.levels = self.meta = self.trig = None
+    def __init__(self, codec, codes, d: int, device: torch.device, role: str, rows=None):
+        levels = meta = trig = None
         self.seed, self.mult, self.bits = None, 1.0, 0
-        self.asm = ""  # the register lookup of 4-bit levels (lookup.py), where it runs
-        side = next(iter(codes.side.values()), None)
-        payload = codes.payload
-        if isinstance(codec, Fp16Codec):
+        self.asm = ""  # the register lookup of 2-, 3- and 4-bit levels (lookup.py)
+        side = None if codes is None else next(iter(codes.side.values()), None)
+        payload = None if codes is None else codes.payload
+        if role == "window":
+            self.kind = FP16
+        elif isinstance(codec, Fp16Codec):
             self.kind, rows = FP16, payload.view(torch.float16)
         elif isinstance(codec, Int8Codec):
             self.kind, rows = INT8, payload.view(torch.int8)
         elif isinstance(codec, TurboQuantCodec):
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
-            self.levels = _levels(d, codec.bits, device)
-            # the register lookup at 4 and 2 bits; its tiles of D/2 or D/4 coordinates are dot
-            # operands, so D·bits/8 ≥ 16
-            if codec.bits in (2, 4) and d * codec.bits >= 128 and prmt_enabled(device):
+            levels = _levels(d, codec.bits, device)
+            # the register lookup gives 8/bits (2, 4 bits) or 8 (3 bits) field tiles of D/NF
+            # coordinates, each a dot operand: D/NF ≥ 16
+            nf = {2: 4, 3: 8, 4: 2}.get(codec.bits, 0)
+            if nf and d // nf >= 16 and prmt_enabled(device):
                 self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif isinstance(codec, SphericalCodec) and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
-            self.meta, self.trig = _ada_tables(d, codec.bits, device)
+            meta, trig = _ada_tables(d, codec.bits, device)
         else:
             raise ValueError(f"{role} codec {type(codec).__name__} has no kernel (fp16, int8, "
                              f"TurboQuant, and SphericalCodec keys do)")
+        self.fields = {2: 4, 3: 8, 4: 2}[self.bits] if self.asm else 1
         # TurboQuant packing: CODES consecutive codes fill GROUP whole bytes
         self.codes = 8 // math.gcd(self.bits, 8) if self.kind == TURBO else 1
         self.group = self.bits * self.codes // 8 if self.kind == TURBO else 1
-        self.rows = rows if rows.is_contiguous() else rows.contiguous()
-        self.nbytes = self.rows.shape[-1]
-        self.side = side
-        self.dummy = torch.zeros(1, device=device)
+        if role != "window" and not rows.is_contiguous():
+            rows = rows.contiguous()
+        self.rows, self.nbytes = rows, rows.shape[-1]
+        dummy = torch.zeros(1, device=device)
+        self.side_or_dummy = dummy if side is None else side
+        self.tables = (dummy if levels is None else levels,
+                       dummy.int() if meta is None else meta, dummy if trig is None else trig)
 
-    def tables(self):
-        return (self.levels if self.levels is not None else self.dummy,
-                self.meta if self.meta is not None else self.dummy.int(),
-                self.trig if self.trig is not None else self.dummy)
+
+class _Segment:
+    """One launch slot: a tier's runs or the window, with how the kernel reads them."""
+
+    def __init__(self, key: _Side, value: _Side, table, lengths, first, capacity: int,
+                 page_size: int, window: bool, strides=(0, 0, 0)):
+        self.key, self.value, self.table, self.lengths, self.first = key, value, table, \
+            lengths, first
+        self.capacity, self.page_size, self.window, self.strides = capacity, page_size, \
+            window, strides
+
+
+class AdaDecodePlan:
+    """Everything of one layer's decode that does not depend on q: the readers of each tier's
+    codes, one launch slot per segment, the split layout, the partial buffers.
+
+    Made once per decode step (``ada_decode(..., plan=plan)`` then only rotates q, launches
+    the kernel and the merge: no host work per segment, nothing that synchronizes). Reuse
+    rule: valid while the pages and the window hold the same tensors with the same shapes
+    (codes, block tables, lengths and bounds may change in place; splits are sized from
+    capacities); q may change, its shape may not.
+
+    Parameters
+    ----------
+    pages, window : as :func:`ada_decode`
+    Hq, M, D : query heads, query positions per sequence, head dim
+    block_n, num_splits, num_warps, num_stages : as :func:`ada_decode`
+    """
+
+    def __init__(self, pages: list[TierPages], window: Window | None, Hq: int, M: int,
+                 D: int, *, device: torch.device, block_n: int = 64,
+                 num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+        if not pages and window is None:
+            raise ValueError("nothing to attend to: no pages and no window")
+        Hkv = pages[0].block_table.shape[1] if pages else window.keys.shape[1]
+        B = pages[0].block_table.shape[0] if pages else window.keys.shape[0]
+        if Hq % Hkv:
+            raise ValueError(f"query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
+        R = Hq // Hkv * M
+        if R > _MAX_ROWS:
+            raise ValueError(f"G·M = {R} query rows per kv head; the kernel holds at most "
+                             f"{_MAX_ROWS}")
+        if D < 16 or D & (D - 1):
+            raise ValueError(f"head dim D={D} must be a power of two ≥ 16")
+        if block_n < 32 or block_n & (block_n - 1):
+            raise ValueError(f"block_n={block_n} must be a power of two ≥ 32")
+        if block_n < 8 * num_warps:
+            # Triton 3.6 on the H100: the register gather of the levels fails to compile
+            # (setOptimizedGatherLayout: isWarpLocal) at block_n = 32 with 8 warps
+            raise ValueError(f"block_n={block_n} must be ≥ 8·num_warps = {8 * num_warps}")
+        self.B, self.Hq, self.Hkv, self.M, self.D, self.R = B, Hq, Hkv, M, D, R
+        self.device = dev = torch.device(device)
+        segments = []
+        for tp in pages:
+            if tp.tier.is_drop:
+                raise ValueError(f"tier {tp.tier.name!r} stores nothing")
+            if tp.block_table.shape[:2] != (B, Hkv) or tp.lengths.shape != (B, Hkv):
+                raise ValueError(f"tier {tp.tier.name!r}: block_table must be [{B}, {Hkv}, "
+                                 f"max_pages] and lengths [{B}, {Hkv}], got "
+                                 f"{tuple(tp.block_table.shape)}, {tuple(tp.lengths.shape)}")
+            if tp.key.payload.shape[0] == 0 or tp.block_table.shape[2] == 0:
+                continue
+            first = None if tp.first is None else _bounds(tp.first, (B, Hkv), M, dev)
+            segments.append(_Segment(
+                _Side(tp.tier.key, tp.key, D, dev, "key"),
+                _Side(tp.tier.value, tp.value, D, dev, "value"), tp.block_table,
+                tp.lengths.contiguous(), first, tp.block_table.shape[2] * tp.page_size,
+                tp.page_size, False))
+        v_seeds = {s.value.seed for s in segments} - {None}
+        if len(v_seeds) > 1:
+            raise ValueError(f"value codecs rotate with different seeds {sorted(v_seeds)}; "
+                             f"the kernel keeps one rotated value sum")
+        self.v_seed = next(iter(v_seeds), None)
+        if window is not None and window.keys.shape[2] > 0:
+            keys, values = window.keys, window.values
+            if keys.dtype != torch.float16 or keys.stride() != values.stride() or \
+                    keys.stride(-1) != 1:
+                raise ValueError("window keys and values must be fp16 with equal strides and "
+                                 "unit stride in D")
+            W = keys.shape[2]
+            first = _bounds(window.first, (B,), M, dev)[:, None].expand(B, Hkv, M).contiguous()
+            lengths = torch.full((B, Hkv), W, dtype=torch.int32, device=dev)
+            segments.append(_Segment(
+                _Side(None, None, D, dev, "window", rows=keys),
+                _Side(None, None, D, dev, "window", rows=values), lengths, lengths, first, W,
+                1, True, keys.stride()[:3]))
+        if not segments:
+            raise ValueError("nothing to attend to: every tier is empty and no window")
+        self.segments = segments
+
+        # one split length for every segment: about num_splits splits per (sequence, kv head)
+        # over all segments together, each segment at least one split
+        capacity = sum(s.capacity for s in segments)
+        n = num_splits or _num_splits(B * Hkv, capacity, block_n, dev)
+        self.split_len = triton.cdiv(triton.cdiv(capacity, n), block_n) * block_n
+        bases = [0]
+        for s in segments:
+            bases.append(bases[-1] + triton.cdiv(s.capacity, self.split_len))
+        self.split_base, self.total = tuple(bases), bases[-1]
+        rotated = [int(s.value.seed is not None)
+                   for s, a, b in zip(segments, bases, bases[1:], strict=False)
+                   for _ in range(a, b)]
+        self.rotated = torch.tensor(rotated, dtype=torch.int32, device=dev)
+        self.o_part = torch.empty(B * Hkv * R, self.total, D, device=dev, dtype=torch.float32)
+        self.lse_part = torch.empty(B * Hkv * R, self.total, device=dev, dtype=torch.float32)
+        self.out2 = torch.empty(B * Hkv * R, 2, D, device=dev, dtype=torch.float32)
+        self.options = dict(
+            NSEG=len(segments), HKV=Hkv, R=R, R_PAD=max(16, triton.next_power_of_2(R)), M=M,
+            D=D, LOG2D=D.bit_length() - 1, BLOCK_N=block_n, num_warps=num_warps,
+            # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
+            num_stages=1 if any(s.key.kind == ADA for s in segments) else num_stages,
+            **{name: tuple(f(s) for s in segments) for name, f in _CONSTEXPRS.items()})
+
+    def run(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Attention of ``q [B, Hq, M, D]`` (the plan's shape): as :func:`ada_decode`."""
+        B, Hq, M, D = q.shape
+        if (B, Hq, M, D) != (self.B, self.Hq, self.M, self.D):
+            raise ValueError(f"q is {list(q.shape)}, the plan was made for "
+                             f"{[self.B, self.Hq, self.M, self.D]}")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        dev, segs = self.device, self.segments
+        # the R = G·M query rows of each kv head, head-major, in each key domain: [B, Hkv, R, D]
+        q_rows = q.float().reshape(B, self.Hkv, self.R, D)
+        q_dom = {}
+        for s in segs:
+            if s.key.seed not in q_dom:
+                x = q_rows if s.key.seed is None else q_rows @ _rotation(D, s.key.seed, dev)[0]
+                q_dom[s.key.seed] = x.half().contiguous()
+
+        def each(f):
+            return tuple(f(s) for s in segs)
+
+        _kernel[(B * self.Hkv, self.total)](
+            each(lambda s: q_dom[s.key.seed]), each(lambda s: s.key.rows),
+            each(lambda s: s.key.side_or_dummy), each(lambda s: s.value.rows),
+            each(lambda s: s.value.side_or_dummy), each(lambda s: s.key.tables[0]),
+            each(lambda s: s.value.tables[0]), each(lambda s: s.key.tables[1]),
+            each(lambda s: s.key.tables[2]), each(lambda s: s.table),
+            each(lambda s: s.lengths), each(lambda s: s.lengths if s.first is None else s.first),
+            each(lambda s: s.key.mult), each(lambda s: s.value.mult), self.split_base,
+            each(lambda s: 0 if s.window else s.table.stride(0)),
+            each(lambda s: 0 if s.window else s.table.stride(1)),
+            each(lambda s: s.strides[0]), each(lambda s: s.strides[1]),
+            each(lambda s: s.strides[2]), self.o_part, self.lse_part, scale * LOG2E,
+            self.split_len, self.total, **self.options)
+        _merge_kernel[(B * self.Hkv * self.R,)](
+            self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D,
+            S_PAD=max(2, triton.next_power_of_2(self.total)), num_warps=4)
+        out = self.out2[:, 0]
+        if self.v_seed is not None:
+            # the rotated value sum back to coordinates, once per output row
+            out = out + self.out2[:, 1] @ _rotation(D, self.v_seed, dev)[1]
+        return out.view(B, Hq, M, D).to(q.dtype)
+
+
+# the compile-time description of each segment: name -> f(segment)
+_CONSTEXPRS = {
+    "P": lambda s: s.page_size, "WINDOW": lambda s: s.window,
+    "BOUND": lambda s: s.first is not None,
+    "K_KIND": lambda s: s.key.kind, "K_BITS": lambda s: s.key.bits,
+    "K_BYTES": lambda s: s.key.nbytes, "V_KIND": lambda s: s.value.kind,
+    "V_BITS": lambda s: s.value.bits, "V_BYTES": lambda s: s.value.nbytes,
+    "K_CODES": lambda s: s.key.codes, "K_GROUP": lambda s: s.key.group,
+    "V_CODES": lambda s: s.value.codes, "V_GROUP": lambda s: s.value.group,
+    "K_ASM": lambda s: s.key.asm, "V_ASM": lambda s: s.value.asm,
+    "K_NF": lambda s: s.key.fields, "V_NF": lambda s: s.value.fields,
+}
 
 
 def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
                scale: float | None = None, *, block_n: int = 64, num_splits: int | None = None,
-               num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 2,
+               plan: AdaDecodePlan | None = None) -> torch.Tensor:
     """Decode attention over a page table of mixed-tier pages plus the fp16 recent window.
 
     Parameters
@@ -378,132 +606,19 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
         ``[B]`` or ``[B, M]``; or None
     scale : logit scale, default 1/√D
     block_n : tokens per inner step, a power of two ≥ 32 (may span pages of one tier)
-    num_splits : splits per (sequence, kv head) of each tier; default about 4 programs per
-        multiprocessor per tier
+    num_splits : splits per (sequence, kv head), all segments together (each at least one);
+        default about 4 programs per multiprocessor
     num_warps, num_stages : Triton launch options
+    plan : an :class:`AdaDecodePlan` of these pages and window (then the launch options above
+        are the plan's); made here when None
 
     Returns
     -------
     [B, Hq, M, D], the dtype of ``q``: equals :func:`ada_decode_naive` to rounding.
     Value codecs that rotate must share one rotation seed.
     """
-    B, Hq, M, D = q.shape
-    if not pages and window is None:
-        raise ValueError("nothing to attend to: no pages and no window")
-    Hkv = pages[0].block_table.shape[1] if pages else window.keys.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
-    R = Hq // Hkv * M
-    if R > _MAX_ROWS:
-        raise ValueError(f"G·M = {R} query rows per kv head; the kernel holds at most "
-                         f"{_MAX_ROWS}")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"head dim D={D} must be a power of two ≥ 16")
-    if block_n < 32 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two ≥ 32")
-    if block_n < 8 * num_warps:
-        # Triton 3.6 on the H100: the register gather of the levels fails to compile
-        # (setOptimizedGatherLayout: isWarpLocal) at block_n = 32 with 8 warps
-        raise ValueError(f"block_n={block_n} must be ≥ 8·num_warps = {8 * num_warps}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    dev = q.device
-    # the R = G·M query rows of each kv head, head-major: [B, Hkv, R, D]
-    q_rows = q.float().reshape(B, Hkv, R, D)
-    q_dom: dict = {}
-
-    def q_in(seed):
-        if seed not in q_dom:
-            x = q_rows if seed is None else q_rows @ _rotation(D, seed, dev)[0]
-            q_dom[seed] = x.half().contiguous()
-        return q_dom[seed]
-
-    # one launch per segment: (q, key side, value side, table, lengths, capacity, is window)
-    segments = []
-    for tp in pages:
-        if tp.tier.is_drop:
-            raise ValueError(f"tier {tp.tier.name!r} stores nothing")
-        if tp.block_table.shape[:2] != (B, Hkv) or tp.lengths.shape != (B, Hkv):
-            raise ValueError(f"tier {tp.tier.name!r}: block_table must be [{B}, {Hkv}, "
-                             f"max_pages] and lengths [{B}, {Hkv}], got "
-                             f"{tuple(tp.block_table.shape)}, {tuple(tp.lengths.shape)}")
-        if tp.key.payload.shape[0] == 0 or tp.block_table.shape[2] == 0:
-            continue
-        key = _Side(tp.tier.key, tp.key, D, dev, "key")
-        value = _Side(tp.tier.value, tp.value, D, dev, "value")
-        segments.append((q_in(key.seed), key, value, tp.block_table, tp.lengths,
-                         tp.block_table.shape[2] * tp.page_size, tp.page_size,
-                         None if tp.first is None else _bounds(tp.first, (B, Hkv), M, dev)))
-    v_seeds = {s[2].seed for s in segments} - {None}
-    if len(v_seeds) > 1:
-        raise ValueError(f"value codecs rotate with different seeds {sorted(v_seeds)}; the "
-                         f"kernel keeps one rotated value sum")
-    v_seed = next(iter(v_seeds), None)
-
-    plans, total = [], 0
-    for seg in segments:
-        capacity = seg[5]
-        n = num_splits or _num_splits(B * Hkv, capacity, block_n, dev)
-        split_len = triton.cdiv(triton.cdiv(capacity, n), block_n) * block_n
-        n = triton.cdiv(capacity, split_len)
-        plans.append((seg, split_len, total, n))
-        total += n
-    if window is not None and window.keys.shape[2] > 0:
-        W = window.keys.shape[2]
-        n = num_splits or _num_splits(B * Hkv, W, block_n, dev)
-        split_len = triton.cdiv(triton.cdiv(W, n), block_n) * block_n
-        n = triton.cdiv(W, split_len)
-        plans.append((None, split_len, total, n))
-        total += n
-
-    o_part = torch.empty(B * Hkv * R, total, D, device=dev, dtype=torch.float32)
-    lse_part = torch.empty(B * Hkv * R, total, device=dev, dtype=torch.float32)
-    rotated = torch.zeros(total, dtype=torch.int32, device=dev)
-    common = dict(HKV=Hkv, R=R, R_PAD=max(16, triton.next_power_of_2(R)), M=M, D=D,
-                  LOG2D=D.bit_length() - 1,
-                  BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    for seg, split_len, base, n in plans:
-        if seg is None:
-            keys, values = window.keys, window.values
-            if keys.dtype != torch.float16 or keys.stride() != values.stride() or \
-                    keys.stride(-1) != 1:
-                raise ValueError("window keys and values must be fp16 with equal strides and "
-                                 "unit stride in D")
-            lengths = torch.full((B, Hkv), keys.shape[2], dtype=torch.int32, device=dev)
-            first = _bounds(window.first, (B,), M, dev)
-            _kernel[(B * Hkv, n)](
-                q_in(None), keys, keys, values, values, q_rows, q_rows, lengths, q_rows,
-                lengths, lengths, first, o_part, lse_part, scale * LOG2E, 1.0, 1.0, split_len,
-                base, total, 0, 0, keys.stride(0), keys.stride(1), keys.stride(2), M, 0,
-                P=1, WINDOW=True, BOUND=True, K_KIND=FP16, K_BITS=0, K_BYTES=D, V_KIND=FP16,
-                V_BITS=0, V_BYTES=D, K_CODES=1, K_GROUP=1, V_CODES=1, V_GROUP=1, K_ASM="",
-                V_ASM="", K_PRMT=0, V_PRMT=0, **common)
-            continue
-        q_seg, key, value, table, lengths, _, page_size, first = seg
-        if value.seed is not None:
-            rotated[base:base + n] = 1
-        k_lev, k_meta, k_trig = key.tables()
-        v_lev, _, _ = value.tables()
-        _kernel[(B * Hkv, n)](
-            q_seg, key.rows, key.side if key.side is not None else key.dummy,
-            value.rows, value.side if value.side is not None else value.dummy,
-            k_lev, v_lev, k_meta, k_trig, table, lengths.contiguous(),
-            lengths if first is None else first,
-            o_part, lse_part, scale * LOG2E, key.mult, value.mult, split_len, base, total,
-            table.stride(0), table.stride(1), 0, 0, 0, Hkv * M, M,
-            P=page_size, WINDOW=False, BOUND=first is not None, K_KIND=key.kind,
-            K_BITS=key.bits, K_BYTES=key.nbytes,
-            V_KIND=value.kind, V_BITS=value.bits, V_BYTES=value.nbytes,
-            K_CODES=key.codes, K_GROUP=key.group, V_CODES=value.codes, V_GROUP=value.group,
-            K_ASM=key.asm, V_ASM=value.asm, K_PRMT=key.bits if key.asm else 0,
-            V_PRMT=value.bits if value.asm else 0,
-            # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
-            **{**common, "num_stages": 1 if key.kind == ADA else num_stages})
-
-    out2 = torch.empty(B * Hkv * R, 2, D, device=dev, dtype=torch.float32)
-    _merge_kernel[(B * Hkv * R,)](o_part, lse_part, rotated, out2, total, D=D,
-                                  S_PAD=max(2, triton.next_power_of_2(total)), num_warps=4)
-    out = out2[:, 0]
-    if v_seed is not None:
-        # the rotated value sum back to coordinates, once per output row
-        out = out + out2[:, 1] @ _rotation(D, v_seed, dev)[1]
-    return out.view(B, Hq, M, D).to(q.dtype)
+    if plan is None:
+        plan = AdaDecodePlan(pages, window, q.shape[1], q.shape[2], q.shape[3],
+                             device=q.device, block_n=block_n, num_splits=num_splits,
+                             num_warps=num_warps, num_stages=num_stages)
+    return plan.run(q, scale)
