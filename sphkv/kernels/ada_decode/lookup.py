@@ -155,5 +155,7 @@ def eighth_levels(p_rows, o_g, m_n, ASM: tl.constexpr):
     b_0 = tl.load(p_rows + 3 * o_g[None, :], mask=m, other=0)
     b_1 = tl.load(p_rows + 3 * o_g[None, :] + 1, mask=m, other=0)
     b_2 = tl.load(p_rows + 3 * o_g[None, :] + 2, mask=m, other=0)
-    return tl.inline_asm_elementwise(ASM, ",".join(["=r"] * 16 + ["r"] * 3), [b_0, b_1, b_2],
-                                     dtype=(tl.float16,) * 8, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [b_0, b_1, b_2],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+               tl.float16, tl.float16), is_pure=True, pack=4)
