@@ -25,8 +25,8 @@ import torch
 
 from sphkv.codec import TurboQuantCodec
 from sphkv.integrations.hf import load_model, read_tokens
-from sphkv.integrations.hf.methods import METHODS
 from sphkv.integrations.hf.tasks import SETTINGS, passkey_runs, perplexity_runs
+from sphkv.rdr.methods import METHODS
 from sphkv.rdr.tiers import Tier, TierSet
 
 

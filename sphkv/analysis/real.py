@@ -96,13 +96,15 @@ def capture_kv(model, tok, text: str, n_tokens: int) -> KVTrace:
     """Prefill the first ``n_tokens`` tokens of ``text``; return keys, values and queries."""
     from transformers import DynamicCache
 
+    from sphkv.integrations.hf.config import cache_argument
+
     ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens]
     if ids.shape[1] < n_tokens:
         raise ValueError(f"text has only {ids.shape[1]} tokens, n_tokens={n_tokens} asked")
     queries: dict[int, torch.Tensor] = {}
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), _recording_queries(model, queries):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_argument(model): cache}, use_cache=True)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
     values = torch.stack([layer.values[0] for layer in cache.layers])
     return KVTrace(keys.float(), values.float(), torch.stack([queries[i]

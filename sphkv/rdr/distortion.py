@@ -64,10 +64,11 @@ def _logit_error(dk: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return (q @ dk.mT / d**0.5).view(h_kv, -1, queries.shape[1], dk.shape[1])
 
 
-def _weights(keys, values, queries, estimator: Estimator | None, score_queries=None):
+def _weights(keys, values, queries, estimator: Estimator | None, score_queries=None,
+             first=None):
     """Measured ``p`` and the weights ``π`` the distortion uses, both ``[H_kv, G, W, n]``;
     the estimator scores with ``score_queries`` (default: ``queries``)."""
-    p = attention_probs(keys, queries)
+    p = attention_probs(keys, queries, first)
     if estimator is None:
         return p, p
     h_kv, n = keys.shape[0], keys.shape[1]
@@ -81,7 +82,7 @@ def _weights(keys, values, queries, estimator: Estimator | None, score_queries=N
 def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                      tiers: TierSet, estimator: Estimator | None = None,
                      score_queries: torch.Tensor | None = None, floor: float = 0.0,
-                     relative: bool = False) -> np.ndarray:
+                     relative: bool = False, first: torch.Tensor | None = None) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -108,11 +109,14 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         squared output error relative to the layer's output, so that one allocation over
         several layers weighs each layer's relative error (what the evaluation's fidelity
         task reports) instead of favouring the layers whose outputs are largest.
+    first : torch.Tensor, optional
+        int ``[W]``: the lowest token index query j sees (a sliding or chunked layer's
+        pattern, :class:`~sphkv.rdr.layout.LayerAttention`); every earlier token by default.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     keys, values, queries = keys.float(), values.float(), queries.float()
-    p, pi = _weights(keys, values, queries, estimator, score_queries)
+    p, pi = _weights(keys, values, queries, estimator, score_queries, first)
     pi = (1 - floor) * pi + floor / keys.shape[1]
     w = pi.square()
     o = p @ values[:, None]  # o_q [H_kv, G, W, d]

@@ -1,8 +1,12 @@
-"""Compression methods for :class:`sphkv.integrations.hf.cache.SphkvCache`.
+"""Compression methods: what the online allocator (:mod:`sphkv.rdr.online`) stores and how
+it weighs it.
 
-A :class:`Method` is a tier-ladder restriction plus a utility estimator, so RDR, drop-only and
-quantize-only methods share one cache code path at equal bytes. :data:`METHODS` is the registry
-by name:
+A :class:`Method` owns its behaviour, in the manner of kvpress's presses: its tier ladder (and
+the tiers of it that it may use), its distortion rows (:meth:`Method.distortion`: the measured
+or estimated attention weights, the prior floor, the per-layer scale) and its no-drop rule. Any
+utility estimator composes with any ladder (``dataclasses.replace(METHODS["rdr"],
+estimator="keydiff")``), so RDR, drop-only and quantize-only methods share one allocator at
+equal bytes. :data:`METHODS` is the registry by name:
 
 - RDR (drop allowed; weights: the measured attention of the last 256 prompt queries mixed
   half and half with a uniform prior (``floor=0.5``); distortion relative to each layer's
@@ -20,7 +24,7 @@ by name:
   ``turboquant`` (arXiv 2504.19874), ``polarquant`` (arXiv 2502.00527) and ``fibquant``
   (arXiv 2605.11478); each ladder's docstring says what it stores.
 
-What the cache imposes on every method, where the papers differ: the first ``sinks`` tokens
+What the allocator imposes on every method, where the papers differ: the first ``sinks`` tokens
 take the method's dearest tier and the last W to 2W tokens stay fp16 (the window, reserved from
 the budget); after prefill one greedy solve over all layers and heads picks the tiers from the
 distortion weighted by the estimator's ranking (:mod:`sphkv.rdr.distortion`), not a per-head
@@ -38,13 +42,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sphkv.codec import FibQuantCodec, KiviCodec, PolarQuantCodec
+from sphkv.rdr.distortion import layer_distortion
 from sphkv.rdr.tiers import Tier, TierSet, ada_tiers, default_tiers, scalar_tiers
 from sphkv.rdr.utility import Estimator, get_estimator
 
-__all__ = ["METHODS", "Method", "Recency", "get_method"]
+__all__ = ["METHODS", "NO_DROP_PENALTY", "Method", "Recency", "get_method"]
+
+#: a method that never drops prices a drop at this multiple of the largest distortion of the
+#: same items, so that dropping happens only when no other assignment holds the budget
+NO_DROP_PENALTY = 1e6
 
 
 @dataclass
@@ -184,6 +194,39 @@ class Method:
         if isinstance(self.estimator, str):
             return get_estimator(self.estimator)
         return self.estimator
+
+    @property
+    def all_queries(self) -> bool:
+        """Whether the estimator scores with every prefill query (H2O), not the observation."""
+        return bool(getattr(self.get_estimator(), "all_queries", False))
+
+    def distortion(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                   tiers: TierSet, first: torch.Tensor | None = None,
+                   score_queries: torch.Tensor | None = None) -> np.ndarray:
+        """The method's distortion rows ``D[h, i, t]`` of one layer, float64 ``[H_kv, n, T]``.
+
+        :func:`~sphkv.rdr.distortion.layer_distortion` with the method's estimator, floor and
+        scale; under the no-drop rule (``drop=False``) the drop column is
+        :data:`NO_DROP_PENALTY` times the largest distortion of the other tiers.
+
+        Parameters
+        ----------
+        keys, values : torch.Tensor
+            ``[H_kv, n, d]``.
+        queries : torch.Tensor
+            ``[H_q, W, d]``, the queries of the last W of the n positions.
+        tiers : TierSet
+            The ladder (:meth:`tier_set`).
+        first : torch.Tensor, optional
+            int ``[W]``: the lowest token index each query sees (sliding and chunked layers).
+        score_queries : torch.Tensor, optional
+            ``[H_q, m, d]``, what the estimator scores with (:attr:`all_queries`).
+        """
+        d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
+                             self.floor, self.relative, first=first)
+        if not self.drop and d.shape[1]:
+            d[..., 0] = NO_DROP_PENALTY * max(d[..., 1:].max(), 1e-30)
+        return d
 
 
 #: name -> method; every method runs through :class:`SphkvCache`

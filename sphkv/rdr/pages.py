@@ -247,16 +247,19 @@ class PagedStore:
             ``[len(groups), n_max]`` vectors (padding slots repeat slot 0).
         valid : torch.Tensor
             bool ``[len(groups), n_max]``.
+        positions : torch.Tensor
+            int64 ``[len(groups), n_max]`` (on the CPU; -1 at padding slots).
         """
-        slots = [self._slots(g, tier)[0] for g in groups]
-        n_max = max(len(s) for s in slots)
+        runs = [self._slots(g, tier) for g in groups]
+        n_max = max(len(s) for s, _ in runs)
         index = torch.zeros(len(groups), n_max, dtype=torch.long)
         valid = torch.zeros(len(groups), n_max, dtype=torch.bool)
-        for i, s in enumerate(slots):
-            index[i, :len(s)], valid[i, :len(s)] = s, True
+        positions = torch.full((len(groups), n_max), -1, dtype=torch.long)
+        for i, (s, pos) in enumerate(runs):
+            index[i, :len(s)], valid[i, :len(s)], positions[i, :len(s)] = s, True, pos
         pool, index = self.pools[tier], index.to(self.device)
         return (pool.key_rows(index), _rows(pool.value, index, self.d),
-                valid.to(self.device))
+                valid.to(self.device), positions)
 
     def contents(self, tier: int):
         """Every token kept at ``tier``, in slot order.

@@ -44,7 +44,8 @@ def _check(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> N
                          f"({keys.shape[1]} tokens)")
 
 
-def attention_probs(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+def attention_probs(keys: torch.Tensor, queries: torch.Tensor,
+                    first: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention of the window's queries, grouped by kv-head.
 
     Parameters
@@ -53,6 +54,9 @@ def attention_probs(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         ``[H_kv, n, d]``.
     queries : torch.Tensor
         ``[H_q, W, d]`` at positions ``n-W … n-1``.
+    first : torch.Tensor, optional
+        int ``[W]``: query j sees tokens ``first[j] … n-W+j`` (a sliding or chunked layer);
+        every token up to its own by default.
 
     Returns
     -------
@@ -64,8 +68,10 @@ def attention_probs(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     h_q, w, _ = queries.shape
     q = queries.float().view(h_kv, h_q // h_kv, w, d)
     s = q @ keys.float()[:, None].mT / math.sqrt(d)  # logits q·k/√d, [H_kv, G, W, n]
-    future = torch.arange(n)[None, :] > torch.arange(n - w, n)[:, None]  # [W, n]
-    return torch.softmax(s.masked_fill(future, -math.inf), dim=-1)
+    hidden = torch.arange(n)[None, :] > torch.arange(n - w, n)[:, None]  # [W, n], the future
+    if first is not None:
+        hidden |= torch.arange(n)[None, :] < torch.as_tensor(first)[:, None]
+    return torch.softmax(s.masked_fill(hidden, -math.inf), dim=-1)
 
 
 def _aggregate(x: torch.Tensor, how: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ from sphkv.integrations.hf.cache import (
     register_attention,
     sphkv_attention,
 )
+from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import compressed_generate, fp16_cache_bytes
 from sphkv.rdr.problem import InfeasibleBudgetError
 
@@ -44,7 +45,7 @@ def _generate(model, ids, budget, method="rdr", new=40, mask=None, window=8, pag
     model.set_attn_implementation(register_attention())
     try:
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache,
+            out = model.generate(ids, attention_mask=mask, **{cache_argument(model): cache},
                                  max_new_tokens=new, do_sample=False,
                                  stopping_criteria=StoppingCriteriaList([check]))
     finally:
@@ -71,7 +72,8 @@ def test_attention_equals_sdpa_with_gqa_causality_and_padding(model):
     layer = cache.layers[0]
     handle, _ = layer.update(k, v)
     module = model.model.layers[0].self_attn
-    out, _ = sphkv_attention(module, q, handle, handle, mask, scaling=d**-0.5)
+    # the sphkv attention reads the 2-D padding mask and applies causality itself
+    out, _ = sphkv_attention(module, q, handle, handle, real, scaling=d**-0.5)
     ref, _ = sdpa_attention_forward(module, q, k.half().float(), v.half().float(), mask,
                                     scaling=d**-0.5)
     assert cache.pad.tolist() == [0, 3]
@@ -84,7 +86,7 @@ def test_full_budget_reproduces_greedy_generation(model):
     ids = _ids(50)
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=40, do_sample=False)
-        dense = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        dense = model(ids, **{cache_argument(model): DynamicCache(config=model.config)}).logits
     out, cache = _generate(model, ids, 1e9)
     assert torch.equal(out, ref)
     # everything was admitted at fp16: λ = 0, only the fp16 pool holds pages
@@ -99,7 +101,7 @@ def test_full_budget_reproduces_greedy_generation(model):
     model.set_attn_implementation(register_attention())
     try:
         with torch.no_grad():
-            logits = model(ids, past_key_values=compressed).logits
+            logits = model(ids, **{cache_argument(model): compressed}).logits
     finally:
         model.set_attn_implementation("sdpa")
     torch.testing.assert_close(logits, dense, atol=2e-3, rtol=1e-3)

@@ -10,6 +10,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sphkv.integrations.hf.cache import SphkvCache, register_attention
+from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import fp16_cache_bytes
 
 from .fixtures import TINY, tiny_model
@@ -44,7 +45,7 @@ def _generate(device: str, ids: torch.Tensor, method: str, budget: float):
     with torch.no_grad():
         # min_new_tokens: the tiny random model may pick its EOS token; every step is checked
         # (its processor sets EOS to −inf in the scores: compare the raw logits)
-        out = model.generate(ids.to(device), past_key_values=cache, max_new_tokens=NEW,
+        out = model.generate(ids.to(device), **{cache_argument(model): cache}, max_new_tokens=NEW,
                              min_new_tokens=NEW, do_sample=False, output_logits=True,
                              return_dict_in_generate=True,
                              stopping_criteria=StoppingCriteriaList([check]))

@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sphkv.integrations.hf.cache import METHODS, SphkvCache, register_attention
+from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import fp16_cache_bytes
 from sphkv.rdr.tiers import scalar_tiers
 from sphkv.rdr.utility import ESTIMATORS, AccumulatedAttention, Estimator
@@ -54,7 +55,7 @@ def _run(model, method: str, fraction: float) -> SphkvCache:
     model.set_attn_implementation(register_attention())
     try:
         with torch.no_grad():
-            model.generate(ids, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+            model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=NEW_TOKENS,
                            do_sample=False, stopping_criteria=StoppingCriteriaList([_Held(cache)]))
     finally:
         model.set_attn_implementation("sdpa")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from sphkv.cli import app
 from sphkv.integrations.hf.cache import METHODS, register_attention
+from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.tasks import (
     KEY_SENTENCE,
     NONE,
@@ -40,7 +41,7 @@ def _direct_nll(model, ids, context, scored) -> float:
     """Teacher-forced nll of x_{N+1} … x_{N+M} from one forward over the whole sequence."""
     with torch.no_grad():
         logits = model(ids[None, :context + scored + 1],
-                       past_key_values=DynamicCache(config=model.config)).logits[0]
+                       **{cache_argument(model): DynamicCache(config=model.config)}).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)[context:context + scored]
     return float(-logp.gather(-1, ids[context + 1:context + scored + 1, None]).mean())
 
@@ -73,11 +74,12 @@ def _own_cache_nll(model, ids, context, scored, method, budget, chunk):
     model.set_attn_implementation(register_attention())
     try:
         with torch.no_grad():
-            model(ids[None, :context], past_key_values=cache, use_cache=True)
+            model(ids[None, :context], **{cache_argument(model): cache}, use_cache=True)
             nll = 0.0
             for a in range(context, context + scored, chunk):
                 b = min(a + chunk, context + scored)
-                logits = model(ids[None, a:b], past_key_values=cache, use_cache=True).logits[0]
+                logits = model(ids[None, a:b], **{cache_argument(model): cache},
+                               use_cache=True).logits[0]
                 logp = torch.log_softmax(logits.double(), dim=-1)
                 nll -= float(logp.gather(-1, ids[a + 1:b + 1, None]).sum())
     finally:

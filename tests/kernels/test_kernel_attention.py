@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sphkv.integrations.hf.cache import CompressedLayer, SphkvCache, register_attention
+from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import fp16_cache_bytes
 from sphkv.integrations.hf.kernel_attention import kernel_attend
 from tests.integrations.fixtures import TINY, tiny_model
@@ -44,8 +45,8 @@ def test_kernel_attend_matches_attend(monkeypatch, method):
     monkeypatch.setattr(CompressedLayer, "attend", both)
     model.set_attn_implementation(register_attention())
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
-                       do_sample=False)
+        model.generate(ids, attention_mask=mask, **{cache_argument(model): cache},
+                       max_new_tokens=new, do_sample=False)
     # the prefill, then decode steps over pages of several tiers
     assert seen[0][0] == 32 and all(m == 1 for m, _ in seen[2:])
     assert max(len(t) for _, t in seen) >= 2, seen

@@ -76,8 +76,9 @@ def test_gather_pads_and_masks(tiers):
     int8 = tiers.index("int8")
     k0, _ = _put(store, 0, int8, [0, 1, 2, 3, 4, 5])
     _put(store, 1, int8, [7])
-    key, value, valid = store.gather(int8, [0, 1])
+    key, value, valid, positions = store.gather(int8, [0, 1])
     assert key.shape == (2, 6, D) and valid.sum(1).tolist() == [6, 1]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5], [7, -1, -1, -1, -1, -1]]
     assert torch.allclose(tiers[int8].key.decode(key)[0], k0, atol=0.05)
 
 

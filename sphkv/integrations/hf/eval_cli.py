@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from sphkv.integrations.hf.methods import METHODS
 from sphkv.integrations.hf.tasks import NONE, SETTINGS
+from sphkv.rdr.methods import METHODS
 from sphkv.rdr.problem import InfeasibleBudgetError
 
 __all__ = ["evaluate"]

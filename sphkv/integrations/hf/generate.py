@@ -13,24 +13,26 @@ import typer
 from rich.console import Console
 
 from sphkv.integrations.hf.cache import METHODS, SphkvCache, register_attention
+from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
 from sphkv.rdr.problem import InfeasibleBudgetError
 
-__all__ = ["compressed_generate", "fp16_cache_bytes", "generate"]
-
-
-def fp16_cache_bytes(config, batch: int, tokens: int) -> int:
-    """Bytes of an uncompressed fp16 KV cache of ``tokens`` tokens per sequence."""
-    text = config.get_text_config(decoder=True)
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_hidden_layers * batch * text.num_key_value_heads * tokens * 4 * d
+__all__ = ["compressed_attention", "compressed_generate", "fp16_cache_bytes", "generate"]
 
 
 @contextlib.contextmanager
-def _sphkv_attention(model):
+def compressed_attention(model):
+    """Switch ``model``'s attention to sphkv's while the block runs, then back.
+
+    The model then reads its keys and values from a :class:`SphkvCache` passed as its cache::
+
+        cache = SphkvCache(model.config, budget=2e6, method="rdr")
+        with compressed_attention(model):
+            model.generate(input_ids, max_new_tokens=64, **{cache_argument(model): cache})
+    """
     previous = model.config._attn_implementation
     model.set_attn_implementation(register_attention())
     try:
-        yield
+        yield model
     finally:
         model.set_attn_implementation(previous)
 
@@ -48,37 +50,47 @@ def compressed_generate(model, input_ids: torch.Tensor, budget: float, method: s
     input_ids : torch.Tensor
         int ``[B, n]``, left-padded when the prompts differ in length.
     budget : float
-        In (0, 1]: a fraction of the fp16 cache of ``n + max_new_tokens`` tokens; above 1:
-        bytes.
+        In (0, 1]: a fraction of what the model's own fp16 cache holds after
+        ``n + max_new_tokens`` tokens (sliding and chunked layers hold their window or chunk);
+        above 1: bytes.
     method : str
-        A key of :data:`sphkv.integrations.hf.methods.METHODS`.
+        A key of :data:`sphkv.rdr.methods.METHODS`.
     attention_mask : torch.Tensor, optional
-        ``[B, n]``, 0 at padding.
+        ``[B, n]``, 0 at (left) padding.
     window, sinks, page_size
         See :class:`SphkvCache`.
+    **generate_kwargs
+        Passed to ``model.generate``; beam search (``num_beams > 1``) is refused.
 
     Returns
     -------
     sequences : torch.Tensor
         ``[B, n + new]``.
     cache : SphkvCache
-        With ``history`` (bytes per step), ``peak_bytes`` and ``budget``.
+        With ``history`` (bytes after every write), ``peak_bytes`` and ``budget``.
     """
+    if generate_kwargs.get("num_beams", 1) != 1:
+        raise ValueError(f"num_beams must be 1: the compressed cache does not reorder its "
+                         f"pages per beam (got num_beams={generate_kwargs['num_beams']})")
+    if not budget > 0:
+        raise ValueError(f"budget must be > 0 (a fraction in (0, 1] or bytes), got {budget}")
     input_ids = torch.as_tensor(input_ids).reshape(-1, input_ids.shape[-1])
     if budget <= 1:
         budget *= fp16_cache_bytes(model.config, input_ids.shape[0],
                                    input_ids.shape[1] + max_new_tokens)
     cache = SphkvCache(model.config, budget, method, window=window, sinks=sinks,
                        page_size=page_size)
-    with torch.no_grad(), _sphkv_attention(model):
-        out = model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+    with torch.no_grad(), compressed_attention(model):
+        out = model.generate(input_ids, attention_mask=attention_mask,
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             **{cache_argument(model): cache}, **generate_kwargs)
     return out, cache
 
 
 def generate(
-    model: Annotated[str, typer.Option(help="Hugging Face causal LM name or path, or smollm2.")]
-    = "smollm2",
+    model: Annotated[str, typer.Option(
+        help="A causal LM: hub name, local folder, .gguf file, folder holding one .gguf, or "
+             "smollm2.")] = "smollm2",
     prompt_file: Annotated[Path, typer.Option(help="The prompt, a text file (.gz allowed).",
                                               exists=True, dir_okay=False)] = ...,
     budget: Annotated[str, typer.Option(
@@ -100,9 +112,16 @@ def generate(
     if method not in METHODS:
         raise typer.BadParameter(f"{method!r}: choose one of {', '.join(METHODS)}",
                                  param_hint="--method")
+    if max_new_tokens < 1:
+        raise typer.BadParameter(f"must be >= 1, got {max_new_tokens}",
+                                 param_hint="--max-new-tokens")
+    if window < 1:
+        raise typer.BadParameter(f"must be >= 1, got {window}", param_hint="--window")
     opener = gzip.open if prompt_file.suffix == ".gz" else open
     with opener(prompt_file, "rt", encoding="utf-8") as f:
         prompt = f.read()
+    if not prompt.strip():
+        raise typer.BadParameter(f"{prompt_file} holds no text", param_hint="--prompt-file")
     with err.status(f"loading {model}"):
         lm, tok = load_model(model)
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -114,7 +133,9 @@ def generate(
             out, cache = compressed_generate(lm, ids, budget_bytes, method, max_new_tokens,
                                              window=window)
     except InfeasibleBudgetError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {exc}. The fp16 window (2 x --window tokens per layer "
+                  f"and kv head) and the attention sinks come first: raise --budget or lower "
+                  f"--window.")
         raise typer.Exit(2) from exc
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     result = {"text": text, "model": model, "method": method,

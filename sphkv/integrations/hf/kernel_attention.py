@@ -1,10 +1,12 @@
-"""The compressed cache's attention through the Triton kernels (DESIGN.md §4, GPU path).
+"""The compressed cache's attention through the Triton kernels (the GPU path).
 
 :func:`kernel_attend` computes what :meth:`CompressedLayer.attend` computes — attention of the
 new queries over the layer's pages (every tier, from the codes) and its fp16 window, with GQA,
-causality within the new tokens and left padding — with :func:`sphkv.kernels.ada_decode`
-reading the store's pools and page tables directly. The prefill (no pages yet, the whole prompt
-in the window) goes through SDPA.
+causality, left padding and the layer's attention layout — with
+:func:`sphkv.kernels.ada_decode` reading the store's pools and page tables directly. A sliding
+or chunked layer's hidden tokens are a prefix of each tier's run (runs are sorted by position),
+passed as the kernel's per-query lower bounds. The prefill (no pages yet, the whole prompt in the
+window) goes through SDPA.
 """
 
 from __future__ import annotations
@@ -25,24 +27,35 @@ def _to(codes: Codes, device: torch.device) -> Codes:
                  codes.shape)
 
 
-def layer_pages(cache, layer: int, batch: int, heads: int,
+def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None,
                 device: torch.device) -> list[TierPages]:
     """The pages of ``layer`` per non-empty tier: the tier's pool and a page table per
-    (sequence, kv head), its run in position order (all pages full but the last)."""
+    (sequence, kv head), its run in position order (all pages full but the last).
+
+    ``first`` (int ``[B, M]``, positions, or None) is each query's lowest visible position; it
+    becomes each run's count of hidden tokens ``[B, H_kv, M]``.
+    """
     store, p = cache.store, cache.store.page_size
     out = []
     for t, pool in store.pools.items():
         runs = np.empty((batch, heads), dtype=object)
         lengths = np.zeros((batch, heads), dtype=np.int32)
+        hidden = None if first is None else torch.zeros(batch, heads, first.shape[1],
+                                                        dtype=torch.int32)
         for b in range(batch):
             for h in range(heads):
-                table = store.tables[cache._group(b, layer, h)]
+                group = cache.group(b, layer.index, h)
+                table = store.tables[group]
                 run = table[table["tier"] == t]
                 run = run[np.argsort(run["first_position"], kind="stable")]
                 if (run["valid"][:-1] != p).any():
-                    raise RuntimeError(f"tier {t} of group ({b}, {layer}, {h}) has a partial "
-                                       f"page before its last; the kernel reads packed runs")
+                    raise RuntimeError(f"tier {t} of group ({b}, {layer.index}, {h}) has a "
+                                       f"partial page before its last; the kernel reads packed "
+                                       f"runs")
                 runs[b, h], lengths[b, h] = run["page_id"], run["valid"].sum()
+                if hidden is not None and lengths[b, h]:
+                    positions = store.positions(group)[t]
+                    hidden[b, h] = torch.searchsorted(positions, first[b]).int()
         if not lengths.any():
             continue
         table = np.zeros((batch, heads, max(len(r) for r in runs.flat)), dtype=np.int32)
@@ -50,23 +63,21 @@ def layer_pages(cache, layer: int, batch: int, heads: int,
             table[b, h, :len(run)] = run
         out.append(TierPages(store.tiers[t], _to(pool.key, device), _to(pool.value, device),
                              torch.from_numpy(table).to(device),
-                             torch.from_numpy(lengths).to(device), p))
+                             torch.from_numpy(lengths).to(device), p,
+                             None if hidden is None else hidden.to(device)))
     return out
 
 
-def kernel_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
-                  scaling: float) -> torch.Tensor:
+def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """:meth:`CompressedLayer.attend` through the kernels.
 
     Parameters
     ----------
     layer : CompressedLayer
         The layer handle (its window ``keys``/``values`` ``[B, H_kv, w, d]`` fp16, its cache's
-        store and padding).
+        store, padding and the layer's attention layout).
     query : torch.Tensor
         ``[B, H_q, m, d]``, the last m positions.
-    attention_mask : torch.Tensor, optional
-        ``[B, 1, m, length]``; only read at the first forward, for the left padding.
     scaling : float
         Logit scale.
 
@@ -78,12 +89,13 @@ def kernel_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | Non
     b, hq, m, d = query.shape
     h = layer.keys.shape[1]
     cache = layer.cache
-    if cache.pad is None:
-        cache.set_padding(attention_mask, b)
     dev = query.device
-    pages = layer_pages(cache, layer.index, b, h, dev) if cache.store is not None else []
-    # window token n is at position start + n: seen from n ≥ pad - start
-    window = Window(layer.keys.to(dev), layer.values.to(dev), cache.pad.to(dev) - layer.start)
+    first = layer.first_visible(layer.length - m + torch.arange(m))  # [B, m] positions
+    pages = []
+    if cache.store is not None:
+        pages = layer_pages(cache, layer, b, h, None if layer.attention.is_full else first, dev)
+    # window token n is at position start + n
+    window = Window(layer.keys.to(dev), layer.values.to(dev), (first - layer.start).to(dev))
     if hq // h * m <= _MAX_ROWS:
         out = ada_decode(query, pages, window, scale=scaling)
     elif pages:
@@ -98,12 +110,11 @@ def _dense(query: torch.Tensor, window: Window, scaling: float) -> torch.Tensor:
     m, w = query.shape[2], window.keys.shape[2]
     keys, values = window.keys.to(query.dtype), window.values.to(query.dtype)
     if bool((window.first <= 0).all()) and m == w:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True,
-                                             scale=scaling, enable_gqa=True)
-        return out
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True,
+                                              scale=scaling, enable_gqa=True)
     n = torch.arange(w, device=query.device)
     i = torch.arange(m, device=query.device)
-    seen = (n[None, None, :] >= window.first[:, None, None]) & \
+    seen = (n[None, None, :] >= window.first[:, :, None]) & \
         (n[None, None, :] <= w - m + i[None, :, None])
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=seen[:, None],
                                          scale=scaling, enable_gqa=True)

@@ -27,7 +27,8 @@ import torch
 from transformers import DynamicCache
 
 from sphkv.integrations.hf.cache import SphkvCache, get_method
-from sphkv.integrations.hf.generate import _sphkv_attention, fp16_cache_bytes
+from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
+from sphkv.integrations.hf.generate import compressed_attention
 
 __all__ = ["KEY_SENTENCE", "NONE", "QUESTION", "SETTINGS", "FidelityResult", "PasskeyPrompt",
            "PasskeyResult", "fidelity_runs",
@@ -80,7 +81,7 @@ def _attention(model, method: str):
     if method == NONE:
         yield
     else:
-        with _sphkv_attention(model):
+        with compressed_attention(model):
             yield
 
 
@@ -189,18 +190,19 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                 if method == NONE:
                     cache = make_cache(model, method, limit)
                     start = time.perf_counter()
-                    model(ids[None, :context], past_key_values=cache, use_cache=True)
+                    model(ids[None, :context], **{cache_argument(model): cache}, use_cache=True)
                 else:
                     if shared is None:
                         shared = SphkvCache(model.config, None, window=window, sinks=sinks,
                                             page_size=page_size, observation=observation)
-                        model(ids[None, :context], past_key_values=shared, use_cache=True)
+                        model(ids[None, :context], **{cache_argument(model): shared},
+                              use_cache=True)
                     start = time.perf_counter()
                     cache = shared.compress(get_method(method), limit)
                 nll = torch.zeros((), dtype=torch.float64)
                 for a in range(context, total, chunk):
                     b = min(a + chunk, total)
-                    logits = model(ids[None, a:b], past_key_values=cache,
+                    logits = model(ids[None, a:b], **{cache_argument(model): cache},
                                    use_cache=True).logits[0]
                     logp = torch.log_softmax(logits.double(), dim=-1)
                     nll -= logp.gather(-1, ids[a + 1:b + 1, None]).sum()
@@ -253,8 +255,8 @@ def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, 
     if not 1 <= context <= ids.numel():
         raise ValueError(f"context must be in [1, {ids.numel()}] (the ids given), got {context}")
     shared = SphkvCache(model.config, None, window=window, sinks=sinks, page_size=page_size)
-    with torch.no_grad(), _sphkv_attention(model):
-        model(ids[None, :context], past_key_values=shared, use_cache=True)
+    with torch.no_grad(), compressed_attention(model):
+        model(ids[None, :context], **{cache_argument(model): shared}, use_cache=True)
     scaling = shared.head_dim ** -0.5
     # the window's queries [B, H_q, W, d] of every layer (as the cache kept them, after RoPE),
     # and their outputs over the fp16 cache
@@ -376,14 +378,14 @@ def _greedy(model, cache, logits: torch.Tensor, chunks: list[torch.Tensor],
     """From the last prefill logits, feed ``chunks`` in order through ``cache``, then decode
     greedily until EOS."""
     for c in chunks:
-        logits = model(c[None], past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(c[None], **{cache_argument(model): cache}, use_cache=True).logits[0, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax())
         if token in eos:
             break
         out.append(token)
-        logits = model(torch.tensor([[token]]), past_key_values=cache,
+        logits = model(torch.tensor([[token]]), **{cache_argument(model): cache},
                        use_cache=True).logits[0, -1]
     return out
 
@@ -504,13 +506,13 @@ def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str,
                     if method == NONE:
                         start = time.perf_counter()
                         cache = make_cache(model, method, limit)
-                        logits = model(first[None], past_key_values=cache,
+                        logits = model(first[None], **{cache_argument(model): cache},
                                        use_cache=True).logits[0, -1]
                     else:
                         if shared is None:
                             shared = SphkvCache(model.config, None, window=window, sinks=sinks,
                                                 page_size=page_size)
-                            shared_logits = model(first[None], past_key_values=shared,
+                            shared_logits = model(first[None], **{cache_argument(model): shared},
                                                   use_cache=True).logits[0, -1]
                         start = time.perf_counter()
                         cache, logits = shared.compress(get_method(method), limit), shared_logits
