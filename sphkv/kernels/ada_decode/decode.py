@@ -303,9 +303,6 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     each argument but the shared ones is a tuple over the segments."""
     i_bh, i_x = tl.program_id(0), tl.program_id(1)
     for t in tl.static_range(NSEG):
-        # strings out of a constexpr tuple come back as plain str: make them constexpr again
-        K_ASM_T: tl.constexpr = K_ASM[t]
-        V_ASM_T: tl.constexpr = V_ASM[t]
         if (i_x >= split_base[t]) & (i_x < split_base[t + 1]):
             _segment(q[t], k_rows[t], k_side[t], v_rows[t], v_side[t], k_levels[t],
                      v_levels[t], ada_meta[t], ada_trig[t], block_table[t], lengths[t],
@@ -314,8 +311,9 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
                      stride_btb[t], stride_bth[t], stride_wb[t], stride_wh[t], stride_wn[t],
                      HKV, R, R_PAD, M, D, LOG2D, P[t], WINDOW[t], BOUND[t], K_KIND[t],
                      K_BITS[t], K_BYTES[t], V_KIND[t], V_BITS[t], V_BYTES[t], K_CODES[t],
-                     K_GROUP[t], V_CODES[t], V_GROUP[t], K_ASM_T, V_ASM_T, K_NF[t], V_NF[t],
-                     BLOCK_N)
+                     K_GROUP[t], V_CODES[t], V_GROUP[t],
+                     # a string out of a constexpr tuple comes back as a plain str
+                     tl.constexpr(K_ASM[t]), tl.constexpr(V_ASM[t]), K_NF[t], V_NF[t], BLOCK_N)
 
 
 @triton.jit
