@@ -9,8 +9,9 @@ multiplier λ, the price of a byte. The integer answer drops the fraction and th
 remaining bytes with later segments that still fit.
 
 With pages the same is done on the amortized cost ``c + h/P`` (a relaxation of the paged cost,
-so the bound stays valid), then partial pages are repaired (``sphkv.solvers.page_repair``) from
-two starts, and the better repair is kept.
+so the bound stays valid), then every item moves at most a few steps along its hull to whole
+pages within budget (``sphkv.solvers.page_round``): a few sorts of N numbers, whatever the
+number of page groups.
 
 O(N T² + N T log N T); numpy and torch (CPU or GPU) versions give the same allocation.
 """
@@ -25,11 +26,14 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
-from sphkv.solvers.page_repair import paged_dual_bound, repair_pages
+from sphkv.solvers.page_repair import repair_pages
+from sphkv.solvers.page_round import round_pages, slot_dual_bound
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
 _N_BINS = 4096
+# Pages: up to this size the rounded allocation is also polished by ``repair_pages``.
+_POLISH_ITEMS, _POLISH_GROUPS = 200_000, 512
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
@@ -128,6 +132,7 @@ class HullSegments:
         self.n = distortion.shape[0]
         if allowed is not None:
             allowed = xp.asarray(allowed, device=self.dev)
+        self.d, self.allowed = distortion, allowed
         base, to, dc, dd, eff = _hull(xp, distortion, cost, allowed)
         self.base_distortion = float(xp.sum(_gather(xp, distortion, base)))
         # Tier of each item after taking its first s hull segments: [T, N].
@@ -139,6 +144,7 @@ class HullSegments:
         flat = xp.reshape(to, (-1,)) >= 0
         self.index = xp.nonzero(flat)[0]
         self.dc, self.dd, self.eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
+        self.max_efficiency = float(xp.max(self.eff)) if self.index.shape[0] else 0.0
         if self.index.shape[0] == 0:
             return
         # Buckets by log2 efficiency, highest efficiency first.
@@ -180,9 +186,17 @@ class HullSegments:
 
     def allocate(self, room: float) -> np.ndarray:
         """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
+        return _np(self.tiers(self.positions(room)))
+
+    def tiers(self, positions):
+        """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``)."""
+        return self.xp.take_along_axis(self.hull_tiers, positions[None, :], axis=0)[0]
+
+    def positions(self, room: float):
+        """Hull steps [N] taken by :meth:`allocate` within ``room`` (arrays of ``xp``)."""
         xp, n = self.xp, self.n
         if self.index.shape[0] == 0:
-            return _np(self.hull_tiers[0])
+            return xp.zeros(n, dtype=xp.int64, device=self.dev)
         taken, brk, left = self._select(room)
         n_taken = _bincount(xp, self.index[taken] % n, minlength=n)
         if brk is not None:
@@ -190,7 +204,7 @@ class HullSegments:
             later = later[xp.argsort(-self.eff[later], stable=True)]
             _fill(xp, self.index[later] % n, self.index[later] // n, self.dc[later], left,
                   n_taken, int(self.index[brk]) % n)
-        return _np(xp.take_along_axis(self.hull_tiers, n_taken[None, :], axis=0)[0])
+        return n_taken
 
 
 def greedy_tiers(distortion, cost, room: float, xp=None):
@@ -253,10 +267,10 @@ class GreedySolver(Solver):
     device : str
         Torch device for ``backend="torch"`` (``"cpu"``, ``"cuda"``).
     repair : bool
-        With pages: repair the greedy allocation (fills, exchanges, reassignment; the offline
-        quality, seconds on 10⁵ items) or, if False, only shrink the greedy's room until its
-        whole pages fit (:func:`_fit_pages`; milliseconds, for the online allocator). The bound
-        is then the unpaged Lagrangian bound only.
+        With pages: round the greedy allocation to whole pages (:func:`round_pages`: partial
+        pages rounded at the greedy price, trims and fills to the budget) or, if False, only
+        shrink the greedy's room until its whole pages fit (:func:`_fit_pages`). The bound is
+        then the unpaged Lagrangian bound only.
     """
 
     NAME: ClassVar[str] = "greedy"
@@ -307,22 +321,56 @@ class GreedySolver(Solver):
                 allowed = torch.as_tensor(allowed, device=self.device)
         hull = HullSegments(distortion, cost, xp, allowed)
         bound, price = hull.lp_bound(bound_room)
-        bound += problem.distortion[fixed, tiers[fixed]].sum()
+        constant = float(problem.distortion[fixed, tiers[fixed]].sum())
+        bound += constant
+        if problem.page_size is not None and self.repair:
+            # Rounded from the allocation whose forced pages are counted whole (their empty
+            # slots are filled for free afterwards), at that allocation's own price.
+            tiers, paged_bound = self._round(problem, hull, hull.d, hull.allowed, free, room,
+                                             hull.lp_bound(room)[1], price, constant)
+            return finish(problem, tiers, max(bound, paged_bound), "feasible", price)
         tiers[free] = hull.allocate(room)
-        if problem.page_size is not None and not self.repair:
+        if problem.page_size is not None:
             tiers = _fit_pages(problem, hull, tiers, room)
-        elif problem.page_size is not None:
-            # Two starts for the page repair, from both ends of the forced pages' accounting
-            # (whole pages, or amortized with their free slots as room); the better one wins.
-            starts = [tiers]
-            if bound_room != room:
-                other = tiers.copy()
-                other[free] = hull.allocate(bound_room)
-                starts.append(other)
-            repaired = [repair_pages(problem, t) for t in starts]
-            tiers = min(repaired, key=problem.distortion_of)
-            bound = max(bound, paged_dual_bound(problem, price))
         return finish(problem, tiers, bound, "feasible", price)
+
+    def _round(self, problem: AllocationProblem, hull: HullSegments, distortion, allowed,
+               free: np.ndarray, room: float, room_price: float, price: float,
+               constant: float):
+        """Whole pages from the greedy at ``room`` (:func:`round_pages`), and the slot-crediting
+        dual bound at the greedy price; both on the hull's device. ``distortion`` [N_free, T]
+        and ``allowed`` are arrays of the hull's namespace."""
+        xp = hull.xp
+
+        def on(a):
+            return xp.asarray(np.ascontiguousarray(a), device=hull.dev)
+
+        group_cost = problem._group_cost
+        amortized = on(np.where(group_cost > 0,
+                                group_cost + problem.page_overhead / problem.page_size, 0.0))
+        forced_counts = problem.forced_counts()
+        slots = np.where(problem.page_bytes > 0, (-forced_counts) % problem.page_size, 0)
+        group = on(problem.group_index[free])
+        pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
+                          amortized, on(problem.page_bytes), on(forced_counts),
+                          problem.page_size, room_price, problem.budget, allowed)
+        if pos is None:
+            tiers = problem.min_cost_tiers()
+        else:
+            tiers = problem.forced.copy()
+            tiers[free] = _np(pos)
+        if problem.n_items <= _POLISH_ITEMS and problem.n_groups <= _POLISH_GROUPS:
+            # Small enough for the local-move repair and min-cost-flow reassignment to be cheap;
+            # the better of the two allocations is kept.
+            polished = repair_pages(problem, tiers)
+            if problem.distortion_of(polished) < problem.distortion_of(tiers):
+                tiers = polished
+        # The dual is maximised over λ where that is cheap, else taken near the greedy price.
+        bound = slot_dual_bound(xp, distortion, allowed, amortized, group, on(slots), constant,
+                                problem.page_cost(forced_counts), problem.budget, price,
+                                hull.max_efficiency,
+                                evaluations=24 if problem.n_items <= 200_000 else 4)
+        return tiers, bound
 
 
 def _fit_pages(problem: AllocationProblem, hull: HullSegments, tiers: np.ndarray,

@@ -285,50 +285,22 @@ def repair_pages(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 3)
 
 
 def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
-    """A Lagrangian lower bound on the paged optimum that credits forced pages' free slots.
+    """The slot-crediting Lagrangian lower bound on the paged optimum
+    (:func:`sphkv.solvers.page_round.slot_dual_bound`), maximised over λ near ``price``."""
+    import array_api_compat
 
-    Paged cost ≥ R(x) = F + Σ_{g,t} (pb/P)·max(0, n_gt − s_gt), with F the bytes of the forced
-    items' whole pages and s_gt the free slots they leave. For any λ ≥ 0,
-    OPT ≥ min_x Σ D + λ (R(x) − B). In that minimum each free item either pays its best priced
-    tier, best_i = min_t D_it + λ c'_t (c' = pb/P, the amortized cost), or takes a free slot of
-    tier t at D_it; with at most s_gt items per slot, and allowing an item into every slot tier
-    at once (a relaxation), the minimum is at least
-    Σ_i best_i − Σ_{g,t} (sum of the s_gt largest max(0, best_i − D_it) in g) + λ (F − B).
-    Maximised over λ near the greedy price.
-    """
-    from scipy.optimize import minimize_scalar
+    from sphkv.solvers.page_round import slot_dual_bound
 
     free = problem.forced < 0
-    allowed = problem.allowed(free)
-    d = np.where(allowed, problem.distortion[free], np.inf)  # a tier above the ceiling: no choice
-    cost = np.broadcast_to(problem.amortized_cost(), problem.distortion.shape)[free]
-    group = problem.group_index[free]
-    slots = np.where(problem.page_bytes > 0, (-problem.forced_counts()) % problem.page_size, 0)
-    slots[problem.forced_counts() == 0] = 0
-    slot_pairs = list(zip(*np.nonzero(slots)))
-    members = {g: np.flatnonzero(group == g) for g in {g for g, _ in slot_pairs}}
     fixed = np.flatnonzero(~free)
-    constant = problem.distortion[fixed, problem.forced[fixed]].sum()
-    forced_bytes = problem.page_cost(problem.forced_counts())
-
-    def dual(lam: float) -> float:
-        best = (d + lam * cost).min(axis=1)
-        credit = 0.0
-        for g, t in slot_pairs:
-            gain = np.maximum(best[members[g]] - d[members[g], t], 0.0)  # 0 where not allowed
-            s = int(slots[g, t])
-            credit += (np.partition(gain, gain.size - s)[-s:].sum() if gain.size > s
-                       else gain.sum())
-        priced = lam * (forced_bytes - problem.budget)
-        # Σ best carries λ·bytes terms that λ(F − B) mostly cancels; with a large price the
-        # sum's rounding (up to ~N·ε of the terms' magnitudes) can exceed the distortion's
-        # last digits, so the bound gives that rounding up rather than overstate the optimum.
-        rounding = 1e-13 * d.shape[0] * (abs(constant) + np.abs(best).sum() + credit
-                                          + abs(priced))
-        return constant + best.sum() - credit + priced - rounding
-
-    if price <= 0:
-        return dual(0.0)
-    res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, 4.0 * price), method="bounded",
-                          options={"xatol": 1e-4 * price})
-    return max(dual(price), -res.fun)
+    group_cost = problem._group_cost
+    amortized = np.where(group_cost > 0,
+                         group_cost + problem.page_overhead / problem.page_size, 0.0)
+    forced_counts = problem.forced_counts()
+    slots = np.where(problem.page_bytes > 0, (-forced_counts) % problem.page_size, 0)
+    return slot_dual_bound(
+        array_api_compat.array_namespace(amortized), problem.distortion[free],
+        problem.allowed(free) if problem.has_ceiling else None, amortized,
+        problem.group_index[free], slots,
+        float(problem.distortion[fixed, problem.forced[fixed]].sum()),
+        problem.page_cost(forced_counts), problem.budget, price, 4.0 * price)

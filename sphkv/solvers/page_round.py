@@ -1,0 +1,428 @@
+"""Page rounding of the greedy: whole pages within budget, every step one vectorised pass.
+
+The greedy allocates on the amortized cost ``c' = c + h/P``; a group g with n items at a paged
+tier t then pays ``ceil(n / P)`` pages, so each (g, t) with a partial page holds ``r = n mod P``
+items and ``f = P - r`` paid, empty slots. Every item sits at a point of its convex hull, so its
+moves are one step along the hull: *down* to the previous point, *up* to the next. At the greedy
+price λ, a move's regret ``ΔD + λ Δc'`` is >= 0 (the greedy point minimises ``D + λ c'``).
+
+1. **Round** (tiers in order of cost, dearest first, all groups at once): for each partial page
+   of (g, t) either demote the r items of least regret (frees the page) or promote into its f
+   slots the k items of least regret whose next hull point is t, k chosen where a further item's
+   regret exceeds the λ·c'_t an empty slot wastes. Priced in whole pages, the two options cost
+   ``Σ regret_down`` and ``Σ_{k} regret_up + λ (f - k) c'_t`` (both less ``λ f c'_t``). Moves
+   only reach cheaper tiers, which later steps round.
+2. **Trim** while over budget: per (g, t), demote the items of one page (its partial part, else
+   a whole page) and credit only the bytes surely saved (the page, less ``ceil(m_u / P)`` pages
+   at each destination u); pages taken in order of distortion added per byte, until the
+   overrun is covered; repeated until within budget.
+3. **Fill** with the bytes left: move items into empty slots (no page is added, so no byte is
+   spent), then open pages in order of distortion saved per byte while they fit, then fill
+   empty slots again.
+
+Empty slots are filled from any tier, not only the next hull point (an item may jump from drop
+to an fp16 slot that forced items leave): first those of the forced items' pages, with the gain
+priced at λ, before rounding; an item put in a slot stays there.
+
+Each pass sorts its candidates by (segment, regret) and selects per segment by rank, so the
+work is a few sorts of N numbers, whatever the number of groups. Written once for numpy and
+torch (``array_api_compat``); both give the same allocation.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+__all__ = ["round_pages", "slot_dual_bound"]
+
+
+def _bincount(xp, x, weights=None, minlength: int = 0):
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.bincount(x, weights=weights, minlength=minlength)
+    import numpy as np
+
+    return np.bincount(x, weights=weights, minlength=minlength)
+
+
+class _State:
+    """Hull positions of the free items and the item counts per (group, tier)."""
+
+    def __init__(self, xp, distortion, hull_tiers, pos, group, amortized, page_bytes,
+                 forced_counts, page_size: int, price: float):
+        self.xp, self.d, self.hull, self.pos, self.group = xp, distortion, hull_tiers, pos, group
+        self.dev = array_api_compat.device(distortion)
+        self.c, self.pb, self.p, self.price = amortized, page_bytes, page_size, price
+        self.n_groups, self.n_tiers = page_bytes.shape
+        self.forced_counts = forced_counts
+        self.last = hull_tiers.shape[0] - 1
+        # Items moved into empty slots off their hull stay there: pinned at pin_tier.
+        self.pin_tier = xp.full(pos.shape[0], -1, dtype=xp.int64, device=self.dev)
+        self.counts = self._count()
+
+    def _count(self):
+        xp, t = self.xp, self.n_tiers
+        flat = _bincount(xp, self.group * t + self.tier(), minlength=self.n_groups * t)
+        return xp.reshape(flat, (self.n_groups, t)) + self.forced_counts
+
+    def tier(self, items=None, pos=None):
+        """Tier of ``items`` (all when None) at hull steps ``pos`` (their current ones)."""
+        hull = self.hull if items is None else self.hull[:, items]
+        pin = self.pin_tier if items is None else self.pin_tier[items]
+        if pos is None:
+            pos = self.pos if items is None else self.pos[items]
+        on_hull = self.xp.take_along_axis(hull, pos[None, :], axis=0)[0]
+        return self.xp.where(pin >= 0, pin, on_hull)
+
+    def neighbour(self, step: int):
+        """Tier one hull step down (-1) or up (+1) of every item, -1 where there is none."""
+        xp = self.xp
+        nxt = xp.clip(self.pos + step, 0, self.last)
+        there = self.tier(pos=nxt)
+        return xp.where((nxt != self.pos) & (there != self.tier()) & (self.pin_tier < 0),
+                        there, -1)
+
+    def regret(self, items, to, unpriced: bool = False):
+        """``D[i, to] - D[i, now] + λ (c'[to] - c'[now])`` of ``items`` (no price if
+        ``unpriced``); ``to`` >= 0."""
+        xp, t = self.xp, self.n_tiers
+        now = self.tier(items)
+        d = self.d[items]
+        dd = (xp.take_along_axis(d, to[:, None], axis=1)[:, 0]
+              - xp.take_along_axis(d, now[:, None], axis=1)[:, 0])
+        if unpriced:
+            return dd
+        flat = xp.reshape(self.c, (-1,))
+        g = self.group[items] * t
+        return dd + self.price * (xp.take(flat, g + to) - xp.take(flat, g + now))
+
+    def page_cost(self) -> float:
+        xp = self.xp
+        return float(xp.sum(((self.counts + self.p - 1) // self.p) * self.pb))
+
+    def move(self, items, step: int, pin=None) -> None:
+        """Move ``items`` ``step`` hull steps, or pin them at tiers ``pin``."""
+        xp, t = self.xp, self.n_tiers
+        if items.shape[0] == 0:
+            return
+        size = self.n_groups * t
+        before = self.group[items] * t + self.tier(items)
+        if pin is None:
+            self.pos[items] += step
+        else:
+            self.pin_tier[items] = pin
+        after = self.group[items] * t + self.tier(items)
+        change = _bincount(xp, after, minlength=size) - _bincount(xp, before, minlength=size)
+        self.counts = self.counts + xp.reshape(change, (self.n_groups, t))
+
+
+def _combined_key(xp, segment, key, n_segments: int):
+    """One int64 per candidate that sorts as (segment, key): the segment in the high bits, the
+    float's order-preserving bit pattern, cut to the bits left (47 for up to 2^16 segments, so
+    keys within about 2^-35 of each other tie and keep their order)."""
+    if array_api_compat.is_torch_namespace(xp):
+        bits = key.contiguous().view(xp.int64)
+    else:
+        bits = key.view("int64")
+    # IEEE doubles order like their bits when >= 0, reversed when < 0.
+    bits = xp.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    shift = max(int(n_segments).bit_length(), 1) + 1
+    # key part in [0, 2^(64 - shift)), segment above it: below 2^63 in all.
+    return (segment << (64 - shift)) + ((bits >> shift) + (1 << (63 - shift)))
+
+
+def _ranked(xp, items, segment, key, n_segments: int):
+    """Sort ``items`` by (segment, key); return them, their segments, rank within the segment,
+    each segment's candidate count and a function summing a per-candidate value per segment."""
+    order = xp.argsort(_combined_key(xp, segment, key, n_segments), stable=True)
+    items, segment = items[order], segment[order]
+    start = xp.searchsorted(segment, segment, side="left")
+    rank = xp.arange(items.shape[0], device=array_api_compat.device(items)) - start
+    bounds = xp.searchsorted(segment, xp.arange(n_segments + 1,
+                                                device=array_api_compat.device(segment)))
+    count = bounds[1:] - bounds[:-1]
+
+    def segment_sum(values):
+        # Prefix sums in sorted order, differenced at segment bounds: the same sums, in the
+        # same order, on every backend.
+        zero = xp.zeros(1, dtype=values.dtype, device=array_api_compat.device(values))
+        cum = xp.concat([zero, xp.cumulative_sum(values)])
+        return xp.take(cum, bounds[1:]) - xp.take(cum, bounds[:-1])
+
+    return items, segment, rank, count, segment_sum, order
+
+
+def _round(state: _State, tier_rank) -> None:
+    """Step 1: each partial page rounded down or filled, dearest tier of each group first."""
+    xp, s = state.xp, state
+    g_all = xp.arange(s.n_groups, device=s.dev)
+    order = xp.argsort(-tier_rank, axis=1, stable=True)  # [G, T]: tiers dearest first
+    for j in range(s.n_tiers):
+        tg = order[:, j]
+        n = s.counts[g_all, tg]
+        r = n % s.p
+        f = (s.p - r) % s.p
+        active = (r > 0) & (s.pb[g_all, tg] > 0)
+        c_t = s.c[g_all, tg]
+        target = xp.take(tg, s.group)
+        on = xp.take(active, s.group)
+        now = s.tier()
+        # Down: items at the target tier with a hull point below.
+        down = s.neighbour(-1)
+        cand = xp.nonzero(on & (now == target) & (down >= 0))[0]
+        reg_d = s.regret(cand, down[cand])
+        d_items, _, d_rank, d_count, d_sum, d_order = _ranked(xp, cand, s.group[cand], reg_d,
+                                                              s.n_groups)
+        d_sel = d_rank < xp.take(r, s.group[d_items])
+        reg_d = reg_d[d_order]
+        v_down = xp.where(d_count >= r, d_sum(xp.where(d_sel, reg_d, 0.0)), float("inf"))
+        # Up: items whose next hull point is the target tier.
+        up = s.neighbour(+1)
+        cand = xp.nonzero(on & (up == target))[0]
+        reg_u = s.regret(cand, up[cand])
+        u_items, _, u_rank, _, u_sum, u_order = _ranked(xp, cand, s.group[cand], reg_u,
+                                                        s.n_groups)
+        reg_u = reg_u[u_order]
+        u_group = s.group[u_items]
+        # An item is worth a slot while its regret is below what the empty slot wastes.
+        u_sel = (u_rank < xp.take(f, u_group)) & (reg_u < s.price * xp.take(c_t, u_group))
+        k = _bincount(xp, u_group[u_sel], minlength=s.n_groups)
+        v_fill = u_sum(xp.where(u_sel, reg_u, 0.0)) + s.price * c_t * (f - k)
+        go_down = active & (v_down < v_fill)
+        s.move(d_items[d_sel & xp.take(go_down, s.group[d_items])], -1)
+        s.move(u_items[u_sel & ~xp.take(go_down, u_group)], +1)
+
+
+def _fill_slots(state: _State, allowed, priced: bool) -> None:
+    """Move items into the empty slots of pages already paid for, from any tier (no page is
+    added, so no byte is spent), dearest tier first, the items that gain most first; they stay
+    there (pinned). ``priced``: the gain counts the bytes freed at the item's tier at λ."""
+    xp, s = state.xp, state
+    t = s.n_tiers
+    order = xp.argsort(-xp.max(s.c, axis=0), stable=True)
+    for tier in [int(v) for v in order]:
+        empty = xp.where(s.pb[:, tier] > 0, (-s.counts[:, tier]) % s.p, 0)
+        if not bool(xp.any(empty > 0)):
+            continue
+        now = s.tier()
+        gain = s.d[:, tier] - xp.take_along_axis(s.d, now[:, None], axis=1)[:, 0]
+        if priced:
+            gain = gain - s.price * xp.take(xp.reshape(s.c, (-1,)), s.group * t + now)
+        ok = (gain < 0) & (now != tier) & (xp.take(empty, s.group) > 0)
+        if allowed is not None:
+            ok = ok & allowed[:, tier]
+        cand = xp.nonzero(ok)[0]
+        if cand.shape[0] == 0:
+            continue
+        items, seg, rank, _, _, _ = _ranked(xp, cand, s.group[cand], gain[cand], s.n_groups)
+        chosen = items[rank < xp.take(empty, seg)]
+        s.move(chosen, 0, pin=xp.full(chosen.shape[0], tier, dtype=xp.int64, device=s.dev))
+
+
+def _open_pages(state: _State, room: float) -> None:
+    """Open one page per (group, tier) with the items that gain most, in order of distortion
+    saved per page byte, while the pages' bytes fit ``room`` (leaving other pages can only
+    save bytes)."""
+    xp, s = state.xp, state
+    t = s.n_tiers
+    up = s.neighbour(+1)
+    cand = xp.nonzero(up >= 0)[0]
+    if cand.shape[0] == 0:
+        return
+    seg = s.group[cand] * t + up[cand]
+    gain = s.regret(cand, up[cand], unpriced=True)
+    items, seg, rank, _, seg_sum, order = _ranked(xp, cand, seg, gain, s.n_groups * t)
+    sel = rank < s.p
+    saved = -seg_sum(xp.where(sel, gain[order], 0.0))
+    bytes_ = xp.reshape(s.pb, (-1,))
+    useful = xp.nonzero((saved > 0) & (bytes_ > 0))[0]
+    if useful.shape[0] == 0:
+        return
+    by_ratio = useful[xp.argsort(-(saved[useful] / bytes_[useful]), stable=True)]
+    fits = xp.cumulative_sum(bytes_[by_ratio]) <= room
+    chosen = xp.zeros(s.n_groups * t, dtype=xp.bool, device=s.dev)
+    chosen[by_ratio[fits]] = True
+    s.move(items[sel & xp.take(chosen, seg)], +1)
+
+
+def _trim(state: _State, over: float) -> bool:
+    """Demote pages, least distortion per surely-saved byte first, to free ``over`` bytes.
+    Returns False when no page can be demoted."""
+    xp, s = state.xp, state
+    t, size = s.n_tiers, s.n_groups * state.n_tiers
+    down = s.neighbour(-1)
+    now = s.tier()
+    cand = xp.nonzero(down >= 0)[0]
+    if cand.shape[0] == 0:
+        return False
+    seg = s.group[cand] * t + now[cand]
+    loss = s.regret(cand, down[cand], unpriced=True)
+    items, seg, rank, count, seg_sum, order = _ranked(xp, cand, seg, loss, size)
+    loss, dest = loss[order], down[items]
+    counts = xp.reshape(s.counts, (-1,))
+    part = counts % s.p
+    take = xp.where(part > 0, part, s.p)  # the partial page's items, else a whole page's
+    sel = rank < xp.take(take, seg)
+    # Bytes surely saved: the page, less ceil(m_u / P) pages at each destination tier u.
+    arrive = xp.reshape(_bincount(xp, seg[sel] * t + dest[sel], minlength=size * t), (size, t))
+    pb_rows = xp.reshape(xp.take(s.pb, xp.arange(size, device=s.dev) // t, axis=0), (size, t))
+    added = xp.sum(((arrive + s.p - 1) // s.p) * pb_rows, axis=1)
+    saved = xp.reshape(s.pb, (-1,)) - added
+    loss_page = seg_sum(xp.where(sel, loss, 0.0))
+    ok = xp.nonzero((count >= take) & (saved > 0) & (counts > 0))[0]
+    if ok.shape[0] == 0:
+        return False
+    by_ratio = ok[xp.argsort(loss_page[ok] / saved[ok], stable=True)]
+    cum = xp.cumulative_sum(saved[by_ratio])
+    n_take = int(xp.searchsorted(cum, xp.asarray([over], dtype=cum.dtype, device=s.dev))[0]) + 1
+    chosen = xp.zeros(size, dtype=xp.bool, device=s.dev)
+    chosen[by_ratio[:n_take]] = True
+    s.move(items[sel & xp.take(chosen, seg)], -1)
+    return True
+
+
+def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amortized,
+                page_bytes, forced_counts, page_size: int, price: float, budget_left: float,
+                allowed=None, tries: int = 2, max_trims: int = 64):
+    """Round a greedy allocation to whole pages within budget.
+
+    The greedy's room is first narrowed (secant steps on the rounded cost, ``tries`` of them)
+    so that rounding alone lands within budget; trims cover what is left over.
+
+    Parameters
+    ----------
+    xp : array namespace (numpy or torch, through ``array_api_compat``)
+    distortion : array [N, T]
+        Distortions of the free items.
+    hull_tiers : int array [S + 1, N]
+        Tier of each item after s hull steps (``HullSegments.hull_tiers``).
+    positions : callable
+        ``positions(room)`` -> int array [N], the greedy's hull step of each item within
+        ``room`` bytes (``HullSegments.positions``).
+    room : float
+        The greedy's first room.
+    group : int array [N]
+        Dense group id of each item.
+    amortized, page_bytes : arrays [G, T]
+        Amortized cost per item ``c + h/P`` and bytes of one page (0 for tiers without pages).
+    forced_counts : int array [G, T]
+        Forced items per (group, tier): they fill slots and never move.
+    page_size : int
+    price : float
+        λ, the greedy's price of a byte.
+    budget_left : float
+        Bytes for all pages, forced items' pages included.
+    allowed : bool array [N, T], optional
+        Tiers within each item's ceiling.
+
+    Returns
+    -------
+    tiers : int array [N]
+        Whole pages of these cost at most ``budget_left`` (None if trimming could not reach it).
+    """
+    def rounded(r: float) -> _State:
+        s = _State(xp, distortion, hull_tiers, positions(r), group, amortized, page_bytes,
+                   forced_counts, page_size, price)
+        _fill_slots(s, allowed, priced=True)  # the forced items' pages first
+        _round(s, amortized)
+        return s
+
+    best, over_room = None, None
+    s = rounded(room)
+    for _ in range(tries):
+        cost = s.page_cost()
+        if cost <= budget_left:
+            best = s
+            if over_room is None or budget_left - cost <= 1e-3 * budget_left:
+                break
+            room = (room + over_room) / 2
+        else:
+            over_room = room
+            room = room - (cost - budget_left) if best is None else room
+            if best is not None:
+                room = (room + over_room) / 2
+        s = rounded(room)
+    if best is None or s.page_cost() <= budget_left:
+        best = s
+    for _ in range(max_trims):
+        cost = best.page_cost()
+        if cost <= budget_left:
+            break
+        if not _trim(best, cost - budget_left):
+            return None
+    else:
+        if best.page_cost() > budget_left:
+            return None
+    _fill_slots(best, allowed, priced=False)
+    _open_pages(best, budget_left - best.page_cost())
+    _fill_slots(best, allowed, priced=False)
+    return best.tier()
+
+
+def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
+                    forced_bytes: float, budget: float, price: float, price_max: float,
+                    evaluations: int = 16) -> float:
+    """A Lagrangian lower bound on the paged optimum that credits forced pages' empty slots.
+
+    Paged cost >= R(x) = F + Σ_{g,t} c'_gt · max(0, n_gt - s_gt), with F the bytes of the forced
+    items' whole pages and s_gt the empty slots they leave. For λ >= 0,
+    OPT >= min_x Σ D + λ (R(x) - B). There each free item either pays its best priced tier,
+    best_i = min_t D_it + λ c'_t, or takes an empty slot of tier t at D_it; with at most s_gt
+    items per slot and an item allowed into every slot tier at once (a relaxation), the minimum
+    is at least Σ_i best_i - Σ_{g,t} (sum of the s_gt largest max(0, best_i - D_it) in g)
+    + λ (F - B). Maximised over λ in [0, ``price_max``] (concave in λ; beyond the steepest hull
+    slope no upgrade pays) with at most ``evaluations`` evaluations, each a sort of the items
+    per tier that has empty slots.
+
+    Parameters
+    ----------
+    distortion : array [N, T]
+        Free items' distortions.
+    allowed : bool array [N, T] or None
+        Tiers within each item's ceiling.
+    amortized : array [G, T]
+        ``c + h/P`` per (group, tier).
+    group : int array [N]
+    slots : int array [G, T]
+        Empty slots of forced items' pages.
+    constant : float
+        Distortion of the forced items.
+    """
+    from scipy.optimize import minimize_scalar
+
+    g_count, t = amortized.shape
+    item_cost = xp.take(amortized, group, axis=0)
+    tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
+
+    def dual(lam: float) -> float:
+        priced = distortion + lam * item_cost
+        if allowed is not None:
+            priced = xp.where(allowed, priced, float("inf"))
+        best = xp.min(priced, axis=1)
+        credit = 0.0
+        for tier in tiers:
+            s_t = slots[:, tier]
+            gain = best - distortion[:, tier]
+            if allowed is not None:
+                gain = xp.where(allowed[:, tier], gain, 0.0)
+            cand = xp.nonzero((gain > 0) & (xp.take(s_t, group) > 0))[0]
+            if cand.shape[0] == 0:
+                continue
+            _, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain[cand],
+                                                      g_count)
+            credit += float(xp.sum(seg_sum(xp.where(rank < xp.take(s_t, seg),
+                                                     gain[cand][order], 0.0))))
+        lagrange = lam * (forced_bytes - budget)
+        # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding
+        # (about N·ε of their magnitudes) rather than overstate the optimum.
+        rounding = 1e-13 * distortion.shape[0] * (abs(constant) + float(xp.sum(xp.abs(best)))
+                                                  + credit + abs(lagrange))
+        return constant + float(xp.sum(best)) - credit + lagrange - rounding
+
+    at_price = dual(price)
+    if price_max <= 0 or evaluations <= 1:
+        return at_price
+    res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, price_max), method="bounded",
+                          options={"xatol": 1e-6 * price_max, "maxiter": evaluations - 1})
+    return max(at_price, -res.fun)
