@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,7 +36,12 @@ class Solver:
         if problem.n_items == 0:  # nothing to choose: the empty assignment is optimal
             alloc = finish(problem, np.zeros(0, dtype=np.int64), 0.0, "optimal")
         else:
-            alloc = self._solve(problem, time_limit)
+            # Solved in units of a power of two near the largest distortion (an exact scaling),
+            # so tolerances are relative; reported in the caller's units.
+            scale = _unit(problem)
+            alloc = self._solve(_scaled(problem, scale), time_limit)
+            alloc.distortion = problem.distortion_of(alloc.tiers)
+            alloc.lower_bound = min(alloc.lower_bound * scale, alloc.distortion)
         alloc.seconds = time.perf_counter() - start
         alloc.method = self.NAME
         alloc.budget = problem.budget
@@ -56,6 +63,22 @@ class Solver:
         return {"name": cls.NAME, "exact": cls.EXACT,
                 "required_modules": list(cls.REQUIRED_MODULES), "pages": cls.PAGES,
                 "available": cls.is_available()}
+
+
+def _unit(problem: AllocationProblem) -> float:
+    """A power of two within a factor 2 of the largest distortion (1 if all are 0)."""
+    top = float(problem.distortion.max())
+    return 2.0 ** math.floor(math.log2(top)) if top > 0 else 1.0
+
+
+def _scaled(problem: AllocationProblem, scale: float) -> AllocationProblem:
+    """``problem`` with distortions divided by ``scale``; the other arrays are shared."""
+    if scale == 1.0:
+        return problem
+    scaled = copy.copy(problem)
+    scaled.distortion = problem.distortion * (1.0 / scale)
+    scaled.distortion.flags.writeable = False
+    return scaled
 
 
 # Ordered by preference: the first is the default.
@@ -114,7 +137,9 @@ def finish(problem: AllocationProblem, tiers: np.ndarray, lower_bound: float, st
             raise RuntimeError(f"lower bound {lower_bound} exceeds the distortion {distortion} "
                                "of a feasible allocation; this is a bug")
         lower_bound = distortion
-    if distortion - lower_bound <= 1e-12 * max(distortion, 1.0):
+    # Relative: solvers see distortions in units of the largest one (see Solver.solve), where
+    # 1e-15 is below the rounding of any entry.
+    if distortion - lower_bound <= 1e-9 * distortion + 1e-15:
         status = "optimal"  # the bound proves it, whatever the solver claimed
     return Allocation(tiers=tiers, cost=problem.cost_of(tiers), distortion=distortion,
                       lower_bound=lower_bound, status=status, seconds=0.0, price=price)

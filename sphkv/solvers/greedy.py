@@ -271,6 +271,9 @@ class GreedySolver(Solver):
         pages rounded at the greedy price, trims and fills to the budget) or, if False, only
         shrink the greedy's room until its whole pages fit (:func:`_fit_pages`). The bound is
         then the unpaged Lagrangian bound only.
+    polish : bool
+        With pages and ``repair``: also polish problems of up to 200k items and 512 groups with
+        :func:`repair_pages` (local moves and min-cost-flow reassignment; seconds at 10⁵ items).
     """
 
     NAME: ClassVar[str] = "greedy"
@@ -281,6 +284,7 @@ class GreedySolver(Solver):
     backend: str = "numpy"
     device: str = "cpu"
     repair: bool = True
+    polish: bool = True
 
     def __post_init__(self):
         if self.backend not in ("numpy", "torch"):
@@ -359,7 +363,8 @@ class GreedySolver(Solver):
         else:
             tiers = problem.forced.copy()
             tiers[free] = _np(pos)
-        if problem.n_items <= _POLISH_ITEMS and problem.n_groups <= _POLISH_GROUPS:
+        if self.polish and problem.n_items <= _POLISH_ITEMS and (
+                problem.n_groups <= _POLISH_GROUPS):
             # Small enough for the local-move repair and min-cost-flow reassignment to be cheap;
             # the better of the two allocations is kept.
             polished = repair_pages(problem, tiers)

@@ -228,12 +228,20 @@ class ILPSolver(Solver):
             raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap}")
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
-        start = time.perf_counter()
-        greedy = GreedySolver().solve(problem)
+        # Everything runs within the limit: the warm start (polished under a limit only where
+        # that takes well under a second), the model, the backend (given what is left) and the
+        # decoding.
+        deadline = None if time_limit is None else time.perf_counter() + time_limit
+        greedy = GreedySolver(polish=time_limit is None or problem.n_items <= 50_000)._solve(
+            problem, None)
         free = np.flatnonzero(problem.forced < 0)
         fixed = np.flatnonzero(problem.forced >= 0)
         if free.size == 0:
             return finish(problem, greedy.tiers, greedy.distortion, "optimal")
+        if greedy.status == "optimal":
+            return greedy
+        if deadline is not None and deadline - time.perf_counter() < 0.05:
+            return finish(problem, greedy.tiers, greedy.lower_bound, "time_limit")
         fixed_distortion = problem.distortion[fixed, problem.forced[fixed]].sum()
         d = problem.distortion[free]
         # Objective in units of the mean greedy distortion per item: well scaled for the solver.
@@ -246,9 +254,11 @@ class ILPSolver(Solver):
         else:
             objective = d / unit
         model = _build(problem, free, objective, greedy.tiers, all_integer=cpsat)
-        if time_limit is not None:
+        if deadline is not None:
             # The backend gets what the warm start and the model left of the limit.
-            time_limit = max(time_limit - (time.perf_counter() - start), 0.1)
+            time_limit = deadline - time.perf_counter()
+            if time_limit < 0.05:
+                return finish(problem, greedy.tiers, greedy.lower_bound, "time_limit")
         if self.backend == "highs":
             values, dual, proven = _run_highs(model, time_limit, self.mip_gap, self.warm_start)
         else:
