@@ -10,7 +10,9 @@ File layout (``.safetensors``), format ``sphkv.trace`` version :data:`TRACE_FORM
   ``layers.{l}.queries`` ``[q_heads, window, head_dim]`` (all of dtype ``dtype``), and
   ``positions`` int64 ``[tokens]`` (the RoPE position of each cached token);
 - string metadata ``format``, ``version``, ``model``, ``source``, ``layers``, ``q_heads``,
-  ``kv_heads``, ``head_dim``, ``tokens``, ``window``, ``dtype``, ``sphkv_version``.
+  ``kv_heads``, ``head_dim``, ``tokens``, ``window``, ``dtype``, ``sphkv_version``, and
+  ``sha256`` (hex SHA-256 over each tensor's name, dtype, shape and bytes in name order; files
+  written before it have none and are read unchecked).
 
 :func:`load_trace` checks all of it and raises :class:`TraceFormatError` naming what is wrong.
 """
@@ -18,6 +20,9 @@ File layout (``.safetensors``), format ``sphkv.trace`` version :data:`TRACE_FORM
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,14 +151,39 @@ class Trace:
                 "sphkv_version": self.sphkv_version}
 
 
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_trace(trace: Trace, path: str | Path) -> Path:
-    """Write ``trace`` as ``.safetensors`` (layout in the module docstring)."""
+    """Write ``trace`` as ``.safetensors`` (layout in the module docstring), atomically.
+
+    The file is written beside ``path`` under a temporary name and renamed over it, so a reader
+    never sees a half-written trace and an interrupted write leaves the old file. The metadata
+    carries ``sha256``, a checksum of the tensors that :func:`load_trace` verifies.
+    """
     tensors = {"positions": trace.positions.contiguous()}
     for layer in range(trace.layers):
         for name in ("keys", "values", "queries"):
             tensors[f"layers.{layer}.{name}"] = getattr(trace, name)[layer].contiguous()
     path = Path(path)
-    save_file(tensors, path, metadata=trace.metadata())
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist (for trace {path})")
+    metadata = trace.metadata() | {"sha256": _checksum(tensors)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -221,7 +251,7 @@ def load_trace(path: str | Path) -> Trace:
             raise TraceFormatError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, but "
                                    f"the metadata implies {dt} {shape}")
     try:
-        return Trace(
+        trace = Trace(
             keys=torch.stack([tensors[f"layers.{i}.keys"] for i in range(dims["layers"])]),
             values=torch.stack([tensors[f"layers.{i}.values"] for i in range(dims["layers"])]),
             queries=torch.stack([tensors[f"layers.{i}.queries"]
@@ -230,6 +260,13 @@ def load_trace(path: str | Path) -> Trace:
             sphkv_version=meta["sphkv_version"])
     except TraceFormatError as exc:
         raise TraceFormatError(f"{path}: {exc}") from exc
+    # Checked last, so a malformed file is reported by what is wrong with it. Traces written
+    # before the checksum have none; any that carry one must match it.
+    if "sha256" in meta and _checksum(tensors) != meta["sha256"]:
+        raise TraceFormatError(f"{path}: its tensors do not match the sha256 checksum in its "
+                               "metadata (the file was changed or corrupted after it was "
+                               "written)")
+    return trace
 
 
 @contextlib.contextmanager
