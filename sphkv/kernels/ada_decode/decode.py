@@ -36,7 +36,6 @@ import triton.language as tl
 
 from sphkv.codec import Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
 from sphkv.kernels.ada_decode.lookup import (
-    eighth_levels,
     even_odd_levels,
     prmt_enabled,
     prmt_lookup_asm,
@@ -50,6 +49,8 @@ __all__ = ["AdaDecodePlan", "ada_decode"]
 # kinds of rows a segment holds
 FP16, INT8, TURBO, ADA = 0, 1, 2, 3
 _MAX_ROWS = 128  # G·M query rows per kv head the kernel holds in registers
+# programs per multiprocessor of the one launch (H200, 32k: 16 beat 4 by 1.2–1.3× at d = 128)
+_PROGRAMS_PER_SM = 16
 
 
 @triton.jit
@@ -141,7 +142,7 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     m_r = o_r < R
     # q [B, HKV, R, D] in the segment's key domain: row r is query head i_h·G + r // M at
     # query position r % M; rows R … R_PAD−1 are zero padding for tl.dot.
-    # Codes by the register lookup come as NF field tiles (NF = 2, 4, 8 at 4, 2, 3 bits): field
+    # Codes by the register lookup come as NF field tiles (NF = 2, 4 at 4, 2 bits): field
     # f holds coordinates NF·i + f and is dotted with q's matching coordinates; NF = 1 is the
     # whole tile in coordinate order.
     o_kw = tl.arange(0, D // K_NF)
@@ -152,11 +153,6 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     if K_NF >= 4:
         b_q2 = tl.load(p_q + 2, mask=m_r[:, None], other=0.0)
         b_q3 = tl.load(p_q + 3, mask=m_r[:, None], other=0.0)
-    if K_NF == 8:
-        b_q4 = tl.load(p_q + 4, mask=m_r[:, None], other=0.0)
-        b_q5 = tl.load(p_q + 5, mask=m_r[:, None], other=0.0)
-        b_q6 = tl.load(p_q + 6, mask=m_r[:, None], other=0.0)
-        b_q7 = tl.load(p_q + 7, mask=m_r[:, None], other=0.0)
     if WINDOW:
         # query position i sees window tokens n ≤ W − M + i
         b_hi = length - M + o_r % M
@@ -174,10 +170,6 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     b_acc1 = tl.zeros([R_PAD, VW], dtype=tl.float32)
     b_acc2 = tl.zeros([R_PAD, VW], dtype=tl.float32)
     b_acc3 = tl.zeros([R_PAD, VW], dtype=tl.float32)
-    b_acc4 = tl.zeros([R_PAD, VW], dtype=tl.float32)
-    b_acc5 = tl.zeros([R_PAD, VW], dtype=tl.float32)
-    b_acc6 = tl.zeros([R_PAD, VW], dtype=tl.float32)
-    b_acc7 = tl.zeros([R_PAD, VW], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -210,13 +202,6 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_kw, m_n, K_ASM)
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
                 tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
-        elif K_NF == 8:
-            b_k0, b_k1, b_k2, b_k3, b_k4, b_k5, b_k6, b_k7 = eighth_levels(p_k, o_kw, m_n,
-                                                                           K_ASM)
-            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
-                tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3)) + \
-                tl.dot(b_q4, tl.trans(b_k4)) + tl.dot(b_q5, tl.trans(b_k5)) + \
-                tl.dot(b_q6, tl.trans(b_k6)) + tl.dot(b_q7, tl.trans(b_k7))
         else:
             b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
                         K_BYTES, D, LOG2D, BLOCK_N)
@@ -246,17 +231,6 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
             b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
             b_acc3 = b_acc3 * b_alpha + tl.dot(b_pv, b_v3)
-        elif V_NF == 8:
-            b_v0, b_v1, b_v2, b_v3, b_v4, b_v5, b_v6, b_v7 = eighth_levels(p_v, o_vw, m_n,
-                                                                           V_ASM)
-            b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
-            b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
-            b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
-            b_acc3 = b_acc3 * b_alpha + tl.dot(b_pv, b_v3)
-            b_acc4 = b_acc4 * b_alpha + tl.dot(b_pv, b_v4)
-            b_acc5 = b_acc5 * b_alpha + tl.dot(b_pv, b_v5)
-            b_acc6 = b_acc6 * b_alpha + tl.dot(b_pv, b_v6)
-            b_acc7 = b_acc7 * b_alpha + tl.dot(b_pv, b_v7)
         else:
             b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
                         V_BYTES, D, LOG2D, BLOCK_N)
@@ -277,11 +251,6 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     if V_NF >= 4:
         tl.store(p_o + 2, b_acc2 * b_inv, mask=m_o)
         tl.store(p_o + 3, b_acc3 * b_inv, mask=m_o)
-    if V_NF == 8:
-        tl.store(p_o + 4, b_acc4 * b_inv, mask=m_o)
-        tl.store(p_o + 5, b_acc5 * b_inv, mask=m_o)
-        tl.store(p_o + 6, b_acc6 * b_inv, mask=m_o)
-        tl.store(p_o + 7, b_acc7 * b_inv, mask=m_o)
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
 
 
@@ -385,7 +354,7 @@ class _Side:
     def __init__(self, codec, codes, d: int, device: torch.device, role: str, rows=None):
         levels = meta = trig = None
         self.seed, self.mult, self.bits = None, 1.0, 0
-        self.asm = ""  # the register lookup of 2-, 3- and 4-bit levels (lookup.py)
+        self.asm = ""  # the register lookup of 2- and 4-bit levels (lookup.py)
         side = None if codes is None else next(iter(codes.side.values()), None)
         payload = None if codes is None else codes.payload
         if role == "window":
@@ -398,9 +367,9 @@ class _Side:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             levels = _levels(d, codec.bits, device)
-            # the register lookup gives 8/bits (2, 4 bits) or 8 (3 bits) field tiles of D/NF
-            # coordinates, each a dot operand: D/NF ≥ 16
-            nf = {2: 4, 3: 8, 4: 2}.get(codec.bits, 0)
+            # the register lookup gives 8/bits field tiles of D·bits/8 coordinates (2, 4 bits),
+            # each a dot operand: D·bits/8 ≥ 16
+            nf = {2: 4, 4: 2}.get(codec.bits, 0)
             if nf and d // nf >= 16 and prmt_enabled(device):
                 self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif isinstance(codec, SphericalCodec) and role == "key":
@@ -410,7 +379,7 @@ class _Side:
         else:
             raise ValueError(f"{role} codec {type(codec).__name__} has no kernel (fp16, int8, "
                              f"TurboQuant, and SphericalCodec keys do)")
-        self.fields = {2: 4, 3: 8, 4: 2}[self.bits] if self.asm else 1
+        self.fields = {2: 4, 4: 2}[self.bits] if self.asm else 1
         # TurboQuant packing: CODES consecutive codes fill GROUP whole bytes
         self.codes = 8 // math.gcd(self.bits, 8) if self.kind == TURBO else 1
         self.group = self.bits * self.codes // 8 if self.kind == TURBO else 1
@@ -515,7 +484,7 @@ class AdaDecodePlan:
         # one split length for every segment: about num_splits splits per (sequence, kv head)
         # over all segments together, each segment at least one split
         capacity = sum(s.capacity for s in segments)
-        n = num_splits or _num_splits(B * Hkv, capacity, block_n, dev)
+        n = num_splits or _num_splits(B * Hkv, capacity, block_n, dev, _PROGRAMS_PER_SM)
         self.split_len = triton.cdiv(triton.cdiv(capacity, n), block_n) * block_n
         bases = [0]
         for s in segments:
@@ -608,7 +577,7 @@ def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
     scale : logit scale, default 1/√D
     block_n : tokens per inner step, a power of two ≥ 32 (may span pages of one tier)
     num_splits : splits per (sequence, kv head), all segments together (each at least one);
-        default about 4 programs per multiprocessor
+        default about 16 programs per multiprocessor
     num_warps, num_stages : Triton launch options
     plan : an :class:`AdaDecodePlan` of these pages and window (then the launch options above
         are the plan's); made here when None

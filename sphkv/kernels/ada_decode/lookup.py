@@ -1,4 +1,4 @@
-"""2-, 3- and 4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
+"""2- and 4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
 
 ``tl.gather`` of the 16 Lloyd–Max levels costs more than the rest of a 4-bit decode
 (docs/kernel_notes.md, session 4). Here a ``prmt`` reads four bytes of an 8-byte table in one
@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["eighth_levels", "even_odd_levels", "prmt_enabled", "prmt_lookup_asm",
-           "quarter_levels"]
+__all__ = ["even_odd_levels", "prmt_enabled", "prmt_lookup_asm", "quarter_levels"]
 
 
 def prmt_enabled(device: torch.device) -> bool:
@@ -73,35 +72,6 @@ def _asm2(bits: tuple[int, ...]) -> str:
             + fields + "}")
 
 
-# code s (bits 3s … 3s + 2 of the group word b0 | b1 << 8 | b2 << 16) of four groups, one per
-# byte lane of the byte registers b0, b1, b2: a shift and a byte mask, two pieces at s = 2, 5
-_FIELDS3 = (
-    "and.b32 y, $16, 0x07070707;\n",
-    "shr.b32 y, $16, 3;\nand.b32 y, y, 0x07070707;\n",
-    "shr.b32 y, $16, 6;\nand.b32 y, y, 0x03030303;\nshl.b32 t, $17, 2;\n"
-    "lop3.b32 y, t, 0x04040404, y, 0xEA;\n",  # (t & 4) | y
-    "shr.b32 y, $17, 1;\nand.b32 y, y, 0x07070707;\n",
-    "shr.b32 y, $17, 4;\nand.b32 y, y, 0x07070707;\n",
-    "shr.b32 y, $17, 7;\nand.b32 y, y, 0x01010101;\nshl.b32 t, $18, 1;\n"
-    "lop3.b32 y, t, 0x06060606, y, 0xEA;\n",
-    "shr.b32 y, $18, 2;\nand.b32 y, y, 0x07070707;\n",
-    "shr.b32 y, $18, 5;\nand.b32 y, y, 0x07070707;\n",
-)
-
-
-@functools.lru_cache(maxsize=16)
-def _asm3(bits: tuple[int, ...]) -> str:
-    tables = (f"mov.b32 l0, {_word([b & 0xFF for b in bits[:4]])};\n"
-              f"mov.b32 l1, {_word([b & 0xFF for b in bits[4:]])};\n"
-              f"mov.b32 h0, {_word([b >> 8 for b in bits[:4]])};\n"
-              f"mov.b32 h1, {_word([b >> 8 for b in bits[4:]])};\n")
-    fields = "".join(
-        _FIELDS3[f] + _SELECT + "prmt.b32 a0, l0, l1, s;\nprmt.b32 b0, h0, h1, s;\n"
-        + _PAIRS.format(f"${2 * f}", f"${2 * f + 1}") for f in range(8))
-    return ("{\n.reg .b32 l0, l1, h0, h1, zr, y, t, z, s, a0, b0;\n" + tables
-            + "mov.b32 zr, 0;\n" + fields + "}")
-
-
 def prmt_lookup_asm(levels: torch.Tensor) -> str:
     """PTX for ``tl.inline_asm_elementwise(pack=4)``: one register of four code bytes → the
     fp16 levels of their codes, field by field, two registers (four elements) per field.
@@ -113,15 +83,12 @@ def prmt_lookup_asm(levels: torch.Tensor) -> str:
       sign-replicating ``prmt`` of the codes shifted up by 4); likewise the high bytes.
     - 4 levels (2-bit codes, 4 per byte): input ``$8``; field f (bits 2f, 2f + 1 of every
       byte) → ``$2f, $2f+1``; one lookup each for the low and the high bytes.
-    - 8 levels (3-bit codes, 8 in 3 bytes): inputs ``$16, $17, $18``, bytes 0, 1, 2 of four
-      groups; code f of the groups → ``$2f, $2f+1``; one lookup each for low and high bytes.
 
     Two more ``prmt`` interleave low and high bytes into fp16 pairs.
     """
-    asm = {4: _asm2, 8: _asm3, 16: _asm4}.get(levels.numel())
+    asm = {4: _asm2, 16: _asm4}.get(levels.numel())
     if asm is None:
-        raise ValueError(f"need the 4, 8 or 16 levels of a 2-, 3- or 4-bit code, got "
-                         f"{levels.numel()}")
+        raise ValueError(f"need the 4 or 16 levels of a 2- or 4-bit code, got {levels.numel()}")
     bits = levels.detach().cpu().to(torch.float16).view(torch.int16).long() & 0xFFFF
     return asm(tuple(bits.tolist()))
 
@@ -144,18 +111,3 @@ def quarter_levels(p_rows, o_f, m_n, ASM: tl.constexpr):
     return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b_b],
                                      dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                      is_pure=True, pack=4)
-
-
-@triton.jit
-def eighth_levels(p_rows, o_g, m_n, ASM: tl.constexpr):
-    """``lev[c]`` of the 3-bit codes of the groups ``o_g [D/8]`` (code f of group g, bits
-    3f … 3f + 2 of bytes 3g … 3g + 2, is coordinate 8g + f) of the rows ``p_rows [N, 1]``,
-    f = 0 … 7: eight fp16 tiles ``[N, D/8]``."""
-    m = m_n[:, None]
-    b_0 = tl.load(p_rows + 3 * o_g[None, :], mask=m, other=0)
-    b_1 = tl.load(p_rows + 3 * o_g[None, :] + 1, mask=m, other=0)
-    b_2 = tl.load(p_rows + 3 * o_g[None, :] + 2, mask=m, other=0)
-    return tl.inline_asm_elementwise(
-        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [b_0, b_1, b_2],
-        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-               tl.float16, tl.float16), is_pure=True, pack=4)

@@ -103,12 +103,13 @@ def _merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
     tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
 
 
-def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Splits per (sequence, kv head): about 4 programs per multiprocessor, at least one block
-    of tokens per split."""
+def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device,
+                per_sm: int = 4) -> int:
+    """Splits per (sequence, kv head): about ``per_sm`` programs per multiprocessor, at least
+    one block of tokens per split."""
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 4)
-    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(capacity, block_n)))
+    return max(1, min(triton.cdiv(per_sm * sms, batch_heads), triton.cdiv(capacity, block_n)))
 
 
 def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_splits, num_warps,
