@@ -155,7 +155,26 @@ def distortion_matrix(trace, tiers: TierSet,
         raise ValueError(f"tiers are for head dimension {tiers.d}, the trace has "
                          f"{trace.head_dim}")
     return np.stack([layer_distortion(trace.keys[i], trace.values[i], trace.queries[i], tiers,
-                                      estimator) for i in range(trace.layers)])
+                                      estimator, first=_first_seen(trace, i))
+                     for i in range(trace.layers)])
+
+
+def _first_seen(trace, layer: int) -> torch.Tensor | None:
+    """``[W]``: the lowest token index each window query of ``layer`` sees (None: every earlier
+    token, a full-attention layer)."""
+    attention = trace.layout[layer]
+    if attention.is_full:
+        return None
+    first = attention.first_visible(trace.positions[-trace.window:], torch.tensor(0))
+    return torch.searchsorted(trace.positions, first)
+
+
+def invisible(trace) -> np.ndarray:
+    """bool ``[L, n]``: tokens the query after the trace can no longer see (a sliding or
+    chunked layer's), which the model's own cache does not hold."""
+    nxt = trace.positions[-1:] + 1
+    return np.stack([(trace.positions < a.first_visible(nxt, torch.tensor(0))).numpy()
+                     for a in trace.layout])
 
 
 def true_errors(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
@@ -295,6 +314,10 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
         The first ``sinks`` tokens and the last ``recent`` (default: the window W) are forced to
         the last tier (fp16).
 
+    A sliding or chunked layer's tokens that the next query cannot see are forced to drop, and a
+    budget given as a fraction refers to what the model's own fp16 cache holds (those tokens
+    left out).
+
     Returns
     -------
     AllocationProblem
@@ -310,12 +333,16 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
     d = distortion_matrix(trace, tiers, estimator)
     layers, h_kv, n, t = d.shape
     token = np.tile(np.arange(n), layers * h_kv)
+    gone = np.repeat(invisible(trace), h_kv, axis=0).reshape(-1)  # [L·H_kv·n], item order
     forced = np.where((token < sinks) | (token >= n - recent), t - 1, -1)
+    forced = np.where(gone, 0, forced)
     problem = AllocationProblem(
         distortion=d.reshape(-1, t), cost=tiers.costs, budget=1e300,
         groups=np.repeat(np.arange(layers * h_kv), n), page_size=page_size,
         page_overhead=PAGE_TABLE_ENTRY.itemsize, forced=forced, tier_names=tiers.names)
-    return problem.with_budget(budget * problem.full_cost() if budget <= 1 else budget)
+    # the model's own cache: every token it still holds at fp16
+    full = problem.cost_of(np.where(gone, 0, t - 1))
+    return problem.with_budget(budget * full if budget <= 1 else budget)
 
 
 def byte_shares(problem: AllocationProblem, tiers: np.ndarray, layers: int,

@@ -50,6 +50,18 @@ class LayerAttention:
             raise ValueError(f"a {self.kind} layer needs size >= 1 (its window or chunk in "
                              f"tokens), got {self.size!r}")
 
+    def __str__(self) -> str:
+        return self.kind if self.size is None else f"{self.kind}:{self.size}"
+
+    @classmethod
+    def parse(cls, text: str) -> LayerAttention:
+        """The layout :func:`str` wrote: ``full``, ``sliding:512``, ``chunked:8192``."""
+        kind, _, size = text.partition(":")
+        try:
+            return cls(kind, int(size) if size else None)
+        except ValueError as exc:
+            raise ValueError(f"not a layer layout: {text!r} ({exc})") from None
+
     @property
     def is_full(self) -> bool:
         return self.kind == "full"

@@ -194,3 +194,42 @@ def test_smollm2_smoke(smollm2_trace, tmp_path):
     assert torch.equal(back.keys, t.keys) and back.model == "smollm2"
     # post-RoPE keys of one head differ in norm across positions, values too: a real cache
     assert t.keys.norm(dim=-1).std() > 0 and torch.isfinite(t.queries).all()
+
+
+def test_sliding_layers_captured_with_their_pattern(tmp_path):
+    """A Mistral trace: the capture attends with the sliding masks (its keys equal the model's
+    own cache), the layout travels in the file, the distortion model sees each query's window,
+    and the allocation drops what the model can no longer see."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+    from sphkv.integrations.hf import cache_argument
+    from sphkv.rdr import default_tiers, problem_from_trace
+    from sphkv.rdr.distortion import distortion_matrix, invisible
+    from sphkv.rdr.layout import LayerAttention
+
+    s, n, w = 16, 64, 8
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=s)).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    trace = capture_trace(model, ids, window=w)
+    assert trace.layout == (LayerAttention("sliding", s),) * 2
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): cache})
+    held = cache.layers[1].keys[0]  # the model's own cache: the last S - 1 tokens
+    torch.testing.assert_close(trace.keys[1, :, -held.shape[1]:], held, atol=1e-5, rtol=1e-5)
+    back = load_trace(save_trace(trace, tmp_path / "mistral.safetensors"))
+    assert back.layout == trace.layout
+    tiers = default_tiers(TINY["head_dim"])
+    d = distortion_matrix(trace, tiers)
+    # a token no window query sees has no distortion at any tier: its drop costs nothing
+    unseen = n - w - s + 1  # positions below the first window query's window
+    assert (d[:, :, :unseen] == 0).all() and (d[:, :, unseen:, 0] > 0).any()
+    problem = problem_from_trace(trace, tiers, budget=1.0, sinks=0)
+    gone = invisible(trace)
+    assert gone.sum(axis=1).tolist() == [n - s + 1] * 2
+    forced = problem.forced.reshape(2, -1, n)
+    assert (forced[:, :, gone[0]] == 0).all()
+    # a fraction of the model's own cache: S - 1 tokens per layer and head, at fp16
+    per_item = tiers.costs[-1]
+    assert problem.budget < 2 * TINY["num_key_value_heads"] * n * per_item / 2

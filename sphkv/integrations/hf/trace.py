@@ -10,7 +10,9 @@ File layout (``.safetensors``), format ``sphkv.trace`` version :data:`TRACE_FORM
   ``layers.{l}.queries`` ``[q_heads, window, head_dim]`` (all of dtype ``dtype``), and
   ``positions`` int64 ``[tokens]`` (the RoPE position of each cached token);
 - string metadata ``format``, ``version``, ``model``, ``source``, ``layers``, ``q_heads``,
-  ``kv_heads``, ``head_dim``, ``tokens``, ``window``, ``dtype``, ``sphkv_version``, and
+  ``kv_heads``, ``head_dim``, ``tokens``, ``window``, ``dtype``, ``sphkv_version``,
+  ``layout`` (each layer's attention pattern, ``full``, ``sliding:S`` or ``chunked:C``, comma
+  separated; files written before it have none and read as every layer full), and
   ``sha256`` (hex SHA-256 over each tensor's name, dtype, shape and bytes in name order; files
   written before it have none and are read unchecked).
 
@@ -31,6 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import sphkv
+from sphkv.integrations.hf.config import attention_layout
+from sphkv.rdr.layout import LayerAttention
 
 __all__ = ["TRACE_FORMAT", "TRACE_FORMAT_VERSION", "Trace", "TraceFormatError", "capture_trace",
            "load_trace", "save_trace"]
@@ -64,6 +68,8 @@ class Trace:
         The text it came from (a file name), or empty.
     sphkv_version : str
         The sphkv version that wrote it.
+    layout : tuple of LayerAttention, optional
+        Each layer's attention pattern (full, sliding, chunked); every layer full if omitted.
     """
 
     keys: torch.Tensor
@@ -73,6 +79,7 @@ class Trace:
     model: str = ""
     source: str = ""
     sphkv_version: str = field(default=sphkv.__version__)
+    layout: tuple[LayerAttention, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("keys", "values", "queries"):
@@ -102,6 +109,12 @@ class Trace:
                                    f"{self.positions.dtype} {tuple(self.positions.shape)}")
         if torch.any(self.positions[1:] <= self.positions[:-1]):
             raise TraceFormatError("positions must be strictly increasing")
+        self.layout = tuple(self.layout) if self.layout is not None \
+            else (LayerAttention(),) * layers
+        if len(self.layout) != layers or not all(isinstance(a, LayerAttention)
+                                                 for a in self.layout):
+            raise TraceFormatError(f"layout must give one LayerAttention per layer ({layers}), "
+                                   f"got {self.layout!r}")
         for name in ("keys", "values", "queries"):
             t = getattr(self, name)
             if not torch.isfinite(t).all():
@@ -148,7 +161,8 @@ class Trace:
                 "q_heads": str(self.q_heads), "kv_heads": str(self.kv_heads),
                 "head_dim": str(self.head_dim), "tokens": str(self.tokens),
                 "window": str(self.window), "dtype": self.dtype,
-                "sphkv_version": self.sphkv_version}
+                "sphkv_version": self.sphkv_version,
+                "layout": ",".join(str(a) for a in self.layout)}
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -257,7 +271,7 @@ def load_trace(path: str | Path) -> Trace:
             queries=torch.stack([tensors[f"layers.{i}.queries"]
                                  for i in range(dims["layers"])]),
             positions=tensors["positions"], model=meta["model"], source=meta["source"],
-            sphkv_version=meta["sphkv_version"])
+            sphkv_version=meta["sphkv_version"], layout=_layout(meta.get("layout")))
     except TraceFormatError as exc:
         raise TraceFormatError(f"{path}: {exc}") from exc
     # Checked last, so a malformed file is reported by what is wrong with it. Traces written
@@ -267,6 +281,16 @@ def load_trace(path: str | Path) -> Trace:
                                "metadata (the file was changed or corrupted after it was "
                                "written)")
     return trace
+
+
+def _layout(text: str | None) -> tuple[LayerAttention, ...] | None:
+    """The layout metadata (absent in traces written before it: every layer full)."""
+    if text is None:
+        return None
+    try:
+        return tuple(LayerAttention.parse(part) for part in text.split(","))
+    except ValueError as exc:
+        raise TraceFormatError(f"metadata layout={text!r}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -283,6 +307,7 @@ def _recording(model, window: int, store: dict, on_layer=None):
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     previous = model.config._attn_implementation
@@ -298,6 +323,8 @@ def _recording(model, window: int, store: dict, on_layer=None):
         return attend(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("sphkv_capture", record)
+    # SDPA's masks, built per layer type (sliding layers get their window)
+    AttentionMaskInterface.register("sphkv_capture", sdpa_mask)
     model.set_attn_implementation("sphkv_capture")
     try:
         yield
@@ -344,4 +371,4 @@ def capture_trace(model, input_ids: torch.Tensor, window: int = 64, model_name: 
     keys, values, queries = (torch.stack([store[i][j] for i in range(layers)]) for j in range(3))
     return Trace(keys=keys.contiguous(), values=values.contiguous(),
                  queries=queries.contiguous(), positions=torch.arange(n, dtype=torch.int64),
-                 model=model_name, source=source)
+                 model=model_name, source=source, layout=tuple(attention_layout(model.config)))
