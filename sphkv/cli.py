@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -97,6 +99,21 @@ def _summary_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: readers
+    see the old file or the new one, never a part, and a kill mid-write leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @app.command()
 def solve(
     problem_file: Annotated[Path, typer.Argument(
@@ -129,6 +146,10 @@ def solve(
         raise typer.BadParameter(f"{method!r}: choose one of {', '.join(SOLVERS)}",
                                  param_hint="--method")
     is_trace = problem_file.suffix == ".safetensors"
+    if out is not None and not out.parent.is_dir():
+        raise typer.BadParameter(f"folder {out.parent} does not exist", param_hint="--out")
+    if out is not None and out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder, not a file", param_hint="--out")
     if estimator is not None and not is_trace:
         raise typer.BadParameter("only a trace (.safetensors) takes an estimator",
                                  param_hint="--estimator")
@@ -152,7 +173,7 @@ def solve(
     if is_trace:
         summary["byte_shares"], shares_table = byte_share_report(problem, alloc.tiers, trace)
     if out is not None:
-        out.write_text(json.dumps(summary | {"tiers": alloc.tiers.tolist()}))
+        _write_atomically(out, json.dumps(summary | {"tiers": alloc.tiers.tolist()}))
     if json_output:
         print(json.dumps(summary))
         return
