@@ -420,7 +420,7 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                                                   + credit + abs(lagrange))
         return constant + float(xp.sum(best)) - credit + lagrange - rounding
 
-    at_price = dual(price)
+    at_price = dual(max(price, 0.0))  # a bound for λ >= 0 only (a solver's dual may be -0)
     if price_max <= 0 or evaluations <= 1:
         return at_price
     res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, price_max), method="bounded",

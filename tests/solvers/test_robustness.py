@@ -5,7 +5,7 @@ import pytest
 
 from sphkv.rdr import AllocationProblem, InfeasibleBudgetError
 from sphkv.solvers import solve
-from tests.solvers.helpers import random_problem
+from tests.solvers.helpers import brute_force_optimum, random_problem
 from tests.solvers.test_known_optima import SOLVER_CASES, SOLVER_IDS
 
 D = np.array([[4.0, 1.0, 0.0], [2.0, 1.0, 0.0], [9.0, 3.0, 0.0]])
@@ -100,3 +100,15 @@ def test_ilp_under_a_time_limit_returns_a_feasible_answer_and_its_bound():
     assert alloc.status in ("time_limit", "optimal")
     assert problem.is_feasible(alloc.tiers)
     assert alloc.lower_bound <= alloc.distortion
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slot_dual_bound_holds_at_any_price_a_solver_reports(seed):
+    # an LP backend may report the budget's dual as slightly negative
+    from sphkv.solvers.page_repair import paged_dual_bound
+
+    rng = np.random.default_rng(seed)
+    problem = random_problem(rng, n=6, t=3, paged=True, budget_fraction=0.5, forced_rate=0.4)
+    optimum = brute_force_optimum(problem)
+    for price in (-1.0, -1e-12, 0.0, 0.1, 10.0):
+        assert paged_dual_bound(problem, price) <= optimum + 1e-9
