@@ -184,6 +184,46 @@ def test_generate_cli_json(tmp_path, tiny_dir):
     assert out["cache_bytes_peak"] <= out["budget_bytes"] < out["fp16_bytes"] * 0.51
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--empty"], "holds no text"),
+    (["--budget", "0.001"], "raise --budget"),
+])
+def test_generate_cli_errors(tmp_path, tiny_dir, args, match):
+    """Bad input exits 2 with one clear line, no traceback; the short prompt at a tiny budget
+    (the fp16 window alone exceeds it) is refused, not a bug."""
+    from typer.testing import CliRunner
+
+    from sphkv.cli import app
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("" if args == ["--empty"] else "Eight token prompt here.")
+    extra = [] if args == ["--empty"] else args
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_dir), "--prompt-file",
+                                      str(prompt), "--window", "8", *extra])
+    assert result.exit_code == 2, result.output
+    assert match in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_model_given_as_a_gguf_file_or_folder(tmp_path):
+    from sphkv.integrations.hf.model import resolve_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.gguf").write_bytes(b"")
+    assert resolve_model(str(folder / "a.gguf")) == (str(folder), {"gguf_file": "a.gguf"})
+    assert resolve_model(str(folder)) == (str(folder), {"gguf_file": "a.gguf"})
+    (folder / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="2 .gguf files"):
+        resolve_model(str(folder))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(folder / "c.gguf"))
+    # a folder with a config.json is a transformers folder, whatever else it holds
+    (folder / "config.json").write_text("{}")
+    assert resolve_model(str(folder)) == (str(folder), {})
+    assert resolve_model("org/name") == ("org/name", {})
+
+
 def test_smollm2_smoke():
     import importlib.util
 

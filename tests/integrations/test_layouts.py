@@ -65,15 +65,20 @@ def _prompt(pad: int):
     return ids, mask
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(),
+                         reason="needs a CUDA GPU (the Triton kernels' device path)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("pad", [0, 5], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_keep_everything_equals_transformers_at_every_step(name, pad):
-    model = _model(name)
-    ids, mask = _prompt(pad)
+def test_keep_everything_equals_transformers_at_every_step(name, pad, device):
+    model = _model(name).to(device)
+    ids, mask = (x.to(device) for x in _prompt(pad))
     with torch.no_grad():
         seq = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS,
                              min_new_tokens=STEPS, do_sample=False)
-        full = torch.cat([mask, torch.ones(2, STEPS, dtype=torch.long)], dim=1)
+        full = torch.cat([mask, torch.ones(2, STEPS, dtype=torch.long, device=device)], dim=1)
         positions = (full.cumsum(-1) - 1).clamp(min=0)
         ref = model(seq, attention_mask=full, position_ids=positions, use_cache=False).logits
         cache = SphkvCache(model.config, 1e12, "rdr", window=WINDOW, page_size=4)
@@ -85,8 +90,10 @@ def test_keep_everything_equals_transformers_at_every_step(name, pad):
                             position_ids=positions[:, a:b], **arg).logits[:, -1]
                 want = ref[:, b - 1]
                 errors.append(float((out - want).norm() / want.norm()))
-    # keys and values are held at fp16: the logits differ by its rounding only
-    assert max(errors) < 2e-3, f"largest relative logit error {max(errors):.2e}"
+    # keys and values are held at fp16 (the kernels' queries too): the logits differ by its
+    # rounding only
+    assert max(errors) < (2e-3 if device == "cpu" else 1e-2), \
+        f"largest relative logit error {max(errors):.2e}"
     assert cache.get_seq_length() == PROMPT + STEPS - 1
     assert cache.pad.tolist() == [0, pad]
     assert cache.peak_bytes <= cache.budget
