@@ -374,7 +374,7 @@ class GreedySolver(Solver):
         bound = slot_dual_bound(xp, distortion, allowed, amortized, group, on(slots), constant,
                                 problem.page_cost(forced_counts), problem.budget, price,
                                 hull.max_efficiency,
-                                evaluations=24 if problem.n_items <= 200_000 else 4)
+                                evaluations=24 if problem.n_items <= 200_000 else 2)
         return tiers, bound
 
 

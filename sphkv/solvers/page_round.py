@@ -59,6 +59,7 @@ class _State:
         self.last = hull_tiers.shape[0] - 1
         # Items moved into empty slots off their hull stay there: pinned at pin_tier.
         self.pin_tier = xp.full(pos.shape[0], -1, dtype=xp.int64, device=self.dev)
+        self.now = self._at(pos)  # current tier of every item
         self.counts = self._count()
 
     def _count(self):
@@ -66,21 +67,21 @@ class _State:
         flat = _bincount(xp, self.group * t + self.tier(), minlength=self.n_groups * t)
         return xp.reshape(flat, (self.n_groups, t)) + self.forced_counts
 
-    def tier(self, items=None, pos=None):
-        """Tier of ``items`` (all when None) at hull steps ``pos`` (their current ones)."""
-        hull = self.hull if items is None else self.hull[:, items]
-        pin = self.pin_tier if items is None else self.pin_tier[items]
-        if pos is None:
-            pos = self.pos if items is None else self.pos[items]
-        on_hull = self.xp.take_along_axis(hull, pos[None, :], axis=0)[0]
-        return self.xp.where(pin >= 0, pin, on_hull)
+    def _at(self, pos):
+        """Tier of every item at hull steps ``pos`` [N] (pinned items at their pin)."""
+        on_hull = self.xp.take_along_axis(self.hull, pos[None, :], axis=0)[0]
+        return self.xp.where(self.pin_tier >= 0, self.pin_tier, on_hull)
+
+    def tier(self, items=None):
+        """Current tier of ``items`` (all when None)."""
+        return self.now if items is None else self.now[items]
 
     def neighbour(self, step: int):
         """Tier one hull step down (-1) or up (+1) of every item, -1 where there is none."""
         xp = self.xp
         nxt = xp.clip(self.pos + step, 0, self.last)
-        there = self.tier(pos=nxt)
-        return xp.where((nxt != self.pos) & (there != self.tier()) & (self.pin_tier < 0),
+        there = xp.take_along_axis(self.hull, nxt[None, :], axis=0)[0]
+        return xp.where((nxt != self.pos) & (there != self.now) & (self.pin_tier < 0),
                         there, -1)
 
     def regret(self, items, to, unpriced: bool = False):
@@ -107,12 +108,15 @@ class _State:
         if items.shape[0] == 0:
             return
         size = self.n_groups * t
-        before = self.group[items] * t + self.tier(items)
+        before = self.group[items] * t + self.now[items]
         if pin is None:
             self.pos[items] += step
+            self.now[items] = xp.take_along_axis(self.hull[:, items], self.pos[items][None, :],
+                                                 axis=0)[0]
         else:
             self.pin_tier[items] = pin
-        after = self.group[items] * t + self.tier(items)
+            self.now[items] = pin
+        after = self.group[items] * t + self.now[items]
         change = _bincount(xp, after, minlength=size) - _bincount(xp, before, minlength=size)
         self.counts = self.counts + xp.reshape(change, (self.n_groups, t))
 
@@ -284,7 +288,7 @@ def _trim(state: _State, over: float) -> bool:
 
 def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amortized,
                 page_bytes, forced_counts, page_size: int, price: float, budget_left: float,
-                allowed=None, tries: int = 2, max_trims: int = 64):
+                allowed=None, tries: int = 1, max_trims: int = 64):
     """Round a greedy allocation to whole pages within budget.
 
     The greedy's room is first narrowed (secant steps on the rounded cost, ``tries`` of them)
