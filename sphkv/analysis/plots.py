@@ -1,4 +1,5 @@
-"""Matplotlib figures of distortion against bits per coordinate (PNG, Agg backend)."""
+"""Matplotlib figures (PNG, Agg backend): distortion against bits per coordinate, and RDR
+against drop-only and quantize-only ladders at equal bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_logit_distortion", "plot_attention_error"]
+__all__ = ["RDR_COLOR", "plot_attention_error", "plot_logit_distortion", "plot_rdr_vs_baselines"]
+
+#: the project's own method, in every figure
+RDR_COLOR = "#d62728"
+_BASELINES = {"drop-only": ("#1f77b4", "s"), "quantize-only": ("#2ca02c", "^")}
+_RDR_LABELS = {"greedy": "RDR (greedy)", "ilp": "RDR exact (ilp)", "lp": "RDR (lp, rounded)"}
 
 _XMAX = 9.0  # fp16 (16 bits) is off the chart; its error is below 1e-3
 
@@ -76,5 +82,54 @@ def plot_attention_error(rows: list[dict], path: Path, ladder: list[dict] | None
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rdr_vs_baselines(rows: list[dict], path: Path, title: str) -> Path:
+    """Distortion against bytes for RDR (the full tier ladder) and the drop-only and
+    quantize-only ladders at the same budgets; right: how many times RDR's distortion each
+    baseline has.
+
+    ``rows`` need ``method`` (a solver name, ``drop-only`` or ``quantize-only``),
+    ``budget_fraction`` and ``distortion``; greedy is RDR's line, ilp its exact optimum.
+    """
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    fractions = sorted({r["budget_fraction"] for r in rows})
+    by = {(r["method"], r["budget_fraction"]): r["distortion"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in sorted(methods, key=lambda m: m in _RDR_LABELS):  # RDR drawn last, on top
+        pts = [(f, by[method, f]) for f in fractions if (method, f) in by]
+        x, y = [100 * f for f, _ in pts], [d for _, d in pts]
+        if method in _BASELINES:
+            color, marker = _BASELINES[method]
+            ax.plot(x, y, marker=marker, ls="--", color=color, lw=1.8, label=method)
+            ratio = [(100 * f, d / by["greedy", f]) for f, d in pts
+                     if by.get(("greedy", f), 0) > 0]
+            if ratio:
+                ax_ratio.plot(*zip(*ratio), marker=marker, ls="--", color=color, lw=1.8,
+                              label=f"{method} / RDR")
+        elif method == "greedy":
+            ax.plot(x, y, "o-", color=RDR_COLOR, lw=3, ms=7, label=_RDR_LABELS[method])
+        else:
+            ax.plot(x, y, "x" if method == "ilp" else "+", color="black", ms=10,
+                    label=_RDR_LABELS.get(method, method))
+    ax_ratio.axhline(1, color=RDR_COLOR, lw=3, label="RDR")
+    for a in (ax, ax_ratio):
+        a.set_xscale("log", base=2)
+        a.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+        a.set_xlabel("cache bytes, % of the all-fp16 cache (pages included)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend()
+    ax.set_yscale("log")
+    ax.set_ylabel("total expected attention distortion (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax_ratio.set_yscale("log")
+    ax_ratio.set_ylabel("baseline distortion / RDR distortion (×)")
+    ax_ratio.set_title("RDR against each baseline at equal bytes", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
     plt.close(fig)
     return path

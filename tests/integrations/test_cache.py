@@ -161,8 +161,8 @@ def test_budget_below_the_window_is_refused(model):
 
 
 def test_compressed_generate_helper(model):
-    out, cache = compressed_generate(model, _ids(40, seed=6), 0.5, "snapkv", max_new_tokens=20,
-                                     window=8, page_size=4)
+    out, cache = compressed_generate(model, _ids(40, seed=6), fraction=0.5, method="snapkv",
+                                     max_new_tokens=20, window=8, page_size=4)
     assert out.shape == (1, 60)
     assert cache.peak_bytes <= cache.budget == 0.5 * fp16_cache_bytes(model.config, 1, 60)
     assert model.config._attn_implementation == "sdpa"
@@ -236,7 +236,7 @@ def test_smollm2_smoke():
 
     model, tok = load_model("smollm2")
     ids = read_tokens(tok, path, 300)[None]
-    out, cache = compressed_generate(model, ids, 0.25, "rdr", max_new_tokens=16)
+    out, cache = compressed_generate(model, ids, fraction=0.25, method="rdr", max_new_tokens=16)
     assert out.shape == (1, 316)
     assert cache.peak_bytes <= cache.budget
     used = {cache.tiers[t].name for t, p in cache.store.pools.items() if p.pages}

@@ -106,8 +106,9 @@ def test_sliding_layers_keep_only_their_window_within_the_budget(name):
     model = _model(name, sliding)
     ids, mask = _prompt(3)
     budget = 0.6 * fp16_cache_bytes(model.config, 2, PROMPT + new)
-    out, cache = compressed_generate(model, ids, budget, "rdr", new, attention_mask=mask,
-                                     window=window, page_size=4, min_new_tokens=new)
+    out, cache = compressed_generate(model, ids, bytes=budget, method="rdr", max_new_tokens=new,
+                                     attention_mask=mask, window=window, page_size=4,
+                                     min_new_tokens=new)
     assert out.shape[1] == PROMPT + new
     # after every pool write, not only after every step
     assert len(cache.history) > new // window and max(cache.history) <= budget
@@ -173,10 +174,10 @@ def test_bad_input_is_refused_with_a_clear_error():
     model = _model("mistral")
     ids, _ = _prompt(0)
     with pytest.raises(ValueError, match="num_beams"):
-        compressed_generate(model, ids, 0.5, num_beams=2)
+        compressed_generate(model, ids, fraction=0.5, num_beams=2)
     # below the windows and the sinks' pages: refused when the prompt's forward ends
     with pytest.raises(InfeasibleBudgetError, match="at least"):
-        compressed_generate(model, ids[:, :8], 0.001, max_new_tokens=4)
+        compressed_generate(model, ids[:, :8], fraction=0.001, max_new_tokens=4)
     with pytest.raises(ValueError, match="window"):
         SphkvCache(model.config, 1e9, window=0)
     with pytest.raises(ValueError, match="left padding"):

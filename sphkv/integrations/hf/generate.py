@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
-from rich.console import Console
 
-from sphkv.integrations.hf.cache import METHODS, SphkvCache, register_attention
+from sphkv.integrations.hf.cache import SphkvCache, register_attention
 from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
 from sphkv.rdr.problem import InfeasibleBudgetError
 
-__all__ = ["compressed_attention", "compressed_generate", "fp16_cache_bytes", "generate"]
+__all__ = ["budget_bytes", "compress", "compressed_attention", "compressed_generate",
+           "fp16_cache_bytes", "generate_command"]
 
 
 @contextlib.contextmanager
@@ -37,11 +34,37 @@ def compressed_attention(model):
         model.set_attn_implementation(previous)
 
 
-def compressed_generate(model, input_ids: torch.Tensor, budget: float, method: str = "rdr",
+def budget_bytes(config, batch: int, tokens: int, fraction: float | None = None,
+                 bytes: float | None = None) -> float:
+    """The cache budget in bytes from exactly one of ``fraction`` (of what the model's own fp16
+    cache holds after ``tokens`` tokens) or ``bytes``.
+
+    Raises
+    ------
+    TypeError
+        Neither or both given.
+    ValueError
+        A fraction outside (0, 1] or bytes <= 0.
+    """
+    if (fraction is None) == (bytes is None):
+        raise TypeError("give the budget as exactly one of fraction= (of the fp16 cache, in "
+                        "(0, 1]) or bytes=")
+    if bytes is not None:
+        if not bytes > 0:
+            raise ValueError(f"bytes must be > 0, got {bytes}")
+        return float(bytes)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1] (a share of the fp16 cache), got "
+                         f"{fraction}; for a byte count pass bytes=")
+    return fraction * fp16_cache_bytes(config, batch, tokens)
+
+
+def compressed_generate(model, input_ids: torch.Tensor, *, fraction: float | None = None,
+                        bytes: float | None = None, method: str = "rdr",
                         max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
                         window: int = 16, sinks: int = 4, page_size: int = 16,
                         **generate_kwargs) -> tuple[torch.Tensor, SphkvCache]:
-    """Greedy ``model.generate`` through a :class:`SphkvCache` of at most ``budget`` bytes.
+    """Greedy ``model.generate`` through a :class:`SphkvCache` within a budget.
 
     Parameters
     ----------
@@ -49,10 +72,11 @@ def compressed_generate(model, input_ids: torch.Tensor, budget: float, method: s
         A causal LM whose attention dispatches through ``AttentionInterface``.
     input_ids : torch.Tensor
         int ``[B, n]``, left-padded when the prompts differ in length.
-    budget : float
-        In (0, 1]: a fraction of what the model's own fp16 cache holds after
-        ``n + max_new_tokens`` tokens (sliding and chunked layers hold their window or chunk);
-        above 1: bytes.
+    fraction : float, optional
+        The budget as a share, in (0, 1], of what the model's own fp16 cache holds after
+        ``n + max_new_tokens`` tokens (sliding and chunked layers hold their window or chunk).
+    bytes : float, optional
+        The budget in bytes. Give exactly one of ``fraction`` and ``bytes``.
     method : str
         A key of :data:`sphkv.rdr.methods.METHODS`.
     attention_mask : torch.Tensor, optional
@@ -72,13 +96,10 @@ def compressed_generate(model, input_ids: torch.Tensor, budget: float, method: s
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ValueError(f"num_beams must be 1: the compressed cache does not reorder its "
                          f"pages per beam (got num_beams={generate_kwargs['num_beams']})")
-    if not budget > 0:
-        raise ValueError(f"budget must be > 0 (a fraction in (0, 1] or bytes), got {budget}")
     input_ids = torch.as_tensor(input_ids).reshape(-1, input_ids.shape[-1])
-    if budget <= 1:
-        budget *= fp16_cache_bytes(model.config, input_ids.shape[0],
-                                   input_ids.shape[1] + max_new_tokens)
-    cache = SphkvCache(model.config, budget, method, window=window, sinks=sinks,
+    limit = budget_bytes(model.config, input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
+                         fraction, bytes)
+    cache = SphkvCache(model.config, limit, method, window=window, sinks=sinks,
                        page_size=page_size)
     with torch.no_grad(), compressed_attention(model):
         out = model.generate(input_ids, attention_mask=attention_mask,
@@ -87,65 +108,104 @@ def compressed_generate(model, input_ids: torch.Tensor, budget: float, method: s
     return out, cache
 
 
-def generate(
-    model: Annotated[str, typer.Option(
-        help="A causal LM: hub name, local folder, .gguf file, folder holding one .gguf, or "
-             "smollm2.")] = "smollm2",
-    prompt_file: Annotated[Path, typer.Option(help="The prompt, a text file (.gz allowed).",
-                                              exists=True, dir_okay=False)] = ...,
-    budget: Annotated[str, typer.Option(
-        help="Cache bytes: a fraction of the fp16 cache of prompt + new tokens (0.125 or "
-             "12.5%), or bytes (3e6, 2.5MiB).")] = "0.25",
-    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "rdr",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
-    window: Annotated[int, typer.Option(help="Recent tokens kept fp16 (W to 2W).")] = 16,
-    json_output: Annotated[bool, typer.Option(
-        "--json", help="Print exactly one JSON object on stdout, nothing else.")] = False,
-) -> None:
-    """Generate greedily with the compressed KV cache; report its bytes against fp16."""
-    import gzip
+class compress:
+    """While the block runs, ``model.generate`` goes through a fresh :class:`SphkvCache` within
+    the budget; afterwards the model is as before.
 
-    from sphkv.cli import parse_budget
-    from sphkv.integrations.hf.model import load_model
+    ::
 
-    err = Console(stderr=True)
-    if method not in METHODS:
-        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(METHODS)}",
-                                 param_hint="--method")
-    if max_new_tokens < 1:
-        raise typer.BadParameter(f"must be >= 1, got {max_new_tokens}",
-                                 param_hint="--max-new-tokens")
-    if window < 1:
-        raise typer.BadParameter(f"must be >= 1, got {window}", param_hint="--window")
-    opener = gzip.open if prompt_file.suffix == ".gz" else open
-    with opener(prompt_file, "rt", encoding="utf-8") as f:
-        prompt = f.read()
-    if not prompt.strip():
-        raise typer.BadParameter(f"{prompt_file} holds no text", param_hint="--prompt-file")
-    with err.status(f"loading {model}"):
-        lm, tok = load_model(model)
+        with compress(model, fraction=0.25) as press:
+            out = model.generate(input_ids, max_new_tokens=64)
+        press.cache.peak_bytes, press.cache.fp16_bytes()
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM.
+    fraction, bytes
+        The budget of each ``generate`` call, exactly one of them (see
+        :func:`compressed_generate`); a fraction is of the fp16 cache of that call's prompt plus
+        ``max_new_tokens`` (or the generation config's).
+    method, window, sinks, page_size
+        See :class:`SphkvCache`.
+
+    Attributes
+    ----------
+    cache : SphkvCache or None
+        The cache of the last ``generate`` call in the block.
+    """
+
+    def __init__(self, model, *, fraction: float | None = None, bytes: float | None = None,
+                 method: str = "rdr", window: int = 16, sinks: int = 4, page_size: int = 16):
+        budget_bytes(model.config, 1, 1, fraction, bytes)  # checks the budget's arguments now
+        self.model, self.fraction, self.bytes = model, fraction, bytes
+        self.options = {"method": method, "window": window, "sinks": sinks,
+                        "page_size": page_size}
+        self.cache: SphkvCache | None = None
+        self._attention = None
+
+    def _generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
+        if kwargs.get("num_beams", 1) != 1:
+            raise ValueError(f"num_beams must be 1: the compressed cache does not reorder its "
+                             f"pages per beam (got num_beams={kwargs['num_beams']})")
+        new = max_new_tokens or self.model.generation_config.max_new_tokens or 20
+        ids = torch.as_tensor(input_ids).reshape(-1, input_ids.shape[-1])
+        limit = budget_bytes(self.model.config, ids.shape[0], ids.shape[1] + new,
+                             self.fraction, self.bytes)
+        self.cache = SphkvCache(self.model.config, limit, **self.options)
+        kwargs.setdefault("do_sample", False)
+        with torch.no_grad():
+            return type(self.model).generate(self.model, ids, max_new_tokens=new,
+                                             **{cache_argument(self.model): self.cache},
+                                             **kwargs)
+
+    def __enter__(self) -> compress:
+        self._attention = compressed_attention(self.model)
+        self._attention.__enter__()
+        self.model.generate = self._generate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.generate
+        self._attention.__exit__(*exc)
+
+
+def generate_command(model: str, prompt: str, budget: tuple[str, float], method: str,
+                     max_new_tokens: int, window: int, compare: bool, json_output: bool) -> None:
+    """The body of ``sphkv generate`` (arguments checked by :mod:`sphkv.cli`): generate
+    greedily with the compressed KV cache; report its bytes against fp16."""
+    from sphkv.cli import budget_error, err, fail, load_model_or_fail
+
+    lm, tok = load_model_or_fail(model)
     ids = tok(prompt, return_tensors="pt").input_ids
+    kind, value = budget
     fp16 = fp16_cache_bytes(lm.config, 1, ids.shape[1] + max_new_tokens)
-    budget_bytes = parse_budget(budget, fp16)
     start = time.perf_counter()
     try:
         with err.status(f"generating {max_new_tokens} tokens after {ids.shape[1]} ({method})"):
-            out, cache = compressed_generate(lm, ids, budget_bytes, method, max_new_tokens,
-                                             window=window)
+            out, cache = compressed_generate(lm, ids, **{kind: value}, method=method,
+                                             max_new_tokens=max_new_tokens, window=window)
     except InfeasibleBudgetError as exc:
-        err.print(f"[red]error:[/red] {exc}. The fp16 window (2 x --window tokens per layer "
-                  f"and kv head) and the attention sinks come first: raise --budget or lower "
-                  f"--window.")
-        raise typer.Exit(2) from exc
+        fail(budget_error(exc, "--budget", fp16) + "; the fp16 window (2 x --window tokens per "
+             "layer and kv head) and the attention sinks come first: raise --budget or lower "
+             "--window", exc)
+    seconds = time.perf_counter() - start
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     result = {"text": text, "model": model, "method": method,
               "prompt_tokens": int(ids.shape[1]), "new_tokens": int(out.shape[1] - ids.shape[1]),
               "cache_bytes_peak": cache.peak_bytes, "cache_bytes_final": cache.nbytes(),
-              "fp16_bytes": cache.fp16_bytes(), "budget_bytes": int(budget_bytes),
-              "price": cache.price, "seconds": time.perf_counter() - start}
+              "fp16_bytes": cache.fp16_bytes(), "budget_bytes": int(cache.budget),
+              "price": cache.price, "seconds": seconds}
+    if compare:
+        with err.status(f"generating {max_new_tokens} tokens with the fp16 cache"), \
+                torch.no_grad():
+            ref = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        result["text_fp16"] = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     if json_output:
         print(json.dumps(result))
         return
+    if compare:
+        print(f"fp16 cache:\n{result['text_fp16']}\n\n{method} cache:")
     print(text)
     err.print(f"cache peak {result['cache_bytes_peak']:,} B of budget "
               f"{result['budget_bytes']:,} B; fp16 cache {result['fp16_bytes']:,} B "
