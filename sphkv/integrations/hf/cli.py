@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["byte_share_report", "capture_to_file", "rd", "trace_problem"]
 
 
@@ -74,19 +72,6 @@ def byte_share_report(problem, tiers, trace):
     return report, table
 
 
-def _restrict(problem, keep: list[int]):
-    """The same items with only the tiers ``keep`` (forced tiers must be among them)."""
-    from sphkv.rdr import AllocationProblem
-
-    index = {t: j for j, t in enumerate(keep)}
-    forced = np.array([index[t] if t >= 0 else -1 for t in problem.forced])
-    return AllocationProblem(
-        distortion=problem.distortion[:, keep], cost=problem.cost[..., keep],
-        budget=problem.budget, groups=problem.groups, page_size=problem.page_size,
-        page_overhead=problem.page_overhead, forced=forced,
-        tier_names=[problem.tier_names[t] for t in keep])
-
-
 def rd(trace_file: Path, out: Path = Path("rd.png"), estimator: str | None = None,
        ilp_time_limit: float = 10.0) -> None:
     """The body of ``sphkv plot rd``: distortion vs budget (1/16 … 1/2 of fp16) on a trace:
@@ -94,7 +79,9 @@ def rd(trace_file: Path, out: Path = Path("rd.png"), estimator: str | None = Non
     quantize-only (no drop) ladders."""
     import json
 
-    from sphkv.analysis.rd import BUDGET_FRACTIONS, plot_rate_distortion
+    from sphkv.analysis.cli import ladder_sweep
+    from sphkv.analysis.plots import plot_rdr_vs_baselines
+    from sphkv.analysis.rd import BUDGET_FRACTIONS
     from sphkv.cli import err, fail, progress
     from sphkv.integrations.hf.trace import load_trace
     from sphkv.rdr import default_tiers, problem_from_trace
@@ -115,53 +102,8 @@ def rd(trace_file: Path, out: Path = Path("rd.png"), estimator: str | None = Non
         fail("no budget from 1/16 to 1/2 is feasible for this trace")
     title = (f"{trace.model or 'trace'}: {trace.layers}×{trace.kv_heads}×{trace.tokens:,} "
              f"items, pages of {base.page_size}")
-    png = plot_rate_distortion(rows, out, title)
+    png = plot_rdr_vs_baselines(rows, out, title)
     out.with_suffix(".json").write_text(json.dumps(
         {"trace": str(trace_file), "estimator": estimator, "tiers": base.tier_names,
          "rows": rows}, indent=1))
     err.print(f"wrote {png} and {out.with_suffix('.json')}")
-
-
-def ladder_sweep(base, solvers, fractions, ilp_time_limit: float, bar) -> list[dict]:
-    """Summary rows at each budget fraction: every solver in ``solvers`` over the full tier
-    ladder, and greedy over the drop-only (drop or fp16) and quantize-only (no drop) ladders.
-
-    ``bar`` is a rich Progress; a budget below a ladder's cheapest assignment is skipped with
-    a line on its console. A restricted ladder's row has ``lower_bound`` 0 (its bound is not
-    one of the full problem).
-    """
-    from sphkv.rdr import InfeasibleBudgetError
-    from sphkv.solvers import solve
-
-    t = base.n_tiers
-    ladders = {"drop-only": [0, t - 1], "quantize-only": list(range(1, t))}
-    runs = [(m, None) for m in solvers] + list(ladders.items())
-    task = bar.add_task("rate-distortion", total=len(fractions) * len(runs))
-    rows = []
-    for fraction in fractions:
-        label = f"1/{round(1 / fraction)}"
-        for method, keep in runs:
-            bar.update(task, description=f"budget {label}: {method}")
-            try:
-                problem = base.with_budget(fraction * base.full_cost())
-                if keep is not None:
-                    problem = _restrict(problem, keep)
-            except InfeasibleBudgetError as exc:
-                bar.console.print(f"[yellow]{method} at {label}: skipped,[/yellow] "
-                                  f"{budget_text(exc)}")
-                bar.advance(task)
-                continue
-            alloc = solve(problem, "greedy" if keep else method,
-                          time_limit=ilp_time_limit if method == "ilp" else None)
-            row = alloc.summary() | {"method": method, "budget_fraction": fraction}
-            if keep is not None:
-                row["lower_bound"] = 0.0
-            rows.append(row)
-            bar.advance(task)
-    return rows
-
-
-def budget_text(exc) -> str:
-    """An infeasible budget in whole bytes."""
-    return (f"the budget {exc.budget:,.0f} bytes is below the cheapest assignment, "
-            f"{exc.min_cost:,.0f} bytes")
