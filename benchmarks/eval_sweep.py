@@ -175,22 +175,34 @@ def plot(rows: list[dict], path: Path) -> None:
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = plt.get_cmap("tab20")(range(len(methods)))
+    # RDR's methods in reds, drawn last and thick; drop-only methods in blues, quantize-only in
+    # greens, thin and dotted
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m.startswith("rdr"))
+    family = {"rdr": ["#d62728", "#8c1a1a", "#ff7f7f"], "drop": list(plt.get_cmap("Blues")(
+        [0.45, 0.55, 0.65, 0.75, 0.85, 0.95])), "quantize": list(plt.get_cmap("Greens")(
+        [0.5, 0.65, 0.8, 0.95]))}
+    quantize_only = {"kivi", "turboquant", "polarquant", "fibquant"}
+    colors, used = {}, {"rdr": 0, "drop": 0, "quantize": 0}
+    for method in methods:
+        kind = ("rdr" if method.startswith("rdr") else
+                "quantize" if method in quantize_only else "drop")
+        colors[method] = family[kind][used[kind] % len(family[kind])]
+        used[kind] += 1
     for ax, (task, n, setting) in zip(axes.flat, panels, strict=False):
         key, label = metric[task]
         cell = [r for r in rows if (r["task"], r["context"], r["setting"] or "") ==
                 (task, n, setting)]
-        for method, color in zip(methods, colors, strict=True):
+        for method in methods:
             pts = sorted((r["budget"], r[key]) for r in cell if r["method"] == method)
             if method == "none":
                 ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="none (fp16)")
             elif pts:
-                style = "-" if method.startswith("rdr") else ":"
-                ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=color,
-                        lw=2 if method.startswith("rdr") else 1, label=method)
+                rdr = method.startswith("rdr")
+                ax.plot(*zip(*pts, strict=True), "-" if rdr else ":", marker="o",
+                        ms=5 if rdr else 3, color=colors[method], lw=3 if rdr else 1.2,
+                        zorder=3 if rdr else 2, label=method)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("cache budget (fraction of fp16 bytes)")
+        ax.set_xlabel("cache bytes (fraction of the fp16 cache)")
         ax.set_ylabel(label)
         if task == "ppl":
             ax.set_yscale("log")
@@ -198,8 +210,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 if len(labels) > 7 else 0.05, 1, 1))
+    order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("rdr"))
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
+               ncol=min(len(labels), 7), fontsize=8)
+    fig.suptitle("RDR (red) against drop-only (blue) and quantize-only (green) methods at "
+                 "equal bytes")
+    fig.tight_layout(rect=(0, 0.08 if len(labels) > 7 else 0.05, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
