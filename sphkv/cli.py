@@ -70,24 +70,34 @@ err = console()
 
 class _LineProgress(Progress):
     """A progress whose live display is off; it prints one line per step instead (when the
-    description changes, or every 10 s), for output that is not a terminal."""
+    description changes, else at most every 10 s), and a line every 30 s while a step runs, for
+    output that is not a terminal."""
 
     def __init__(self, out: Console):
         super().__init__(console=out, disable=True)
         self._said: dict = {}
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
 
-    def _say(self, task_id) -> None:
-        task = self._tasks[task_id]
-        now = time.monotonic()
-        last = self._said.get(task_id)
-        if last is not None and last[0] == task.description and now - last[1] < 10:
-            return
-        self._said[task_id] = (task.description, now)
+    def _say(self, task_id, every: float = 10) -> None:
+        with self._lock:
+            task = self._tasks[task_id]
+            now = time.monotonic()
+            last = self._said.get(task_id)
+            if last is not None and last[0] == task.description and now - last[1] < every:
+                return
+            self._said[task_id] = (task.description, now)
         count = f"[{task.completed:g}/{task.total:g}] " if task.total else ""
         left = (f", about {task.time_remaining:.0f} s left"
                 if task.total and task.time_remaining is not None else "")
         self.console.print(f"{count}{task.description} ({task.elapsed or 0:.0f} s{left})",
                            highlight=False, markup=False)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(5):
+            for task in list(self._tasks.values()):
+                if not task.finished:
+                    self._say(task.id, every=30)
 
     def update(self, task_id, **kwargs) -> None:
         super().update(task_id, **kwargs)
@@ -101,6 +111,14 @@ class _LineProgress(Progress):
         task_id = super().add_task(description, *args, **kwargs)
         self._say(task_id)
         return task_id
+
+    def start(self) -> None:
+        super().start()
+        self._beat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        super().stop()
 
 
 def progress(out: Console | None = None, transient: bool = False,
