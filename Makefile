@@ -39,5 +39,5 @@ wheel-check:
 	"$$tmp/venv/bin/python" -m pip install -q $(TORCH); \
 	"$$tmp/venv/bin/python" -m pip install -q .; \
 	cd "$$tmp" && "$$tmp/venv/bin/sphkv" --help >/dev/null && \
-	"$$tmp/venv/bin/sphkv" demo --synthetic --tokens 256 --layers 8 --ilp-time-limit 5 \
+	"$$tmp/venv/bin/sphkv" demo --synthetic --tokens 256 --layers 8 \
 		--out-dir "$$tmp/demo" && test -s "$$tmp/demo/rate_distortion.png"

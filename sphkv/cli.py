@@ -550,7 +550,6 @@ def demo(
         "--synthetic", help="Solve a synthetic SmolLM2-shaped problem instead (no model)."
     )] = False,
     tokens: Annotated[int, typer.Option(help="Tokens prefilled (cached per kv-head).")] = 640,
-    ilp_time_limit: Annotated[float, typer.Option(help="Seconds per ilp solve.")] = 10.0,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated through the compressed "
                                                  "cache.")] = 32,
     layers: Annotated[int, typer.Option(help="With --synthetic: layers (SmolLM2: 30).")] = 30,
@@ -562,18 +561,15 @@ def demo(
     `sphkv solve` and `sphkv plot rd` can take it again), measures each item's distortion at six
     tiers (drop, 2/3/4-bit, int8, fp16) with the real codecs, solves the allocation at 1/16,
     1/8, 1/4 and 1/2 of the fp16 bytes (pages of 16, sinks and the recent window at fp16) with
-    RDR over the whole ladder (greedy, its bound, and the exact ilp) against a drop-only and a
-    quantize-only ladder at the same bytes, prints the comparison and draws it, then generates
-    NEW_TOKENS tokens with the model's own cache and through the compressed cache at 1/4 of the
-    fp16 bytes and prints both. With --synthetic, a synthetic problem of LAYERS × 3 kv-heads ×
+    RDR over the whole ladder (greedy, with its proven distance from the optimum) against a
+    drop-only and a quantize-only ladder at the same bytes, prints the comparison and draws it,
+    then generates NEW_TOKENS tokens with the model's own cache and through the compressed
+    cache at 1/4 of the fp16 bytes and prints both. With --synthetic, a synthetic problem of LAYERS × 3 kv-heads ×
     TOKENS items replaces the model (no generation).
     """
     check_positive(tokens, "--tokens", 32)
     check_positive(new_tokens, "--new-tokens")
     check_positive(layers, "--layers")
-    if ilp_time_limit <= 0:
-        raise typer.BadParameter(f"must be > 0, got {ilp_time_limit:g}",
-                                 param_hint="--ilp-time-limit")
     out_dir = out_dir or _default_demo_dir()
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out-dir")
@@ -583,12 +579,12 @@ def demo(
 
     if synthetic:
         result = run_synthetic_demo(out_dir, tokens=tokens, layers=layers, seed=seed,
-                                    ilp_time_limit=ilp_time_limit, console=err)
+                                    console=err)
     else:
         from sphkv.integrations.hf.demo import run_demo
 
         result = run_demo(out_dir, tokens=tokens, new_tokens=new_tokens,
-                          ilp_time_limit=ilp_time_limit, console=err)
+                          console=err)
     print_demo(result, console(stderr=False))
 
 

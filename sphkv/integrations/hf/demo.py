@@ -21,7 +21,7 @@ DEMO_TEXT = "pride_and_prejudice_opening.txt"
 
 def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, window: int = 32,
              recent: int = 16, new_tokens: int = 32, generation_budget: float = 0.25,
-             ilp_time_limit: float = 10.0, console: Console | None = None) -> dict:
+             console: Console | None = None) -> dict:
     """Run the pipeline; write ``trace.safetensors``, ``demo.json`` and
     ``rate_distortion.png`` to ``out_dir``.
 
@@ -52,7 +52,7 @@ def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, wind
         bar.add_task(f"measuring the distortion of {trace.layers * trace.kv_heads * tokens:,} "
                      "items at six tiers with the real codecs", total=None)
         base = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, recent=recent)
-    rows = demo_sweep(base, ilp_time_limit, err)
+    rows = demo_sweep(base, err)
     with progress(err, transient=True) as bar:
         task = bar.add_task(f"generating {new_tokens} tokens with the fp16 cache", total=2)
         with torch.no_grad():
