@@ -564,8 +564,8 @@ def demo(
     RDR over the whole ladder (greedy, with its proven distance from the optimum) against a
     drop-only and a quantize-only ladder at the same bytes, prints the comparison and draws it,
     then generates NEW_TOKENS tokens with the model's own cache and through the compressed
-    cache at 1/4 of the fp16 bytes and prints both. With --synthetic, a synthetic problem of LAYERS × 3 kv-heads ×
-    TOKENS items replaces the model (no generation).
+    cache at 1/4 of the fp16 bytes and prints both. With --synthetic, a synthetic problem of
+    LAYERS × 3 kv-heads × TOKENS items replaces the model (no generation).
     """
     check_positive(tokens, "--tokens", 32)
     check_positive(new_tokens, "--new-tokens")
