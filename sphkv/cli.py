@@ -335,8 +335,8 @@ def solve(
              "KV trace (.safetensors, from `sphkv capture`).",
         exists=True, dir_okay=False, readable=True)],
     budget: Annotated[str | None, typer.Option(
-        help="Fraction of the all-fp16 cost (0.125 or 12.5%) or bytes (3e6, 2.5MiB); a number "
-             "in (0, 1] is a fraction, above 1 is bytes. Default: the budget in the file.")] = None,
+        help="Fraction of the all-fp16 cost (0.125 or 12.5%) or bytes with a unit (3e6B, "
+             "2.5MiB). Default: the budget in the file.")] = None,
     method: Annotated[str, typer.Option(
         help=f"Solver: {', '.join(SOLVER_NAMES)} (see `sphkv solvers`).")] = "greedy",
     time_limit: Annotated[float | None, typer.Option(
