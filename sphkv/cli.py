@@ -575,17 +575,19 @@ def demo(
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out-dir")
     if not synthetic:
         check_model("smollm2")
-    from sphkv.analysis.cli import print_demo, run_synthetic_demo
+    from sphkv.analysis.cli import print_comparison, print_demo, run_synthetic_demo
 
+    stdout = console(stderr=False)
     if synthetic:
         result = run_synthetic_demo(out_dir, tokens=tokens, layers=layers, seed=seed,
                                     console=err)
+        print_comparison(result["rows"], result["title"], stdout)
     else:
         from sphkv.integrations.hf.demo import run_demo
 
         result = run_demo(out_dir, tokens=tokens, new_tokens=new_tokens,
-                          console=err)
-    print_demo(result, console(stderr=False))
+                          console=err, out=stdout)
+    print_demo(result, stdout)
 
 
 @plot_app.command("rd")

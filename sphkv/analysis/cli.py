@@ -22,7 +22,8 @@ from sphkv.analysis.distortion import (
 )
 from sphkv.analysis.plots import plot_attention_error, plot_logit_distortion
 
-__all__ = ["bits", "demo_sweep", "ladder_sweep", "print_demo", "run_synthetic_demo"]
+__all__ = ["bits", "demo_sweep", "ladder_sweep", "print_comparison", "print_demo",
+           "run_synthetic_demo"]
 
 
 def _fmt(v) -> str:
@@ -211,17 +212,16 @@ def run_synthetic_demo(out_dir: Path, tokens: int = 640, layers: int = 30, seed:
     return {"rows": rows, "items": base.n_items, "title": title, "files": [png, summary]}
 
 
-def print_demo(result: dict, out: Console) -> None:
-    """The comparison as a table (distortion per budget: RDR, how far from optimal it is at
-    most, the two baselines, and how many times RDR's distortion the better baseline has), then
-    the two generations and the files written."""
+def print_comparison(rows: list[dict], title: str, out: Console) -> None:
+    """The demo's comparison as a table: distortion per budget of RDR, how far from optimal it
+    is at most, the two baselines, and how many times RDR's distortion the better baseline
+    has."""
     from sphkv.cli import table
 
-    rows = result["rows"]
     by = {(r["method"], r["budget_fraction"]): r for r in rows}
     columns = ["budget", "bytes", "RDR", "RDR above optimum, at most", "drop-only",
                "quantize-only", "best baseline / RDR"]
-    view = table(f"{result['title']}: total expected distortion at equal bytes", columns)
+    view = table(f"{title}: total expected distortion at equal bytes", columns)
     for f in sorted({r["budget_fraction"] for r in rows}):
         rdr = by.get(("greedy", f))
 
@@ -239,6 +239,10 @@ def print_demo(result: dict, out: Console) -> None:
         view.add_row(f"{100 * f:g}%", f"{rdr['budget']:,.0f}" if rdr else "", cell("greedy"),
                      gap, cell("drop-only"), cell("quantize-only"), ratio)
     out.print(view)
+
+
+def print_demo(result: dict, out: Console) -> None:
+    """The rest of the demo's results: the two generations, if any, and the files written."""
     gen = result.get("generation")
     if gen:
         out.print(f"\nprompt (last words): …{gen['prompt_tail']}", highlight=False)

@@ -21,16 +21,17 @@ DEMO_TEXT = "pride_and_prejudice_opening.txt"
 
 def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, window: int = 32,
              recent: int = 16, new_tokens: int = 32, generation_budget: float = 0.25,
-             console: Console | None = None) -> dict:
+             console: Console | None = None, out: Console | None = None) -> dict:
     """Run the pipeline; write ``trace.safetensors``, ``demo.json`` and
     ``rate_distortion.png`` to ``out_dir``.
 
     Returns the rows of the comparison, the generation's summary (with the fp16 cache's text
-    beside the compressed one) and the paths written.
+    beside the compressed one) and the paths written. With ``out``, the comparison is printed
+    there as soon as it is solved, before the generations.
     """
     import torch
 
-    from sphkv.analysis.cli import demo_sweep
+    from sphkv.analysis.cli import demo_sweep, print_comparison
     from sphkv.analysis.plots import plot_rdr_vs_baselines
     from sphkv.cli import load_model_or_fail, progress
     from sphkv.integrations.hf.generate import compressed_generate, fp16_cache_bytes
@@ -53,6 +54,9 @@ def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, wind
                      "items at six tiers with the real codecs", total=None)
         base = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, recent=recent)
     rows = demo_sweep(base, err)
+    title = f"{model_name}, {tokens} tokens of Pride and Prejudice: {base.n_items:,} items"
+    if out is not None:
+        print_comparison(rows, title, out)
     with progress(err, transient=True) as bar:
         task = bar.add_task(f"generating {new_tokens} tokens with the fp16 cache", total=2)
         with torch.no_grad():
@@ -71,7 +75,6 @@ def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, wind
                                            skip_special_tokens=True),
                   "text_fp16": tokenizer.decode(reference[0, ids.shape[0]:],
                                                 skip_special_tokens=True)}
-    title = f"{model_name}, {tokens} tokens of Pride and Prejudice: {base.n_items:,} items"
     png = plot_rdr_vs_baselines(rows, out_dir / "rate_distortion.png", title)
     summary = out_dir / "demo.json"
     summary.write_text(json.dumps(
