@@ -1,4 +1,5 @@
-"""RDR: the allocation problem, tiers and the distortion model."""
+"""RDR: the allocation problem, tiers, the distortion model, attention layouts, methods and the
+online allocator (:mod:`sphkv.rdr.online`, imported on its own: it drives the solvers)."""
 
 from sphkv.rdr.distortion import (
     PAGE_TABLE_ENTRY,
@@ -8,6 +9,8 @@ from sphkv.rdr.distortion import (
     fidelity,
     problem_from_trace,
 )
+from sphkv.rdr.layout import LAYER_KINDS, LayerAttention
+from sphkv.rdr.methods import METHODS, Method, get_method
 from sphkv.rdr.problem import (
     FILE_FORMAT_VERSION,
     Allocation,
@@ -20,6 +23,11 @@ from sphkv.rdr.utility import ESTIMATORS, Estimator, get_estimator
 
 __all__ = [
     "ESTIMATORS",
+    "LAYER_KINDS",
+    "METHODS",
+    "LayerAttention",
+    "Method",
+    "get_method",
     "FILE_FORMAT_VERSION",
     "PAGE_TABLE_ENTRY",
     "Estimator",
