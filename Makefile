@@ -30,14 +30,15 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check sphkv tests benchmarks
 
-# `pip install .` (no make, no extras) in a fresh venv outside the checkout, then the model-free
-# demo from that install.
+# `pip install .` of the committed tree (no make, no extras) in a fresh venv outside the
+# checkout, then the model-free demo from that install.
 wheel-check:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	python3 -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
 	"$$tmp/venv/bin/python" -m pip install -q $(TORCH); \
-	"$$tmp/venv/bin/python" -m pip install -q .; \
+	git archive HEAD | tar -x -C "$$tmp" --one-top-level=src; \
+	"$$tmp/venv/bin/python" -m pip install -q "$$tmp/src"; \
 	cd "$$tmp" && "$$tmp/venv/bin/sphkv" --help >/dev/null && \
 	"$$tmp/venv/bin/sphkv" demo --synthetic --tokens 256 --layers 8 \
 		--out-dir "$$tmp/demo" && test -s "$$tmp/demo/rate_distortion.png"
