@@ -31,7 +31,7 @@ lint: venv
 	$(VENV)/bin/ruff check sphkv tests benchmarks
 
 # `pip install .` of the committed tree (no make, no extras) in a fresh venv outside the
-# checkout, then the model-free demo from that install.
+# checkout, then the model-free demo and a solve from that install.
 wheel-check:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	python3 -m venv "$$tmp/venv"; \
@@ -41,4 +41,7 @@ wheel-check:
 	"$$tmp/venv/bin/python" -m pip install -q "$$tmp/src"; \
 	cd "$$tmp" && "$$tmp/venv/bin/sphkv" --help >/dev/null && \
 	"$$tmp/venv/bin/sphkv" demo --synthetic --tokens 256 --layers 8 \
-		--out-dir "$$tmp/demo" && test -s "$$tmp/demo/rate_distortion.png"
+		--out-dir "$$tmp/demo" && test -s "$$tmp/demo/rate_distortion.png" && \
+	"$$tmp/venv/bin/python" -c "from sphkv.rdr import synthetic_problem; \
+		synthetic_problem(layers=2, tokens=128, budget_fraction=0.5).save('p.npz')" && \
+	"$$tmp/venv/bin/sphkv" solve p.npz --budget 25% --json >/dev/null

@@ -372,9 +372,10 @@ def solve(
                                  param_hint="--estimator")
     import numpy as np
 
-    from sphkv.integrations.hf.cli import byte_share_report, trace_problem
     from sphkv.rdr import AllocationProblem, InfeasibleBudgetError
 
+    if is_trace:  # the Hugging Face extra, needed for traces only
+        from sphkv.integrations.hf.cli import byte_share_report, trace_problem
     try:
         if is_trace:
             problem, trace = trace_problem(problem_file, budget, estimator, parse_budget)
