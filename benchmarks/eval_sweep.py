@@ -1,4 +1,4 @@
-"""Quality sweep: methods × budgets × tasks through the compressed cache (DESIGN.md §5).
+"""Quality sweep: methods × budgets × tasks through the compressed cache.
 
 ``python -m benchmarks.eval_sweep --text FILE`` runs the grid; ``--quick`` a few cells at small
 N (CI). Each (task, context, setting) is split by method into ``--jobs`` parts that run on as
@@ -23,7 +23,7 @@ METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "streamingllm", "snapkv", "h2
            "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
 #: fractions of the fp16 cache
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-#: the full grid (DESIGN.md §5), sized to run in about an hour on 2 CPU cores with
+#: the full grid, sized to run in about an hour on 2 CPU cores with
 #: ``--jobs 2`` (docs/evaluation.md has the measured time): perplexity at N ∈ {1k, 2k, 4k}
 #: scoring M = 256; fidelity at N ∈ {1k, 2k, 4k}; pass key at N = 1k over 5 depths
 #: 10 %…90 %, both settings

@@ -11,8 +11,8 @@ the L2 cache before each run) for a few launch configurations of the kernel, and
 
 Columns: ``bytes_MB`` is what the attention must read and write at least (K and V once, q, the
 output; the block table for the paged kernel); ``floor_us`` those bytes at the measured copy
-bandwidth; ``flop_us`` the 4·B·Hq·L·D operations at the measured fp16 matmul rate (METHOD.md's
-two numbers: the larger is the floor); ``pct_copy`` achieved GB/s over the copy bandwidth.
+bandwidth; ``flop_us`` the 4·B·Hq·L·D operations at the measured fp16 matmul rate (the
+larger of the two is the floor); ``pct_copy`` achieved GB/s over the copy bandwidth.
 """
 
 from __future__ import annotations

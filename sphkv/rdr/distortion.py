@@ -10,7 +10,7 @@ Storing item i at tier t changes its logit by ``e_qi = q·(k̂_i − k_i)/√d``
     D[i, drop] = Σ_q p_qi² / (1 − p_qi)² ‖v_i − o_q‖²
 
 The drop row is exact for one dropped item (the others' weights grow by 1/(1 − p)); the
-quantized rows keep DESIGN.md §3's terms and add the measured cross term
+quantized rows keep the two squared terms and add the measured cross term
 ``2 e_qi (v_i − o_q)·Δv_i`` instead of assuming independence.
 
 With a utility estimator (:mod:`sphkv.rdr.utility`) the measured weights are replaced by
@@ -37,7 +37,7 @@ from sphkv.rdr.utility import Estimator, attention_probs, get_estimator
 __all__ = ["PAGE_TABLE_ENTRY", "FidelityReport", "byte_shares", "distortion_matrix",
            "fidelity", "layer_distortion", "problem_from_trace", "true_errors"]
 
-#: One page-table entry per page (DESIGN.md §4): the page's slot in its tier's pool, the
+#: One page-table entry per page: the page's slot in its tier's pool, the
 #: position of its first token, how many of its slots are valid and its tier. Its size is the
 #: ``page_overhead`` of a trace's allocation problem.
 PAGE_TABLE_ENTRY = np.dtype([("page_id", "<u4"), ("first_position", "<u4"), ("valid", "<u2"),

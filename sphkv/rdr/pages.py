@@ -1,4 +1,4 @@
-"""Tier-homogeneous pages: the paged store of a compressed KV cache (DESIGN.md §4).
+"""Tier-homogeneous pages: the paged store of a compressed KV cache.
 
 A page holds P slots of one group (a sequence, layer and kv-head) and one tier. Each tier has a
 pool of pages with fixed page bytes; slot s of page p is row ``p·P + s`` of the pool's tensors:

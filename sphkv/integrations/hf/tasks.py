@@ -1,4 +1,4 @@
-"""Quality tasks through the compressed cache: perplexity and pass-key retrieval (DESIGN.md §5).
+"""Quality tasks through the compressed cache: perplexity and pass-key retrieval.
 
 Every task runs a model through one cache per trial: a :class:`SphkvCache` of a method at a byte
 budget, or, for the method ``none``, an uncompressed :class:`transformers.DynamicCache` with the

@@ -1,7 +1,7 @@
 """2- and 4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
 
 ``tl.gather`` of the 16 Lloyd–Max levels costs more than the rest of a 4-bit decode
-(docs/kernel_notes.md, session 4). Here a ``prmt`` reads four bytes of an 8-byte table in one
+(docs/experiments.md). Here a ``prmt`` reads four bytes of an 8-byte table in one
 instruction, with a selector of four 3-bit nibbles, which the codes nearly are.
 """
 

@@ -1,4 +1,4 @@
-"""Encode + pack of new tokens' keys or values into pool slots (DESIGN.md §4).
+"""Encode + pack of new tokens' keys or values into pool slots.
 
 ``encode_pack`` is the Triton kernel (TurboQuant tiers: rotation as a matmul, norm, Lloyd–Max
 bucketing, bit packing; int8 and fp16); ``encode_pack_naive`` the plain-torch definition (the

@@ -1,4 +1,4 @@
-"""Dense paged decode attention over an fp16 KV cache: the in-house baseline (DESIGN.md §4).
+"""Dense paged decode attention over an fp16 KV cache: the in-house baseline.
 
 ``paged_decode`` is the Triton kernel (GQA, split-K over pages, log-sum-exp merge);
 ``paged_decode_naive`` the plain-torch definition it is tested against.

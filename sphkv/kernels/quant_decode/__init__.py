@@ -1,4 +1,4 @@
-"""Decode attention over pages of one TurboQuant tier of the default ladder (DESIGN.md §4).
+"""Decode attention over pages of one TurboQuant tier of the default ladder.
 
 ``quant_decode`` is the Triton kernel (rotate q once, logits and values from the codes in
 registers, GQA, split-K with log-sum-exp merge); ``quant_decode_naive`` the plain-torch
