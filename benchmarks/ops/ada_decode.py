@@ -120,20 +120,20 @@ def make_case(config: str, B: int, Hkv: int, D: int, L: int, P: int, gen):
     for i, (name, share) in enumerate(shares.items()):
         n = left if i == len(shares) - 1 else min(left, round(share * L / P) * P)
         counts[name], left = n, left - n
-    pages = []
+    pages, nbytes = [], 0
     for name, n in counts.items():
         tier = tiers[tiers.index(name)]
         max_pages = (n + P - 1) // P
         num_pages = B * Hkv * max_pages
         table = torch.randperm(num_pages, generator=gen, device="cuda").int().view(B, Hkv, -1)
         lengths = torch.full((B, Hkv), n, device="cuda", dtype=torch.int32)
-        pages.append(TierPages(tier, _codes(tier.key, num_pages * P, gen),
+        pages.append(TierPages(tier.key, tier.value, _codes(tier.key, num_pages * P, gen),
                                _codes(tier.value, num_pages * P, gen), table, lengths, P))
+        nbytes += B * Hkv * n * tier.bytes_per_token_head + table.numel() * 4
     keys = torch.randn(B, Hkv, WINDOW, D, generator=gen, device="cuda").half()
     values = torch.randn(B, Hkv, WINDOW, D, generator=gen, device="cuda").half()
     window = Window(keys, values, torch.zeros(B, dtype=torch.int32, device="cuda"))
-    nbytes = sum(B * Hkv * counts[tp.tier.name] * tp.tier.bytes_per_token_head
-                 + tp.block_table.numel() * 4 for tp in pages) + keys.numel() * 4
+    nbytes += keys.numel() * 4
     return pages, window, nbytes
 
 

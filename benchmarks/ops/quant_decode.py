@@ -73,8 +73,8 @@ def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
         bt = torch.randperm(num_pages, generator=gen, device="cuda").int().view(B, Hkv, -1)
         ragged = torch.randint(1, L + 1, (B, Hkv), generator=gen, device="cuda").int()
         ragged[0, 0] = L
-        ref = quant_decode_naive(q, *pool, bt, ragged, tier).double()
-        out = quant_decode(q, *pool, bt, ragged, tier).double()
+        ref = quant_decode_naive(q, *pool, bt, ragged, tier.key, tier.value).double()
+        out = quant_decode(q, *pool, bt, ragged, tier.key, tier.value).double()
         rel_err = ((out - ref).norm() / ref.norm()).item()
         assert not out.isnan().any() and rel_err < 3e-3, f"{label} {tier_name}: error {rel_err}"
 
@@ -82,7 +82,7 @@ def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
         code_bytes = B * Hkv * L * tier.bytes_per_token_head
         nbytes = code_bytes + 2 * B * Hq * D * 2 + bt.numel() * 4
         for block_n in block_ns:
-            t = _bench(functools.partial(quant_decode, q, *pool, bt, full, tier,
+            t = _bench(functools.partial(quant_decode, q, *pool, bt, full, tier.key, tier.value,
                                          block_n=block_n))
             rows.append({"shape": name, "B": B, "L": L, "tier": tier_name, "block_n": block_n,
                          "kv_bytes_vs_fp16": fp16_bytes / code_bytes, "bytes_MB": nbytes / 1e6,

@@ -6,7 +6,7 @@ with ``IS_KEY_CODEC``), ``bytes_per_vector`` (exact, side information included).
 
 from __future__ import annotations
 
-from sphkv.codec.base import Codec, Codes
+from sphkv.codec.base import Codec, Codes, KernelKind
 from sphkv.codec.fibquant import FibQuantCodec
 from sphkv.codec.lloyd_max import ScalarQuantizer, lloyd_max
 from sphkv.codec.polarquant import PolarQuantCodec
@@ -22,6 +22,7 @@ __all__ = [
     "Fp16Codec",
     "HypersphericalCodec",
     "Int8Codec",
+    "KernelKind",
     "KiviCodec",
     "PolarQuantCodec",
     "RandomizedHadamard",

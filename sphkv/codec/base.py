@@ -6,6 +6,7 @@ back. Key codecs also compute attention logits ``q · x̂`` straight from the co
 
 from __future__ import annotations
 
+import enum
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Codec", "Codes", "FP16_EPS", "FP16_MAX", "NUMERIC_SLACK", "check_vectors",
-           "gather_lut", "to_fp16"]
+__all__ = ["Codec", "Codes", "FP16_EPS", "FP16_MAX", "KernelKind", "NUMERIC_SLACK",
+           "check_vectors", "gather_lut", "to_fp16"]
 
 FP16_MAX = 65504.0
 #: unit roundoff of fp16: rounding a normal value v changes it by at most FP16_EPS |v|
@@ -51,6 +52,42 @@ class Codes:
     @property
     def num_vectors(self) -> int:
         return math.prod(self.shape[:-1])
+
+    def rows(self, index) -> Codes:
+        """The vectors ``index`` of flat codes ``[S]`` (an integer index of any shape, a bool
+        mask ``[S]`` or a slice), as codes ``[*selected, d]``."""
+        payload = self.payload[index]
+        return Codes(payload, {k: v[index] for k, v in self.side.items()},
+                     torch.Size((*payload.shape[:-1], self.shape[-1])))
+
+    def to(self, device: torch.device | str) -> Codes:
+        """The same codes on ``device``."""
+        return Codes(self.payload.to(device), {k: v.to(device) for k, v in self.side.items()},
+                     self.shape)
+
+    def reshape(self, *shape: int) -> Codes:
+        """The same vectors with leading dimensions ``shape`` (the codec's ``d`` kept last)."""
+        lead = len(self.shape) - 1
+        return Codes(self.payload.reshape(*shape, *self.payload.shape[lead:]),
+                     {k: v.reshape(*shape, *v.shape[lead:]) for k, v in self.side.items()},
+                     torch.Size((*shape, self.shape[-1])))
+
+    @classmethod
+    def cat(cls, parts: list[Codes]) -> Codes:
+        """Flat codes ``[n_1 + n_2 + …]`` of one codec, one part after another."""
+        payload = torch.cat([c.payload for c in parts])
+        return cls(payload, {k: torch.cat([c.side[k] for c in parts]) for k in parts[0].side},
+                   torch.Size((payload.shape[0], parts[0].shape[-1])))
+
+
+class KernelKind(enum.IntEnum):
+    """How the Triton kernels (:mod:`sphkv.kernels`) read a codec's rows; the value is the
+    kernels' compile-time constant."""
+
+    FP16 = 0  # x̂ = x
+    INT8 = 1  # x̂ = s·c, fp16 scale per vector
+    TURBO = 2  # x̂ = Rᵀ (‖x‖/√d) lev[c], packed Lloyd–Max codes, fp16 norm
+    ADA = 3  # x̂ = Rᵀ r u(θ), fp16 radius and per-level angle codes (keys)
 
 
 def check_vectors(name: str, x, d: int) -> torch.Tensor:
@@ -117,12 +154,14 @@ class Codec(ABC):
 
     ``IS_KEY_CODEC`` says whether ``logits`` is available (every codec can store values).
     ``POWER_OF_TWO`` says whether ``d`` must be a power of two.
+    ``KERNEL`` says how the Triton kernels read its codes (None: no kernel does).
     """
 
     d: int
 
     IS_KEY_CODEC: ClassVar[bool] = True
     POWER_OF_TWO: ClassVar[bool] = False
+    KERNEL: ClassVar[KernelKind | None] = None
 
     def __post_init__(self) -> None:
         check_d(self.d, self.POWER_OF_TWO)

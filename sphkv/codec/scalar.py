@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sphkv.codec.base import FP16_EPS, NUMERIC_SLACK, Codec, Codes, check_bits, to_fp16
+from sphkv.codec.base import (
+    FP16_EPS,
+    NUMERIC_SLACK,
+    Codec,
+    Codes,
+    KernelKind,
+    check_bits,
+    to_fp16,
+)
 from sphkv.codec.lloyd_max import sphere_coordinate_quantizer
 from sphkv.codec.packing import pack, packed_bytes, unpack
 from sphkv.codec.rotation import RandomizedHadamard
@@ -23,6 +31,8 @@ __all__ = ["Fp16Codec", "Int8Codec", "KiviCodec", "TurboQuantCodec"]
 @dataclass
 class Fp16Codec(Codec):
     """Half precision, 2 bytes per coordinate (values beyond ±65504 are rejected)."""
+
+    KERNEL = KernelKind.FP16
 
     @property
     def bytes_per_vector(self) -> float:
@@ -44,6 +54,8 @@ class Fp16Codec(Codec):
 class Int8Codec(Codec):
     """Symmetric per-vector int8: ``x̂ = s c`` with ``c ∈ [-127, 127]`` and an fp16 scale
     ``s = max|x| / 127``; ``d + 2`` bytes per vector."""
+
+    KERNEL = KernelKind.INT8
 
     def _encode(self, x: torch.Tensor) -> Codes:
         scale = to_fp16("x", x.abs().amax(-1) / 127)
@@ -185,6 +197,7 @@ class TurboQuantCodec(Codec):
     seed: int = 0
 
     POWER_OF_TWO = True
+    KERNEL = KernelKind.TURBO
 
     def __post_init__(self) -> None:
         super().__post_init__()

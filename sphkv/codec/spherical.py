@@ -18,6 +18,7 @@ from sphkv.codec.base import (
     NUMERIC_SLACK,
     Codec,
     Codes,
+    KernelKind,
     check_bits,
     check_d,
     gather_lut,
@@ -125,6 +126,7 @@ class SphericalCodec(Codec):
     seed: int = 0
 
     POWER_OF_TWO = True
+    KERNEL = KernelKind.ADA
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,7 +33,7 @@ import torch
 
 from sphkv.codec import Codec, Codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
-from sphkv.rdr.pages import PagedStore, cat_codes
+from sphkv.rdr.pages import PagedStore
 from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
 from sphkv.rdr.tiers import TierSet
 from sphkv.solvers import solve
@@ -102,11 +102,6 @@ class Tokens:
                       torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]),
                       np.concatenate([p.distortion for p in parts]),
                       np.concatenate([p.forced for p in parts]))
-
-
-def _rows(codes: Codes, index: torch.Tensor) -> Codes:
-    return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
-                 torch.Size((len(index), codes.shape[-1])))
 
 
 class OnlineAllocator:
@@ -288,8 +283,8 @@ class OnlineAllocator:
                 on = torch.from_numpy(move).to(dist.device)
                 tier = self.tiers[t]
                 moving.append((to[move], g[move], p[torch.from_numpy(move)],
-                               tier.key.decode(_rows(key, on)),
-                               tier.value.decode(_rows(value, on)), dist[on]))
+                               tier.key.decode(key.rows(on)),
+                               tier.value.decode(value.rows(on)), dist[on]))
         for t, part in leaving.items():
             self._write(t, [part])
         arriving: dict[int, list] = {}
@@ -313,8 +308,8 @@ class OnlineAllocator:
         a tier whose keys are quantized per page gives its keys decoded."""
         if index is not None:
             on = torch.from_numpy(index).to(dist.device)
-            g, p, key, value, dist = (g[index], p[torch.from_numpy(index)], _rows(key, on),
-                                      _rows(value, on), dist[on])
+            g, p, key, value, dist = (g[index], p[torch.from_numpy(index)], key.rows(on),
+                                      value.rows(on), dist[on])
         if self.store.pools[t].paged_keys:
             key = self.tiers[t].key.decode(key)
         return g, p, key, value, dist
@@ -332,9 +327,9 @@ class OnlineAllocator:
         if self.store.pools[t].paged_keys:
             key = torch.cat([k.float().to(dev) for k in key])
         else:
-            key = cat_codes([_to(k, dev) for k in key])
+            key = Codes.cat([k.to(dev) for k in key])
         self.store.replace(t, np.concatenate(group), torch.cat(pos),
-                           key, cat_codes([_to(v, dev) for v in value]),
+                           key, Codes.cat([v.to(dev) for v in value]),
                            torch.cat([x.float().to(dev) for x in dist]))
         self.writes.append(self.store.nbytes())
 
@@ -355,8 +350,3 @@ class _Kept:
 def _key(group: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """One int64 per (group, position)."""
     return (np.asarray(group, dtype=np.int64) << 32) | np.asarray(positions, dtype=np.int64)
-
-
-def _to(codes: Codes, device: torch.device) -> Codes:
-    return Codes(codes.payload.to(device), {k: v.to(device) for k, v in codes.side.items()},
-                 codes.shape)

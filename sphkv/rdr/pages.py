@@ -28,7 +28,7 @@ from sphkv.codec import Codes, KiviCodec
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.tiers import Tier, TierSet
 
-__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "cat_codes", "slot_bytes"]
+__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "slot_bytes"]
 
 #: bytes of the per-slot position offset from the page's first position
 OFFSET_BYTES = 2
@@ -41,12 +41,6 @@ def slot_bytes(tier: Tier) -> int:
     """Bytes of one slot of ``tier``: key and value codes with side information, and the offset;
     0 for ``drop``."""
     return 0 if tier.is_drop else int(tier.bytes_per_token_head) + OFFSET_BYTES
-
-
-def _rows(codes: Codes, index: torch.Tensor, d: int) -> Codes:
-    """The vectors ``index`` (any shape) of flat codes ``[S]``, as codes ``[*index.shape]``."""
-    return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
-                 torch.Size((*index.shape, d)))
 
 
 def _paged_keys(tier: Tier) -> bool:
@@ -63,18 +57,6 @@ def _stripe(codes: Codes, p: int) -> Codes:
     return Codes(codes.payload.reshape(rows, -1),
                  {k: v.reshape(rows, -1) for k, v in codes.side.items()},
                  torch.Size((rows, codes.shape[-1])))
-
-
-def _to(codes: Codes, device: torch.device) -> Codes:
-    return Codes(codes.payload.to(device), {k: v.to(device) for k, v in codes.side.items()},
-                 codes.shape)
-
-
-def cat_codes(parts: list[Codes]) -> Codes:
-    """Flat codes ``[n_1 + n_2 + …]`` of one codec, one part after another."""
-    payload = torch.cat([c.payload for c in parts])
-    return Codes(payload, {k: torch.cat([c.side[k] for c in parts]) for k in parts[0].side},
-                 torch.Size((payload.shape[0], parts[0].shape[-1])))
 
 
 def _empty(template: Codes, rows: int) -> Codes:
@@ -114,9 +96,9 @@ class TierPool:
         # codes of one zero vector: the shapes and dtypes of new slots (paged keys: a slot's
         # codes and its stripe of the page's statistics)
         one = torch.zeros(1, dtype=torch.long)
-        key_template = (_rows(_stripe(key.encode(torch.zeros(1, page_size, key.d)), page_size),
-                              one, key.d) if self.paged_keys else key.encode(torch.zeros(1, key.d)))
-        self.templates = tuple(_to(c, device) for c in
+        key_template = (_stripe(key.encode(torch.zeros(1, page_size, key.d)), page_size).rows(one)
+                        if self.paged_keys else key.encode(torch.zeros(1, key.d)))
+        self.templates = tuple(c.to(device) for c in
                                (key_template, tier.value.encode(torch.zeros(1, key.d))))
         self.key, self.value = (_empty(t, 0) for t in self.templates)
         self.offset = torch.zeros(0, dtype=torch.int16, device=device)
@@ -140,7 +122,7 @@ class TierPool:
         (``[..., d]`` per slot), as the key codec decodes them."""
         d = self.tier.key.d
         if not self.paged_keys:
-            return _rows(self.key, slots, d)
+            return self.key.rows(slots)
         p = self.page_size
         stripes = (slots // p * p).unsqueeze(-1) + torch.arange(p, device=slots.device)
         return Codes(self.key.payload[slots],
@@ -235,7 +217,7 @@ class PagedStore:
         """``(positions [n], key Codes [n], value Codes [n], distortion [n, T])`` of a run."""
         slots, pos = self._slots(group, tier)
         pool = self.pools[tier]
-        return (pos, pool.key_rows(slots), _rows(pool.value, slots, self.d),
+        return (pos, pool.key_rows(slots), pool.value.rows(slots),
                 pool.distortion[slots])
 
     def gather(self, tier: int, groups: list[int]):
@@ -258,7 +240,7 @@ class PagedStore:
         for i, (s, pos) in enumerate(runs):
             index[i, :len(s)], valid[i, :len(s)], positions[i, :len(s)] = s, True, pos
         pool, index = self.pools[tier], index.to(self.device)
-        return (pool.key_rows(index), _rows(pool.value, index, self.d),
+        return (pool.key_rows(index), pool.value.rows(index),
                 valid.to(self.device), positions)
 
     def contents(self, tier: int):
@@ -288,7 +270,7 @@ class PagedStore:
         positions = (torch.from_numpy(first[page]) + pool.offset[slots].long().cpu()
                      + _OFFSET_SHIFT)
         return (np.asarray(pool.owner, dtype=np.int64)[page], positions,
-                pool.key_rows(slots), _rows(pool.value, slots, self.d),
+                pool.key_rows(slots), pool.value.rows(slots),
                 pool.distortion[slots])
 
     def replace(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
@@ -341,10 +323,10 @@ class PagedStore:
             grid = x[lead].unsqueeze(1).repeat(1, p, 1)
             grid.view(-1, self.d)[slots] = x
             pool.key = _stripe(pool.tier.key.encode(grid), p)
-            key = _rows(pool.key, slots, self.d)
+            key = pool.key.rows(slots)
         else:
-            key = _rows(key, src, self.d)
-        self._write_slots(pool, slots, torch.from_numpy(span), key, _rows(value, src, self.d),
+            key = key.rows(src)
+        self._write_slots(pool, slots, torch.from_numpy(span), key, value.rows(src),
                           distortion.float().to(self.device)[src])
         valid = np.minimum(p, np.repeat(counts, pages)
                            - p * (np.arange(len(first)) - np.repeat(np.cumsum(pages) - pages,
@@ -380,13 +362,13 @@ class PagedStore:
         if self.tiers[tier].is_drop or len(positions) == 0:
             return
         tier_ = self.tiers[tier]
-        value = _to(tier_.value.encode(values), self.device)
+        value = tier_.value.encode(values).to(self.device)
         if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
             g, pos, key, val, dist = self.contents(tier)
             self.replace(tier, np.concatenate([g, np.full(len(positions), group)]),
                          torch.cat([pos, positions.long().cpu()]),
                          torch.cat([tier_.key.decode(key), keys.float().to(self.device)]),
-                         cat_codes([val, value]),
+                         Codes.cat([val, value]),
                          torch.cat([dist, distortion.float().to(self.device)]))
             return
         self.put_encoded(group, tier, positions, tier_.key.encode(keys), value, distortion)
@@ -407,8 +389,8 @@ class PagedStore:
         positions = positions.long().cpu()
         order = torch.argsort(positions)
         o = order.to(self.device)
-        new = (positions[order], _rows(_to(key, self.device), o, self.d),
-               _rows(_to(value, self.device), o, self.d), distortion.float().to(self.device)[o])
+        new = (positions[order], key.to(self.device).rows(o),
+               value.to(self.device).rows(o), distortion.float().to(self.device)[o])
         table = self.tables[group]
         run = table[table["tier"] == tier]
         if not len(run):
@@ -417,7 +399,7 @@ class PagedStore:
             self._append(group, tier, run[-1], *new)
         else:
             self._rebuild(group, tier, *(torch.cat([a, b]) if isinstance(a, torch.Tensor)
-                                         else cat_codes([a, b])
+                                         else Codes.cat([a, b])
                                          for a, b in zip(self.read(group, tier), new,
                                                          strict=True)))
 
@@ -442,20 +424,20 @@ class PagedStore:
         keep[out] = False
         out = torch.tensor(out, dtype=torch.long, device=self.device)
         tier_ = self.tiers[tier]
-        k_hat = tier_.key.decode(_rows(key, out, self.d))
-        v_hat = tier_.value.decode(_rows(value, out, self.d))
+        k_hat = tier_.key.decode(key.rows(out))
+        v_hat = tier_.value.decode(value.rows(out))
         if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
             g, pos_all, key_all, value_all, dist_all = self.contents(tier)
             stay = ~((g == group) & np.isin(pos_all.numpy(), positions.numpy()))
             on = torch.from_numpy(np.flatnonzero(stay)).to(self.device)
             self.replace(tier, g[stay], pos_all[torch.from_numpy(stay)],
-                         tier_.key.decode(_rows(key_all, on, self.d)),
-                         _rows(value_all, on, self.d), dist_all[on])
+                         tier_.key.decode(key_all.rows(on)),
+                         value_all.rows(on), dist_all[on])
             return k_hat, v_hat, dist[out]
         rest = torch.nonzero(keep).squeeze(1)
         rest_dev = rest.to(self.device)
-        self._rebuild(group, tier, pos[rest], _rows(key, rest_dev, self.d),
-                      _rows(value, rest_dev, self.d), dist[rest_dev])
+        self._rebuild(group, tier, pos[rest], key.rows(rest_dev),
+                      value.rows(rest_dev), dist[rest_dev])
         return k_hat, v_hat, dist[out]
 
     def _last_position(self, entry, tier: int) -> int:
@@ -473,8 +455,8 @@ class PagedStore:
         if len(positions):
             order = torch.argsort(positions)
             order_dev = order.to(self.device)
-            self._pack(group, tier, positions[order], _rows(key, order_dev, self.d),
-                       _rows(value, order_dev, self.d), distortion[order_dev])
+            self._pack(group, tier, positions[order], key.rows(order_dev),
+                       value.rows(order_dev), distortion[order_dev])
 
     def _append(self, group: int, tier: int, last, positions: torch.Tensor, key: Codes,
                 value: Codes, distortion: torch.Tensor) -> None:
@@ -489,14 +471,14 @@ class PagedStore:
                                  page * p + int(last["valid"]) + room, device=self.device)
             head = torch.arange(room, device=self.device)
             self._write_slots(self.pools[tier], slots, positions[:room] - first,
-                              _rows(key, head, self.d), _rows(value, head, self.d),
+                              key.rows(head), value.rows(head),
                               distortion[:room])
             table = self.tables[group]
             table["valid"][(table["tier"] == tier) & (table["page_id"] == page)] += room
         if room < len(positions):
             rest = torch.arange(room, len(positions), device=self.device)
-            self._pack(group, tier, positions[room:], _rows(key, rest, self.d),
-                       _rows(value, rest, self.d), distortion[rest])
+            self._pack(group, tier, positions[room:], key.rows(rest),
+                       value.rows(rest), distortion[rest])
 
     def _pack(self, group: int, tier: int, positions: torch.Tensor, key: Codes, value: Codes,
               distortion: torch.Tensor) -> None:
@@ -532,7 +514,7 @@ class PagedStore:
         """Append ``pages`` zeroed pages owned by ``group``; their ids."""
         start = pool.pages
         rows = pages * self.page_size
-        pool.key, pool.value = (cat_codes([c, _empty(t, rows)])
+        pool.key, pool.value = (Codes.cat([c, _empty(t, rows)])
                                 for c, t in zip((pool.key, pool.value), pool.templates,
                                                 strict=True))
         pool.offset = torch.cat([pool.offset, pool.offset.new_zeros(rows)])

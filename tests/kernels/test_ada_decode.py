@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphkv.codec import Codes
 from sphkv.kernels.ada_decode import (
     AdaDecodePlan,
     TierPages,
@@ -33,12 +32,8 @@ def make_pages(tier, B, Hkv, D, L, P, gen, device=DEVICE):
     lengths = torch.randint(0, L + 1, (B, Hkv), generator=gen)
     lengths[0, 0] = L
 
-    def to(c: Codes) -> Codes:
-        return Codes(c.payload.to(device), {n: s.to(device) for n, s in c.side.items()},
-                     c.shape)
-
-    return TierPages(tier, to(key), to(value), table.int().to(device), lengths.int().to(device),
-                     P)
+    return TierPages(tier.key, tier.value, key.to(device), value.to(device),
+                     table.int().to(device), lengths.int().to(device), P)
 
 
 def make_window(B, Hkv, D, W, gen, device=DEVICE):

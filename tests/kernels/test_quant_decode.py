@@ -46,23 +46,24 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_matches_reference(nan_empty, B, Hq, Hkv, D, L, P, tier_name, block_n):
     args, tier = make_case(B, Hq, Hkv, D, L, P, tier_name, seed=L)
-    ref = quant_decode_naive(*args, tier)
-    out = quant_decode(*args, tier, block_n=block_n)
+    ref = quant_decode_naive(*args, tier.key, tier.value)
+    out = quant_decode(*args, tier.key, tier.value, block_n=block_n)
     # fp16 dot operands (R q, the codebook levels, p·‖v‖) put the error near 1e-3
     assert_close(f"B{B}-H{Hq}-Hkv{Hkv}-D{D}-L{L}-P{P}-{tier_name}", ref, out, 3e-3)
 
 
 def test_splits_and_scale(nan_empty):
     args, tier = make_case(2, 4, 2, 64, 70, 16, "turbo4", seed=3)
-    ref = quant_decode_naive(*args, tier, scale=0.2)
+    ref = quant_decode_naive(*args, tier.key, tier.value, scale=0.2)
     for splits in (1, 40):
-        out = quant_decode(*args, tier, scale=0.2, block_n=32, num_splits=splits)
+        out = quant_decode(*args, tier.key, tier.value, scale=0.2, block_n=32, num_splits=splits)
         assert_close(f"splits={splits}, scale=0.2", ref, out, 3e-3)
 
 
 def test_rejects_turbo3_and_small_blocks():
     args, tier = make_case(1, 2, 1, 64, 16, 16, "turbo4", seed=0)
     with pytest.raises(ValueError, match="2, 4 or 8 bits"):
-        quant_decode(*args, default_tiers(64)[default_tiers(64).index("turbo3")])
+        turbo3 = default_tiers(64)[default_tiers(64).index("turbo3")]
+        quant_decode(*args, turbo3.key, turbo3.value)
     with pytest.raises(ValueError, match="block_n"):
-        quant_decode(*args, tier, block_n=16)
+        quant_decode(*args, tier.key, tier.value, block_n=16)

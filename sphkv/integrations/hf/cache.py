@@ -353,7 +353,7 @@ class SphkvCache(Cache):
                 continue
             key, value, valid, positions = self.store.gather(t, groups)
             shape = (batch, heads, valid.shape[-1])
-            yield (self.tiers[t], _reshape(key, shape), _reshape(value, shape),
+            yield (self.tiers[t], key.reshape(*shape), value.reshape(*shape),
                    valid.view(shape), positions.view(shape))
 
     def observe(self, layer: int, query: torch.Tensor) -> None:
@@ -528,13 +528,6 @@ def _encode(codec: Codec, x: torch.Tensor) -> Codes:
     if x.is_cuda and isinstance(codec, KERNEL_CODECS):
         return encode_codes(x, codec)
     return codec.encode(x.float().cpu())
-
-
-def _reshape(codes: Codes, shape: tuple[int, int, int]) -> Codes:
-    """Codes of ``[N, n]`` vectors viewed as ``[*shape]`` (shape ``(B, H, n)``)."""
-    return Codes(codes.payload.reshape(*shape, -1),
-                 {k: v.reshape(*shape, *v.shape[2:]) for k, v in codes.side.items()},
-                 torch.Size((*shape, codes.shape[-1])))
 
 
 # keyword arguments of a model's attention call that change what attention computes

@@ -15,16 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sphkv.codec import Codes
-from sphkv.kernels.ada_decode import TierPages, Window, ada_decode, ada_decode_naive
-from sphkv.kernels.ada_decode.decode import _MAX_ROWS
+from sphkv.kernels.ada_decode import MAX_ROWS, TierPages, Window, ada_decode, ada_decode_naive
 
 __all__ = ["kernel_attend", "layer_pages"]
-
-
-def _to(codes: Codes, device: torch.device) -> Codes:
-    return Codes(codes.payload.to(device), {k: v.to(device) for k, v in codes.side.items()},
-                 codes.shape)
 
 
 def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None,
@@ -61,7 +54,8 @@ def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None
         table = np.zeros((batch, heads, max(len(r) for r in runs.flat)), dtype=np.int32)
         for (b, h), run in np.ndenumerate(runs):
             table[b, h, :len(run)] = run
-        out.append(TierPages(store.tiers[t], _to(pool.key, device), _to(pool.value, device),
+        tier = store.tiers[t]
+        out.append(TierPages(tier.key, tier.value, pool.key.to(device), pool.value.to(device),
                              torch.from_numpy(table).to(device),
                              torch.from_numpy(lengths).to(device), p,
                              None if hidden is None else hidden.to(device)))
@@ -96,7 +90,7 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
         pages = layer_pages(cache, layer, b, h, None if layer.attention.is_full else first, dev)
     # window token n is at position start + n
     window = Window(layer.keys.to(dev), layer.values.to(dev), (first - layer.start).to(dev))
-    if hq // h * m <= _MAX_ROWS:
+    if hq // h * m <= MAX_ROWS:
         out = ada_decode(query, pages, window, scale=scaling)
     elif pages:
         out = ada_decode_naive(query, pages, window, scale=scaling)

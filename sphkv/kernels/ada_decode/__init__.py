@@ -7,7 +7,7 @@ definition over the codecs' ``decode``. :class:`TierPages` and :class:`Window` d
 they read.
 """
 
-from sphkv.kernels.ada_decode.decode import AdaDecodePlan, ada_decode
+from sphkv.kernels.ada_decode.decode import MAX_ROWS, AdaDecodePlan, ada_decode
 from sphkv.kernels.ada_decode.naive import TierPages, Window, ada_decode_naive
 
-__all__ = ["AdaDecodePlan", "TierPages", "Window", "ada_decode", "ada_decode_naive"]
+__all__ = ["MAX_ROWS", "AdaDecodePlan", "TierPages", "Window", "ada_decode", "ada_decode_naive"]

@@ -20,8 +20,8 @@ rotated), each rotated back once per output row.
 (sequence, kv head, split): the R = G·M query rows of its kv head are loaded once and every K and
 V tile is decoded once for all of them (GQA); online softmax in base 2. Every segment writes its
 splits into one shared partial buffer, so the segments are just more splits of the same
-split-K: ``_merge_kernel`` combines all of them with the log-sum-exp weights
-``2^(lse_s − max lse)``, summing plain and rotated splits separately.
+split-K: :func:`sphkv.kernels.split_k.merge_two_domains_kernel` combines all of them with the
+log-sum-exp weights ``2^(lse_s − max lse)``, summing plain and rotated splits separately.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sphkv.codec import Fp16Codec, Int8Codec, SphericalCodec, TurboQuantCodec
+from sphkv.codec import KernelKind, SphericalCodec, TurboQuantCodec
+from sphkv.kernels import split_k
 from sphkv.kernels.ada_decode.lookup import (
     even_odd_levels,
     prmt_enabled,
@@ -42,13 +43,11 @@ from sphkv.kernels.ada_decode.lookup import (
     quarter_levels,
 )
 from sphkv.kernels.ada_decode.naive import TierPages, Window, row_bounds
-from sphkv.kernels.paged_decode.decode import LOG2E, _num_splits
 
-__all__ = ["AdaDecodePlan", "ada_decode"]
+__all__ = ["MAX_ROWS", "AdaDecodePlan", "ada_decode"]
 
-# kinds of rows a segment holds
-FP16, INT8, TURBO, ADA = 0, 1, 2, 3
-_MAX_ROWS = 128  # G·M query rows per kv head the kernel holds in registers
+FP16, INT8, TURBO, ADA = KernelKind.FP16, KernelKind.INT8, KernelKind.TURBO, KernelKind.ADA
+MAX_ROWS = 128  # G·M query rows per kv head the kernel holds in registers
 # programs per multiprocessor of the one launch (H200, 32k: 16 beat 4 by 1.2–1.3× at d = 128)
 _PROGRAMS_PER_SM = 16
 
@@ -70,11 +69,11 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
           LOG2D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The rows' vectors in their codec's domain, unscaled: fp16 [BLOCK_N, D]."""
     o_d = tl.arange(0, D)
-    if KIND == 0:  # fp16
+    if KIND == 0:  # KernelKind.FP16
         b_x = tl.load(p_rows + o_d[None, :])
-    elif KIND == 1:  # int8: c
+    elif KIND == 1:  # KernelKind.INT8: c
         b_x = tl.load(p_rows + o_d[None, :]).to(tl.float16)
-    elif KIND == 2:  # TurboQuant: lev[c], the levels gathered in registers
+    elif KIND == 2:  # KernelKind.TURBO: lev[c], the levels gathered in registers
         NL: tl.constexpr = 1 << BITS
         if GROUP == 1:
             # whole bytes, loaded contiguously; field s of byte i is coordinate i·(8/BITS) + s
@@ -285,28 +284,6 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
                      tl.constexpr(K_ASM[t]), tl.constexpr(V_ASM[t]), K_NF[t], V_NF[t], BLOCK_N)
 
 
-@triton.jit
-def _merge_kernel(o_part, lse_part, rotated, out, num_splits, D: tl.constexpr,
-                  S_PAD: tl.constexpr):
-    """out[row] = (Σ_plain w_s o_s, Σ_rotated w_s o_s) / Σ_s w_s, w_s = 2^(lse_s − max lse)."""
-    i_row = tl.program_id(0)
-    o_s = tl.arange(0, S_PAD)
-    o_d = tl.arange(0, D)
-    m_s = o_s < num_splits
-    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-    b_max = tl.max(b_lse, 0)
-    b_w = tl.exp2(b_lse - tl.where(b_max == float("-inf"), 0.0, b_max))
-    b_sum = tl.sum(b_w, 0)
-    b_inv = tl.where(b_sum > 0, 1.0 / tl.where(b_sum > 0, b_sum, 1.0), 0.0)
-    b_rot = tl.load(rotated + o_s, mask=m_s, other=0)
-    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                  mask=m_s[:, None], other=0.0)
-    b_wp = tl.where(b_rot == 0, b_w, 0.0)
-    b_wr = tl.where(b_rot == 1, b_w, 0.0)
-    tl.store(out + i_row * 2 * D + o_d, tl.sum(b_wp[:, None] * b_o, 0) * b_inv)
-    tl.store(out + i_row * 2 * D + D + o_d, tl.sum(b_wr[:, None] * b_o, 0) * b_inv)
-
-
 @functools.lru_cache(maxsize=64)
 def _rotation(d: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The randomized Hadamard rotation of ``seed`` as matrices acting on rows, float32:
@@ -357,13 +334,14 @@ class _Side:
         self.asm = ""  # the register lookup of 2- and 4-bit levels (lookup.py)
         side = None if codes is None else next(iter(codes.side.values()), None)
         payload = None if codes is None else codes.payload
+        kind = FP16 if role == "window" else getattr(codec, "KERNEL", None)
         if role == "window":
             self.kind = FP16
-        elif isinstance(codec, Fp16Codec):
+        elif kind == FP16:
             self.kind, rows = FP16, payload.view(torch.float16)
-        elif isinstance(codec, Int8Codec):
+        elif kind == INT8:
             self.kind, rows = INT8, payload.view(torch.int8)
-        elif isinstance(codec, TurboQuantCodec):
+        elif kind == TURBO:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             levels = _levels(d, codec.bits, device)
@@ -372,7 +350,7 @@ class _Side:
             nf = {2: 4, 4: 2}.get(codec.bits, 0)
             if nf and d // nf >= 16 and prmt_enabled(device):
                 self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
-        elif isinstance(codec, SphericalCodec) and role == "key":
+        elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
             meta, trig = _ada_tables(d, codec.bits, device)
@@ -430,9 +408,9 @@ class AdaDecodePlan:
         if Hq % Hkv:
             raise ValueError(f"query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
         R = Hq // Hkv * M
-        if R > _MAX_ROWS:
+        if R > MAX_ROWS:
             raise ValueError(f"G·M = {R} query rows per kv head; the kernel holds at most "
-                             f"{_MAX_ROWS}")
+                             f"{MAX_ROWS}")
         if D < 16 or D & (D - 1):
             raise ValueError(f"head dim D={D} must be a power of two ≥ 16")
         if block_n < 32 or block_n & (block_n - 1):
@@ -444,19 +422,19 @@ class AdaDecodePlan:
         self.B, self.Hq, self.Hkv, self.M, self.D, self.R = B, Hq, Hkv, M, D, R
         self.device = dev = torch.device(device)
         segments = []
-        for tp in pages:
-            if tp.tier.is_drop:
-                raise ValueError(f"tier {tp.tier.name!r} stores nothing")
+        for i, tp in enumerate(pages):
+            if tp.key_codec is None or tp.value_codec is None:
+                raise ValueError(f"pages[{i}] has no codecs: a drop tier stores nothing")
             if tp.block_table.shape[:2] != (B, Hkv) or tp.lengths.shape != (B, Hkv):
-                raise ValueError(f"tier {tp.tier.name!r}: block_table must be [{B}, {Hkv}, "
+                raise ValueError(f"pages[{i}]: block_table must be [{B}, {Hkv}, "
                                  f"max_pages] and lengths [{B}, {Hkv}], got "
                                  f"{tuple(tp.block_table.shape)}, {tuple(tp.lengths.shape)}")
             if tp.key.payload.shape[0] == 0 or tp.block_table.shape[2] == 0:
                 continue
             first = None if tp.first is None else _bounds(tp.first, (B, Hkv), M, dev)
             segments.append(_Segment(
-                _Side(tp.tier.key, tp.key, D, dev, "key"),
-                _Side(tp.tier.value, tp.value, D, dev, "value"), tp.block_table,
+                _Side(tp.key_codec, tp.key, D, dev, "key"),
+                _Side(tp.value_codec, tp.value, D, dev, "value"), tp.block_table,
                 tp.lengths.contiguous(), first, tp.block_table.shape[2] * tp.page_size,
                 tp.page_size, False))
         v_seeds = {s.value.seed for s in segments} - {None}
@@ -484,8 +462,8 @@ class AdaDecodePlan:
         # one split length for every segment: about num_splits splits per (sequence, kv head)
         # over all segments together, each segment at least one split
         capacity = sum(s.capacity for s in segments)
-        n = num_splits or _num_splits(B * Hkv, capacity, block_n, dev, _PROGRAMS_PER_SM)
-        self.split_len = triton.cdiv(triton.cdiv(capacity, n), block_n) * block_n
+        n = num_splits or split_k.num_splits(B * Hkv, capacity, block_n, dev, _PROGRAMS_PER_SM)
+        self.split_len = split_k.split_length(capacity, n, block_n)
         bases = [0]
         for s in segments:
             bases.append(bases[-1] + triton.cdiv(s.capacity, self.split_len))
@@ -534,9 +512,9 @@ class AdaDecodePlan:
             each(lambda s: 0 if s.window else s.table.stride(0)),
             each(lambda s: 0 if s.window else s.table.stride(1)),
             each(lambda s: s.strides[0]), each(lambda s: s.strides[1]),
-            each(lambda s: s.strides[2]), self.o_part, self.lse_part, scale * LOG2E,
+            each(lambda s: s.strides[2]), self.o_part, self.lse_part, scale * split_k.LOG2E,
             self.split_len, self.total, **self.options)
-        _merge_kernel[(B * self.Hkv * self.R,)](
+        split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](
             self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D,
             S_PAD=max(2, triton.next_power_of_2(self.total)), num_warps=4)
         out = self.out2[:, 0]
@@ -550,8 +528,8 @@ class AdaDecodePlan:
 _CONSTEXPRS = {
     "P": lambda s: s.page_size, "WINDOW": lambda s: s.window,
     "BOUND": lambda s: s.first is not None,
-    "K_KIND": lambda s: s.key.kind, "K_BITS": lambda s: s.key.bits,
-    "K_BYTES": lambda s: s.key.nbytes, "V_KIND": lambda s: s.value.kind,
+    "K_KIND": lambda s: int(s.key.kind), "K_BITS": lambda s: s.key.bits,
+    "K_BYTES": lambda s: s.key.nbytes, "V_KIND": lambda s: int(s.value.kind),
     "V_BITS": lambda s: s.value.bits, "V_BYTES": lambda s: s.value.nbytes,
     "K_CODES": lambda s: s.key.codes, "K_GROUP": lambda s: s.key.group,
     "V_CODES": lambda s: s.value.codes, "V_GROUP": lambda s: s.value.group,

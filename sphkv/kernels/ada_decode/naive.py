@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sphkv.codec import Codes
-from sphkv.rdr.tiers import Tier
+from sphkv.codec import Codec, Codes
 
 __all__ = ["TierPages", "Window", "ada_decode_naive"]
 
@@ -28,8 +27,8 @@ class TierPages:
 
     Attributes
     ----------
-    tier : Tier
-        The tier whose codecs wrote the rows.
+    key_codec, value_codec : Codec
+        The codecs that wrote the key and the value rows (a tier's ``key`` and ``value``).
     key, value : Codes
         Flat codes of the pool's ``[rows]`` slots (payload ``[rows, bytes]``, side ``[rows]``).
     block_table : torch.Tensor
@@ -44,7 +43,8 @@ class TierPages:
         position); None: every run token is seen.
     """
 
-    tier: Tier
+    key_codec: Codec
+    value_codec: Codec
     key: Codes
     value: Codes
     block_table: torch.Tensor
@@ -75,12 +75,8 @@ def _run(pages: TierPages, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, p = int(pages.lengths[b, h]), pages.page_size
     ids = pages.block_table[b, h, :(n + p - 1) // p].long()
     rows = (ids[:, None] * p + torch.arange(p, device=ids.device)).flatten()[:n]
-    d = pages.key.shape[-1]
-
-    def codes(c: Codes) -> Codes:
-        return Codes(c.payload[rows], {k: v[rows] for k, v in c.side.items()}, torch.Size((n, d)))
-
-    return pages.tier.key.decode(codes(pages.key)), pages.tier.value.decode(codes(pages.value))
+    return (pages.key_codec.decode(pages.key.rows(rows)),
+            pages.value_codec.decode(pages.value.rows(rows)))
 
 
 def ada_decode_naive(q: torch.Tensor, pages: list[TierPages], window: Window | None,

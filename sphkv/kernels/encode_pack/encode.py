@@ -29,11 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sphkv.codec import Codec, Codes, Fp16Codec, Int8Codec, TurboQuantCodec
+from sphkv.codec import Codec, Codes, Fp16Codec, Int8Codec, KernelKind, TurboQuantCodec
 
 __all__ = ["KERNEL_CODECS", "encode_codes", "encode_pack"]
 
-FP16, INT8, TURBO = 0, 1, 2
 #: the codecs :func:`encode_pack` encodes
 KERNEL_CODECS = (Fp16Codec, Int8Codec, TurboQuantCodec)
 
@@ -60,10 +59,10 @@ def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
         b_x = tl.load(x + o_m[:, None].to(tl.int64) * stride_x + o_d[None, :],
                       mask=m_m[:, None], other=0.0).to(tl.float32)
         b_slot = tl.load(slots + o_m, mask=m_m, other=0).to(tl.int64)
-        if KIND == 0:  # fp16 rows
+        if KIND == 0:  # KernelKind.FP16 rows
             tl.store(payload + b_slot[:, None] * D + o_d[None, :], b_x.to(tl.float16),
                      mask=m_m[:, None])
-        elif KIND == 1:  # int8 rows, per-vector fp16 scale
+        elif KIND == 1:  # KernelKind.INT8 rows, per-vector fp16 scale
             b_scale = tl.math.div_rn(tl.max(tl.abs(b_x), 1), 127.0).to(tl.float16)
             b_s = b_scale.to(tl.float32)
             b_c = _round_half_even(tl.math.div_rn(b_x, tl.where(b_s > 0, b_s, 1.0)[:, None]))
@@ -142,12 +141,13 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
     slots = slots.to(device=dev, dtype=torch.int64).contiguous()
     bits, nbytes, signs, thr = 0, d, x, x
     side = next(iter(pool.side.values()), None)
-    if isinstance(codec, Fp16Codec):
-        kind, payload = FP16, pool.payload.view(torch.float16)
-    elif isinstance(codec, Int8Codec):
-        kind, payload = INT8, pool.payload.view(torch.int8)
-    elif isinstance(codec, TurboQuantCodec):
-        kind, payload, bits = TURBO, pool.payload, codec.bits
+    kind = codec.KERNEL
+    if kind == KernelKind.FP16:
+        payload = pool.payload.view(torch.float16)
+    elif kind == KernelKind.INT8:
+        payload = pool.payload.view(torch.int8)
+    elif kind == KernelKind.TURBO:
+        payload, bits = pool.payload, codec.bits
         nbytes = payload.shape[-1]
         signs, thr = _turbo_tables(d, bits, codec.seed, dev)
     else:
@@ -158,7 +158,7 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
     codes = 8 // math.gcd(bits, 8) if bits else 1
     grid = (min(triton.cdiv(n, block_m), _num_programs(dev)),)
     _kernel[grid](x, signs, thr, payload, side if side is not None else x, slots, n, x.stride(0),
-                  math.sqrt(d), KIND=kind, D=d, BITS=bits, NBYTES=nbytes, CODES=codes,
+                  math.sqrt(d), KIND=int(kind), D=d, BITS=bits, NBYTES=nbytes, CODES=codes,
                   GROUP=bits * codes // 8 if bits else 1, SPLIT=x.dtype != torch.float16,
                   BLOCK_M=block_m, num_warps=num_warps)
 

@@ -6,12 +6,8 @@ token's page from the block table, its K and V rows read once for all ``G`` head
 online softmax (running max ``m``, running sum ``l``, accumulator ``acc``, all in float32, in
 base 2). It writes the split's normalized output ``acc / l`` and its log-sum-exp ``m + log2 l``.
 
-Stage 2 (``_merge_kernel``): one program per (sequence, query head) combines the splits:
-``o = Σ_s 2^(lse_s − M) o_s / Σ_s 2^(lse_s − M)`` with ``M = max_s lse_s``; a split past the end
-of its sequence has ``lse = −∞`` and weight 0.
-
-Splits are sized from the block table's capacity (``max_pages · P`` tokens), not from
-``lengths``, so the launcher never waits for the device.
+Stage 2 (:mod:`sphkv.kernels.split_k`): one program per (sequence, query head) merges the
+splits by their log-sum-exp weights; splits are sized from the block table's capacity.
 """
 
 from __future__ import annotations
@@ -22,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sphkv.kernels import split_k
+
 __all__ = ["paged_decode"]
-
-LOG2E = 1.4426950408889634  # 1/ln 2: e^x = 2^(x·log2 e)
-
 
 @triton.jit
 def _kernel(q, k_pages, v_pages, block_table, lengths, o_part, lse_part, qk_scale,
@@ -86,32 +81,6 @@ def _kernel(q, k_pages, v_pages, block_table, lengths, o_part, lse_part, qk_scal
     tl.store(lse_part + i_row * num_splits + i_s, b_lse, mask=m_g)
 
 
-@triton.jit
-def _merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
-                  HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
-    i_row = tl.program_id(0)
-    i_b, i_h = i_row // HQ, i_row % HQ
-    o_s = tl.arange(0, S_PAD)
-    o_d = tl.arange(0, D)
-    m_s = o_s < num_splits
-    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-    # weight of split s: 2^(lse_s − max lse), 0 for empty splits (lse = −∞)
-    b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
-    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                  mask=m_s[:, None], other=0.0)
-    b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
-    tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
-
-
-def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device,
-                per_sm: int = 4) -> int:
-    """Splits per (sequence, kv head): about ``per_sm`` programs per multiprocessor, at least
-    one block of tokens per split."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 4)
-    return max(1, min(triton.cdiv(per_sm * sms, batch_heads), triton.cdiv(capacity, block_n)))
-
-
 def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_splits, num_warps,
             num_stages):
     B, Hq, D = q.shape
@@ -119,16 +88,15 @@ def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_split
     group = Hq // Hkv
     capacity = block_table.shape[1] * P
     if num_splits is None:
-        num_splits = _num_splits(B * Hkv, capacity, block_n, q.device)
-    # each split covers a whole number of BLOCK_N blocks
-    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+        num_splits = split_k.num_splits(B * Hkv, capacity, block_n, q.device)
+    split_len = split_k.split_length(capacity, num_splits, block_n)
     num_splits = triton.cdiv(capacity, split_len)
 
     o_part = torch.empty(B * Hq, num_splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B * Hq, num_splits, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     _kernel[(B * Hkv, num_splits)](
-        q, k_pages, v_pages, block_table, lengths, o_part, lse_part, scale * LOG2E,
+        q, k_pages, v_pages, block_table, lengths, o_part, lse_part, scale * split_k.LOG2E,
         split_len, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -136,7 +104,7 @@ def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_split
         block_table.stride(0),
         HKV=Hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, P=P,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    _merge_kernel[(B * Hq,)](
+    split_k.merge_kernel[(B * Hq,)](
         o_part, lse_part, out, num_splits, out.stride(0), out.stride(1),
         HQ=Hq, D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4)

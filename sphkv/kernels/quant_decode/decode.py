@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sphkv.codec import TurboQuantCodec
-from sphkv.kernels.paged_decode.decode import LOG2E, _merge_kernel, _num_splits
-from sphkv.rdr.tiers import Tier
+from sphkv.codec import Codec, KernelKind, TurboQuantCodec
+from sphkv.kernels import split_k
 
 __all__ = ["quant_decode"]
 
@@ -156,8 +155,8 @@ def _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels, blo
     group = Hq // Hkv
     capacity = block_table.shape[2] * P
     if num_splits is None:
-        num_splits = _num_splits(B * Hkv, capacity, block_n, q_rot.device)
-    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+        num_splits = split_k.num_splits(B * Hkv, capacity, block_n, q_rot.device)
+    split_len = split_k.split_length(capacity, num_splits, block_n)
     num_splits = triton.cdiv(capacity, split_len)
 
     o_part = torch.empty(B * Hq, num_splits, D, device=q_rot.device, dtype=torch.float32)
@@ -171,7 +170,7 @@ def _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels, blo
         HKV=Hkv, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=D, P=P,
         K_BITS=k_bits, V_BITS=v_bits, BLOCK_N=block_n, num_warps=num_warps,
         num_stages=num_stages)
-    _merge_kernel[(B * Hq,)](
+    split_k.merge_kernel[(B * Hq,)](
         o_part, lse_part, out_rot, num_splits, out_rot.stride(0), out_rot.stride(1),
         HQ=Hq, D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out_rot
@@ -191,20 +190,21 @@ def _constants(d: int, bits: int, seed: int, device: torch.device):
     return rt.to(device), inv.to(device), levels.to(device)
 
 
-def _check_codec(name: str, codec, d: int) -> TurboQuantCodec:
-    if not isinstance(codec, TurboQuantCodec):
-        raise ValueError(f"tier.{name} must be a TurboQuantCodec, got {type(codec).__name__}")
+def _check_codec(name: str, codec: Codec | None, d: int) -> TurboQuantCodec:
+    if getattr(codec, "KERNEL", None) != KernelKind.TURBO:
+        raise ValueError(f"{name} must be a TurboQuantCodec, got {type(codec).__name__}")
     if codec.bits not in (2, 4, 8):
-        raise ValueError(f"tier.{name}.bits={codec.bits}: the kernel unpacks 2, 4 or 8 bits "
+        raise ValueError(f"{name}.bits={codec.bits}: the kernel unpacks 2, 4 or 8 bits "
                          f"(codes that do not straddle bytes)")
     if codec.d != d:
-        raise ValueError(f"tier.{name}.d={codec.d} differs from the query's head dim {d}")
+        raise ValueError(f"{name}.d={codec.d} differs from the query's head dim {d}")
     return codec
 
 
 def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
                  v_payload: torch.Tensor, v_norm: torch.Tensor, block_table: torch.Tensor,
-                 lengths: torch.Tensor, tier: Tier, scale: float | None = None, *,
+                 lengths: torch.Tensor, key_codec: Codec, value_codec: Codec,
+                 scale: float | None = None, *,
                  block_n: int = 64, num_splits: int | None = None, num_warps: int = 4,
                  num_stages: int = 2) -> torch.Tensor:
     """Decode attention over pages of one TurboQuant tier, reading only the codes.
@@ -216,8 +216,8 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
     k_norm, v_norm : [num_pages, P] fp16, contiguous: the codecs' ``norm`` side information
     block_table : [B, Hkv, max_pages] int32, page ids in token order per (sequence, kv head)
     lengths : [B, Hkv] int32, 1 ≤ lengths[b, h] ≤ max_pages · P (not checked on the device)
-    tier : a tier whose key and value codecs are :class:`~sphkv.codec.TurboQuantCodec` of 2, 4
-        or 8 bits (``turbo2``, ``turbo4`` of :func:`sphkv.rdr.default_tiers`)
+    key_codec, value_codec : the :class:`~sphkv.codec.TurboQuantCodec` of 2, 4 or 8 bits that
+        wrote the keys and the values (those of ``turbo2``, ``turbo4`` of the default ladder)
     scale : logit scale, default 1/√D
     block_n : tokens per inner step, a power of two ≥ 32
     num_splits, num_warps, num_stages : as in :func:`sphkv.kernels.paged_decode`
@@ -225,12 +225,11 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
     Returns
     -------
     [B, Hq, D], the dtype of ``q``: equals ``quant_decode_naive`` (attention over
-    ``tier.key.decode`` and ``tier.value.decode`` of the rows) to rounding.
+    ``key_codec.decode`` and ``value_codec.decode`` of the rows) to rounding.
     """
     B, Hq, D = q.shape
-    if tier.is_drop:
-        raise ValueError(f"tier {tier.name!r} stores nothing")
-    key, value = _check_codec("key", tier.key, D), _check_codec("value", tier.value, D)
+    key = _check_codec("key_codec", key_codec, D)
+    value = _check_codec("value_codec", value_codec, D)
     Hkv = block_table.shape[1]
     if block_table.ndim != 3 or block_table.shape[0] != B or lengths.shape != (B, Hkv):
         raise ValueError(f"block_table must be [{B}, Hkv, max_pages] and lengths [{B}, Hkv], "
@@ -254,7 +253,7 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
     q_rot = q.float() @ k_rt
     # ‖k‖/√D of the code's scale folded into the logit scale, with 1/ln 2 for exp2
     out_rot = _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels,
-                      block_table, lengths, scale / math.sqrt(D) * LOG2E, key.bits, value.bits,
-                      block_n, num_splits, num_warps, num_stages)
+                      block_table, lengths, scale / math.sqrt(D) * split_k.LOG2E, key.bits,
+                      value.bits, block_n, num_splits, num_warps, num_stages)
     # x̂ = Rᵀ (‖x‖/√D) lev[c]: the 1/√D and the rotation back, once per output row
     return (out_rot @ v_inv).to(q.dtype)

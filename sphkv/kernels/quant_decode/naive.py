@@ -13,15 +13,14 @@ import math
 
 import torch
 
-from sphkv.codec import Codes
-from sphkv.rdr.tiers import Tier
+from sphkv.codec import Codec, Codes
 
 __all__ = ["quant_decode_naive"]
 
 
 def quant_decode_naive(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
                        v_payload: torch.Tensor, v_norm: torch.Tensor, block_table: torch.Tensor,
-                       lengths: torch.Tensor, tier: Tier,
+                       lengths: torch.Tensor, key_codec: Codec, value_codec: Codec,
                        scale: float | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over decoded keys and values, in float32.
 
@@ -32,7 +31,7 @@ def quant_decode_naive(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.T
     k_norm, v_norm : [num_pages, P] fp16, the codecs' ``norm`` side information
     block_table : [B, Hkv, max_pages] int, page ids in token order per (sequence, kv head)
     lengths : [B, Hkv] int, 1 ≤ lengths[b, h] ≤ max_pages · P
-    tier : the tier whose ``key`` and ``value`` codecs wrote the pages
+    key_codec, value_codec : the codecs that wrote the keys and the values
     scale : logit scale, default 1/√D
 
     Returns
@@ -53,7 +52,7 @@ def quant_decode_naive(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.T
                         torch.Size((n, D)))
             value = Codes(v_payload.flatten(0, 1)[rows], {"norm": v_norm.flatten()[rows]},
                           torch.Size((n, D)))
-            k, v = tier.key.decode(key), tier.value.decode(value)  # [n, D] each
+            k, v = key_codec.decode(key), value_codec.decode(value)  # [n, D] each
             heads = slice(h * group, (h + 1) * group)
             logits = q[b, heads].float() @ k.T * scale
             out[b, heads] = (logits.softmax(-1) @ v).to(q.dtype)

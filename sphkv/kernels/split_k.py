@@ -1,0 +1,78 @@
+"""Split-K over the tokens of a decode and the log-sum-exp merge of its splits.
+
+A decode kernel walks each (sequence, kv head) in ``num_splits`` splits of ``split_len`` tokens
+(a whole number of ``BLOCK_N`` blocks) and writes per split its normalized output ``o_s`` and
+its base-2 log-sum-exp ``lse_s``; a split with no token has ``lse_s = −∞``. The merge is
+
+    o = Σ_s 2^(lse_s − M) o_s / Σ_s 2^(lse_s − M),   M = max_s lse_s.
+
+Splits are sized from a capacity (``max_pages · P`` tokens), not from the lengths, so a
+launcher never waits for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LOG2E", "merge_kernel", "merge_two_domains_kernel", "num_splits", "split_length"]
+
+LOG2E = 1.4426950408889634  # 1/ln 2: e^x = 2^(x·log2 e)
+
+
+def num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device,
+               per_sm: int = 4) -> int:
+    """Splits per (sequence, kv head): about ``per_sm`` programs per multiprocessor, at least
+    one block of tokens per split."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 4)
+    return max(1, min(triton.cdiv(per_sm * sms, batch_heads), triton.cdiv(capacity, block_n)))
+
+
+def split_length(capacity: int, splits: int, block_n: int) -> int:
+    """Tokens per split: ``capacity / splits`` rounded up to whole ``block_n`` blocks."""
+    return triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+
+
+@triton.jit
+def merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
+                 HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+    """One program per output row (sequence, query head): partials ``[rows, num_splits, D]``
+    and ``[rows, num_splits]``; ``out[b, h]`` at strides ``stride_ob``, ``stride_oh``."""
+    i_row = tl.program_id(0)
+    i_b, i_h = i_row // HQ, i_row % HQ
+    o_s = tl.arange(0, S_PAD)
+    o_d = tl.arange(0, D)
+    m_s = o_s < num_splits
+    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
+    # weight of split s: 2^(lse_s − max lse), 0 for empty splits (lse = −∞)
+    b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
+    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
+                  mask=m_s[:, None], other=0.0)
+    b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
+    tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
+
+
+@triton.jit
+def merge_two_domains_kernel(o_part, lse_part, rotated, out, num_splits, D: tl.constexpr,
+                             S_PAD: tl.constexpr):
+    """The merge with splits in two value domains (``rotated[s]`` 0 or 1), summed apart:
+    ``out[row] = (Σ_plain w_s o_s, Σ_rotated w_s o_s) / Σ_s w_s``, ``out`` ``[rows, 2, D]``;
+    a row with no token at all gets 0."""
+    i_row = tl.program_id(0)
+    o_s = tl.arange(0, S_PAD)
+    o_d = tl.arange(0, D)
+    m_s = o_s < num_splits
+    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
+    b_max = tl.max(b_lse, 0)
+    b_w = tl.exp2(b_lse - tl.where(b_max == float("-inf"), 0.0, b_max))
+    b_sum = tl.sum(b_w, 0)
+    b_inv = tl.where(b_sum > 0, 1.0 / tl.where(b_sum > 0, b_sum, 1.0), 0.0)
+    b_rot = tl.load(rotated + o_s, mask=m_s, other=0)
+    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
+                  mask=m_s[:, None], other=0.0)
+    b_wp = tl.where(b_rot == 0, b_w, 0.0)
+    b_wr = tl.where(b_rot == 1, b_w, 0.0)
+    tl.store(out + i_row * 2 * D + o_d, tl.sum(b_wp[:, None] * b_o, 0) * b_inv)
+    tl.store(out + i_row * 2 * D + D + o_d, tl.sum(b_wr[:, None] * b_o, 0) * b_inv)
