@@ -10,10 +10,10 @@ the last page of a run is partial, and token j of a page sits at position
 ``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
 position recoverable.
 
-Pools hold exactly their pages (a freed page is filled by the pool's last page, whose page-table
-entry follows it), so the accounted bytes — ``pages · P · (codes + side + offset)`` per tier plus
-one entry per page — equal the bytes of the tensors the store really holds
-(:meth:`PagedStore.held_bytes`).
+The store is written a tier at a time (:meth:`PagedStore.replace`: the tier's whole pool
+rewritten in one pass), so pools hold exactly their pages and the accounted bytes —
+``pages · P · (codes + side + offset)`` per tier plus one entry per page — equal the bytes of
+the tensors the store really holds (:meth:`PagedStore.held_bytes`).
 
 Beside each slot the store keeps the item's distortion row ``D[i, :]`` (float32), the
 allocator's bookkeeping for later demotions; it is not cache content and is not counted.
@@ -129,14 +129,6 @@ class TierPool:
                      {k: v[stripes].flatten(-2) for k, v in self.key.side.items()},
                      torch.Size((*slots.shape, d)))
 
-    def _apply(self, fn) -> None:
-        """Replace every per-slot tensor ``t`` by ``fn(t)``."""
-        for codes in (self.key, self.value):
-            codes.payload = fn(codes.payload)
-            codes.side = {k: fn(v) for k, v in codes.side.items()}
-        self.offset, self.distortion = fn(self.offset), fn(self.distortion)
-        self.key.shape = self.value.shape = torch.Size((self.offset.shape[0], self.tier.key.d))
-
 
 class PagedStore:
     """Pools of tier-homogeneous pages and one page table per group.
@@ -212,13 +204,6 @@ class PagedStore:
         """``(positions [n], distortion [n, T])`` of a run, without its codes."""
         slots, pos = self._slots(group, tier)
         return pos, self.pools[tier].distortion[slots]
-
-    def read(self, group: int, tier: int):
-        """``(positions [n], key Codes [n], value Codes [n], distortion [n, T])`` of a run."""
-        slots, pos = self._slots(group, tier)
-        pool = self.pools[tier]
-        return (pos, pool.key_rows(slots), pool.value.rows(slots),
-                pool.distortion[slots])
 
     def gather(self, tier: int, groups: list[int]):
         """Codes of several groups' runs at ``tier``, padded to the longest.
@@ -345,161 +330,6 @@ class PagedStore:
             self.tables[g] = table[np.lexsort((table["first_position"], table["tier"]))]
             start += n_pages
 
-    # --- writing -----------------------------------------------------------------------------
-    def put(self, group: int, tier: int, positions: torch.Tensor, keys: torch.Tensor,
-            values: torch.Tensor, distortion: torch.Tensor) -> None:
-        """Encode tokens into pages of ``tier`` for ``group`` (``drop`` stores nothing).
-
-        Parameters
-        ----------
-        positions : torch.Tensor
-            int ``[n]``, not already kept in this group.
-        keys, values : torch.Tensor
-            ``[n, d]``.
-        distortion : torch.Tensor
-            ``[n, T]``, the items' distortion rows.
-        """
-        if self.tiers[tier].is_drop or len(positions) == 0:
-            return
-        tier_ = self.tiers[tier]
-        value = tier_.value.encode(values).to(self.device)
-        if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
-            g, pos, key, val, dist = self.contents(tier)
-            self.replace(tier, np.concatenate([g, np.full(len(positions), group)]),
-                         torch.cat([pos, positions.long().cpu()]),
-                         torch.cat([tier_.key.decode(key), keys.float().to(self.device)]),
-                         Codes.cat([val, value]),
-                         torch.cat([dist, distortion.float().to(self.device)]))
-            return
-        self.put_encoded(group, tier, positions, tier_.key.encode(keys), value, distortion)
-
-    def put_encoded(self, group: int, tier: int, positions: torch.Tensor, key: Codes,
-                    value: Codes, distortion: torch.Tensor) -> None:
-        """:meth:`put` of tokens already encoded by the tier's codecs (codes ``[n]``), so that
-        callers can encode many groups' tokens in one call.
-
-        Tokens after every token of the run fill its last page and new ones; others make the
-        run be re-packed.
-        """
-        if self.tiers[tier].is_drop or len(positions) == 0:
-            return
-        if self.pools[tier].paged_keys:
-            raise ValueError(f"tier {self.tiers[tier].name} quantizes its keys per page: write "
-                             f"it with put() or replace(), which encode whole pages")
-        positions = positions.long().cpu()
-        order = torch.argsort(positions)
-        o = order.to(self.device)
-        new = (positions[order], key.to(self.device).rows(o),
-               value.to(self.device).rows(o), distortion.float().to(self.device)[o])
-        table = self.tables[group]
-        run = table[table["tier"] == tier]
-        if not len(run):
-            self._pack(group, tier, *new)
-        elif new[0][0] > self._last_position(run[-1], tier):
-            self._append(group, tier, run[-1], *new)
-        else:
-            self._rebuild(group, tier, *(torch.cat([a, b]) if isinstance(a, torch.Tensor)
-                                         else Codes.cat([a, b])
-                                         for a, b in zip(self.read(group, tier), new,
-                                                         strict=True)))
-
-    def take(self, group: int, tier: int, positions: torch.Tensor):
-        """Remove tokens from ``group``'s run at ``tier``; return them decoded.
-
-        Returns
-        -------
-        keys, values : torch.Tensor
-            float32 ``[n, d]``, the reconstructions, in the order of ``positions``.
-        distortion : torch.Tensor
-            ``[n, T]``.
-        """
-        pos, key, value, dist = self.read(group, tier)
-        where = {int(p): i for i, p in enumerate(pos.tolist())}
-        try:
-            out = [where[int(p)] for p in positions.tolist()]
-        except KeyError as exc:
-            raise ValueError(f"position {exc.args[0]} is not kept at tier {tier} in group "
-                             f"{group}") from None
-        keep = torch.ones(len(pos), dtype=torch.bool)
-        keep[out] = False
-        out = torch.tensor(out, dtype=torch.long, device=self.device)
-        tier_ = self.tiers[tier]
-        k_hat = tier_.key.decode(key.rows(out))
-        v_hat = tier_.value.decode(value.rows(out))
-        if self.pools[tier].paged_keys:  # its pages are quantized whole: the pool is rewritten
-            g, pos_all, key_all, value_all, dist_all = self.contents(tier)
-            stay = ~((g == group) & np.isin(pos_all.numpy(), positions.numpy()))
-            on = torch.from_numpy(np.flatnonzero(stay)).to(self.device)
-            self.replace(tier, g[stay], pos_all[torch.from_numpy(stay)],
-                         tier_.key.decode(key_all.rows(on)),
-                         value_all.rows(on), dist_all[on])
-            return k_hat, v_hat, dist[out]
-        rest = torch.nonzero(keep).squeeze(1)
-        rest_dev = rest.to(self.device)
-        self._rebuild(group, tier, pos[rest], key.rows(rest_dev),
-                      value.rows(rest_dev), dist[rest_dev])
-        return k_hat, v_hat, dist[out]
-
-    def _last_position(self, entry, tier: int) -> int:
-        """Position of the last token of a page-table entry."""
-        slot = int(entry["page_id"]) * self.page_size + int(entry["valid"]) - 1
-        return int(entry["first_position"]) + int(self.pools[tier].offset[slot]) + _OFFSET_SHIFT
-
-    def _rebuild(self, group: int, tier: int, positions: torch.Tensor, key: Codes,
-                 value: Codes, distortion: torch.Tensor) -> None:
-        """Make the run of (group, tier) exactly these tokens: sorted, packed into pages."""
-        table = self.tables[group]
-        mine = table["tier"] == tier
-        self._free(self.pools[tier], table["page_id"][mine].tolist())
-        self.tables[group] = self.tables[group][self.tables[group]["tier"] != tier]
-        if len(positions):
-            order = torch.argsort(positions)
-            order_dev = order.to(self.device)
-            self._pack(group, tier, positions[order], key.rows(order_dev),
-                       value.rows(order_dev), distortion[order_dev])
-
-    def _append(self, group: int, tier: int, last, positions: torch.Tensor, key: Codes,
-                value: Codes, distortion: torch.Tensor) -> None:
-        """Add sorted tokens after the run's last one: first into the free slots of its last
-        page (``last``, its page-table entry) while they stay within its offset span, then
-        into new pages."""
-        p, first, page = self.page_size, int(last["first_position"]), int(last["page_id"])
-        room = int(min(p - int(last["valid"]),
-                       int((positions - first < _MAX_SPAN).sum())))
-        if room:
-            slots = torch.arange(page * p + int(last["valid"]),
-                                 page * p + int(last["valid"]) + room, device=self.device)
-            head = torch.arange(room, device=self.device)
-            self._write_slots(self.pools[tier], slots, positions[:room] - first,
-                              key.rows(head), value.rows(head),
-                              distortion[:room])
-            table = self.tables[group]
-            table["valid"][(table["tier"] == tier) & (table["page_id"] == page)] += room
-        if room < len(positions):
-            rest = torch.arange(room, len(positions), device=self.device)
-            self._pack(group, tier, positions[room:], key.rows(rest),
-                       value.rows(rest), distortion[rest])
-
-    def _pack(self, group: int, tier: int, positions: torch.Tensor, key: Codes, value: Codes,
-              distortion: torch.Tensor) -> None:
-        """Put sorted tokens into new pages of (group, tier) and add their page-table entries."""
-        pool, p, n = self.pools[tier], self.page_size, len(positions)
-        pages = -(-n // p)
-        first = positions[::p]
-        span = positions - first.repeat_interleave(p)[:n]
-        if span.max() >= _MAX_SPAN:
-            raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
-                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
-        ids = self._alloc(pool, group, pages)
-        slots = (torch.tensor(ids)[:, None] * p + torch.arange(p)).reshape(-1)[:n]
-        self._write_slots(pool, slots.to(self.device), span, key, value, distortion)
-        entries = np.zeros(pages, PAGE_TABLE_ENTRY)
-        entries["page_id"], entries["first_position"] = ids, first.numpy()
-        entries["valid"] = np.minimum(p, n - p * np.arange(pages))
-        entries["tier"] = tier
-        table = np.concatenate([self.tables[group], entries])
-        self.tables[group] = table[np.lexsort((table["first_position"], table["tier"]))]
-
     def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor, key: Codes,
                      value: Codes, distortion: torch.Tensor) -> None:
         self.version += 1
@@ -509,40 +339,3 @@ class PagedStore:
                 dst.side[k][slots] = v
         pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16).to(pool.offset.device)
         pool.distortion[slots] = distortion
-
-    def _alloc(self, pool: TierPool, group: int, pages: int) -> list[int]:
-        """Append ``pages`` zeroed pages owned by ``group``; their ids."""
-        start = pool.pages
-        rows = pages * self.page_size
-        pool.key, pool.value = (Codes.cat([c, _empty(t, rows)])
-                                for c, t in zip((pool.key, pool.value), pool.templates,
-                                                strict=True))
-        pool.offset = torch.cat([pool.offset, pool.offset.new_zeros(rows)])
-        pool.distortion = torch.cat([pool.distortion, pool.distortion.new_zeros(
-            rows, len(self.tiers))])
-        pool.owner += [group] * pages
-        return list(range(start, start + pages))
-
-    def _free(self, pool: TierPool, ids: list[int]) -> None:
-        """Free pages ``ids``: the pool's last pages that stay move into the freed ones below
-        the new end (their page-table entries follow), and the pool shrinks."""
-        if not ids:
-            return
-        self.version += 1
-        p, end = self.page_size, pool.pages - len(ids)
-        freed = set(ids)
-        holes = sorted(i for i in freed if i < end)
-        movers = [i for i in range(end, pool.pages) if i not in freed]
-        if holes:
-            src = (torch.tensor(movers)[:, None] * p + torch.arange(p)).reshape(-1)
-            dst = (torch.tensor(holes)[:, None] * p + torch.arange(p)).reshape(-1)
-            src, dst = src.to(self.device), dst.to(self.device)
-            pool._apply(lambda t: t.index_copy(0, dst, t[src]))
-            for page, moved in zip(holes, movers, strict=True):
-                owner = pool.owner[moved]
-                table = self.tables[owner]
-                table["page_id"][(table["page_id"] == moved) & (table["tier"] == pool.index)] \
-                    = page
-                pool.owner[page] = owner
-        del pool.owner[end:]
-        pool._apply(lambda t: t[:end * p].clone())

@@ -17,13 +17,58 @@ def tiers():
     return default_tiers(D)
 
 
-def _put(store, group, tier, positions, seed=0):
+def _tokens(store, tier, runs, seed=0):
+    """Fresh random tokens ``runs`` ({group: positions}) as :meth:`PagedStore.replace` takes
+    them: ``(group, positions, key, value, distortion)`` encoded by ``tier``'s codecs (keys
+    quantized per page stay vectors); and the keys and values ``[n, D]``."""
     gen = torch.Generator().manual_seed(seed)
+    group = np.array([g for g, ps in runs.items() for _ in ps], dtype=np.int64)
+    positions = torch.tensor([p for ps in runs.values() for p in ps], dtype=torch.long)
     n = len(positions)
     keys, values = torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen)
-    store.put(group, tier, torch.tensor(positions), keys, values,
-              torch.rand(n, len(store.tiers), generator=gen))
+    t = store.tiers[tier]
+    key = keys if store.pools[tier].paged_keys else t.key.encode(keys)
+    return ((group, positions, key, t.value.encode(values),
+             torch.rand(n, len(store.tiers), generator=gen)), keys, values)
+
+
+def _write(store, tier, runs, seed=0):
+    """Make ``tier`` hold exactly the fresh tokens ``runs``; their keys and values."""
+    args, keys, values = _tokens(store, tier, runs, seed)
+    store.replace(tier, *args)
     return keys, values
+
+
+def _add(store, tier, runs, seed=0):
+    """Add fresh tokens ``runs`` to what ``tier`` holds (one rewrite of its pool)."""
+    (group, pos, key, value, dist), _, _ = _tokens(store, tier, runs, seed)
+    g0, p0, k0, v0, d0 = store.contents(tier)
+    store.replace(tier, np.concatenate([g0, group]), torch.cat([p0, pos]), Codes.cat([k0, key]),
+                  Codes.cat([v0, value]), torch.cat([d0, dist]))
+
+
+def _remove(store, tier, group, positions):
+    """Take ``positions`` of ``group`` out of ``tier``, decoding a per-page-quantized tier's
+    keys for the rewrite (as the online allocator does)."""
+    g, pos, key, value, dist = store.contents(tier)
+    stay = torch.from_numpy(~((g == group) & np.isin(pos.numpy(), positions)))
+    key = key.rows(stay)
+    if store.pools[tier].paged_keys:
+        key = store.tiers[tier].key.decode(key)
+    store.replace(tier, g[stay.numpy()], pos[stay], key, value.rows(stay), dist[stay])
+
+
+def _codes(store, tier):
+    """{(group, position): its key and value codes, as one byte string} of every token kept at
+    ``tier``."""
+    g, pos, key, value, _ = store.contents(tier)
+    if not len(pos):
+        return {}
+    rows = [c.payload.reshape(len(pos), -1) for c in (key, value)]
+    rows += [v.reshape(len(pos), -1).contiguous().view(torch.uint8)
+             for c in (key, value) for v in c.side.values()]
+    data = torch.cat(rows, 1)
+    return {(int(a), int(b)): bytes(r.tolist()) for a, b, r in zip(g, pos, data, strict=True)}
 
 
 def _check(store, expected):
@@ -41,45 +86,49 @@ def _check(store, expected):
         # every page id of the pool is listed by exactly one page-table entry
         ids = sorted(i for table in store.tables for i in table["page_id"][table["tier"] == t])
         assert ids == list(range(pool.pages))
+        # each token in exactly one slot, its position recovered from its page and offset
+        group, pos, _, _, _ = store.contents(t)
+        pairs = list(zip(group.tolist(), pos.tolist(), strict=True))
+        assert len(set(pairs)) == len(pairs)
+        assert sorted(pairs) == sorted((g, p) for g, per_tier in expected.items()
+                                       for p in per_tier.get(t, []))
     accounted = sum(pages[t] * P * (int(store.tiers[t].bytes_per_token_head) + OFFSET_BYTES)
                     for t in store.pools)
     accounted += sum(pages.values()) * PAGE_TABLE_ENTRY.itemsize
     assert store.nbytes() == accounted == store.held_bytes()
 
 
-def test_put_take_positions_and_bytes(tiers):
+def test_replace_positions_and_bytes(tiers):
     store = PagedStore(tiers, groups=3, page_size=P)
     fp16, turbo2 = tiers.index("fp16"), tiers.index("turbo2")
-    keys, values = _put(store, 0, fp16, [0, 1, 2, 9, 12])
-    _put(store, 1, turbo2, [3, 4, 5, 6, 7, 8, 10], seed=1)
-    _put(store, 0, turbo2, [5, 6], seed=2)
-    _put(store, 0, fp16, [20, 21, 30], seed=3)  # fills the partial page, then a new one
-    _put(store, 2, tiers.index("drop"), [1, 2])  # drop keeps nothing
+    keys, values = _write(store, fp16, {0: [0, 1, 2, 9, 12, 20, 21, 30]})
+    _write(store, turbo2, {1: [3, 4, 5, 6, 7, 8, 10], 0: [5, 6]}, seed=1)
     _check(store, {0: {fp16: [0, 1, 2, 9, 12, 20, 21, 30], turbo2: [5, 6]},
                    1: {turbo2: [3, 4, 5, 6, 7, 8, 10]}, 2: {}})
-    # fp16 pages hold the keys exactly (to fp16 rounding)
-    pos, kc, _, _ = store.read(0, fp16)
-    assert torch.equal(tiers[fp16].key.decode(kc)[:3], keys[:3].half().float())
-    # taking tokens returns their reconstructions and frees their slots
-    k_hat, v_hat, dist = store.take(0, fp16, torch.tensor([9, 1]))
-    assert torch.equal(k_hat, keys[[3, 1]].half().float())
-    assert torch.equal(v_hat, values[[3, 1]].half().float())
-    assert dist.shape == (2, len(tiers))
-    store.take(1, turbo2, torch.tensor([3, 4, 5, 6, 7]))
+    # fp16 pages hold the keys and values exactly (to fp16 rounding), in position order
+    _, pos, kc, vc, _ = store.contents(fp16)
+    assert pos.tolist() == [0, 1, 2, 9, 12, 20, 21, 30]
+    assert torch.equal(tiers[fp16].key.decode(kc), keys.half().float())
+    assert torch.equal(tiers[fp16].value.decode(vc), values.half().float())
+    # taking tokens out frees their slots and leaves the others' codes as they were
+    before = {t: _codes(store, t) for t in (fp16, turbo2)}
+    _remove(store, fp16, 0, [9, 1])
+    _remove(store, turbo2, 1, [3, 4, 5, 6, 7])
     _check(store, {0: {fp16: [0, 2, 12, 20, 21, 30], turbo2: [5, 6]}, 1: {turbo2: [8, 10]}})
-    with pytest.raises(ValueError, match="not kept"):
-        store.take(1, turbo2, torch.tensor([3]))
+    for t in (fp16, turbo2):
+        for item, code in _codes(store, t).items():
+            assert code == before[t][item]
 
 
 def test_gather_pads_and_masks(tiers):
     store = PagedStore(tiers, groups=2, page_size=P)
     int8 = tiers.index("int8")
-    k0, _ = _put(store, 0, int8, [0, 1, 2, 3, 4, 5])
-    _put(store, 1, int8, [7])
+    keys, _ = _write(store, int8, {0: [0, 1, 2, 3, 4, 5], 1: [7]})
     key, value, valid, positions = store.gather(int8, [0, 1])
     assert key.shape == (2, 6, D) and valid.sum(1).tolist() == [6, 1]
     assert positions.tolist() == [[0, 1, 2, 3, 4, 5], [7, -1, -1, -1, -1, -1]]
-    assert torch.allclose(tiers[int8].key.decode(key)[0], k0, atol=0.05)
+    assert torch.allclose(tiers[int8].key.decode(key)[0], keys[:6], atol=0.05)
+    assert torch.allclose(tiers[int8].key.decode(key)[1, 0], keys[6], atol=0.05)
 
 
 def test_random_operations_keep_invariants(tiers):
@@ -87,10 +136,11 @@ def test_random_operations_keep_invariants(tiers):
     store = PagedStore(tiers, groups=4, page_size=P)
     kept: dict[int, dict[int, list[int]]] = {g: {} for g in range(4)}
     next_pos = 0
-    free = []  # positions taken out earlier: putting them back re-packs a run
+    free = []  # positions taken out earlier: putting them back lands inside a run
     for step in range(120):
         group = int(gen.integers(4))
         tier = int(gen.integers(1, len(tiers)))
+        before = _codes(store, tier)
         if gen.random() < 0.6 or not kept[group].get(tier):
             n = int(gen.integers(1, 7))
             if free and gen.random() < 0.3:
@@ -98,61 +148,58 @@ def test_random_operations_keep_invariants(tiers):
             else:
                 pos = list(range(next_pos, next_pos + n))
                 next_pos += n
-            _put(store, group, tier, pos, seed=step)
+            _add(store, tier, {group: pos}, seed=step)
             kept[group].setdefault(tier, []).extend(pos)
         else:
             have = kept[group][tier]
-            out = list(gen.choice(have, size=int(gen.integers(1, len(have) + 1)), replace=False))
-            store.take(group, tier, torch.tensor(out))
+            out = [int(p) for p in gen.choice(have, size=int(gen.integers(1, len(have) + 1)),
+                                              replace=False)]
+            _remove(store, tier, group, out)
             kept[group][tier] = [p for p in have if p not in out]
-            free += [int(p) for p in out if not any(int(p) in ps for g in kept.values()
-                                                     for ps in g.values())]
+            free += [p for p in out if not any(p in ps for g in kept.values()
+                                               for ps in g.values())]
         _check(store, kept)
+        after = _codes(store, tier)
+        for item, code in before.items():  # a repacked token keeps its codes
+            if item in after:
+                assert after[item] == code
 
 
 def test_page_span_limit(tiers):
     store = PagedStore(tiers, groups=1, page_size=P)
+    _write(store, 1, {0: [0, 1]})
     with pytest.raises(ValueError, match="span"):
-        _put(store, 0, 1, [0, 70_000])
-    # appended one at a time, a far token starts a new page instead
-    _put(store, 0, 1, [0])
-    _put(store, 0, 1, [70_000])
-    _check(store, {0: {1: [0, 70_000]}})
+        _write(store, 1, {0: [0, 70_000]})
+    _check(store, {0: {1: [0, 1]}})  # the refused write changed nothing
+    # a far token that starts its own page is fine
+    _write(store, 1, {0: [0, 1, 2, 3, 70_000]})
+    _check(store, {0: {1: [0, 1, 2, 3, 70_000]}})
     assert len(store.tables[0]) == 2
 
 
 def test_contents_and_replace_repack_every_group(tiers):
     store = PagedStore(tiers, groups=3, page_size=P)
     turbo2, fp16 = tiers.index("turbo2"), tiers.index("fp16")
-    _put(store, 0, turbo2, [0, 1, 2, 3, 4])
-    _put(store, 2, turbo2, [7, 9], seed=1)
-    _put(store, 1, fp16, [3, 4], seed=2)
+    _write(store, turbo2, {0: [0, 1, 2, 3, 4], 2: [7, 9]})
+    _write(store, fp16, {1: [3, 4]}, seed=2)
     version = store.version
     group, pos, key, value, dist = store.contents(turbo2)
     assert sorted(zip(group.tolist(), pos.tolist(), strict=True)) == \
         [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (2, 7), (2, 9)]
-    before = dict(zip(zip(group.tolist(), pos.tolist(), strict=True),
-                      tiers[turbo2].key.decode(key), strict=True))
+    before = _codes(store, turbo2)
     # drop group 0's tokens 1 and 3, move group 2's run to group 1, shuffled
     keep = torch.tensor([i for i, (g, p) in enumerate(zip(group, pos.tolist(), strict=True))
                          if (g, p) not in {(0, 1), (0, 3)}]).flip(0)
     new_group = np.where(group[keep.numpy()] == 2, 1, group[keep.numpy()])
-    store.replace(turbo2, new_group, pos[keep], _codes(key, keep), _codes(value, keep),
-                  dist[keep])
+    store.replace(turbo2, new_group, pos[keep], key.rows(keep), value.rows(keep), dist[keep])
     assert store.version > version
     _check(store, {0: {turbo2: [0, 2, 4]}, 1: {turbo2: [7, 9], fp16: [3, 4]}, 2: {}})
-    group, pos, key, _, _ = store.contents(turbo2)
-    for g, p, k in zip(group.tolist(), pos.tolist(), tiers[turbo2].key.decode(key), strict=True):
-        assert torch.equal(k, before[(0 if g == 0 else 2, p)])
-    store.replace(turbo2, np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long),
-                  _codes(key, torch.zeros(0, dtype=torch.long)),
-                  _codes(value, torch.zeros(0, dtype=torch.long)), dist[:0])
+    for (g, p), code in _codes(store, turbo2).items():
+        assert code == before[(0 if g == 0 else 2, p)]
+    none = torch.zeros(0, dtype=torch.long)
+    store.replace(turbo2, np.zeros(0, np.int64), none, key.rows(none), value.rows(none),
+                  dist[:0])
     _check(store, {0: {}, 1: {fp16: [3, 4]}, 2: {}})
-
-
-def _codes(codes, index):
-    return Codes(codes.payload[index], {k: v[index] for k, v in codes.side.items()},
-                 torch.Size((len(index), codes.shape[-1])))
 
 
 def test_paged_keys_quantize_each_page_whole():
@@ -166,19 +213,15 @@ def test_paged_keys_quantize_each_page_whole():
     with pytest.raises(ValueError, match="page_size"):
         PagedStore(tiers, groups=1, page_size=2 * P)
     store = PagedStore(tiers, groups=2, page_size=P)
-    keys, _ = _put(store, 0, 1, [0, 1, 2, 3, 4, 5])
-    _put(store, 1, 1, [3, 7], seed=1)
+    keys, _ = _write(store, 1, {0: [0, 1, 2, 3, 4, 5], 1: [3, 7]})
     _check(store, {0: {1: [0, 1, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
-    pos, k_codes, _, _ = store.read(0, 1)
+    k_codes, _, valid, _ = store.gather(1, [0])
+    assert valid.all()
     # a full page and a partial one, each quantized as one group of its own tokens
-    expected = torch.cat([key.reconstruct(keys[:4]), key.reconstruct(keys[4:])])
-    assert torch.equal(key.decode(k_codes), expected)
-    k_hat, _, _ = store.take(0, 1, torch.tensor([1]))
-    assert torch.equal(k_hat[0], expected[1])
+    expected = torch.cat([key.reconstruct(keys[:4]), key.reconstruct(keys[4:6])])
+    assert torch.equal(key.decode(k_codes)[0], expected)
+    _remove(store, 1, 0, [1])
     _check(store, {0: {1: [0, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
     # the repacked first page [0, 2, 3, 4] is quantized again from its decoded keys
-    _, k_codes, _, _ = store.read(0, 1)
-    assert torch.equal(key.decode(k_codes)[:4], key.reconstruct(expected[[0, 2, 3, 4]]))
-    with pytest.raises(ValueError, match="per page"):
-        store.put_encoded(0, 1, torch.tensor([9]), key.encode(keys[:4]),
-                          tiers[1].value.encode(keys[:1]), torch.zeros(1, 2))
+    k_codes, _, _, _ = store.gather(1, [0])
+    assert torch.equal(key.decode(k_codes)[0, :4], key.reconstruct(expected[[0, 2, 3, 4]]))
