@@ -24,6 +24,7 @@ or quantizing one item (softmax recomputed exactly), per layer, as a Spearman ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,17 +147,22 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     return out
 
 
-def distortion_matrix(trace, tiers: TierSet,
-                      estimator: Estimator | str | None = None) -> np.ndarray:
-    """``D`` ``[L, H_kv, n, T]`` of a :class:`sphkv.integrations.hf.Trace`."""
+def distortion_matrix(trace, tiers: TierSet, estimator: Estimator | str | None = None,
+                      on_layer: Callable[[int], None] | None = None) -> np.ndarray:
+    """``D`` ``[L, H_kv, n, T]`` of a :class:`sphkv.integrations.hf.Trace`; ``on_layer(done)``
+    is called after each layer (a progress bar's hook)."""
     if isinstance(estimator, str):
         estimator = get_estimator(estimator)
     if tiers.d != trace.head_dim:
         raise ValueError(f"tiers are for head dimension {tiers.d}, the trace has "
                          f"{trace.head_dim}")
-    return np.stack([layer_distortion(trace.keys[i], trace.values[i], trace.queries[i], tiers,
-                                      estimator, first=_first_seen(trace, i))
-                     for i in range(trace.layers)])
+    rows = []
+    for i in range(trace.layers):
+        rows.append(layer_distortion(trace.keys[i], trace.values[i], trace.queries[i], tiers,
+                                     estimator, first=_first_seen(trace, i)))
+        if on_layer is not None:
+            on_layer(i + 1)
+    return np.stack(rows)
 
 
 def _first_seen(trace, layer: int) -> torch.Tensor | None:
@@ -293,7 +299,8 @@ def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
 
 def problem_from_trace(trace, tiers: TierSet, budget: float,
                        estimator: Estimator | str | None = None, page_size: int = 16,
-                       sinks: int = 4, recent: int | None = None) -> AllocationProblem:
+                       sinks: int = 4, recent: int | None = None,
+                       on_layer: Callable[[int], None] | None = None) -> AllocationProblem:
     """The allocation problem of a trace: one item per (layer, kv-head, token).
 
     Parameters
@@ -313,6 +320,8 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
     sinks, recent : int
         The first ``sinks`` tokens and the last ``recent`` (default: the window W) are forced to
         the last tier (fp16).
+    on_layer : callable, optional
+        ``on_layer(done)`` after each layer's distortion rows (a progress bar's hook).
 
     A sliding or chunked layer's tokens that the next query cannot see are forced to drop, and a
     budget given as a fraction refers to what the model's own fp16 cache holds (those tokens
@@ -330,7 +339,7 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
         raise ValueError(f"sinks and recent must be >= 0, got {sinks} and {recent}")
     if budget <= 0:
         raise ValueError(f"budget must be positive, got {budget}")
-    d = distortion_matrix(trace, tiers, estimator)
+    d = distortion_matrix(trace, tiers, estimator, on_layer)
     layers, h_kv, n, t = d.shape
     token = np.tile(np.arange(n), layers * h_kv)
     gone = np.repeat(invisible(trace), h_kv, axis=0).reshape(-1)  # [L·H_kv·n], item order

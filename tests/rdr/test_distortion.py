@@ -166,6 +166,9 @@ def test_problem_from_trace(small_trace):
     np.testing.assert_allclose(problem.distortion.reshape(t.layers, t.kv_heads, t.tokens, -1),
                                distortion_matrix(t, TIERS))
     assert problem_from_trace(t, TIERS, 20_000.0, recent=8).budget == 20_000.0
+    done = []
+    problem_from_trace(t, TIERS, 0.5, on_layer=done.append)
+    assert done == list(range(1, t.layers + 1))
     assert problem_from_trace(t, TIERS, 0.5, estimator="keydiff").n_items == n_items
     with pytest.raises(InfeasibleBudgetError):
         problem_from_trace(t, TIERS, 0.01)

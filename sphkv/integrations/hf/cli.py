@@ -43,14 +43,20 @@ def trace_problem(path: Path, budget: str | None, estimator: str | None, parse_b
 
     trace = load_trace(path)
     with progress(transient=True) as bar:
-        bar.add_task(f"measuring the distortion of {_items(trace):,} items at every tier",
-                     total=None)
-        full = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, estimator=estimator)
+        full = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, estimator=estimator,
+                                  on_layer=_layer_bar(bar, trace))
     return full.with_budget(parse_budget(budget or "0.125", full.full_cost())), trace
 
 
 def _items(trace) -> int:
     return trace.layers * trace.kv_heads * trace.tokens
+
+
+def _layer_bar(bar, trace):
+    """A progress task over the trace's layers; the hook that advances it."""
+    task = bar.add_task(f"measuring the distortion of {_items(trace):,} items at every tier, "
+                        f"layer by layer", total=trace.layers)
+    return lambda done: bar.update(task, completed=done)
 
 
 def byte_share_report(problem, tiers, trace):
@@ -90,10 +96,8 @@ def rd(trace_file: Path, out: Path = Path("rd.png"), estimator: str | None = Non
     try:
         trace = load_trace(trace_file)
         with progress(transient=True) as bar:
-            bar.add_task(f"measuring the distortion of {_items(trace):,} items at every tier",
-                         total=None)
             base = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0,
-                                      estimator=estimator)
+                                      estimator=estimator, on_layer=_layer_bar(bar, trace))
     except ValueError as exc:
         fail(str(exc), exc)
     with progress() as bar:

@@ -50,9 +50,11 @@ def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, wind
                               source=DEMO_TEXT, progress=bar)
     trace_path = save_trace(trace, out_dir / "trace.safetensors")
     with progress(err, transient=True) as bar:
-        bar.add_task(f"measuring the distortion of {trace.layers * trace.kv_heads * tokens:,} "
-                     "items at six tiers with the real codecs", total=None)
-        base = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, recent=recent)
+        task = bar.add_task(f"measuring the distortion of "
+                            f"{trace.layers * trace.kv_heads * tokens:,} items at six tiers with "
+                            f"the real codecs, layer by layer", total=trace.layers)
+        base = problem_from_trace(trace, default_tiers(trace.head_dim), 1.0, recent=recent,
+                                  on_layer=lambda done: bar.update(task, completed=done))
     rows = demo_sweep(base, err)
     title = f"{model_name}, {tokens} tokens of Pride and Prejudice: {base.n_items:,} items"
     if out is not None:
