@@ -42,12 +42,12 @@ import triton.language as tl
 
 from benchmarks.common import gbps
 from benchmarks.ops.paged_decode import _bench, _ceilings, _sdpa
+from sphkv.kernels import split_k
 from sphkv.kernels.ada_decode.lookup import even_odd_levels, prmt_lookup_asm
 
 MODES = ("fp16", "interleaved-lut", "split-lut", "split-affine", "split-magic", "bytes",
          "interleaved-prmt")
 ASM_MODES = ("interleaved-prmt",)
-LOG2E = 1.4426950408889634
 # uniform levels of the affine modes: a·c + b spans ±3.75 like 4-bit Gaussian levels
 AFFINE = (0.5, -3.75)
 
@@ -223,7 +223,7 @@ def anatomy_decode(mode: str, case: dict, scale: float, *, splits: int, block_n:
     q = case["q"]
     bh, group, d = q.shape
     length = case["k_x"].shape[1]
-    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    split_len = split_k.split_length(length, splits, block_n)
     o_part = torch.empty(bh, splits, group, d, device=q.device)
     lse = torch.empty(bh, splits, group, device=q.device)
     _launch(mode, case, scale, o_part, lse, split_len, splits, block_n, num_warps)
@@ -235,7 +235,7 @@ def _launch(mode, case, scale, o_part, lse, split_len, splits, block_n, num_warp
     q = case["q"]
     bh, group, d = q.shape
     _kernel[(bh, splits)](q, case["k_x"], case["k_n"], case["v_x"], case["v_n"], case["lev"],
-                          o_part, lse, case["k_x"].shape[1], split_len, scale * LOG2E,
+                          o_part, lse, case["k_x"].shape[1], split_len, scale * split_k.LOG2E,
                           AFFINE[0], AFFINE[1], S=splits, R=group,
                           R_PAD=max(16, triton.next_power_of_2(group)), D=d,
                           MODE=MODES.index(mode), BLOCK_N=block_n,
@@ -291,7 +291,7 @@ def run(args) -> list[dict]:
             timed = []
             for block_n in args.block_n:
                 for warps in args.warps:
-                    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+                    split_len = split_k.split_length(length, splits, block_n)
                     o_part = torch.empty(bh, splits, group, d, device="cuda")
                     lse = torch.empty(bh, splits, group, device="cuda")
                     fn = functools.partial(_launch, mode, case, scale, o_part, lse, split_len,
