@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import gbps
-from benchmarks.ops.paged_decode import SHAPES, _bench, _case, _ceilings, _sdpa
+from benchmarks.ops.paged_decode import SHAPES, device_ceilings, paged_case, time_op, time_sdpa
 from sphkv.codec import Codes, Fp16Codec, Int8Codec
 from sphkv.kernels.ada_decode import (
     AdaDecodePlan,
@@ -188,14 +188,14 @@ def _measure(name, B, L, P, configs, block_ns, warps, gen, copy_bw, graph=False,
              baseline=None) -> list[dict]:
     Hq, Hkv, D = SHAPES[name]
     label = f"{name} L={L}"
-    q, k, v, bt = _case(B, Hq, Hkv, D, L, P, gen)
+    q, k, v, bt = paged_case(B, Hq, Hkv, D, L, P, gen)
     full = torch.full((B,), L, device="cuda", dtype=torch.int32)
-    t_paged = _bench(functools.partial(paged_decode, q, k, v, bt, full))
+    t_paged = time_op(functools.partial(paged_decode, q, k, v, bt, full))
     del q, k, v, bt
     qd = torch.randn(B, Hq, 1, D, generator=gen, device="cuda").half()
     kd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
     vd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
-    t_sdpa = min((t for t, _ in _sdpa(qd, kd, vd, label)), default=float("nan"))
+    t_sdpa = min((t for t, _ in time_sdpa(qd, kd, vd, label)), default=float("nan"))
     del kd, vd
     torch.cuda.empty_cache()
     fp16_bytes = 2 * B * L * Hkv * D * 2
@@ -207,8 +207,8 @@ def _measure(name, B, L, P, configs, block_ns, warps, gen, copy_bw, graph=False,
         q = torch.randn(B, Hq, 1, D, generator=gen, device="cuda").half()
         for impl, block_n, nw, n, fn in _variants(q, pages, window, block_ns, warps, splits,
                                                   baseline):
-            t = _bench(fn)
-            t_graph = _bench(_graphed(fn)) if graph else float("nan")
+            t = time_op(fn)
+            t_graph = time_op(_graphed(fn)) if graph else float("nan")
             rows.append({"graph_us": t_graph * 1e6, "vs_sdpa_graph": t_sdpa / t_graph,
                          "pct_copy_graph": 100 * nbytes / t_graph / copy_bw,
                          "shape": name, "B": B, "L": L, "config": config, "impl": impl,
@@ -231,12 +231,12 @@ def _encode_rows(gen) -> list[dict]:
     q = torch.randn(1, Hq, L, D, generator=gen, device="cuda").half()
     k = torch.randn(1, Hkv, L, D, generator=gen, device="cuda").half()
     v = torch.randn(1, Hkv, L, D, generator=gen, device="cuda").half()
-    t_attn = _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+    t_attn = time_op(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                            enable_gqa=True))
     x = k.float().reshape(-1, D)
     for name in ("turbo4", "turbo2", "int8"):
         tier = default_tiers(D)[default_tiers(D).index(name)]
-        t_enc = _bench(lambda tier=tier: (tier.key.encode(x), tier.value.encode(x)))
+        t_enc = time_op(lambda tier=tier: (tier.key.encode(x), tier.value.encode(x)))
         rows.append({"shape": "prefill 32q/8kv/d128", "B": 1, "L": L, "config": f"encode {name}",
                      "us": t_enc * 1e6, "sdpa_us": t_attn * 1e6,
                      "encode_pct_of_attention": 100 * t_enc / t_attn})
@@ -246,7 +246,7 @@ def _encode_rows(gen) -> list[dict]:
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     baseline = None if args.baseline is None else importlib.import_module(args.baseline)
-    copy_bw, _ = _ceilings()
+    copy_bw, _ = device_ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows = []
     for name in args.shapes:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.common import gbps
-from benchmarks.ops.paged_decode import _bench, _ceilings, _sdpa
+from benchmarks.ops.paged_decode import device_ceilings, time_op, time_sdpa
 from sphkv.kernels import split_k
 from sphkv.kernels.ada_decode.lookup import even_odd_levels, prmt_lookup_asm
 
@@ -268,7 +268,7 @@ def run(args) -> list[dict]:
     lev = torch.as_tensor(TurboQuantCodec(d=d, bits=4).quantizer.levels,
                           dtype=torch.float32).cuda()
     scale = 1 / math.sqrt(d)
-    copy_bw, _ = _ceilings()
+    copy_bw, _ = device_ceilings()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = max(1, triton.cdiv(4 * sms, bh))
     rows = []
@@ -284,7 +284,7 @@ def run(args) -> list[dict]:
         qd = torch.randn(args.batch, hq, 1, d, generator=gen).half().cuda()
         kd = torch.randn(args.batch, hkv, length, d, generator=gen).half().cuda()
         vd = torch.randn(args.batch, hkv, length, d, generator=gen).half().cuda()
-        sdpa = min(_sdpa(qd, kd, vd, f"L={length}"), default=(float("nan"), "none"))
+        sdpa = min(time_sdpa(qd, kd, vd, f"L={length}"), default=(float("nan"), "none"))
         del qd, kd, vd
         for mode in args.modes:
             case = make_case(mode, bh, group, length, d, lev, gen, "cuda")
@@ -297,7 +297,7 @@ def run(args) -> list[dict]:
                     fn = functools.partial(_launch, mode, case, scale, o_part, lse, split_len,
                                            splits, block_n, warps)
                     try:
-                        timed.append((_bench(fn), block_n, warps))
+                        timed.append((time_op(fn), block_n, warps))
                     except Exception as err:  # a configuration Triton cannot compile
                         print(f"{mode} block_n={block_n} warps={warps}: not run "
                               f"({str(err).splitlines()[0][:80]})")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import gbps
-from benchmarks.ops.paged_decode import SHAPES, _bench, _ceilings
+from benchmarks.ops.paged_decode import SHAPES, device_ceilings, time_op
 from sphkv.codec import Codes, TurboQuantCodec
 from sphkv.codec.packing import unpack
 from sphkv.kernels.encode_pack import encode_pack, encode_pack_naive
@@ -73,7 +73,7 @@ def _both(fn, keys, values, tier, pools, slots, **kwargs) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    copy_bw, _ = _ceilings()
+    copy_bw, _ = device_ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows, L = [], args.length
     for name in args.shapes:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         k = torch.randn(1, Hkv, L, D, generator=gen, device="cuda").half()
         v = torch.randn(1, Hkv, L, D, generator=gen, device="cuda").half()
         k += torch.randn(D, generator=gen, device="cuda").half()
-        t_attn = _bench(functools.partial(F.scaled_dot_product_attention, q, k, v,
+        t_attn = time_op(functools.partial(F.scaled_dot_product_attention, q, k, v,
                                           is_causal=True, enable_gqa=True))
         n = Hkv * L
         xk, xv = k.reshape(n, D), v.reshape(n, D)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             torch_path = functools.partial(_both, encode_pack_naive, xk, xv, tier, pools["ref"],
                                            slots)
             torch_path()
-            t_torch = _bench(torch_path)
+            t_torch = time_op(torch_path)
             nbytes = 2 * n * D * 2 + n * 8 + n * (tier.bytes_per_token_head)
             for nw in args.num_warps:
                 for bm in args.block_m:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                      slots)
                     side_diff = sum(int((pools["ref"][i].side[s] != pools["out"][i].side[s])
                                         .sum()) for i in (0, 1) for s in pools["ref"][i].side)
-                    t = _bench(kernel)
+                    t = time_op(kernel)
                     rows.append({"shape": name, "L": L, "tier": tname, "warps": nw,
                                  "block_m": bm, "vectors": 2 * n,
                                  "codes_differ": dk + dv, "of": 2 * n * D,

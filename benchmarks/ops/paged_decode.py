@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _bench(fn) -> float:
+def time_op(fn) -> float:
     """Median seconds of ``fn`` (compiled and warmed first)."""
     from triton.testing import do_bench
 
@@ -51,19 +51,19 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
 
 
-def _ceilings() -> tuple[float, float]:
+def device_ceilings() -> tuple[float, float]:
     """Measured device-to-device copy bandwidth (bytes read + written, per second) and fp16
     matmul rate (FLOP per second)."""
     src = torch.randn(2**29, device="cuda", dtype=torch.float16)  # 1 GiB
     dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 2 / _bench(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * 2 / time_op(lambda: dst.copy_(src))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    flops = 2 * 8192**3 / _bench(lambda: a @ b)
+    flops = 2 * 8192**3 / time_op(lambda: a @ b)
     return copy_bw, flops
 
 
-def _case(B, Hq, Hkv, D, L, P, gen):
+def paged_case(B, Hq, Hkv, D, L, P, gen):
     max_pages = (L + P - 1) // P
     num_pages = B * max_pages
     q = torch.randn(B, Hq, D, generator=gen, device="cuda").half()
@@ -84,11 +84,11 @@ def _triton(q, k, v, bt, lengths) -> list[tuple[float, str]]:
                                num_warps=warps, num_stages=stages, num_splits=splits)
         label = f"triton bn{block_n} w{warps} s{stages}" + ("" if per_sm is None else
                                                              f" {per_sm}/SM")
-        timed.append((_bench(fn), label))
+        timed.append((time_op(fn), label))
     return timed
 
 
-def _sdpa(qd, kd, vd, label: str) -> list[tuple[float, str]]:
+def time_sdpa(qd, kd, vd, label: str) -> list[tuple[float, str]]:
     """Seconds of SDPA under each backend that accepts the shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -96,7 +96,7 @@ def _sdpa(qd, kd, vd, label: str) -> list[tuple[float, str]]:
     for backend in BACKENDS:
         try:
             with sdpa_kernel(getattr(SDPBackend, backend)):
-                t = _bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
+                t = time_op(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
         except RuntimeError as err:  # the backend refuses this shape or is not built
             print(f"SDPA {backend} {label}: not run ({str(err).splitlines()[0]})")
             continue
@@ -107,7 +107,7 @@ def _sdpa(qd, kd, vd, label: str) -> list[tuple[float, str]]:
 def _measure(name: str, B: int, L: int, P: int, gen, copy_bw: float,
              flop_rate: float) -> list[dict]:
     Hq, Hkv, D = SHAPES[name]
-    q, k, v, bt = _case(B, Hq, Hkv, D, L, P, gen)
+    q, k, v, bt = paged_case(B, Hq, Hkv, D, L, P, gen)
     # correctness at this size first, with ragged lengths; NaN fails the comparison
     ragged = torch.randint(1, L + 1, (B,), generator=gen, device="cuda").int()
     ragged[0] = L
@@ -127,7 +127,7 @@ def _measure(name: str, B: int, L: int, P: int, gen, copy_bw: float,
     qd = torch.randn(B, Hq, 1, D, generator=gen, device="cuda").half()
     kd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
     vd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
-    timed += [(t, impl, io_bytes) for t, impl in _sdpa(qd, kd, vd, f"{name} L={L}")]
+    timed += [(t, impl, io_bytes) for t, impl in time_sdpa(qd, kd, vd, f"{name} L={L}")]
     sdpa_best = min((t for t, impl, _ in timed if impl.startswith("sdpa")), default=float("nan"))
     return [{**base, "impl": impl, "us": t * 1e6, "GB_s": gbps(nbytes, t),
              "pct_copy": 100 * nbytes / t / copy_bw, "speedup_vs_sdpa": sdpa_best / t,
@@ -137,7 +137,7 @@ def _measure(name: str, B: int, L: int, P: int, gen, copy_bw: float,
 
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    copy_bw, flop_rate = _ceilings()
+    copy_bw, flop_rate = device_ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s, fp16 matmul {flop_rate / 1e12:.0f} TFLOP/s")
     rows = []
     for name in args.shapes:

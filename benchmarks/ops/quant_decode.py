@@ -20,7 +20,7 @@ import functools
 import torch
 
 from benchmarks.common import gbps
-from benchmarks.ops.paged_decode import SHAPES, _bench, _case, _ceilings, _sdpa
+from benchmarks.ops.paged_decode import SHAPES, device_ceilings, paged_case, time_op, time_sdpa
 from sphkv.kernels.paged_decode import paged_decode
 from sphkv.kernels.quant_decode import quant_decode, quant_decode_naive
 from sphkv.rdr.tiers import default_tiers
@@ -53,13 +53,13 @@ def _pool(tier, num_pages: int, P: int, gen) -> list[torch.Tensor]:
 def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
     Hq, Hkv, D = SHAPES[name]
     label = f"{name} L={L}"
-    q, k, v, bt = _case(B, Hq, Hkv, D, L, P, gen)
+    q, k, v, bt = paged_case(B, Hq, Hkv, D, L, P, gen)
     full = torch.full((B,), L, device="cuda", dtype=torch.int32)
-    t_paged = _bench(functools.partial(paged_decode, q, k, v, bt, full))
+    t_paged = time_op(functools.partial(paged_decode, q, k, v, bt, full))
     qd = torch.randn(B, Hq, 1, D, generator=gen, device="cuda").half()
     kd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
     vd = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").half()
-    t_sdpa = min((t for t, _ in _sdpa(qd, kd, vd, label)), default=float("nan"))
+    t_sdpa = min((t for t, _ in time_sdpa(qd, kd, vd, label)), default=float("nan"))
 
     rows = []
     ladder = default_tiers(D)
@@ -82,7 +82,7 @@ def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
         code_bytes = B * Hkv * L * tier.bytes_per_token_head
         nbytes = code_bytes + 2 * B * Hq * D * 2 + bt.numel() * 4
         for block_n in block_ns:
-            t = _bench(functools.partial(quant_decode, q, *pool, bt, full, tier.key, tier.value,
+            t = time_op(functools.partial(quant_decode, q, *pool, bt, full, tier.key, tier.value,
                                          block_n=block_n))
             rows.append({"shape": name, "B": B, "L": L, "tier": tier_name, "block_n": block_n,
                          "kv_bytes_vs_fp16": fp16_bytes / code_bytes, "bytes_MB": nbytes / 1e6,
@@ -95,7 +95,7 @@ def _measure(name, B, L, P, tiers, block_ns, gen, copy_bw) -> list[dict]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    copy_bw, _ = _ceilings()
+    copy_bw, _ = device_ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows = []
     for name in args.shapes:
