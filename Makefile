@@ -27,8 +27,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
+# ruff, and the layer contract in pyproject.toml (import-linter)
 lint: venv
 	$(VENV)/bin/ruff check sphkv tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # `pip install .` of the committed tree (no make, no extras) in a fresh venv outside the
 # checkout, then the model-free demo and a solve from that install.

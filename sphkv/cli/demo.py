@@ -31,9 +31,9 @@ def run_demo(out_dir: Path, model_name: str = "smollm2", tokens: int = 640, wind
     """
     import torch
 
-    from sphkv.analysis.cli import demo_sweep, print_comparison
     from sphkv.analysis.plots import plot_rdr_vs_baselines
     from sphkv.cli import load_model_or_fail, progress
+    from sphkv.cli.analysis import demo_sweep, print_comparison
     from sphkv.integrations.hf.generate import compressed_generate, fp16_cache_bytes
     from sphkv.integrations.hf.text import read_tokens
     from sphkv.integrations.hf.trace import capture_trace, save_trace

@@ -1,9 +1,11 @@
-"""The ``sphkv`` command.
+"""The ``sphkv`` command: every subcommand, its arguments and the shared helpers (progress,
+tables, budgets, one-line errors).
 
 Only typer and rich are imported here: torch, transformers and the solvers load inside the
 commands, after every argument has been checked, so ``--help`` and argument errors come back at
-once. The subcommands' bodies live beside their code (``sphkv.integrations.hf``,
-``sphkv.analysis``).
+once. The bodies of the longer commands sit beside this module in ``sphkv.cli``
+(``hf``: capture and traces, ``generate``, ``evaluate``, ``demo``, ``analysis``: the figures and
+sweeps). The command line is the top layer: the library packages never import it.
 """
 
 from __future__ import annotations
@@ -375,7 +377,7 @@ def solve(
     from sphkv.rdr import AllocationProblem, InfeasibleBudgetError
 
     if is_trace:  # the Hugging Face extra, needed for traces only
-        from sphkv.integrations.hf.cli import byte_share_report, trace_problem
+        from sphkv.cli.hf import byte_share_report, trace_problem
     try:
         if is_trace:
             problem, trace = trace_problem(problem_file, budget, estimator, parse_budget)
@@ -447,7 +449,7 @@ def capture(
                                  param_hint="--out")
     check_out_file(out)
     check_model(model)
-    from sphkv.integrations.hf.cli import capture_to_file
+    from sphkv.cli.hf import capture_to_file
 
     capture_to_file(text, out, model, tokens, window)
 
@@ -485,7 +487,7 @@ def generate(
     if not prompt.strip():
         raise typer.BadParameter(f"{prompt_file} holds no text", param_hint="--prompt-file")
     check_model(model)
-    from sphkv.integrations.hf.generate import generate_command
+    from sphkv.cli.generate import generate_command
 
     generate_command(model, prompt, spec, method, max_new_tokens, window, compare, json_output)
 
@@ -531,7 +533,7 @@ def evaluate(
         raise typer.BadParameter(f"{depth}: the depth is in [0, 1]", param_hint="--depth")
     kind, value = budget_spec(budget)
     check_model(model)
-    from sphkv.integrations.hf.eval_cli import run_eval
+    from sphkv.cli.evaluate import run_eval
 
     run_eval(task, model, text, context, (kind, value), budget, method, trials, depth, setting,
              scored, chunk, window, seed, json_output)
@@ -576,7 +578,7 @@ def demo(
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out-dir")
     if not synthetic:
         check_model("smollm2")
-    from sphkv.analysis.cli import print_comparison, print_demo, run_synthetic_demo
+    from sphkv.cli.analysis import print_comparison, print_demo, run_synthetic_demo
 
     stdout = console(stderr=False)
     if synthetic:
@@ -584,7 +586,7 @@ def demo(
                                     console=err)
         print_comparison(result["rows"], result["title"], stdout)
     else:
-        from sphkv.integrations.hf.demo import run_demo
+        from sphkv.cli.demo import run_demo
 
         result = run_demo(out_dir, tokens=tokens, new_tokens=new_tokens,
                           console=err, out=stdout)
@@ -613,7 +615,7 @@ def plot_rd(
     if out.suffix.lower() != ".png":
         raise typer.BadParameter(f"{out}: the plot is a PNG, name it *.png", param_hint="--out")
     check_out_file(out)
-    from sphkv.integrations.hf.cli import rd
+    from sphkv.cli.hf import rd
 
     rd(trace_file, out, estimator, ilp_time_limit)
 
@@ -655,7 +657,7 @@ def bits(
             raise typer.BadParameter(f"{text} is not a file (or pass --no-real)",
                                      param_hint="--text")
         check_model("smollm2")
-    from sphkv.analysis.cli import bits as run_bits
+    from sphkv.cli.analysis import bits as run_bits
 
     run_bits(out_dir, d, keys, queries, real, tokens, window, seed, threads, text)
 

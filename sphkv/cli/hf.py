@@ -85,10 +85,10 @@ def rd(trace_file: Path, out: Path = Path("rd.png"), estimator: str | None = Non
     quantize-only (no drop) ladders."""
     import json
 
-    from sphkv.analysis.cli import ladder_sweep
     from sphkv.analysis.plots import plot_rdr_vs_baselines
     from sphkv.analysis.rd import BUDGET_FRACTIONS
     from sphkv.cli import err, fail, progress
+    from sphkv.cli.analysis import ladder_sweep
     from sphkv.integrations.hf.trace import load_trace
     from sphkv.rdr import default_tiers, problem_from_trace
     from sphkv.solvers import SOLVERS
