@@ -30,6 +30,7 @@ def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None
     """
     store, p = cache.store, cache.store.page_size
     out = []
+    positions: dict[int, dict] = {}  # per group, its kept positions per tier (read once)
     for t, pool in store.pools.items():
         runs = np.empty((batch, heads), dtype=object)
         lengths = np.zeros((batch, heads), dtype=np.int32)
@@ -47,8 +48,9 @@ def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None
                                        f"runs")
                 runs[b, h], lengths[b, h] = run["page_id"], run["valid"].sum()
                 if hidden is not None and lengths[b, h]:
-                    positions = store.positions(group)[t]
-                    hidden[b, h] = torch.searchsorted(positions, first[b]).int()
+                    if group not in positions:
+                        positions[group] = store.positions(group)
+                    hidden[b, h] = torch.searchsorted(positions[group][t], first[b]).int()
         if not lengths.any():
             continue
         table = np.zeros((batch, heads, max(len(r) for r in runs.flat)), dtype=np.int32)
