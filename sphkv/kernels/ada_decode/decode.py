@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -267,8 +269,12 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
             V_GROUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
             K_NF: tl.constexpr, V_NF: tl.constexpr, BLOCK_N: tl.constexpr):
     """Every segment of a layer in one launch: program (i_bh, i_x) runs split
-    ``i_x − split_base[t]`` of the segment t with ``split_base[t] ≤ i_x < split_base[t + 1]``;
-    each argument but the shared ones is a tuple over the segments."""
+    ``i_x − split_base[t]`` of the segment t with ``split_base[t] ≤ i_x < split_base[t + 1]``.
+
+    Triton takes flat arguments: each parameter named in :class:`_SegmentArgs` (run time) or
+    :class:`_SegmentConsts` (constexpr) is a tuple over the segments, built on the host from
+    one named tuple per segment (:func:`_by_parameter`) and passed by name; the others (the
+    split layout, the partial buffers, the logit scale, the shapes) are shared."""
     i_bh, i_x = tl.program_id(0), tl.program_id(1)
     for t in tl.static_range(NSEG):
         if (i_x >= split_base[t]) & (i_x < split_base[t + 1]):
@@ -325,14 +331,23 @@ def _bounds(first: torch.Tensor, shape: tuple[int, ...], M: int,
 
 
 class _Side:
-    """How the kernel reads one codec's rows: kind, bits, row tensor, side tensor, per-row
-    factor, domain (rotation seed or None), tables, field tiles of the register lookup."""
+    """How the kernel reads one codec's rows (a tier's keys or values, or the window's).
+
+    Attributes: ``kind`` (:class:`~sphkv.codec.KernelKind`), ``bits``, ``rows`` (payload or
+    fp16 rows), ``side`` (the per-row factor: norm, scale or radius; None for fp16), ``mult``
+    (the factor's constant, 1/√D for TurboQuant), ``seed`` (the rotation of its domain, or
+    None), ``levels`` (the TurboQuant codebook), ``ada_meta`` and ``ada_trig`` (ADA keys' level
+    layout and angle tables), ``codes`` and ``group`` (TurboQuant packing: ``codes`` codes
+    fill ``group`` bytes), ``asm`` and ``fields`` (the register lookup of 2- and 4-bit
+    levels and its field tiles; ``""`` and 1 without it). A table the kind does not read is
+    None.
+    """
 
     def __init__(self, codec, codes, d: int, device: torch.device, role: str, rows=None):
-        levels = meta = trig = None
+        self.levels = self.ada_meta = self.ada_trig = None
         self.seed, self.mult, self.bits = None, 1.0, 0
         self.asm = ""  # the register lookup of 2- and 4-bit levels (lookup.py)
-        side = None if codes is None else next(iter(codes.side.values()), None)
+        self.side = None if codes is None else next(iter(codes.side.values()), None)
         payload = None if codes is None else codes.payload
         kind = FP16 if role == "window" else getattr(codec, "KERNEL", None)
         if role == "window":
@@ -344,7 +359,7 @@ class _Side:
         elif kind == TURBO:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
-            levels = _levels(d, codec.bits, device)
+            self.levels = _levels(d, codec.bits, device)
             # the register lookup gives 8/bits field tiles of D·bits/8 coordinates (2, 4 bits),
             # each a dot operand: D·bits/8 ≥ 16
             nf = {2: 4, 4: 2}.get(codec.bits, 0)
@@ -353,7 +368,7 @@ class _Side:
         elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
-            meta, trig = _ada_tables(d, codec.bits, device)
+            self.ada_meta, self.ada_trig = _ada_tables(d, codec.bits, device)
         else:
             raise ValueError(f"{role} codec {type(codec).__name__} has no kernel (fp16, int8, "
                              f"TurboQuant, and SphericalCodec keys do)")
@@ -364,21 +379,129 @@ class _Side:
         if role != "window" and not rows.is_contiguous():
             rows = rows.contiguous()
         self.rows, self.nbytes = rows, rows.shape[-1]
-        dummy = torch.zeros(1, device=device)
-        self.side_or_dummy = dummy if side is None else side
-        self.tables = (dummy if levels is None else levels,
-                       dummy.int() if meta is None else meta, dummy if trig is None else trig)
 
 
+class _SegmentArgs(NamedTuple):
+    """One segment's run-time arguments of :func:`_kernel`, named as its parameters (the kernel
+    takes each parameter as a tuple over the segments: :func:`_by_parameter`). A tensor the
+    segment does not read is a one-element placeholder."""
+
+    q: torch.Tensor | None  # the query rows in the key domain, fp16 [B, Hkv, R, D]; per run
+    k_rows: torch.Tensor  # key rows: the tier's pool payload [rows, bytes], or window keys
+    k_side: torch.Tensor  # per-row key factor [rows] (norm, scale, radius)
+    v_rows: torch.Tensor
+    v_side: torch.Tensor
+    k_levels: torch.Tensor  # TurboQuant codebook of the keys [2^bits]
+    v_levels: torch.Tensor
+    ada_meta: torch.Tensor  # ADA keys: (bit offset, bits) of each level's field [L, 2]
+    ada_trig: torch.Tensor  # ADA keys: (cos, sin) of each level's angle codes [L, 256, 2]
+    block_table: torch.Tensor  # int32 [B, Hkv, max_pages]; unread by the window
+    lengths: torch.Tensor  # int32 [B, Hkv]: tokens of each run (the window: W)
+    first: torch.Tensor  # int32 [B, Hkv, M]: first visible token per query row; read if BOUND
+    k_mult: float  # constant of the per-row key factor (1/√D for TurboQuant)
+    v_mult: float
+    stride_btb: int  # block table strides over (B, Hkv); 0 for the window
+    stride_bth: int
+    stride_wb: int  # window strides over (B, Hkv, W); 0 for a tier
+    stride_wh: int
+    stride_wn: int
+
+
+class _SegmentConsts(NamedTuple):
+    """One segment's compile-time (constexpr) parameters of :func:`_kernel`, named as its
+    parameters; ``K_`` of the key reader, ``V_`` of the value reader (:class:`_Side`)."""
+
+    P: int  # page size (the window: 1)
+    WINDOW: bool  # the fp16 window: dense rows, causal upper bound per query position
+    BOUND: bool  # lower bounds ``first`` per query row (sliding window)
+    K_KIND: int  # KernelKind
+    K_BITS: int
+    K_BYTES: int  # row length of k_rows (bytes; elements for fp16 and int8)
+    K_CODES: int
+    K_GROUP: int
+    K_ASM: str
+    K_NF: int
+    V_KIND: int
+    V_BITS: int
+    V_BYTES: int
+    V_CODES: int
+    V_GROUP: int
+    V_ASM: str
+    V_NF: int
+
+
+def _by_parameter(segments) -> dict[str, tuple]:
+    """Per-segment named tuples as :func:`_kernel` takes them: one tuple over the segments per
+    parameter name."""
+    return {name: tuple(getattr(s, name) for s in segments) for name in segments[0]._fields}
+
+
+@dataclass
 class _Segment:
-    """One launch slot: a tier's runs or the window, with how the kernel reads them."""
+    """One launch slot: a tier's runs or the window, with its key and value readers, its
+    capacity in tokens (what its splits are sized from) and its kernel arguments."""
 
-    def __init__(self, key: _Side, value: _Side, table, lengths, first, capacity: int,
-                 page_size: int, window: bool, strides=(0, 0, 0)):
-        self.key, self.value, self.table, self.lengths, self.first = key, value, table, \
-            lengths, first
-        self.capacity, self.page_size, self.window, self.strides = capacity, page_size, \
-            window, strides
+    key: _Side
+    value: _Side
+    capacity: int
+    args: _SegmentArgs
+    consts: _SegmentConsts
+
+
+def _slot(key: _Side, value: _Side, *, block_table, lengths, first, capacity: int,
+          page_size: int, window: bool, device: torch.device,
+          window_strides=(0, 0, 0)) -> _Segment:
+    """The one place a segment's kernel arguments are built from its readers and tables."""
+    dummy = torch.zeros(1, device=device)
+
+    def or_placeholder(t):
+        return dummy if t is None else t
+
+    args = _SegmentArgs(
+        q=None, k_rows=key.rows, k_side=or_placeholder(key.side), v_rows=value.rows,
+        v_side=or_placeholder(value.side), k_levels=or_placeholder(key.levels),
+        v_levels=or_placeholder(value.levels),
+        ada_meta=dummy.int() if key.ada_meta is None else key.ada_meta,
+        ada_trig=or_placeholder(key.ada_trig), block_table=block_table, lengths=lengths,
+        first=lengths if first is None else first, k_mult=key.mult, v_mult=value.mult,
+        stride_btb=0 if window else block_table.stride(0),
+        stride_bth=0 if window else block_table.stride(1),
+        stride_wb=window_strides[0], stride_wh=window_strides[1],
+        stride_wn=window_strides[2])
+    consts = _SegmentConsts(
+        P=page_size, WINDOW=window, BOUND=first is not None,
+        K_KIND=int(key.kind), K_BITS=key.bits, K_BYTES=key.nbytes, K_CODES=key.codes,
+        K_GROUP=key.group, K_ASM=key.asm, K_NF=key.fields,
+        V_KIND=int(value.kind), V_BITS=value.bits, V_BYTES=value.nbytes, V_CODES=value.codes,
+        V_GROUP=value.group, V_ASM=value.asm, V_NF=value.fields)
+    return _Segment(key, value, capacity, args, consts)
+
+
+def _tier_segment(tp: TierPages, B: int, Hkv: int, M: int, D: int,
+                  device: torch.device) -> _Segment:
+    """The launch slot of one tier's pages."""
+    first = None if tp.first is None else _bounds(tp.first, (B, Hkv), M, device)
+    return _slot(_Side(tp.key_codec, tp.key, D, device, "key"),
+                 _Side(tp.value_codec, tp.value, D, device, "value"),
+                 block_table=tp.block_table, lengths=tp.lengths.contiguous(), first=first,
+                 capacity=tp.block_table.shape[2] * tp.page_size, page_size=tp.page_size,
+                 window=False, device=device)
+
+
+def _window_segment(window: Window, B: int, Hkv: int, M: int, D: int,
+                    device: torch.device) -> _Segment:
+    """The launch slot of the fp16 window (nonempty, checked)."""
+    keys, values = window.keys, window.values
+    if keys.dtype != torch.float16 or keys.stride() != values.stride() or keys.stride(-1) != 1:
+        raise ValueError("window keys and values must be fp16 with equal strides and unit "
+                         "stride in D")
+    W = keys.shape[2]
+    first = _bounds(window.first, (B,), M, device)[:, None].expand(B, Hkv, M).contiguous()
+    lengths = torch.full((B, Hkv), W, dtype=torch.int32, device=device)
+    return _slot(_Side(None, None, D, device, "window", rows=keys),
+                 _Side(None, None, D, device, "window", rows=values),
+                 block_table=lengths, lengths=lengths, first=first, capacity=W, page_size=1,
+                 window=True, device=device, window_strides=keys.stride()[:3])
 
 
 class AdaDecodePlan:
@@ -431,30 +554,14 @@ class AdaDecodePlan:
                                  f"{tuple(tp.block_table.shape)}, {tuple(tp.lengths.shape)}")
             if tp.key.payload.shape[0] == 0 or tp.block_table.shape[2] == 0:
                 continue
-            first = None if tp.first is None else _bounds(tp.first, (B, Hkv), M, dev)
-            segments.append(_Segment(
-                _Side(tp.key_codec, tp.key, D, dev, "key"),
-                _Side(tp.value_codec, tp.value, D, dev, "value"), tp.block_table,
-                tp.lengths.contiguous(), first, tp.block_table.shape[2] * tp.page_size,
-                tp.page_size, False))
+            segments.append(_tier_segment(tp, B, Hkv, M, D, dev))
         v_seeds = {s.value.seed for s in segments} - {None}
         if len(v_seeds) > 1:
             raise ValueError(f"value codecs rotate with different seeds {sorted(v_seeds)}; "
                              f"the kernel keeps one rotated value sum")
         self.v_seed = next(iter(v_seeds), None)
         if window is not None and window.keys.shape[2] > 0:
-            keys, values = window.keys, window.values
-            if keys.dtype != torch.float16 or keys.stride() != values.stride() or \
-                    keys.stride(-1) != 1:
-                raise ValueError("window keys and values must be fp16 with equal strides and "
-                                 "unit stride in D")
-            W = keys.shape[2]
-            first = _bounds(window.first, (B,), M, dev)[:, None].expand(B, Hkv, M).contiguous()
-            lengths = torch.full((B, Hkv), W, dtype=torch.int32, device=dev)
-            segments.append(_Segment(
-                _Side(None, None, D, dev, "window", rows=keys),
-                _Side(None, None, D, dev, "window", rows=values), lengths, lengths, first, W,
-                1, True, keys.stride()[:3]))
+            segments.append(_window_segment(window, B, Hkv, M, D, dev))
         if not segments:
             raise ValueError("nothing to attend to: every tier is empty and no window")
         self.segments = segments
@@ -480,7 +587,7 @@ class AdaDecodePlan:
             D=D, LOG2D=D.bit_length() - 1, BLOCK_N=block_n, num_warps=num_warps,
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             num_stages=1 if any(s.key.kind == ADA for s in segments) else num_stages,
-            **{name: tuple(f(s) for s in segments) for name, f in _CONSTEXPRS.items()})
+            **_by_parameter([s.consts for s in segments]))
 
     def run(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Attention of ``q [B, Hq, M, D]`` (the plan's shape): as :func:`ada_decode`."""
@@ -498,22 +605,11 @@ class AdaDecodePlan:
                 x = q_rows if s.key.seed is None else q_rows @ _rotation(D, s.key.seed, dev)[0]
                 q_dom[s.key.seed] = x.half().contiguous()
 
-        def each(f):
-            return tuple(f(s) for s in segs)
-
+        args = [s.args._replace(q=q_dom[s.key.seed]) for s in segs]
         _kernel[(B * self.Hkv, self.total)](
-            each(lambda s: q_dom[s.key.seed]), each(lambda s: s.key.rows),
-            each(lambda s: s.key.side_or_dummy), each(lambda s: s.value.rows),
-            each(lambda s: s.value.side_or_dummy), each(lambda s: s.key.tables[0]),
-            each(lambda s: s.value.tables[0]), each(lambda s: s.key.tables[1]),
-            each(lambda s: s.key.tables[2]), each(lambda s: s.table),
-            each(lambda s: s.lengths), each(lambda s: s.lengths if s.first is None else s.first),
-            each(lambda s: s.key.mult), each(lambda s: s.value.mult), self.split_base,
-            each(lambda s: 0 if s.window else s.table.stride(0)),
-            each(lambda s: 0 if s.window else s.table.stride(1)),
-            each(lambda s: s.strides[0]), each(lambda s: s.strides[1]),
-            each(lambda s: s.strides[2]), self.o_part, self.lse_part, scale * split_k.LOG2E,
-            self.split_len, self.total, **self.options)
+            **_by_parameter(args), split_base=self.split_base, o_part=self.o_part,
+            lse_part=self.lse_part, qk_scale=scale * split_k.LOG2E, split_len=self.split_len,
+            num_splits=self.total, **self.options)
         split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](
             self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D,
             S_PAD=max(2, triton.next_power_of_2(self.total)), num_warps=4)
@@ -522,20 +618,6 @@ class AdaDecodePlan:
             # the rotated value sum back to coordinates, once per output row
             out = out + self.out2[:, 1] @ _rotation(D, self.v_seed, dev)[1]
         return out.view(B, Hq, M, D).to(q.dtype)
-
-
-# the compile-time description of each segment: name -> f(segment)
-_CONSTEXPRS = {
-    "P": lambda s: s.page_size, "WINDOW": lambda s: s.window,
-    "BOUND": lambda s: s.first is not None,
-    "K_KIND": lambda s: int(s.key.kind), "K_BITS": lambda s: s.key.bits,
-    "K_BYTES": lambda s: s.key.nbytes, "V_KIND": lambda s: int(s.value.kind),
-    "V_BITS": lambda s: s.value.bits, "V_BYTES": lambda s: s.value.nbytes,
-    "K_CODES": lambda s: s.key.codes, "K_GROUP": lambda s: s.key.group,
-    "V_CODES": lambda s: s.value.codes, "V_GROUP": lambda s: s.value.group,
-    "K_ASM": lambda s: s.key.asm, "V_ASM": lambda s: s.value.asm,
-    "K_NF": lambda s: s.key.fields, "V_NF": lambda s: s.value.fields,
-}
 
 
 def ada_decode(q: torch.Tensor, pages: list[TierPages], window: Window | None,
