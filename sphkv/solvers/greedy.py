@@ -31,7 +31,6 @@ from sphkv.solvers.page_round import round_pages, slot_dual_bound
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
-_N_BINS = 4096
 # Pages: up to this size the rounded allocation is also polished by ``repair_pages``.
 _POLISH_ITEMS, _POLISH_GROUPS = 200_000, 512
 
@@ -53,62 +52,89 @@ def _gather(xp, table, index):
 
 
 def _hull(xp, distortion, cost, allowed=None):
-    """Lower convex hull of each item's (cost, distortion) points, walked from its cheapest tier.
+    """Lower convex hull of each item's (cost, distortion) points, one vectorised pass per pair
+    of tiers.
 
-    ``cost`` is [N, T] or a shared row [T]; ``allowed`` [N, T] (optional) marks the tiers an item
-    may take, and the hull covers only those. Returns ``base`` [N] (cheapest tier, least distortion
-    among ties) and, per hull step s, rows of ``to`` [T-1, N] (tier reached, -1 past the hull's
-    end), ``dc`` (> 0), ``dd`` (< 0) and ``eff`` = -dd/dc, non-increasing along the hull.
+    Tiers are taken in order of cost (rank k; per item when ``cost`` is [N, T]). Point k is
+    optimal at price λ, ``D_k + λ c_k <= D_j + λ c_j`` for every allowed j, iff
+    ``lo_k <= λ <= hi_k`` with ``hi_k = min_{c_j < c_k} (D_j - D_k) / (c_k - c_j)`` and
+    ``lo_k = max_{c_j > c_k} (D_k - D_j) / (c_j - c_k)``; of points of equal cost only the least
+    distortion (then the lower tier) can be. The hull's vertices are the points optimal at some
+    λ > 0, the first (cheapest) is the base, and the segment into vertex k has efficiency
+    -ΔD/Δc = ``hi_k``, which never rises along the hull (``hi_k <= lo_prev <= hi_prev``, also in
+    floating point).
+
+    Returns rank-major arrays [T, N]: ``tier`` (tier index of rank k; [T, 1] for a shared cost
+    row), ``vertex`` (bool), ``dc`` (cost of the segment into vertex k, 0 off the hull and at the
+    base), ``eff`` (its efficiency, 0 where no segment), and ``base`` [N] (tier of the base).
     """
     n, t = distortion.shape
-    inf = float("inf")
-    cost_nt = cost if cost.ndim == 2 else cost[None, :]
-    if allowed is not None:
-        cost_nt = xp.where(allowed, cost_nt, inf)
-    cheapest = cost_nt == xp.min(cost_nt, axis=1, keepdims=True)
-    cur = xp.argmin(xp.where(cheapest, distortion, inf), axis=1)
-    base = cur
-    c_cur, d_cur = _gather(xp, cost, cur), _gather(xp, distortion, cur)
-    if cost.ndim == 1:
-        # 1/Δc from tier j to each dearer tier (0 to cheaper ones), shared by all items.
-        dc_table = cost[None, :] - cost[:, None]
-        inv_dc_table = xp.where(dc_table > 0, 1.0 / xp.where(dc_table > 0, dc_table, 1.0), 0.0)
-    steps = t - 1
     dev = array_api_compat.device(distortion)
-    to = xp.full((steps, n), -1, dtype=xp.int64, device=dev)
-    dcs, dds, effs = (xp.zeros((steps, n), dtype=xp.float64, device=dev) for _ in range(3))
-    prev_eff = xp.full(n, inf, dtype=xp.float64, device=dev)
-    for s in range(steps):
-        if cost.ndim == 1:
-            inv_dc = xp.take(inv_dc_table, cur, axis=0)
-        else:
-            dc = cost - c_cur[:, None]
-            inv_dc = xp.where(dc > 0, 1.0 / xp.where(dc > 0, dc, 1.0), 0.0)
-        # Next hull point: the steepest descent to a dearer tier (slope 0 to cheaper ones).
-        slope = (distortion - d_cur[:, None]) * inv_dc
-        if allowed is not None:
-            slope = xp.where(allowed, slope, inf)  # a tier above the ceiling is no choice
-        nxt = xp.argmin(slope, axis=1)
-        best = _gather(xp, slope, nxt)
-        active = best < 0
-        c_nxt, d_nxt = _gather(xp, cost, nxt), _gather(xp, distortion, nxt)
-        to[s] = xp.where(active, nxt, -1)
-        dcs[s] = c_nxt - c_cur
-        dds[s] = d_nxt - d_cur
-        # Hull slopes rise along the hull; clamp float noise so efficiency never increases.
-        prev_eff = xp.minimum(-best, prev_eff)
-        effs[s] = prev_eff
-        cur = xp.where(active, nxt, cur)
-        c_cur = xp.where(active, c_nxt, c_cur)
-        d_cur = xp.where(active, d_nxt, d_cur)
-        if not bool(xp.any(active)):
-            steps = s + 1
-            break
-    return base, to[:steps], dcs[:steps], dds[:steps], effs[:steps]
+    inf = float("inf")
+    if cost.ndim == 1:
+        order = [int(j) for j in np.argsort(_np(cost), kind="stable")]
+        c = [float(cost[j]) for j in order]
+        d = [distortion[:, j] for j in order]
+        ok = None if allowed is None else [allowed[:, j] for j in order]
+        tier = xp.reshape(xp.asarray(order, dtype=xp.int64, device=dev), (t, 1))
+    else:
+        rank = xp.argsort(cost, axis=1, stable=True)
+        tier = xp.permute_dims(rank, (1, 0))
+        c = list(xp.permute_dims(xp.take_along_axis(cost, rank, axis=1), (1, 0)))
+        d = list(xp.permute_dims(xp.take_along_axis(distortion, rank, axis=1), (1, 0)))
+        ok = (None if allowed is None else
+              list(xp.permute_dims(xp.take_along_axis(allowed, rank, axis=1), (1, 0))))
+    hi = [xp.full(n, inf, dtype=xp.float64, device=dev) for _ in range(t)]
+    lo = [xp.full(n, -inf, dtype=xp.float64, device=dev) for _ in range(t)]
+    alive = [xp.ones(n, dtype=xp.bool, device=dev) if ok is None else ok[k] for k in range(t)]
+    for k in range(t):
+        for j in range(k):  # c_j <= c_k
+            gap = c[k] - c[j]
+            if isinstance(gap, float):
+                if gap == 0.0:  # equal cost: the worse point (the later on a tie) is never optimal
+                    worse = d[j] <= d[k]
+                    alive[k] = alive[k] & ~(worse if ok is None else worse & ok[j])
+                    alive[j] = alive[j] & (worse if ok is None else worse | ~ok[k])
+                    continue
+                e_hi = e_lo = (d[j] - d[k]) / gap
+            else:
+                same = gap == 0.0
+                worse = d[j] <= d[k]
+                alive[k] = alive[k] & ~(same & worse & (True if ok is None else ok[j]))
+                alive[j] = alive[j] & ~(same & ~worse & (True if ok is None else ok[k]))
+                e = (d[j] - d[k]) / xp.where(same, 1.0, gap)
+                e_hi, e_lo = xp.where(same, inf, e), xp.where(same, -inf, e)
+            if ok is None:
+                hi[k] = xp.minimum(hi[k], e_hi)
+                lo[j] = xp.maximum(lo[j], e_lo)
+            else:
+                hi[k] = xp.where(ok[j], xp.minimum(hi[k], e_hi), hi[k])
+                lo[j] = xp.where(ok[k], xp.maximum(lo[j], e_lo), lo[j])
+    vertex = xp.stack([alive[k] & (hi[k] > 0) & (lo[k] <= hi[k]) for k in range(t)])
+    # Segments: each vertex after the first, from the vertex before it.
+    started = xp.zeros(n, dtype=xp.bool, device=dev)
+    last_c = xp.zeros(n, dtype=xp.float64, device=dev)
+    base = xp.zeros(n, dtype=xp.int64, device=dev)
+    dc, eff = [], []
+    for k in range(t):
+        seg = vertex[k] & started
+        dc.append(xp.where(seg, c[k] - last_c, 0.0))
+        eff.append(xp.where(seg, hi[k], 0.0))
+        base = xp.where(vertex[k] & ~started, tier[k], base)
+        last_c = xp.where(vertex[k], c[k], last_c)
+        started = started | vertex[k]
+    return tier, vertex, xp.stack(dc), xp.stack(eff), base
+
+
+def _bits(xp, x):
+    """The int64 bit pattern of float64 ``x``: for x >= 0 it orders like x."""
+    if array_api_compat.is_torch_namespace(xp):
+        return x.contiguous().view(xp.int64)
+    return x.view(np.int64)
 
 
 class HullSegments:
-    """Every item's hull segments, bucketed by efficiency, ready to allocate any room.
+    """Every item's hull segments, ready to allocate any room.
 
     Parameters
     ----------
@@ -119,10 +145,14 @@ class HullSegments:
     allowed : bool array [N, T], optional
         Tiers each item may take (its ceiling); all when omitted.
 
-    Only the bucket of efficiencies that holds the break is ever sorted: segments are bucketed
-    by log2(efficiency), whole buckets above the break are taken, so the result is that of one
-    stable sort of all segments (ties by hull step, then item) at O(N T) cost.
+    Taking segments in order of efficiency is a weighted selection, not a sort: segments are
+    bucketed by the top 20 bits of their efficiency's float pattern (exponent and 8 bits of
+    mantissa, which order like the efficiency), whole buckets above the one that holds the break
+    are taken and only that bucket is sorted. The result is that of one stable sort of all
+    segments by efficiency (ties by rank, then item), at a few O(N T) passes.
     """
+
+    _SHIFT = 44  # of 52 mantissa bits, 8 stay: 256 buckets per octave
 
     def __init__(self, distortion, cost, xp=None, allowed=None):
         xp = self.xp = xp or array_api_compat.array_namespace(np.empty(0))
@@ -133,56 +163,65 @@ class HullSegments:
         if allowed is not None:
             allowed = xp.asarray(allowed, device=self.dev)
         self.d, self.allowed = distortion, allowed
-        base, to, dc, dd, eff = _hull(xp, distortion, cost, allowed)
-        self.base_distortion = float(xp.sum(_gather(xp, distortion, base)))
-        # Tier of each item after taking its first s hull segments: [T, N].
-        hull_tiers = [base]
-        for s in range(to.shape[0]):
-            hull_tiers.append(xp.where(to[s] >= 0, to[s], hull_tiers[-1]))
-        self.hull_tiers = xp.stack(hull_tiers, axis=0)
-        # Valid segments, step-major: their flat index orders ties by (step, item).
-        flat = xp.reshape(to, (-1,)) >= 0
-        self.index = xp.nonzero(flat)[0]
-        self.dc, self.dd, self.eff = (xp.reshape(a, (-1,))[flat] for a in (dc, dd, eff))
-        self.max_efficiency = float(xp.max(self.eff)) if self.index.shape[0] else 0.0
-        if self.index.shape[0] == 0:
-            return
-        # Buckets by log2 efficiency, highest efficiency first.
-        lg = xp.log2(self.eff)
-        lo, hi = float(xp.min(lg)), float(xp.max(lg))
-        scale = (_N_BINS - 1) / (hi - lo) if hi > lo else 0.0
-        self.bucket = xp.astype(xp.clip((hi - lg) * scale, 0, _N_BINS - 1), xp.int64)
-        self.bucket_cum = xp.cumulative_sum(_bincount(xp, self.bucket, weights=self.dc,
-                                                      minlength=_N_BINS))
+        self.tier, vertex, self.dc, self.eff, self.base = _hull(xp, distortion, cost, allowed)
+        self.seg = self.dc > 0
+        self.base_distortion = float(xp.sum(_gather(xp, distortion, self.base)))
+        self.max_efficiency = float(xp.max(self.eff)) if self.n else 0.0
+        # Bucket 0 holds the highest efficiencies; cells without a segment have eff 0 and dc 0.
+        key = xp.bitwise_right_shift(_bits(xp, self.eff), self._SHIFT)
+        top = int(xp.max(key)) if self.n else 0
+        self.bucket = top - key
+        self.bucket_cum = xp.cumulative_sum(_bincount(
+            xp, xp.reshape(self.bucket, (-1,)), weights=xp.reshape(self.dc, (-1,)),
+            minlength=top + 1))
+        # Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end).
+        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
+        rows = [self.base] * distortion.shape[1]
+        for k in range(distortion.shape[1]):
+            steps = steps + xp.astype(self.seg[k], xp.int64)
+            rows = [rows[0]] + [xp.where(self.seg[k] & (steps <= s), self.tier[k], rows[s])
+                                for s in range(1, len(rows))]
+        self.hull_tiers = xp.stack(rows)
 
     def _select(self, room: float):
-        """Segments of the sorted prefix within ``room``, the breaking one and bytes left."""
+        """Segments [T, N] of the sorted prefix within ``room``, the flat index of the breaking
+        one (None when all fit) and the bytes left."""
         xp = self.xp
         limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=self.dev)
         b = int(xp.searchsorted(self.bucket_cum, limit, side="right")[0])
-        if b == _N_BINS:
-            return (xp.ones(self.dc.shape[0], dtype=xp.bool, device=self.dev), None,
-                    room - float(self.bucket_cum[-1]))
+        if b == self.bucket_cum.shape[0] or self.max_efficiency == 0:  # all fit, or no segment
+            return self.seg, None, room - float(self.bucket_cum[-1])
         before = float(self.bucket_cum[b - 1]) if b else 0.0
-        members = xp.nonzero(self.bucket == b)[0]
-        members = members[xp.argsort(-self.eff[members], stable=True)]
-        cum = before + xp.cumulative_sum(self.dc[members])
+        members = xp.nonzero(xp.reshape((self.bucket == b) & self.seg, (-1,)))[0]
+        eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
+        members = members[xp.argsort(-eff[members], stable=True)]
+        cum = before + xp.cumulative_sum(dc[members])
         k = int(xp.searchsorted(cum, limit, side="right")[0])
         taken = self.bucket < b
-        taken[members[:k]] = True
+        flat = xp.reshape(taken, (-1,))
+        flat[members[:k]] = True
         return taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
+
+    def _tiers(self, taken):
+        """Tier of every item when the segments ``taken`` [T, N] (a prefix of each hull) are."""
+        tiers = self.base
+        for k in range(taken.shape[0]):
+            tiers = self.xp.where(taken[k], self.tier[k], tiers)
+        return tiers
 
     def lp_bound(self, room: float) -> tuple[float, float]:
         """The LP optimum within ``room`` bytes above the base (the sorted prefix plus a fraction
         of the breaking segment), and λ, the breaking efficiency (0 when everything fits)."""
-        if self.index.shape[0] == 0:
-            return self.base_distortion, 0.0
+        xp = self.xp
         taken, brk, left = self._select(room)
-        bound = self.base_distortion + float(self.xp.sum(self.xp.where(taken, self.dd, 0.0)))
+        tiers = self._tiers(taken)
+        bound = float(xp.sum(_gather(xp, self.d, tiers)))
         if brk is None:
             return bound, 0.0
-        bound += min(max(left / float(self.dc[brk]), 0.0), 1.0) * float(self.dd[brk])
-        return bound, float(self.eff[brk])
+        k, i = divmod(brk, self.n)
+        to = int(self.tier[k, i if self.tier.shape[1] > 1 else 0])
+        dd = float(self.d[i, to] - self.d[i, int(tiers[i])])
+        return bound + min(max(left / float(self.dc[k, i]), 0.0), 1.0) * dd, float(self.eff[k, i])
 
     def allocate(self, room: float) -> np.ndarray:
         """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
@@ -195,15 +234,16 @@ class HullSegments:
     def positions(self, room: float):
         """Hull steps [N] taken by :meth:`allocate` within ``room`` (arrays of ``xp``)."""
         xp, n = self.xp, self.n
-        if self.index.shape[0] == 0:
-            return xp.zeros(n, dtype=xp.int64, device=self.dev)
         taken, brk, left = self._select(room)
-        n_taken = _bincount(xp, self.index[taken] % n, minlength=n)
+        n_taken = xp.sum(xp.astype(taken, xp.int64), axis=0)
         if brk is not None:
-            later = xp.nonzero(~taken & (self.dc <= left))[0]
-            later = later[xp.argsort(-self.eff[later], stable=True)]
-            _fill(xp, self.index[later] % n, self.index[later] // n, self.dc[later], left,
-                  n_taken, int(self.index[brk]) % n)
+            later = xp.nonzero(xp.reshape(~taken & self.seg & (self.dc <= left), (-1,)))[0]
+            later = later[xp.argsort(-xp.reshape(self.eff, (-1,))[later], stable=True)]
+            rank, item = later // n, later % n
+            # Hull step of each candidate: the item's segments at lower ranks.
+            below = xp.arange(self.seg.shape[0], device=self.dev)[:, None] < rank[None, :]
+            step = xp.sum(xp.astype(self.seg[:, item] & below, xp.int64), axis=0)
+            _fill(xp, item, step, xp.reshape(self.dc, (-1,))[later], left, n_taken, brk % n)
         return n_taken
 
 

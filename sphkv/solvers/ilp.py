@@ -12,11 +12,16 @@ integer (MIP backends); a fractional x is snapped to a vertex by a min-cost flow
 Backends: HiGHS (through highspy: warm start by ``setSolution``, incumbents at time limits),
 SCIP and CP-SAT through OR-Tools (warm start by hints). OR-Tools' own HiGHS interface is not used:
 it reports no incumbent at a time limit and crashes on hints.
+
+Under a time limit the backend runs in a forked process that is killed at the deadline: HiGHS
+checks its limit only between phases (its presolve and root LP on 200k paged items overran a
+10 s limit by 3-13 s), so its own limit, set to what is left, is not enough.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -192,6 +197,32 @@ def _run_ortools(model: _Model, backend: str, time_limit, mip_gap: float, worker
     return values, bound, status == mb.SolveStatus.OPTIMAL
 
 
+def _reply(send, run, args) -> None:
+    send.send(run(*args))
+    send.close()
+
+
+def _until(deadline: float | None, run, *args):
+    """``run(*args)``, or None if it has not returned by ``deadline`` (perf_counter seconds): then
+    it runs in a forked child, killed at the deadline. Without a deadline or fork it runs here."""
+    if deadline is None or "fork" not in multiprocessing.get_all_start_methods():
+        return run(*args)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_reply, args=(send, run, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if recv.poll(max(deadline - time.perf_counter(), 0.0)):
+            return recv.recv()
+        return None
+    except EOFError:  # the child died without an answer
+        return None
+    finally:
+        child.kill()
+        child.join()
+
+
 @register
 @dataclass
 class ILPSolver(Solver):
@@ -255,15 +286,18 @@ class ILPSolver(Solver):
             objective = d / unit
         model = _build(problem, free, objective, greedy.tiers, all_integer=cpsat)
         if deadline is not None:
-            # The backend gets what the warm start and the model left of the limit.
-            time_limit = deadline - time.perf_counter()
+            # The backend is killed at the deadline; its own limit is set a tenth earlier, so
+            # that where it stops in time its incumbent and bound come back.
+            time_limit = 0.9 * (deadline - time.perf_counter())
             if time_limit < 0.05:
                 return finish(problem, greedy.tiers, greedy.lower_bound, "time_limit")
         if self.backend == "highs":
-            values, dual, proven = _run_highs(model, time_limit, self.mip_gap, self.warm_start)
+            answer = _until(deadline, _run_highs, model, time_limit, self.mip_gap,
+                            self.warm_start)
         else:
-            values, dual, proven = _run_ortools(model, self.backend, time_limit, self.mip_gap,
-                                                self.workers, self.warm_start)
+            answer = _until(deadline, _run_ortools, model, self.backend, time_limit, self.mip_gap,
+                            self.workers, self.warm_start)
+        values, dual, proven = answer if answer is not None else (None, -math.inf, False)
         bound = greedy.lower_bound
         if math.isfinite(dual):
             mip_bound = dual * unit + fixed_distortion
