@@ -72,18 +72,20 @@ def _hull(xp, distortion, cost, allowed=None):
     dev = array_api_compat.device(distortion)
     inf = float("inf")
     if cost.ndim == 1:
-        order = [int(j) for j in np.argsort(_np(cost), kind="stable")]
-        c = [float(cost[j]) for j in order]
-        d = [distortion[:, j] for j in order]
-        ok = None if allowed is None else [allowed[:, j] for j in order]
-        tier = xp.reshape(xp.asarray(order, dtype=xp.int64, device=dev), (t, 1))
+        row = _np(cost)  # one transfer: the costs become Python floats
+        order = np.argsort(row, kind="stable")
+        c = [float(row[j]) for j in order]
+        index = xp.asarray(order, dtype=xp.int64, device=dev)
+        d = list(_rank_major(xp, xp.take(distortion, index, axis=1)))
+        ok = None if allowed is None else list(_rank_major(xp, xp.take(allowed, index, axis=1)))
+        tier = xp.reshape(index, (t, 1))
     else:
         rank = xp.argsort(cost, axis=1, stable=True)
-        tier = xp.permute_dims(rank, (1, 0))
-        c = list(xp.permute_dims(xp.take_along_axis(cost, rank, axis=1), (1, 0)))
-        d = list(xp.permute_dims(xp.take_along_axis(distortion, rank, axis=1), (1, 0)))
+        tier = _rank_major(xp, rank)
+        c = list(_rank_major(xp, xp.take_along_axis(cost, rank, axis=1)))
+        d = list(_rank_major(xp, xp.take_along_axis(distortion, rank, axis=1)))
         ok = (None if allowed is None else
-              list(xp.permute_dims(xp.take_along_axis(allowed, rank, axis=1), (1, 0))))
+              list(_rank_major(xp, xp.take_along_axis(allowed, rank, axis=1))))
     hi = [xp.full(n, inf, dtype=xp.float64, device=dev) for _ in range(t)]
     lo = [xp.full(n, -inf, dtype=xp.float64, device=dev) for _ in range(t)]
     alive = [xp.ones(n, dtype=xp.bool, device=dev) if ok is None else ok[k] for k in range(t)]
@@ -124,6 +126,13 @@ def _hull(xp, distortion, cost, allowed=None):
         last_c = xp.where(vertex[k], c[k], last_c)
         started = started | vertex[k]
     return tier, vertex, xp.stack(dc), xp.stack(eff), base
+
+
+def _rank_major(xp, a):
+    """``a`` [N, T] as a contiguous [T, N] array: its rows are then read at unit stride."""
+    if array_api_compat.is_torch_namespace(xp):
+        return a.T.contiguous()
+    return np.ascontiguousarray(a.T)
 
 
 def _bits(xp, x):
@@ -237,7 +246,17 @@ class HullSegments:
         taken, brk, left = self._select(room)
         n_taken = xp.sum(xp.astype(taken, xp.int64), axis=0)
         if brk is not None:
-            later = xp.nonzero(xp.reshape(~taken & self.seg & (self.dc <= left), (-1,)))[0]
+            # Candidates: of each item (but the breaking one), the untaken segments up to the
+            # first that does not fit. A segment behind one that does not fit can only block
+            # its own item in the scan, which then takes nothing anyway.
+            reach = xp.ones(n, dtype=xp.bool, device=self.dev)
+            reach[brk % n] = False
+            cand = []
+            for k in range(self.seg.shape[0]):
+                open_ = self.seg[k] & ~taken[k]
+                reach = reach & (~open_ | (self.dc[k] <= left))
+                cand.append(open_ & reach)
+            later = xp.nonzero(xp.reshape(xp.stack(cand), (-1,)))[0]
             later = later[xp.argsort(-xp.reshape(self.eff, (-1,))[later], stable=True)]
             rank, item = later // n, later % n
             # Hull step of each candidate: the item's segments at lower ranks.

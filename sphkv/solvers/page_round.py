@@ -141,10 +141,10 @@ def _ranked(xp, items, segment, key, n_segments: int):
     each segment's candidate count and a function summing a per-candidate value per segment."""
     order = xp.argsort(_combined_key(xp, segment, key, n_segments), stable=True)
     items, segment = items[order], segment[order]
-    start = xp.searchsorted(segment, segment, side="left")
-    rank = xp.arange(items.shape[0], device=array_api_compat.device(items)) - start
     bounds = xp.searchsorted(segment, xp.arange(n_segments + 1,
                                                 device=array_api_compat.device(segment)))
+    rank = xp.arange(items.shape[0], device=array_api_compat.device(items)) - xp.take(
+        bounds, segment)
     count = bounds[1:] - bounds[:-1]
 
     def segment_sum(values):
