@@ -187,9 +187,12 @@ def budget_spec(text: str) -> tuple[str, float]:
 
 def parse_budget(text: str, full_cost: float) -> float:
     """Bytes from a budget string (:func:`budget_spec`); a fraction is of ``full_cost`` (every
-    item at fp16, pages included)."""
+    item at fp16, pages included), by :func:`sphkv.rdr.budget_to_bytes`. Bytes stay bytes,
+    whatever their number (the string's unit says so)."""
+    from sphkv.rdr import budget_to_bytes
+
     kind, value = budget_spec(text)
-    return value * full_cost if kind == "fraction" else value
+    return budget_to_bytes(value, full_cost) if kind == "fraction" else value
 
 
 def check_out_file(out: Path | None, hint: str = "--out") -> None:
@@ -380,7 +383,7 @@ def solve(
         from sphkv.cli.hf import byte_share_report, trace_problem
     try:
         if is_trace:
-            problem, trace = trace_problem(problem_file, budget, estimator, parse_budget)
+            problem, trace = trace_problem(problem_file, budget, estimator)
         else:
             problem = AllocationProblem.load(problem_file)
             if budget is not None:

@@ -18,10 +18,12 @@ def run_eval(task: str, model: str, text: Path, context: int, budget: tuple[str,
     from sphkv.cli import budget_error, err, fail, load_model_or_fail
     from sphkv.integrations.hf.tasks import passkey, perplexity
     from sphkv.integrations.hf.text import read_tokens
+    from sphkv.rdr import budget_is_fraction
 
-    # the tasks take a number <= 1 as a fraction and one above as bytes
+    # the tasks take the budget as one number (sphkv.rdr.budget_to_bytes): bytes must not
+    # read as a fraction
     kind, limit = budget
-    if kind == "bytes" and limit <= 1:
+    if kind == "bytes" and budget_is_fraction(limit):
         raise typer.BadParameter(f"{budget_text!r}: a cache needs more than one byte",
                                  param_hint="--budget")
     lm, tok = load_model_or_fail(model)

@@ -31,13 +31,13 @@ def capture_to_file(text: Path, out: Path, model: str = "smollm2", tokens: int =
               f"window {trace.window}, {trace.dtype}, {size / 2**20:.1f} MiB")
 
 
-def trace_problem(path: Path, budget: str | None, estimator: str | None, parse_budget):
+def trace_problem(path: Path, budget: str | None, estimator: str | None):
     """The allocation problem of a trace file at a CLI budget string (default 1/8 of fp16).
 
     Returns ``(problem, trace)``; tiers are ``default_tiers(head_dim)``, pages of 16 tokens,
     4 sinks and the trace's window forced to fp16 (see :func:`sphkv.rdr.problem_from_trace`).
     """
-    from sphkv.cli import progress
+    from sphkv.cli import parse_budget, progress
     from sphkv.integrations.hf.trace import load_trace
     from sphkv.rdr import default_tiers, problem_from_trace
 

@@ -16,6 +16,8 @@ from sphkv.rdr.problem import (
     Allocation,
     AllocationProblem,
     InfeasibleBudgetError,
+    budget_is_fraction,
+    budget_to_bytes,
 )
 from sphkv.rdr.synthetic import synthetic_problem
 from sphkv.rdr.tiers import Tier, TierSet, ada_tiers, default_tiers, scalar_tiers
@@ -38,6 +40,8 @@ __all__ = [
     "Tier",
     "TierSet",
     "ada_tiers",
+    "budget_is_fraction",
+    "budget_to_bytes",
     "byte_shares",
     "default_tiers",
     "scalar_tiers",

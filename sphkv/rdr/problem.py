@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AllocationProblem", "Allocation", "InfeasibleBudgetError", "FILE_FORMAT_VERSION"]
+__all__ = ["AllocationProblem", "Allocation", "InfeasibleBudgetError", "FILE_FORMAT_VERSION",
+           "budget_is_fraction", "budget_to_bytes"]
 
 FILE_FORMAT_VERSION = 2  # 2 added ``ceiling``; version 1 files are still read
 _TINY = 1e-30
@@ -40,6 +41,26 @@ class InfeasibleBudgetError(ValueError):
             f"budget {self.budget:.6g} bytes is below the cheapest feasible assignment: "
             f"at least {self.min_cost:.6g} bytes are needed (forced tiers and pages included)"
         )
+
+
+def budget_is_fraction(budget: float) -> bool:
+    """Whether a budget given as one number is a fraction: one at most 1 is a share of the fp16
+    bytes, one above 1 is bytes (so a byte budget of 1 or less cannot be given this way)."""
+    return budget <= 1
+
+
+def budget_to_bytes(budget: float, full: float) -> float:
+    """Bytes of a budget given as one number (:func:`budget_is_fraction`): in (0, 1] a fraction
+    of ``full``, the bytes of everything at fp16; above 1 bytes.
+
+    Raises
+    ------
+    ValueError
+        A budget that is not positive.
+    """
+    if not budget > 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    return budget * full if budget_is_fraction(budget) else float(budget)
 
 
 def _float_array(name: str, value, ndim: tuple[int, ...]) -> np.ndarray:

@@ -3,7 +3,8 @@
 Every task runs a model through one cache per trial: a :class:`SphkvCache` of a method at a byte
 budget, or, for the method ``none``, an uncompressed :class:`transformers.DynamicCache` with the
 model's own attention (the baseline). A budget in (0, 1] is a fraction of the fp16 cache of
-every token the cache will have seen by the end of the task; above 1 it is bytes.
+every token the cache will have seen by the end of the task; above 1 it is bytes
+(:func:`sphkv.rdr.budget_to_bytes`).
 
 - :func:`perplexity`: prefill N context tokens (the cache compresses them as the prefill
   returns), then feed the next M tokens teacher-forced through the compressed cache, in chunks,
@@ -29,6 +30,7 @@ from transformers import DynamicCache
 from sphkv.integrations.hf.cache import SphkvCache, get_method
 from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
 from sphkv.integrations.hf.generate import compressed_attention
+from sphkv.rdr import budget_to_bytes
 
 __all__ = ["KEY_SENTENCE", "NONE", "QUESTION", "SETTINGS", "FidelityResult", "PasskeyPrompt",
            "PasskeyResult", "fidelity_runs",
@@ -52,12 +54,11 @@ def budget_bytes(model, budget: float, tokens: int) -> float:
     ----------
     model : transformers.PreTrainedModel
     budget : float
-        In (0, 1]: a fraction of the fp16 cache of ``tokens`` tokens; above 1: bytes.
+        In (0, 1]: a fraction of the fp16 cache of ``tokens`` tokens; above 1: bytes
+        (:func:`sphkv.rdr.budget_to_bytes`).
     tokens : int
     """
-    if not budget > 0:
-        raise ValueError(f"budget must be positive, got {budget}")
-    return budget * fp16_cache_bytes(model.config, 1, tokens) if budget <= 1 else float(budget)
+    return budget_to_bytes(budget, fp16_cache_bytes(model.config, 1, tokens))
 
 
 def make_cache(model, method: str, budget: float, window: int = 16, sinks: int = 4,
