@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from sphkv.rdr.problem import AllocationProblem
+from sphkv.rdr.problem import AllocationProblem, budget_to_bytes
 from sphkv.rdr.tiers import Tier, TierSet
 from sphkv.rdr.utility import Estimator, attention_probs, get_estimator
 
@@ -311,7 +311,7 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
         The precision ladder (e.g. ``default_tiers(trace.head_dim)``); drop first, fp16 last.
     budget : float
         A number in (0, 1] is a fraction of the all-fp16 cost (pages and page-table entries
-        included); above 1 it is bytes.
+        included); above 1 it is bytes (:func:`sphkv.rdr.budget_to_bytes`).
     estimator : Estimator or str, optional
         Utility estimator for the attention weights of ``D``; measured window attention if
         omitted.
@@ -351,7 +351,7 @@ def problem_from_trace(trace, tiers: TierSet, budget: float,
         page_overhead=PAGE_TABLE_ENTRY.itemsize, forced=forced, tier_names=tiers.names)
     # the model's own cache: every token it still holds at fp16
     full = problem.cost_of(np.where(gone, 0, t - 1))
-    return problem.with_budget(budget * full if budget <= 1 else budget)
+    return problem.with_budget(budget_to_bytes(budget, full))
 
 
 def byte_shares(problem: AllocationProblem, tiers: np.ndarray, layers: int,
