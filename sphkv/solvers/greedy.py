@@ -27,12 +27,14 @@ import numpy as np
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_repair import repair_pages
-from sphkv.solvers.page_round import round_pages, slot_dual_bound
+from sphkv.solvers.page_round import round_by_pages, round_pages, slot_dual_bound
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
 # Pages: up to this size the rounded allocation is also polished by ``repair_pages``.
 _POLISH_ITEMS, _POLISH_GROUPS = 200_000, 512
+# Page rounding by options (2^(T-1) per group) up to this many tiers, else by moves.
+_MAX_OPTION_TIERS = 7
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
@@ -232,6 +234,18 @@ class HullSegments:
         dd = float(self.d[i, to] - self.d[i, int(tiers[i])])
         return bound + min(max(left / float(self.dc[k, i]), 0.0), 1.0) * dd, float(self.eff[k, i])
 
+    def attachment(self, positions):
+        """Efficiency [N] of the segment into each item's hull step ``positions`` (of its first
+        segment at step 0; 0 without one): how much the item gains per byte where it is."""
+        xp = self.xp
+        target = xp.maximum(positions, 1)
+        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
+        out = xp.zeros(self.n, dtype=xp.float64, device=self.dev)
+        for k in range(self.seg.shape[0]):
+            steps = steps + xp.astype(self.seg[k], xp.int64)
+            out = xp.where(self.seg[k] & (steps == target), self.eff[k], out)
+        return out
+
     def allocate(self, room: float) -> np.ndarray:
         """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
         return _np(self.tiers(self.positions(room)))
@@ -415,9 +429,18 @@ class GreedySolver(Solver):
         forced_counts = problem.forced_counts()
         slots = np.where(problem.page_bytes > 0, (-forced_counts) % problem.page_size, 0)
         group = on(problem.group_index[free])
-        pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
-                          amortized, on(problem.page_bytes), on(forced_counts),
-                          problem.page_size, room_price, problem.budget, allowed)
+        pos = None
+        if allowed is None and problem.n_tiers <= _MAX_OPTION_TIERS:
+            at = hull.positions(room)
+            pos = round_by_pages(
+                xp, distortion, hull.tiers(at), hull.attachment(at), group,
+                on(np.argsort(group_cost, axis=1, kind="stable")), on(problem.page_bytes),
+                on(forced_counts), problem.page_size, problem.budget,
+                lambda d, c, r: (lambda h: h.tiers(h.positions(r)))(HullSegments(d, c, xp)))
+        if pos is None:
+            pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
+                              amortized, on(problem.page_bytes), on(forced_counts),
+                              problem.page_size, room_price, problem.budget, allowed)
         if pos is None:
             tiers = problem.min_cost_tiers()
         else:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import array_api_compat
 
-__all__ = ["round_pages", "slot_dual_bound"]
+__all__ = ["round_by_pages", "round_pages", "slot_dual_bound"]
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
@@ -430,3 +430,88 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, price_max), method="bounded",
                           options={"xatol": 1e-6 * price_max, "maxiter": evaluations - 1})
     return max(at_price, -res.fun)
+
+
+def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
+                   forced_counts, page_size: int, budget: float, hull_solver):
+    """Whole pages for every group: per group, one of the page counts next to the greedy's,
+    chosen across groups by the greedy itself.
+
+    Free items of each group are ordered by their greedy tier (dearest first), then by ``key``
+    (the efficiency of the segment that brought them there: the least attached last). A choice
+    of capacity per tier then assigns that order top down, dearest tier first, and its
+    distortion is a difference of prefix sums. Per tier of rank r >= 1 the options are the page
+    counts m and m + 1 around the greedy's count n (m = floor((n + f) / P), f forced items, at
+    least their own pages), so a group has 2^(T-1) options of known bytes and distortion; which
+    option each group takes is a multiple-choice knapsack over groups, solved by
+    ``hull_solver(distortion [G, C], bytes [G, C], room)`` (the greedy on those options).
+
+    Parameters
+    ----------
+    lp_tiers : int array [N]
+        The greedy's tier of every free item.
+    key : array [N]
+        Efficiency of the segment into each item's greedy tier (of its first segment at its
+        base).
+    tier_order : int array [G, T]
+        Tiers of each group by cost, cheapest first (rank r -> tier).
+    page_bytes, forced_counts : arrays [G, T]
+
+    Returns int array [N] of tiers, or None if even the cheapest options exceed ``budget``.
+    """
+    dev = array_api_compat.device(distortion)
+    n, t = distortion.shape
+    g_count = page_bytes.shape[0]
+    p = page_size
+    rank_of = xp.argsort(tier_order, axis=1, stable=True)  # [G, T]: tier -> rank
+    lp_rank = xp.take(xp.reshape(rank_of, (-1,)), group * t + lp_tiers)
+    _, seg, _, _, _, order = _ranked(xp, xp.arange(n, device=dev), group * t + (t - 1 - lp_rank),
+                                     -key, g_count * t)
+    # Prefix sums [N + 1, T] of the distortions in that order; groups are contiguous in it.
+    zero = xp.zeros((1, t), dtype=distortion.dtype, device=dev)
+    prefix = xp.concat([zero, xp.cumulative_sum(xp.take(distortion, order, axis=0), axis=0)])
+    start = xp.searchsorted(seg, xp.arange(g_count + 1, device=dev) * t)  # group offsets
+    n_free = start[1:] - start[:-1]
+    # Per (group, rank): greedy counts, forced counts, page bytes, options.
+    n_lp = xp.reshape(_bincount(xp, group * t + lp_rank, minlength=g_count * t), (g_count, t))
+    f = xp.take_along_axis(forced_counts, tier_order, axis=1)
+    pb = xp.take_along_axis(page_bytes, tier_order, axis=1)
+    paged = pb > 0
+    m_lo = xp.maximum((n_lp + f) // p, (f + p - 1) // p)
+    n_opt = 2 ** (t - 1)
+    bits = (xp.arange(n_opt, device=dev)[:, None] >> xp.arange(t - 1, device=dev)[None, :]) & 1
+    bits = xp.concat([xp.zeros((n_opt, 1), dtype=bits.dtype, device=dev), bits], axis=1)
+    # Capacity [G, C, T] for free items (rank 0 takes the rest).
+    cap = xp.where(paged[:, None, :], (m_lo[:, None, :] + bits[None, :, :]) * p - f[:, None, :],
+                   n_lp[:, None, :])
+    cap = xp.where(xp.arange(t, device=dev) == 0, 0, cap)
+    # Items from the top down: B[r] = items at ranks >= r (B[0] = all free items).
+    from_top = xp.flip(xp.cumulative_sum(xp.flip(cap, axis=2), axis=2), axis=2)
+    bound = xp.minimum(from_top, n_free[:, None, None])
+    bound = xp.where(xp.arange(t, device=dev) == 0, n_free[:, None, None], bound)
+    upper = xp.concat([bound[:, :, 1:], xp.zeros_like(bound[:, :, :1])], axis=2)
+    count = bound - upper
+    pages = xp.where(paged[:, None, :], (count + f[:, None, :] + p - 1) // p, 0)
+    option_bytes = xp.sum(xp.astype(pages, pb.dtype) * pb[:, None, :], axis=2)
+    # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r].
+    flat = xp.reshape(prefix, (-1,))
+    col = tier_order[:, None, :]
+    lo_idx = (start[:-1, None, None] + upper) * t + col
+    hi_idx = (start[:-1, None, None] + bound) * t + col
+    option_d = xp.sum(xp.reshape(xp.take(flat, xp.reshape(hi_idx, (-1,))), hi_idx.shape)
+                      - xp.reshape(xp.take(flat, xp.reshape(lo_idx, (-1,))), lo_idx.shape),
+                      axis=2)
+    cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
+    if cheapest > budget:
+        return None
+    choice = hull_solver(option_d, option_bytes, budget - cheapest)
+    chosen = xp.take_along_axis(bound, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
+                                axis=1)[:, 0, :]
+    # Rank of each sorted item: the number of ranks r >= 1 whose B[r] exceeds its place.
+    g_sorted = seg // t
+    place = xp.arange(n, device=dev) - xp.take(start, g_sorted)
+    rank = xp.sum(xp.astype(place[:, None] < xp.take(chosen, g_sorted, axis=0)[:, 1:], xp.int64),
+                  axis=1)
+    tiers = xp.empty(n, dtype=xp.int64, device=dev)
+    tiers[order] = xp.take(xp.reshape(tier_order, (-1,)), g_sorted * t + rank)
+    return tiers
