@@ -6,14 +6,16 @@ item at its cheapest tier, the hull segments of all items are taken in order of 
 next segment would be the exact optimum of the LP relaxation of the MCKP (Sinha & Zoltners 1979),
 so that value is a proven lower bound, and the efficiency of the breaking segment is the Lagrange
 multiplier λ, the price of a byte. The integer answer drops the fraction and then fills the
-remaining bytes with later segments that still fit.
+remaining bytes with later segments that still fit. Finding the break is a weighted selection
+(buckets of efficiencies, one of them sorted), not a sort of all segments.
 
 With pages the same is done on the amortized cost ``c + h/P`` (a relaxation of the paged cost,
-so the bound stays valid), then every item moves at most a few steps along its hull to whole
-pages within budget (``sphkv.solvers.page_round``): a few sorts of N numbers, whatever the
+so the bound stays valid), then each page group takes one of the page counts next to the
+greedy's (``sphkv.solvers.page_round.round_by_pages``): one sort of the items, whatever the
 number of page groups.
 
-O(N T² + N T log N T); numpy and torch (CPU or GPU) versions give the same allocation.
+O(N T²) passes over N numbers plus one sort of N; numpy and torch (CPU or GPU) versions give the
+same allocation.
 """
 
 from __future__ import annotations
@@ -88,8 +90,12 @@ def _hull(xp, distortion, cost, allowed=None):
         d = list(_rank_major(xp, xp.take_along_axis(distortion, rank, axis=1)))
         ok = (None if allowed is None else
               list(_rank_major(xp, xp.take_along_axis(allowed, rank, axis=1))))
-    hi = [xp.full(n, inf, dtype=xp.float64, device=dev) for _ in range(t)]
-    lo = [xp.full(n, -inf, dtype=xp.float64, device=dev) for _ in range(t)]
+    # Updated in place (``out=``): at 10⁷ items a fresh array per operation costs more than
+    # the arithmetic.
+    lib = _lib(xp)
+    hi = xp.full((t, n), inf, dtype=xp.float64, device=dev)
+    lo = xp.full((t, n), -inf, dtype=xp.float64, device=dev)
+    e = xp.empty(n, dtype=xp.float64, device=dev)
     alive = [xp.ones(n, dtype=xp.bool, device=dev) if ok is None else ok[k] for k in range(t)]
     for k in range(t):
         for j in range(k):  # c_j <= c_k
@@ -100,20 +106,20 @@ def _hull(xp, distortion, cost, allowed=None):
                     alive[k] = alive[k] & ~(worse if ok is None else worse & ok[j])
                     alive[j] = alive[j] & (worse if ok is None else worse | ~ok[k])
                     continue
-                e_hi = e_lo = (d[j] - d[k]) / gap
+                lib.subtract(d[j], d[k], out=e)
+                e /= gap
+                e_hi = e_lo = e
             else:
                 same = gap == 0.0
                 worse = d[j] <= d[k]
                 alive[k] = alive[k] & ~(same & worse & (True if ok is None else ok[j]))
                 alive[j] = alive[j] & ~(same & ~worse & (True if ok is None else ok[k]))
-                e = (d[j] - d[k]) / xp.where(same, 1.0, gap)
-                e_hi, e_lo = xp.where(same, inf, e), xp.where(same, -inf, e)
-            if ok is None:
-                hi[k] = xp.minimum(hi[k], e_hi)
-                lo[j] = xp.maximum(lo[j], e_lo)
-            else:
-                hi[k] = xp.where(ok[j], xp.minimum(hi[k], e_hi), hi[k])
-                lo[j] = xp.where(ok[k], xp.maximum(lo[j], e_lo), lo[j])
+                slope = (d[j] - d[k]) / xp.where(same, 1.0, gap)
+                e_hi, e_lo = xp.where(same, inf, slope), xp.where(same, -inf, slope)
+            if ok is not None:  # a tier outside the ceiling bounds no other
+                e_hi, e_lo = xp.where(ok[j], e_hi, inf), xp.where(ok[k], e_lo, -inf)
+            lib.minimum(hi[k], e_hi, out=hi[k])
+            lib.maximum(lo[j], e_lo, out=lo[j])
     vertex = xp.stack([alive[k] & (hi[k] > 0) & (lo[k] <= hi[k]) for k in range(t)])
     # Segments: each vertex after the first, from the vertex before it.
     started = xp.zeros(n, dtype=xp.bool, device=dev)
@@ -128,6 +134,15 @@ def _hull(xp, distortion, cost, allowed=None):
         last_c = xp.where(vertex[k], c[k], last_c)
         started = started | vertex[k]
     return tier, vertex, xp.stack(dc), xp.stack(eff), base
+
+
+def _lib(xp):
+    """The library behind ``xp`` (numpy or torch), for its ``out=`` arguments."""
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch
+    return np
 
 
 def _rank_major(xp, a):
@@ -340,14 +355,16 @@ class GreedySolver(Solver):
     device : str
         Torch device for ``backend="torch"`` (``"cpu"``, ``"cuda"``).
     repair : bool
-        With pages: round the greedy allocation to whole pages (:func:`round_pages`: partial
-        pages rounded at the greedy price, trims and fills to the budget) or, if False, only
-        shrink the greedy's room until its whole pages fit (:func:`_fit_pages`). The bound is
-        then the unpaged Lagrangian bound only.
+        With pages: round the greedy allocation to whole pages (:func:`round_by_pages`; with
+        ceilings or more than 7 tiers :func:`round_pages`: partial pages rounded at the greedy
+        price, trims and fills to the budget) or, if False, only shrink the greedy's room until
+        its whole pages fit (:func:`_fit_pages`). The bound is then the unpaged Lagrangian bound
+        only.
     polish : bool
         With pages and ``repair``: also polish problems of up to 200k items and 512 groups with
         :func:`repair_pages` (local moves and min-cost-flow reassignment; seconds at 10⁵ items),
-        and maximise the slot dual bound over λ with 24 evaluations up to 50k items (2 else).
+        and maximise the slot dual bound over λ with up to 24 evaluations up to 50k items (6
+        else).
     """
 
     NAME: ClassVar[str] = "greedy"
@@ -454,7 +471,7 @@ class GreedySolver(Solver):
             if problem.distortion_of(polished) < problem.distortion_of(tiers):
                 tiers = polished
         # The dual is maximised over λ where that is cheap, else taken near the greedy price.
-        evaluations = 24 if self.polish and problem.n_items <= 50_000 else 2
+        evaluations = 24 if self.polish and problem.n_items <= 50_000 else 6
         bound = slot_dual_bound(xp, distortion, allowed, amortized, group, on(slots), constant,
                                 problem.page_cost(forced_counts), problem.budget, price,
                                 hull.max_efficiency, evaluations=evaluations)

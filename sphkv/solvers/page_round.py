@@ -364,74 +364,6 @@ def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amort
     return best.tier()
 
 
-def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
-                    forced_bytes: float, budget: float, price: float, price_max: float,
-                    evaluations: int = 16) -> float:
-    """A Lagrangian lower bound on the paged optimum that credits forced pages' empty slots.
-
-    Paged cost >= R(x) = F + Σ_{g,t} c'_gt · max(0, n_gt - s_gt), with F the bytes of the forced
-    items' whole pages and s_gt the empty slots they leave. For λ >= 0,
-    OPT >= min_x Σ D + λ (R(x) - B). There each free item either pays its best priced tier,
-    best_i = min_t D_it + λ c'_t, or takes an empty slot of tier t at D_it; with at most s_gt
-    items per slot and an item allowed into every slot tier at once (a relaxation), the minimum
-    is at least Σ_i best_i - Σ_{g,t} (sum of the s_gt largest max(0, best_i - D_it) in g)
-    + λ (F - B). Maximised over λ in [0, ``price_max``] (concave in λ; beyond the steepest hull
-    slope no upgrade pays) with at most ``evaluations`` evaluations, each a sort of the items
-    per tier that has empty slots.
-
-    Parameters
-    ----------
-    distortion : array [N, T]
-        Free items' distortions.
-    allowed : bool array [N, T] or None
-        Tiers within each item's ceiling.
-    amortized : array [G, T]
-        ``c + h/P`` per (group, tier).
-    group : int array [N]
-    slots : int array [G, T]
-        Empty slots of forced items' pages.
-    constant : float
-        Distortion of the forced items.
-    """
-    from scipy.optimize import minimize_scalar
-
-    g_count, t = amortized.shape
-    item_cost = xp.take(amortized, group, axis=0)
-    tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
-
-    def dual(lam: float) -> float:
-        priced = distortion + lam * item_cost
-        if allowed is not None:
-            priced = xp.where(allowed, priced, float("inf"))
-        best = xp.min(priced, axis=1)
-        credit = 0.0
-        for tier in tiers:
-            s_t = slots[:, tier]
-            gain = best - distortion[:, tier]
-            if allowed is not None:
-                gain = xp.where(allowed[:, tier], gain, 0.0)
-            cand = xp.nonzero((gain > 0) & (xp.take(s_t, group) > 0))[0]
-            if cand.shape[0] == 0:
-                continue
-            _, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain[cand],
-                                                      g_count)
-            credit += float(xp.sum(seg_sum(xp.where(rank < xp.take(s_t, seg),
-                                                     gain[cand][order], 0.0))))
-        lagrange = lam * (forced_bytes - budget)
-        # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding
-        # (about N·ε of their magnitudes) rather than overstate the optimum.
-        rounding = 1e-13 * distortion.shape[0] * (abs(constant) + float(xp.sum(xp.abs(best)))
-                                                  + credit + abs(lagrange))
-        return constant + float(xp.sum(best)) - credit + lagrange - rounding
-
-    at_price = dual(max(price, 0.0))  # a bound for λ >= 0 only (a solver's dual may be -0)
-    if price_max <= 0 or evaluations <= 1:
-        return at_price
-    res = minimize_scalar(lambda lam: -dual(lam), bounds=(0.0, price_max), method="bounded",
-                          options={"xatol": 1e-6 * price_max, "maxiter": evaluations - 1})
-    return max(at_price, -res.fun)
-
-
 def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
                    forced_counts, page_size: int, budget: float, hull_solver):
     """Whole pages for every group: per group, one of the page counts next to the greedy's,
@@ -515,3 +447,109 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     tiers = xp.empty(n, dtype=xp.int64, device=dev)
     tiers[order] = xp.take(xp.reshape(tier_order, (-1,)), g_sorted * t + rank)
     return tiers
+
+
+def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
+                    forced_bytes: float, budget: float, price: float, price_max: float,
+                    evaluations: int = 16) -> float:
+    """A Lagrangian lower bound on the paged optimum that credits forced pages' empty slots.
+
+    Paged cost >= R(x) = F + Σ_{g,t} c'_gt · max(0, n_gt - s_gt), with F the bytes of the forced
+    items' whole pages and s_gt the empty slots they leave. For λ >= 0,
+    OPT >= min_x Σ D + λ (R(x) - B). There each free item either pays its best priced tier,
+    best_i = min_t D_it + λ c'_t, or takes an empty slot of tier t at D_it; with at most s_gt
+    items per slot and an item allowed into every slot tier at once (a relaxation), the minimum
+    is at least L(λ) = Σ_i best_i - Σ_{g,t} (sum of the s_gt largest max(0, best_i - D_it) in g)
+    + λ (F - B). L is concave and piecewise linear in λ, with slope
+    Σ_i c'(best tier of i) · (1 - number of slots i is credited) + F - B; it is maximised over
+    λ in [0, ``price_max``] (beyond the steepest hull slope no upgrade pays) by regula falsi on
+    the slope from ``price``, with at most ``evaluations`` evaluations, each a sort of the items
+    per tier that has empty slots. Every evaluated L is a bound; the largest is returned.
+
+    Parameters
+    ----------
+    distortion : array [N, T]
+        Free items' distortions.
+    allowed : bool array [N, T] or None
+        Tiers within each item's ceiling.
+    amortized : array [G, T]
+        ``c + h/P`` per (group, tier).
+    group : int array [N]
+    slots : int array [G, T]
+        Empty slots of forced items' pages.
+    constant : float
+        Distortion of the forced items.
+    """
+    g_count, t = amortized.shape
+    item_cost = xp.take(amortized, group, axis=0)
+    tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
+
+    def dual(lam: float) -> tuple[float, float]:
+        priced = distortion + lam * item_cost
+        if allowed is not None:
+            priced = xp.where(allowed, priced, float("inf"))
+        at = xp.argmin(priced, axis=1)
+        best = xp.take_along_axis(priced, at[:, None], axis=1)[:, 0]
+        paid = xp.take_along_axis(item_cost, at[:, None], axis=1)[:, 0]
+        credit, credited_bytes = 0.0, 0.0
+        for tier in tiers:
+            s_t = slots[:, tier]
+            gain = best - distortion[:, tier]
+            if allowed is not None:
+                gain = xp.where(allowed[:, tier], gain, 0.0)
+            cand = xp.nonzero((gain > 0) & (xp.take(s_t, group) > 0))[0]
+            if cand.shape[0] == 0:
+                continue
+            items, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain[cand],
+                                                          g_count)
+            chosen = rank < xp.take(s_t, seg)
+            credit += float(xp.sum(seg_sum(xp.where(chosen, gain[cand][order], 0.0))))
+            credited_bytes += float(xp.sum(xp.where(chosen, paid[items], 0.0)))
+        lagrange = lam * (forced_bytes - budget)
+        # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding
+        # (about N·ε of their magnitudes) rather than overstate the optimum.
+        rounding = 1e-13 * distortion.shape[0] * (abs(constant) + float(xp.sum(xp.abs(best)))
+                                                  + credit + abs(lagrange))
+        value = constant + float(xp.sum(best)) - credit + lagrange - rounding
+        return value, float(xp.sum(paid)) - credited_bytes + forced_bytes - budget
+
+    lam = max(price, 0.0)  # a bound for λ >= 0 only (a solver's dual may be -0)
+    value, slope = dual(lam)
+    best_value = value
+    if price_max <= 0 or evaluations <= 1 or slope == 0:
+        return best_value
+    # Bracket the maximum: [lo, hi] with slope(lo) > 0 > slope(hi), doubling or halving λ.
+    lo, hi = (lam, None) if slope > 0 else (None, lam)
+    s_lo, s_hi = (slope, None) if slope > 0 else (None, slope)
+    f_lo, f_hi = (value, None) if slope > 0 else (None, value)
+    g_lo, g_hi = s_lo, s_hi  # the true slopes (s_lo, s_hi are scaled by Illinois steps)
+    side = 0  # Illinois: halve the slope kept twice on one side
+    for _ in range(evaluations - 1):
+        if lo is not None and hi is not None:
+            # The tangents at lo and hi meet above the maximum: stop when that is close.
+            top = (f_hi - f_lo + g_lo * lo - g_hi * hi) / (g_lo - g_hi)
+            if f_lo + g_lo * (top - lo) - best_value <= 1e-6 * abs(best_value):
+                break
+        if hi is None:
+            lam = min(2 * lo if lo > 0 else price_max * 1e-6, price_max)
+        elif lo is None:
+            lam = hi / 2 if hi > price_max * 1e-9 else 0.0
+        else:
+            lam = lo + (hi - lo) * s_lo / (s_lo - s_hi)
+        value, slope = dual(lam)
+        best_value = max(best_value, value)
+        if slope > 0:
+            if lo is not None and hi is not None and side == 1:
+                s_hi /= 2
+            lo, s_lo, g_lo, f_lo, side = lam, slope, slope, value, 1
+            if lam >= price_max:
+                break
+        elif slope < 0:
+            if lo is not None and hi is not None and side == -1:
+                s_lo /= 2
+            hi, s_hi, g_hi, f_hi, side = lam, slope, slope, value, -1
+            if lam <= 0:
+                break
+        else:
+            break
+    return best_value
