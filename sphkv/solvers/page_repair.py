@@ -284,9 +284,10 @@ def repair_pages(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 3)
     return best
 
 
-def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
+def paged_dual_bound(problem: AllocationProblem, price: float, evaluations: int = 16) -> float:
     """The slot-crediting Lagrangian lower bound on the paged optimum
-    (:func:`sphkv.solvers.page_round.slot_dual_bound`), maximised over λ near ``price``."""
+    (:func:`sphkv.solvers.page_round.slot_dual_bound`), maximised over λ from ``price`` with at
+    most ``evaluations`` evaluations."""
     import array_api_compat
 
     from sphkv.solvers.page_round import slot_dual_bound
@@ -303,4 +304,4 @@ def paged_dual_bound(problem: AllocationProblem, price: float) -> float:
         problem.allowed(free) if problem.has_ceiling else None, amortized,
         problem.group_index[free], slots,
         float(problem.distortion[fixed, problem.forced[fixed]].sum()),
-        problem.page_cost(forced_counts), problem.budget, price, 4.0 * price)
+        problem.page_cost(forced_counts), problem.budget, price, 4.0 * price, evaluations)
