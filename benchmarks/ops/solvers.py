@@ -10,7 +10,8 @@ Each greedy row is timed next to one ``numpy.argsort`` of N·(T-1) fresh random 
 (as many as the greedy has hull slopes) in the same run: ``vs_argsort`` is the greedy's time over
 that argsort's. ``gap`` is the distortion above the greedy's own proven lower bound. The ilp rows
 give the wall time of ``solve(method="ilp", time_limit=L)`` and the target ``1.1 L + 2 s``.
-Torch rows run on the CPU, and on CUDA when there is one.
+Torch rows run on the CPU, and on CUDA with ``--device cuda`` (the default ``auto``: when there is
+one), timed between ``torch.cuda.synchronize()`` calls after one untimed warm-up solve.
 
 Run on one core: ``OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.run --op solvers``.
 """
@@ -40,9 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds given to the ilp")
     parser.add_argument("--budget", type=float, default=0.125,
                         help="budget as a fraction of the all-fp16 cache")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="also run the torch rows on CUDA (auto: when available)")
 
 
-def _instance(items: int, groups: int, paged: bool, budget: float):
+def instance(items: int, groups: int = 90, paged: bool = True, budget: float = 0.125):
+    """The benchmark's synthetic problem of about ``items`` items in ``groups`` page groups."""
     layers, kv_heads = _SHAPES[groups]
     return synthetic_problem(layers=layers, kv_heads=kv_heads, tokens=items // groups,
                              budget_fraction=budget, page_size=16 if paged else None,
@@ -57,39 +61,45 @@ def _argsort_seconds(n: int) -> float:
 
 
 def _timed(problem, **options):
-    if options.get("device", "cpu") != "cpu":
+    """The greedy's allocation, its wall and CPU seconds (CUDA: after a warm-up, synchronised)."""
+    cuda = options.get("device", "cpu") != "cpu"
+    if cuda:
+        solve(problem, "greedy", **options)
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     alloc = solve(problem, "greedy", **options)
-    return alloc, time.perf_counter() - start
+    if cuda:
+        torch.cuda.synchronize()
+    return alloc, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)
     backends = [("numpy", {}), ("torch-cpu", {"backend": "torch"})]
-    if torch.cuda.is_available():
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         backends.append(("torch-cuda", {"backend": "torch", "device": "cuda"}))
     rows = []
     for items in args.sizes:
         for groups in args.groups:
             for paged in (False, True):
-                problem = _instance(items, groups, paged, args.budget)
+                problem = instance(items, groups, paged, args.budget)
                 for name, options in backends:
                     if not paged and name != "numpy":
                         continue
                     sort_s = _argsort_seconds(problem.n_items * (problem.n_tiers - 1))
-                    alloc, seconds = _timed(problem, **options)
+                    alloc, seconds, cpu_s = _timed(problem, **options)
                     rows.append({
                         "solver": "greedy", "backend": name, "items": problem.n_items,
                         "groups": problem.n_groups, "pages": 16 if paged else None,
-                        "seconds": seconds, "argsort_s": sort_s, "vs_argsort": seconds / sort_s,
+                        "seconds": seconds, "cpu_s": cpu_s, "argsort_s": sort_s,
+                        "vs_argsort": seconds / sort_s,
                         "distortion": alloc.distortion, "lower_bound": alloc.lower_bound,
                         "gap": alloc.gap, "cost_over_budget": alloc.cost / problem.budget})
                     print(f"  {problem.n_items:>10,} items {problem.n_groups:>5} groups "
                           f"pages={paged!s:5} {name:10} {seconds:8.3f} s "
                           f"({seconds / sort_s:5.2f}x argsort)  gap {alloc.gap:.4%}", flush=True)
                 del problem
-    problem = _instance(args.ilp_items, 90, True, args.budget)
+    problem = instance(args.ilp_items, 90, True, args.budget)
     for limit in args.ilp_time_limits:
         start = time.perf_counter()
         alloc = solve(problem, "ilp", time_limit=limit)
@@ -107,11 +117,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def summarize(rows: list[dict]) -> str:
     """The greedy rows against their argsort, then the ilp's wall times."""
-    lines = ["| items | groups | pages | backend | s | × argsort | gap |", "|" + "---|" * 7]
+    lines = ["| items | groups | pages | backend | s | cpu s | × argsort | gap |",
+             "|" + "---|" * 8]
     for r in rows:
         if r["solver"] == "greedy":
+            cpu = f"{r['cpu_s']:.3g}" if "cpu_s" in r else "–"
             lines.append(f"| {r['items']:,} | {r['groups']} | {r['pages'] or '–'} | "
-                         f"{r['backend']} | {r['seconds']:.3g} | {r['vs_argsort']:.2f} | "
+                         f"{r['backend']} | {r['seconds']:.3g} | {cpu} | {r['vs_argsort']:.2f} | "
                          f"{r['gap']:.4%} |")
     lines += ["", "| ilp items | time_limit s | wall s | target s | status | gap |",
               "|" + "---|" * 6]
