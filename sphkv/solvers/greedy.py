@@ -20,6 +20,7 @@ same allocation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -200,14 +201,18 @@ class HullSegments:
         self.bucket_cum = xp.cumulative_sum(_bincount(
             xp, xp.reshape(self.bucket, (-1,)), weights=xp.reshape(self.dc, (-1,)),
             minlength=top + 1))
-        # Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end).
+
+    @functools.cached_property
+    def hull_tiers(self):
+        """Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end)."""
+        xp, t = self.xp, self.seg.shape[0]
         steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
-        rows = [self.base] * distortion.shape[1]
-        for k in range(distortion.shape[1]):
+        rows = [self.base] * t
+        for k in range(t):
             steps = steps + xp.astype(self.seg[k], xp.int64)
             rows = [rows[0]] + [xp.where(self.seg[k] & (steps <= s), self.tier[k], rows[s])
-                                for s in range(1, len(rows))]
-        self.hull_tiers = xp.stack(rows)
+                                for s in range(1, t)]
+        return xp.stack(rows)
 
     def _select(self, room: float):
         """Segments [T, N] of the sorted prefix within ``room``, the flat index of the breaking
@@ -267,7 +272,13 @@ class HullSegments:
 
     def tiers(self, positions):
         """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``)."""
-        return self.xp.take_along_axis(self.hull_tiers, positions[None, :], axis=0)[0]
+        xp = self.xp
+        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
+        tiers = self.base
+        for k in range(self.seg.shape[0]):
+            steps = steps + xp.astype(self.seg[k], xp.int64)
+            tiers = xp.where(self.seg[k] & (steps <= positions), self.tier[k], tiers)
+        return tiers
 
     def positions(self, room: float):
         """Hull steps [N] taken by :meth:`allocate` within ``room`` (arrays of ``xp``)."""
@@ -422,7 +433,7 @@ class GreedySolver(Solver):
             # Rounded from the allocation whose forced pages are counted whole (their empty
             # slots are filled for free afterwards), at that allocation's own price.
             tiers, paged_bound = self._round(problem, hull, hull.d, hull.allowed, free, room,
-                                             hull.lp_bound(room)[1], price, constant)
+                                             price, constant)
             return finish(problem, tiers, max(bound, paged_bound), "feasible", price)
         tiers[free] = hull.allocate(room)
         if problem.page_size is not None:
@@ -430,8 +441,7 @@ class GreedySolver(Solver):
         return finish(problem, tiers, bound, "feasible", price)
 
     def _round(self, problem: AllocationProblem, hull: HullSegments, distortion, allowed,
-               free: np.ndarray, room: float, room_price: float, price: float,
-               constant: float):
+               free: np.ndarray, room: float, price: float, constant: float):
         """Whole pages from the greedy at ``room`` (:func:`round_pages`), and the slot-crediting
         dual bound at the greedy price; both on the hull's device. ``distortion`` [N_free, T]
         and ``allowed`` are arrays of the hull's namespace."""
@@ -457,7 +467,8 @@ class GreedySolver(Solver):
         if pos is None:
             pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
                               amortized, on(problem.page_bytes), on(forced_counts),
-                              problem.page_size, room_price, problem.budget, allowed)
+                              problem.page_size, hull.lp_bound(room)[1], problem.budget,
+                              allowed)
         if pos is None:
             tiers = problem.min_cost_tiers()
         else:

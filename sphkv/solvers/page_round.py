@@ -393,15 +393,17 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     """
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
+    if n == 0:  # forced items only: their pages fit by the problem's own check
+        return xp.zeros(0, dtype=xp.int64, device=dev)
     g_count = page_bytes.shape[0]
     p = page_size
     rank_of = xp.argsort(tier_order, axis=1, stable=True)  # [G, T]: tier -> rank
     lp_rank = xp.take(xp.reshape(rank_of, (-1,)), group * t + lp_tiers)
     _, seg, _, _, _, order = _ranked(xp, xp.arange(n, device=dev), group * t + (t - 1 - lp_rank),
                                      -key, g_count * t)
-    # Prefix sums [N + 1, T] of the distortions in that order; groups are contiguous in it.
-    zero = xp.zeros((1, t), dtype=distortion.dtype, device=dev)
-    prefix = xp.concat([zero, xp.cumulative_sum(xp.take(distortion, order, axis=0), axis=0)])
+    # Prefix sums [N, T] of the distortions in that order (groups are contiguous in it): the
+    # sum of the first j items is row j - 1.
+    prefix = xp.reshape(xp.cumulative_sum(xp.take(distortion, order, axis=0), axis=0), (-1,))
     start = xp.searchsorted(seg, xp.arange(g_count + 1, device=dev) * t)  # group offsets
     n_free = start[1:] - start[:-1]
     # Per (group, rank): greedy counts, forced counts, page bytes, options.
@@ -426,13 +428,14 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     pages = xp.where(paged[:, None, :], (count + f[:, None, :] + p - 1) // p, 0)
     option_bytes = xp.sum(xp.astype(pages, pb.dtype) * pb[:, None, :], axis=2)
     # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r].
-    flat = xp.reshape(prefix, (-1,))
     col = tier_order[:, None, :]
-    lo_idx = (start[:-1, None, None] + upper) * t + col
-    hi_idx = (start[:-1, None, None] + bound) * t + col
-    option_d = xp.sum(xp.reshape(xp.take(flat, xp.reshape(hi_idx, (-1,))), hi_idx.shape)
-                      - xp.reshape(xp.take(flat, xp.reshape(lo_idx, (-1,))), lo_idx.shape),
-                      axis=2)
+
+    def prefix_at(count):
+        row = start[:-1, None, None] + count - 1
+        at = xp.reshape(xp.maximum(row, 0) * t + col, (-1,))
+        return xp.where(row >= 0, xp.reshape(xp.take(prefix, at), row.shape), 0.0)
+
+    option_d = xp.sum(prefix_at(bound) - prefix_at(upper), axis=2)
     cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
     if cheapest > budget:
         return None
@@ -481,7 +484,8 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
         Distortion of the forced items.
     """
     g_count, t = amortized.shape
-    item_cost = xp.take(amortized, group, axis=0)
+    shared = bool(xp.all(amortized == amortized[:1, :]))  # one cost row for all groups
+    item_cost = amortized[0, :] if shared else xp.take(amortized, group, axis=0)
     tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
 
     def dual(lam: float) -> tuple[float, float]:
@@ -490,7 +494,8 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
             priced = xp.where(allowed, priced, float("inf"))
         at = xp.argmin(priced, axis=1)
         best = xp.take_along_axis(priced, at[:, None], axis=1)[:, 0]
-        paid = xp.take_along_axis(item_cost, at[:, None], axis=1)[:, 0]
+        paid = (xp.take(item_cost, at) if shared
+                else xp.take_along_axis(item_cost, at[:, None], axis=1)[:, 0])
         credit, credited_bytes = 0.0, 0.0
         for tier in tiers:
             s_t = slots[:, tier]
