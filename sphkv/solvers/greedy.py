@@ -36,6 +36,8 @@ __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
 # Pages: up to this size the rounded allocation is also polished by ``repair_pages``.
 _POLISH_ITEMS, _POLISH_GROUPS = 200_000, 512
+# Fill candidates scanned this many at a time (most efficient first).
+_FILL_CHUNK = 4096
 # Page rounding by options (2^(T-1) per group) up to this many tiers, else by moves.
 _MAX_OPTION_TIERS = 7
 
@@ -297,12 +299,22 @@ class HullSegments:
                 reach = reach & (~open_ | (self.dc[k] <= left))
                 cand.append(open_ & reach)
             later = xp.nonzero(xp.reshape(xp.stack(cand), (-1,)))[0]
-            later = later[xp.argsort(-xp.reshape(self.eff, (-1,))[later], stable=True)]
-            rank, item = later // n, later % n
-            # Hull step of each candidate: the item's segments at lower ranks.
-            below = xp.arange(self.seg.shape[0], device=self.dev)[:, None] < rank[None, :]
-            step = xp.sum(xp.astype(self.seg[:, item] & below, xp.int64), axis=0)
-            _fill(xp, item, step, xp.reshape(self.dc, (-1,))[later], left, n_taken, brk % n)
+            eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
+            # Scanned in chunks of the most efficient candidates: after a chunk only those that
+            # still fit matter (one that does not would only block its own item).
+            while later.shape[0]:
+                head = later
+                later = later[:0]
+                if head.shape[0] > _FILL_CHUNK:
+                    kth = _kth_largest(xp, eff[head], _FILL_CHUNK)
+                    head, later = head[eff[head] >= kth], head[eff[head] < kth]
+                head = head[xp.argsort(-eff[head], stable=True)]
+                rank, item = head // n, head % n
+                # Hull step of each candidate: the item's segments at lower ranks.
+                below = xp.arange(self.seg.shape[0], device=self.dev)[:, None] < rank[None, :]
+                step = xp.sum(xp.astype(self.seg[:, item] & below, xp.int64), axis=0)
+                left = _fill(xp, item, step, dc[head], left, n_taken, brk % n)
+                later = later[dc[later] <= left]
         return n_taken
 
 
@@ -320,16 +332,25 @@ def _np(x) -> np.ndarray:
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
-def _fill(xp, item, step, dc, left: float, n_taken, broken_item: int) -> None:
+def _kth_largest(xp, x, k: int):
+    """The k-th largest value of ``x`` (a 0-d array), by partial selection."""
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.kthvalue(x, x.shape[0] - k + 1).values
+    return np.partition(x, x.shape[0] - k)[x.shape[0] - k]
+
+
+def _fill(xp, item, step, dc, left: float, n_taken, broken_item: int) -> float:
     """Scan candidate segments in order; take one if it continues its item's hull and fits.
 
     An item whose candidate is passed over (not its next segment, or too dear) is blocked
     from then on, as is the item of the breaking segment. Done as jumps from one taken
     segment to the next — at most left / (least segment cost) of them — rather than a loop over
-    every candidate. Updates ``n_taken`` [N] in place.
+    every candidate. Updates ``n_taken`` [N] in place; returns the bytes left.
     """
     if item.shape[0] == 0:
-        return
+        return left
     dev = array_api_compat.device(item)
     blocked = xp.zeros(n_taken.shape[0], dtype=xp.bool, device=dev)
     blocked[broken_item] = True
@@ -346,7 +367,7 @@ def _fill(xp, item, step, dc, left: float, n_taken, broken_item: int) -> None:
         eligible = ((position >= start) & (previous < start) & (step == n_taken[item])
                     & (dc <= left) & ~blocked[item])
         if not bool(xp.any(eligible)):
-            return
+            return left
         p = int(xp.argmax(xp.astype(eligible, xp.int8)))
         blocked[item[start:p]] = True  # passed over on the way
         left -= float(dc[p])
