@@ -76,14 +76,15 @@ def _weights(keys, values, queries, estimator: Estimator | None, score_queries=N
     profile = p.mean(dim=(1, 2)).sort(dim=-1, descending=True).values  # [H_kv, n]
     scores = estimator.score(keys, values, queries if score_queries is None else score_queries)
     order = scores.argsort(dim=-1, descending=True)
-    pi = torch.empty(h_kv, n).scatter_(1, order, profile)  # rank r gets the r-th largest weight
+    pi = keys.new_empty(h_kv, n).scatter_(1, order, profile)  # rank r gets the r-th largest weight
     return p, pi[:, None, None].expand_as(p)
 
 
 def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                      tiers: TierSet, estimator: Estimator | None = None,
                      score_queries: torch.Tensor | None = None, floor: float = 0.0,
-                     relative: bool = False, first: torch.Tensor | None = None) -> np.ndarray:
+                     relative: bool = False, first: torch.Tensor | None = None,
+                     blocks: int = 1) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -113,6 +114,9 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     first : torch.Tensor, optional
         int ``[W]``: the lowest token index query j sees (a sliding or chunked layer's
         pattern, :class:`~sphkv.rdr.layout.LayerAttention`); every earlier token by default.
+    blocks : int
+        The heads are ``blocks`` equal blocks of independent layers (or sequences) stacked, each
+        one ``relative`` to its own output energy: one call for several layers of the same shape.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -128,8 +132,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     o64, v64 = o.double(), v.double()
     dist2 = (v64.square().sum(-1)[:, :, None] - 2 * o64 @ v64.mT
              + o64.square().sum(-1)[..., None]).clamp_min(0).float()
-    out = np.empty((keys.shape[0], keys.shape[1], len(tiers)))
-    for t, tier in enumerate(tiers):
+    out = []
+    for tier in tiers:
         if tier.is_drop:
             r = pi.clamp(max=_MAX_P)
             d = ((r / (1 - r)).square() * dist2).sum(dim=(1, 2))
@@ -141,10 +145,12 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
             # Σ_q π² ‖e (v − o) + Δv‖², expanded; the ‖Δv‖² term needs only Σ_q π²
             d = ((w * e * (e * dist2 + 2 * cross)).sum(dim=(1, 2))
                  + w.sum(dim=(1, 2)) * dv.square().sum(-1))
-        out[:, :, t] = d.clamp_min(0).double().numpy()
+        out.append(d.clamp_min(0))
+    out = torch.stack(out, dim=-1).double()
     if relative:
-        out /= max(o64.square().sum().item(), 1e-300)
-    return out
+        energy = o64.square().sum(dim=(1, 2, 3)).view(blocks, -1).sum(dim=1)
+        out /= energy.clamp_min(1e-300).repeat_interleave(keys.shape[0] // blocks)[:, None, None]
+    return out.cpu().numpy()
 
 
 def distortion_matrix(trace, tiers: TierSet, estimator: Estimator | str | None = None,

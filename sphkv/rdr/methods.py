@@ -66,7 +66,8 @@ class Recency(Estimator):
     """
 
     def _score(self, keys, values, queries):
-        return torch.arange(keys.shape[1], dtype=torch.float32).expand(keys.shape[0], -1)
+        return torch.arange(keys.shape[1], dtype=torch.float32,
+                            device=keys.device).expand(keys.shape[0], -1)
 
 
 def _kivi_tiers(d: int, page_size: int = 16) -> TierSet:
@@ -202,7 +203,7 @@ class Method:
 
     def distortion(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                    tiers: TierSet, first: torch.Tensor | None = None,
-                   score_queries: torch.Tensor | None = None) -> np.ndarray:
+                   score_queries: torch.Tensor | None = None, blocks: int = 1) -> np.ndarray:
         """The method's distortion rows ``D[h, i, t]`` of one layer, float64 ``[H_kv, n, T]``.
 
         :func:`~sphkv.rdr.distortion.layer_distortion` with the method's estimator, floor and
@@ -221,11 +222,15 @@ class Method:
             int ``[W]``: the lowest token index each query sees (sliding and chunked layers).
         score_queries : torch.Tensor, optional
             ``[H_q, m, d]``, what the estimator scores with (:attr:`all_queries`).
+        blocks : int
+            The heads are this many independent layers (or sequences) of equal shape, stacked
+            (:func:`~sphkv.rdr.distortion.layer_distortion`).
         """
         d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
-                             self.floor, self.relative, first=first)
+                             self.floor, self.relative, first=first, blocks=blocks)
         if not self.drop and d.shape[1]:
-            d[..., 0] = NO_DROP_PENALTY * max(d[..., 1:].max(), 1e-30)
+            top = d[..., 1:].reshape(blocks, -1).max(axis=1).clip(min=1e-30)
+            d[..., 0] = NO_DROP_PENALTY * np.repeat(top, d.shape[0] // blocks)[:, None]
         return d
 
 

@@ -11,9 +11,11 @@ byte (distortion per byte at the margin). Items are (token, group) pairs, a grou
   becomes the price.
 - :meth:`~OnlineAllocator.admit`: each new item takes ``argmin_t D[i, t] + λ c_t`` (``c_t`` its
   slot plus its share of a page-table entry). If the store would then exceed the budget, one
-  greedy solve over everything kept and the new items replaces it, each kept item's tier capped
-  at the one it holds (``ceiling``: lost precision never comes back), and λ becomes that
-  solve's price; otherwise λ decays, so that later items may take the room left.
+  greedy solve places the new items and the kept items cheapest to demote (least distortion
+  added per byte saved; 4 per new item, more only if they cannot free enough), each kept item's
+  tier capped at the one it holds (``ceiling``: lost precision never comes back), the other
+  kept items where they are; λ becomes that solve's price. Otherwise λ decays, so that later
+  items may take the room left.
 - :meth:`~OnlineAllocator.evict`: tokens no later query can see (sliding and chunked layers) leave
   the store.
 
@@ -175,8 +177,7 @@ class OnlineAllocator:
             raise ValueError("prefill() places the first items; the store already holds some")
         if not len(tokens):
             return
-        alloc = solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None),
-                      "greedy")
+        alloc = self._solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None))
         self.price = float(alloc.price or 0.0)
         self._pin(tokens)
         self._apply(self._kept(), np.zeros(0, dtype=np.int64), tokens, alloc.tiers)
@@ -196,14 +197,42 @@ class OnlineAllocator:
             self._apply(kept, kept.tier, tokens, tiers)
             self.price *= self.decay
             return
-        # one solve over everything: kept items capped at their tier, pinned ones fixed
+        # one solve over the new items and the kept items cheapest to demote, capped at their
+        # tier; the other kept items (and the pinned ones) stay where they are. Candidates grow
+        # fourfold while they cannot free enough, up to every kept item.
         group = np.concatenate([kept.group, tokens.group])
         d = np.concatenate([kept.distortion, tokens.distortion])
-        forced = np.concatenate([np.where(kept.pinned, kept.tier, -1), tokens.forced])
         ceiling = np.concatenate([kept.tier, np.full(len(tokens), -1)])
-        alloc = solve(self._problem(d, forced, group, ceiling), "greedy")
+        slope = self._demotion_slope(kept)
+        movable = int(np.isfinite(slope).sum())
+        candidates = 4 * len(tokens)
+        while True:
+            candidates = min(candidates, movable)
+            stay = np.ones(len(kept.group), dtype=bool)
+            if candidates:
+                stay[np.argpartition(slope, candidates - 1)[:candidates]] = False
+            forced = np.concatenate([np.where(stay, kept.tier, -1), tokens.forced])
+            try:
+                alloc = self._solve(self._problem(d, forced, group, ceiling),
+                                    polish=False)
+                break
+            except InfeasibleBudgetError:
+                if candidates >= movable:
+                    raise
+                candidates *= 4
         self.price = float(alloc.price or 0.0)
         self._apply(kept, alloc.tiers[:len(kept.group)], tokens, alloc.tiers[len(kept.group):])
+
+    def _demotion_slope(self, kept: _Kept) -> np.ndarray:
+        """``[n]``: the least distortion a kept item adds per byte it saves,
+        ``min_{t' < t} (D[i, t'] − D[i, t]) / (c_t − c_t')`` at its tier t; +∞ if pinned."""
+        cost = self.item_costs
+        d_now = np.take_along_axis(kept.distortion, kept.tier[:, None], axis=1)
+        saved = cost[kept.tier][:, None] - cost[None, :]  # [n, T], > 0 where cheaper
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(saved > 0, (kept.distortion - d_now) / saved, np.inf).min(axis=1)
+        slope[kept.pinned] = np.inf
+        return slope
 
     def evict(self, first: np.ndarray) -> int:
         """Remove every kept token of group g at a position below ``first[g]``.
@@ -254,6 +283,14 @@ class OnlineAllocator:
                          for t in range(len(self.tiers))])
         pages[:, page == 0] = 0
         return int((pages * (page + PAGE_TABLE_ENTRY.itemsize)).sum())
+
+    def _solve(self, problem: AllocationProblem, polish: bool = True):
+        """The greedy solve, on the store's device (torch) when that is a GPU; ``polish``: its
+        local-move page repair (seconds at 10⁵ items, so admissions go without)."""
+        if self.store.device.type == "cuda":
+            return solve(problem, "greedy", backend="torch", device=str(self.store.device),
+                         polish=polish)
+        return solve(problem, "greedy", polish=polish)
 
     def _problem(self, d, forced, group, ceiling) -> AllocationProblem:
         try:

@@ -21,6 +21,8 @@ allocator's bookkeeping for later demotions; it is not cache content and is not 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -28,7 +30,7 @@ from sphkv.codec import Codes, KiviCodec
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.tiers import Tier, TierSet
 
-__all__ = ["OFFSET_BYTES", "PagedStore", "TierPool", "slot_bytes"]
+__all__ = ["OFFSET_BYTES", "PagedStore", "Runs", "TierPool", "slot_bytes"]
 
 #: bytes of the per-slot position offset from the page's first position
 OFFSET_BYTES = 2
@@ -130,6 +132,26 @@ class TierPool:
                      torch.Size((*slots.shape, d)))
 
 
+@dataclass
+class Runs:
+    """Runs of one tier for several groups (:meth:`PagedStore.runs`).
+
+    Attributes
+    ----------
+    pages : numpy.ndarray
+        int32 ``[groups, max_pages]``: page ids of each run in position order (0 past it).
+    lengths : numpy.ndarray
+        int32 ``[groups]``: tokens of each run.
+    positions : torch.Tensor or None
+        int64 ``[groups, max_pages · P]`` on the store's device: each run token's position,
+        ascending, the largest int64 past the run.
+    """
+
+    pages: np.ndarray
+    lengths: np.ndarray
+    positions: torch.Tensor | None
+
+
 class PagedStore:
     """Pools of tier-homogeneous pages and one page table per group.
 
@@ -205,6 +227,52 @@ class PagedStore:
         slots, pos = self._slots(group, tier)
         return pos, self.pools[tier].distortion[slots]
 
+    def runs(self, tier: int, groups: list[int], positions: bool = False) -> Runs:
+        """Each group's run at ``tier`` as page ids in position order, for readers of the pools
+        (the decode kernels): one vectorised pass over the groups' page tables.
+
+        Parameters
+        ----------
+        positions : bool
+            Also give each run token's position (on the store's device).
+
+        Raises
+        ------
+        RuntimeError
+            A run with a partial page before its last (the store packs runs densely).
+        """
+        tables = [self.tables[g] for g in groups]
+        table = np.concatenate(tables) if tables else np.zeros(0, PAGE_TABLE_ENTRY)
+        owner = np.repeat(np.arange(len(groups)), [len(t) for t in tables])
+        mine = table["tier"] == tier
+        # each page table is sorted by (tier, first position): a run comes in position order
+        table, owner = table[mine], owner[mine]
+        count = np.bincount(owner, minlength=len(groups))
+        rank = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
+        if (table["valid"][rank < count[owner] - 1] != self.page_size).any():
+            raise RuntimeError(f"tier {tier} has a run with a partial page before its last")
+        width = max(int(count.max(initial=0)), 1)
+        pages = np.zeros((len(groups), width), dtype=np.int32)
+        pages[owner, rank] = table["page_id"]
+        lengths = np.bincount(owner, weights=table["valid"],
+                              minlength=len(groups)).astype(np.int32)
+        out = Runs(pages, lengths, None)
+        if positions:
+            p, dev = self.page_size, self.device
+            if not lengths.any():  # the pool may have no rows to index
+                out.positions = torch.full((len(groups), width * p), torch.iinfo(torch.int64).max,
+                                           device=dev)
+                return out
+            first = np.zeros((len(groups), width), dtype=np.int64)
+            first[owner, rank] = table["first_position"]
+            slots = (torch.from_numpy(pages).to(dev).long()[..., None] * p
+                     + torch.arange(p, device=dev))
+            pos = (torch.from_numpy(first).to(dev)[..., None]
+                   + self.pools[tier].offset[slots].long() + _OFFSET_SHIFT).flatten(1)
+            past = torch.arange(width * p, device=dev) >= torch.from_numpy(lengths).to(dev)[:, None]
+            out.positions = pos.masked_fill_(past, torch.iinfo(torch.int64).max)
+        return out
+
     def gather(self, tier: int, groups: list[int]):
         """Codes of several groups' runs at ``tier``, padded to the longest.
 
@@ -217,16 +285,15 @@ class PagedStore:
         positions : torch.Tensor
             int64 ``[len(groups), n_max]`` (on the CPU; -1 at padding slots).
         """
-        runs = [self._slots(g, tier) for g in groups]
-        n_max = max(len(s) for s, _ in runs)
-        index = torch.zeros(len(groups), n_max, dtype=torch.long)
-        valid = torch.zeros(len(groups), n_max, dtype=torch.bool)
-        positions = torch.full((len(groups), n_max), -1, dtype=torch.long)
-        for i, (s, pos) in enumerate(runs):
-            index[i, :len(s)], valid[i, :len(s)], positions[i, :len(s)] = s, True, pos
-        pool, index = self.pools[tier], index.to(self.device)
-        return (pool.key_rows(index), pool.value.rows(index),
-                valid.to(self.device), positions)
+        runs, p = self.runs(tier, groups, positions=True), self.page_size
+        slots = (torch.from_numpy(runs.pages).long()[..., None] * p + torch.arange(p)).flatten(1)
+        valid = torch.arange(slots.shape[1]) < torch.from_numpy(runs.lengths)[:, None]
+        n_max = int(runs.lengths.max(initial=0))
+        slots, valid = slots[:, :n_max].masked_fill(~valid[:, :n_max], 0), valid[:, :n_max]
+        positions = runs.positions[:, :n_max].cpu().masked_fill(~valid, -1)
+        pool, slots = self.pools[tier], slots.to(self.device)
+        return (pool.key_rows(slots), pool.value.rows(slots), valid.to(self.device),
+                positions)
 
     def contents(self, tier: int):
         """Every token kept at ``tier``, in slot order.

@@ -68,9 +68,10 @@ def attention_probs(keys: torch.Tensor, queries: torch.Tensor,
     h_q, w, _ = queries.shape
     q = queries.float().view(h_kv, h_q // h_kv, w, d)
     s = q @ keys.float()[:, None].mT / math.sqrt(d)  # logits q·k/√d, [H_kv, G, W, n]
-    hidden = torch.arange(n)[None, :] > torch.arange(n - w, n)[:, None]  # [W, n], the future
+    token = torch.arange(n, device=keys.device)
+    hidden = token[None, :] > token[n - w:, None]  # [W, n], the future
     if first is not None:
-        hidden |= torch.arange(n)[None, :] < torch.as_tensor(first)[:, None]
+        hidden |= token[None, :] < torch.as_tensor(first).to(keys.device)[:, None]
     return torch.softmax(s.masked_fill(hidden, -math.inf), dim=-1)
 
 
@@ -179,7 +180,7 @@ class NormalizedAttention(_QueryAware):
         p = attention_probs(keys, queries)  # [H_kv, G, W, n]
         n, w = keys.shape[1], queries.shape[1]
         # token i is seen by the queries at positions max(i, n-W) … n-1
-        seen_by = (n - torch.arange(n).clamp(min=n - w)).float()
+        seen_by = (n - torch.arange(n, device=keys.device).clamp(min=n - w)).float()
         return _aggregate(p.sum(dim=2) / seen_by, self.aggregate)
 
 
@@ -250,7 +251,7 @@ class WindowedManifoldKV(Estimator):
         n = keys.shape[1]
         # local mean over tokens [i - w//2, i + w - w//2) ∩ [0, n) from a prefix sum
         prefix = F.pad(keys.cumsum(dim=1), (0, 0, 1, 0))  # [H_kv, n + 1, d]
-        lo = (torch.arange(n) - self.window // 2).clamp(0, n)
+        lo = (torch.arange(n, device=keys.device) - self.window // 2).clamp(0, n)
         hi = (lo + self.window).clamp(max=n)
         centroid = (prefix[:, hi] - prefix[:, lo]) / (hi - lo)[:, None].float()
         return (keys - centroid).norm(dim=-1)

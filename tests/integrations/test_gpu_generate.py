@@ -1,7 +1,8 @@
 """Greedy generation of the tiny model on a GPU, the compressed cache's attention through the
 Triton kernels (``kernel_attend`` → ``ada_decode``), against the same generation on the CPU
-(``CompressedLayer.attend`` in torch): the same tokens, the budget held at every step, pages of
-several tiers read by the kernels."""
+(``CompressedLayer.attend`` in torch), for every method: the same tokens, the budget held at
+every step, pages of several tiers read by the kernels (a ladder they do not read attends in
+torch on the GPU)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from sphkv.integrations.hf.cache import SphkvCache, register_attention
 from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import fp16_cache_bytes
+from sphkv.rdr.methods import METHODS
 
 from .fixtures import TINY, tiny_model
 
@@ -19,6 +21,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (the Triton kernels' device path)")
 
 NEW = 40
+# ladders with a tier the kernels do not read (int2/int4 scalar, KIVI, PolarQuant, FibQuant)
+_TORCH_ONLY = {"rdr-scalar", "kivi", "polarquant", "fibquant"}
 
 
 class _Check(StoppingCriteria):
@@ -53,7 +57,7 @@ def _generate(device: str, ids: torch.Tensor, method: str, budget: float):
     return out.sequences.cpu(), torch.stack(out.logits).cpu().float(), cache, check.tiers
 
 
-@pytest.mark.parametrize("method", ["rdr", "rdr-ada"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_gpu_generation_equals_cpu(method):
     ids = torch.randint(0, TINY["vocab_size"], (1, 48),
                         generator=torch.Generator().manual_seed(10))
@@ -62,7 +66,9 @@ def test_gpu_generation_equals_cpu(method):
     out, scores, cache, tiers = _generate("cuda", ids, method, budget)
     # the pools live on the GPU and hold pages of several tiers at once
     assert cache.store.device.type == "cuda"
-    assert len(tiers) >= 3, tiers
+    # the RDR ladders mix tiers
+    assert len(tiers) >= (3 if method.startswith("rdr") else 1), tiers
+    assert cache.kernel == (method not in _TORCH_ONLY)
     assert cache.peak_bytes <= budget and ref_cache.peak_bytes <= budget
     # greedy tokens can only agree where the CPU's choice is not a near-tie: the smallest
     # top-2 logit gap of this prompt's CPU run is ~1e-3 (it moves with the CPU's rounding;

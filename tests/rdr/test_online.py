@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.methods import METHODS
 from sphkv.rdr.online import OnlineAllocator, Tokens
 from sphkv.rdr.problem import InfeasibleBudgetError
@@ -145,3 +146,30 @@ def test_tokens_validate_their_rows(tiers):
                np.zeros((3, len(tiers))))
     with pytest.raises(ValueError, match="decay"):
         OnlineAllocator(tiers, 1, 1e6, decay=0.0)
+
+
+def test_overflowing_admission_demotes_the_cheapest_items(tiers):
+    # group 0's kept tokens lose almost nothing by demotion, group 1's a lot: the room for the
+    # new tokens comes from group 0 only
+    fp16 = tiers.costs[-1] + 2
+    n = 64
+    group = np.repeat([0, 1], n)
+    pos = np.tile(np.arange(n), 2)
+    d = np.zeros((2 * n, len(tiers)))
+    d[:n] = 1e-6 * (len(tiers) - 1 - np.arange(len(tiers)))  # cheap to demote
+    d[n:] = 1e3 * (len(tiers) - 1 - np.arange(len(tiers)))  # dear to demote
+    gen = torch.Generator().manual_seed(0)
+    prefill = Tokens(group, torch.as_tensor(pos), torch.randn(2 * n, D, generator=gen),
+                     torch.randn(2 * n, D, generator=gen), d)
+    page = PAGE_TABLE_ENTRY.itemsize + P * fp16
+    alloc = OnlineAllocator(tiers, GROUPS, 2 * (n // P) * page, page_size=P)
+    alloc.prefill(prefill)
+    assert set(_tiers_of(alloc).values()) == {len(tiers) - 1}  # everything at fp16, just fits
+    new = Tokens(np.full(8, 2), torch.arange(8), torch.randn(8, D, generator=gen),
+                 torch.randn(8, D, generator=gen), 1e3 * d[n:n + 8])
+    alloc.admit(new)
+    kept = _tiers_of(alloc)
+    assert all(kept[1, p] == len(tiers) - 1 for p in range(n)), "a dear token was demoted"
+    assert any(kept.get((0, p), 0) < len(tiers) - 1 for p in range(n))
+    assert all((2, p) in kept for p in range(8))
+    assert max(alloc.writes) <= alloc.budget

@@ -37,6 +37,7 @@ them needs them.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sphkv.codec import Codec, Codes
 from sphkv.integrations.hf.config import attention_layout, head_dim
-from sphkv.integrations.hf.kernel_attention import kernel_attend
+from sphkv.integrations.hf.kernel_attention import kernel_attend, kernel_reads
 from sphkv.kernels.encode_pack import KERNEL_CODECS, encode_codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.layout import LayerAttention
@@ -76,7 +77,8 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index, self.attention, self.length = cache, index, attention, 0
         self.is_sliding = not attention.is_full
-        self._decoded: tuple[int, list] | None = None
+        self._decoded: tuple[int, tuple | None] | None = None
+        self._runs: tuple | None = None  # the kernel path's page tables (kernel_attention.py)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape
@@ -130,16 +132,24 @@ class CompressedLayer(CacheLayerMixin):
     def window_bytes(self) -> int:
         return (self.keys.numel() + self.values.numel()) * 2 if self.is_initialized else 0
 
-    def _decoded_pages(self, b: int, h: int) -> list:
-        """``(k̂, v̂ [B, H_kv, n, d], valid, positions [B, H_kv, n])`` per non-empty tier of
-        the layer's pages, decoded again only after the store changed. ``q·k̂`` equals the
-        logits the key codes give, to rounding (:meth:`~sphkv.codec.Codec.logits`)."""
+    def _decoded_pages(self, b: int, h: int):
+        """The layer's pages decoded, every tier's run side by side: ``(k̂, v̂ [B, H_kv, n, d],
+        bias [B, H_kv, 1, 1, n], positions [B, H_kv, n])``, ``bias`` 0 at kept tokens and −∞ at
+        padding; None without pages. Decoded again only after the store changed. ``q·k̂``
+        equals the logits the key codes give, to rounding (:meth:`~sphkv.codec.Codec.logits`).
+        """
         store = self.cache.store
         version = store.version if store is not None else -1
         if self._decoded is None or self._decoded[0] != version:
-            self._decoded = (version, [
-                (tier.key.decode(key), tier.value.decode(value), valid, positions)
-                for tier, key, value, valid, positions in self.cache.pages(self.index, b, h)])
+            runs = [(tier.key.decode(key), tier.value.decode(value), valid, positions)
+                    for tier, key, value, valid, positions in self.cache.pages(self.index, b, h)]
+            merged = None
+            if runs:
+                keys, values, valid, positions = (torch.cat(x, dim=2) for x in zip(*runs))
+                bias = torch.zeros(valid.shape).masked_fill_(~valid.cpu(), -math.inf)
+                merged = (keys.float(), values.float(),
+                          bias.to(keys.device)[:, :, None, None], positions)
+            self._decoded = (version, merged)
         return self._decoded[1]
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -163,7 +173,7 @@ class CompressedLayer(CacheLayerMixin):
         cache = self.cache
         if cache.pad is None:
             cache.set_padding(attention_mask, b)
-        if query.is_cuda:  # the Triton kernels (sphkv.kernels.ada_decode) compute the same
+        if query.is_cuda and cache.kernel:  # the Triton kernels compute the same
             return kernel_attend(self, query, scaling)
         h = self.keys.shape[1]
         g = hq // h
@@ -175,25 +185,25 @@ class CompressedLayer(CacheLayerMixin):
         seen = (pos[None, None, :] >= first[:, :, None]) & (pos[None, None, :] <= t[None, :, None])
         seen = seen.to(q.device)
         pages = self._decoded_pages(b, h)
-        if not pages:  # the window alone (a prefill): torch's fused attention
+        if pages is None:  # the window alone (a prefill): torch's fused attention
             out = torch.nn.functional.scaled_dot_product_attention(
                 query.float(), self.keys.float(), self.values.float(), seen[:, None],
                 scale=scaling, enable_gqa=True)
             return out.nan_to_num(0.0).transpose(1, 2).to(query.dtype)
-        logits, values = [], []
-        for key, value, valid, positions in pages:
-            s = (q @ key.mT).view(b, h, g, m, -1)
-            # [B, H, m, n]: a kept token is seen from its query's lowest visible position
-            shown = valid[:, :, None, :] & (positions[:, :, None, :]
-                                            >= first[:, None, :, None]).to(q.device)
-            logits.append(s.masked_fill(~shown[:, :, None], -math.inf))
-            values.append(value)
-        s = (q @ self.keys.float().mT).view(b, h, g, m, -1)
-        logits.append(s.masked_fill(~seen[:, None, None], -math.inf))
-        values.append(self.values.float())
-        # softmax(q·k/√d); a padding query that sees no key gets weights 0, not NaN
-        p = torch.softmax(torch.cat(logits, dim=-1) * scaling, dim=-1).nan_to_num(0.0)
-        out = p.view(b, h, g * m, -1) @ torch.cat(values, dim=2)
+        key, value, bias, positions = pages
+        s = (q @ key.mT).view(b, h, g, m, -1) + bias
+        if not self.attention.is_full:
+            # a kept token is seen from its query's lowest visible position
+            hidden = positions[:, :, None, :] < first[:, None, :, None]  # [B, H, m, n]
+            s = s.masked_fill(hidden[:, :, None].to(q.device), -math.inf)
+        w = (q @ self.keys.float().mT).view(b, h, g, m, -1)
+        w = w.masked_fill(~seen[:, None, None], -math.inf)
+        # softmax(q·k/√d) over the pages and the window; a padding query that sees no key gets
+        # weights 0, not NaN
+        p = torch.softmax(torch.cat([s, w], dim=-1) * scaling, dim=-1).nan_to_num(0.0)
+        p = p.view(b, h, g * m, -1)
+        n = key.shape[2]
+        out = p[..., :n] @ value + p[..., n:] @ self.values.float()
         return out.view(b, hq, m, d).transpose(1, 2).to(query.dtype)
 
 
@@ -233,6 +243,9 @@ class SphkvCache(Cache):
         Set at the end of the first forward.
     history : list of int
         :meth:`nbytes` after the first forward and after every write of an admission.
+    timings : list of (str, float)
+        Seconds of each allocator step: ``"prefill"`` (distortion rows and placement of the
+        prompt) and ``"admit"`` (evictions, distortion rows and admission of W tokens).
     """
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
@@ -256,6 +269,8 @@ class SphkvCache(Cache):
         self.head_dim = head_dim(config)
         self.method = get_method(method) if isinstance(method, str) else method
         self.tiers = self.method.tier_set(self.head_dim, page_size)
+        #: on a GPU, whether attention runs in the Triton kernels (else in torch)
+        self.kernel = kernel_reads(self.tiers)
         self.config = config
         self.budget = None if budget is None else float(budget)
         self.window, self.sinks = window, sinks
@@ -265,7 +280,9 @@ class SphkvCache(Cache):
         self.allocator: OnlineAllocator | None = None
         self.admitted = 0  # positions below this are in pages (or dropped)
         self.history: list[int] = []
+        self.timings: list[tuple[str, float]] = []
         self.pad: torch.Tensor | None = None
+        self._pad_device: torch.Tensor | None = None
         self._queries: dict[int, torch.Tensor] = {}
         # the prefill's items per method (its repr names every field), shared by the copies
         # :meth:`compress` makes: they do not depend on the budget
@@ -343,18 +360,25 @@ class SphkvCache(Cache):
 
     def pages(self, layer: int, batch: int, heads: int):
         """Per non-empty tier of ``layer``: ``(tier, key Codes, value Codes, valid,
-        positions)``, codes ``[B, H_kv, n]`` padded to the longest run, ``valid`` bool and
-        ``positions`` int64 (on the CPU) ``[B, H_kv, n]``."""
+        positions)``, codes ``[B, H_kv, n]`` padded to the longest run (padding repeats slot
+        0), ``valid`` bool and ``positions`` int64 (on the CPU, -1 at padding)
+        ``[B, H_kv, n]``."""
         if self.store is None:
             return
         groups = [self.group(b, layer, h) for b in range(batch) for h in range(heads)]
         for t in self.store.pools:
-            if not any(self.store.count(g, t) for g in groups):
-                continue
             key, value, valid, positions = self.store.gather(t, groups)
+            if not valid.any():
+                continue
             shape = (batch, heads, valid.shape[-1])
             yield (self.tiers[t], key.reshape(*shape), value.reshape(*shape),
                    valid.view(shape), positions.view(shape))
+
+    def pad_on(self, device: torch.device) -> torch.Tensor:
+        """The left padding per sequence ``[B]`` on ``device`` (copied there once)."""
+        if self._pad_device is None or self._pad_device.device != torch.device(device):
+            self._pad_device = self.pad.to(device)
+        return self._pad_device
 
     def observe(self, layer: int, query: torch.Tensor) -> None:
         """Keep the layer's last queries (every prefill query for a deferred cache or an
@@ -368,8 +392,11 @@ class SphkvCache(Cache):
             self._step()
 
     def _kept_queries(self) -> int:
-        """Queries the prefill allocation reads: the observation and the admissions' window."""
-        return max(self.window, self.observation)
+        """Queries the next allocator step reads: the prefill's observation (and the window),
+        then an admission's, those of the window's 2W positions at most."""
+        if self.allocator is not None:
+            return 2 * self.window
+        return max(2 * self.window, self.observation)
 
     def compress(self, method: Method | str, budget: float) -> SphkvCache:
         """A copy of this deferred cache (``budget=None``, after its prefill) compressed by
@@ -404,13 +431,25 @@ class SphkvCache(Cache):
 
     def _step(self) -> None:
         if self.allocator is None:
-            self._start()
+            self._timed("prefill", self._start)
         while self.length - self.admitted >= 2 * self.window:
-            self._admit()
+            self._timed("admit", self._admit)
         self.history.append(self.nbytes())
         if self.history[-1] > self.budget:
             raise RuntimeError(f"cache holds {self.history[-1]} bytes, above the budget of "
                                f"{self.budget:.0f}; this is a bug")
+
+    def _timed(self, kind: str, step) -> None:
+        """Run an allocator step and add ``(kind, seconds)`` to :attr:`timings` (the device
+        synchronized before and after: its work is counted, not just its launches)."""
+        device = self.layers[0].keys.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings.append((kind, time.perf_counter() - start))
 
     def _start(self) -> None:
         """After the first forward: reserve, check the budget, place the prompt's old tokens."""
@@ -471,15 +510,16 @@ class SphkvCache(Cache):
     def _tokens(self, lo: int, hi: int) -> Tokens:
         """The allocator's items for positions ``lo … hi-1`` of every (sequence, layer, kv-head):
         real tokens the next query can still see, with the method's distortion rows, measured
-        with the layer's attention pattern over the window's tokens."""
-        parts = []
+        with the layer's attention pattern over the window's tokens. Rows of layers (and
+        sequences) whose inputs have the same shapes and pattern are computed in one call."""
+        jobs = []  # (layer index, sequence, kept positions, their rows, k, v, q, first, q_all)
         nxt = torch.tensor([self.length])
         for index, layer in enumerate(self.layers):
             pos = layer.start + torch.arange(layer.keys.shape[-2])
             queries = self._queries[index]
             kept_from = layer.first_visible(nxt)[:, 0]
             for b in range(queries.shape[0]):
-                q_all = queries[b].cpu()
+                q_all = queries[b]
                 # queries of real positions only (padding queries see nothing)
                 q_all = q_all[:, -min(q_all.shape[1], self.length - int(self.pad[b])):]
                 q = q_all[:, -self.observation:]
@@ -489,30 +529,29 @@ class SphkvCache(Cache):
                 # positions are among those keys'
                 base = max(int(q_first.min()), int(self.pad[b]), layer.start)
                 q, q_first = q[:, -(self.length - base):], q_first[-(self.length - base):]
-                q_all = q_all[:, -(self.length - base):]
                 sel = pos >= base
-                on = sel.to(layer.keys.device)
-                k, v = layer.keys[b][:, on], layer.values[b][:, on]
-                d = self.method.distortion(
-                    k.float().cpu(), v.float().cpu(), q, self.tiers,
-                    first=None if layer.attention.is_full else (q_first - base).clamp_min(0),
-                    score_queries=q_all if self.method.all_queries else None)
                 p = pos[sel]
                 take = (p >= lo) & (p < hi) & (p >= kept_from[b])
                 if not take.any():
                     continue
-                h = k.shape[0]
-                rows = take.numpy()
-                on = take.to(k.device)
-                p = p[take]
-                sink = (p - self.pad[b] < self.sinks).numpy()
-                parts.append(Tokens(
-                    group=np.repeat([self.group(b, index, j) for j in range(h)], len(p)),
-                    positions=p.repeat(h),  # head-major, as the rows of k [H, n, d]
-                    keys=k[:, on].reshape(-1, k.shape[-1]),
-                    values=v[:, on].reshape(-1, v.shape[-1]),
-                    distortion=d[:, rows].reshape(-1, d.shape[-1]),
-                    forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), h)))
+                on = sel.to(layer.keys.device)
+                first = None if layer.attention.is_full else (q_first - base).clamp_min(0)
+                jobs.append((index, b, p[take], take.numpy(), layer.keys[b][:, on].float(),
+                             layer.values[b][:, on].float(), q, first,
+                             q_all[:, -(self.length - base):]))
+        rows = self._distortion_rows(jobs)
+        parts = []
+        for (index, b, p, take, k, v, *_), d in zip(jobs, rows, strict=True):
+            h = k.shape[0]
+            on = torch.from_numpy(take).to(k.device)
+            sink = (p - self.pad[b] < self.sinks).numpy()
+            parts.append(Tokens(
+                group=np.repeat([self.group(b, index, j) for j in range(h)], len(p)),
+                positions=p.repeat(h),  # head-major, as the rows of k [H, n, d]
+                keys=k[:, on].half().reshape(-1, k.shape[-1]),
+                values=v[:, on].half().reshape(-1, v.shape[-1]),
+                distortion=d[:, take].reshape(-1, d.shape[-1]),
+                forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), h)))
         if not parts:
             d = self.head_dim
             empty = torch.zeros(0, d, dtype=torch.float16, device=self.layers[0].keys.device)
@@ -520,14 +559,40 @@ class SphkvCache(Cache):
                           np.zeros((0, len(self.tiers))))
         return Tokens.cat(parts)
 
+    def _distortion_rows(self, jobs: list[tuple]) -> list[np.ndarray]:
+        """The method's rows ``[H_kv, n, T]`` of each job: jobs with equal shapes and pattern
+        stacked along the heads and computed in one call, each one relative to itself."""
+        buckets: dict[tuple, list[int]] = {}
+        for i, (*_, k, _v, q, first, q_all) in enumerate(jobs):
+            key = (k.shape, q.shape, q_all.shape,
+                   None if first is None else tuple(first.tolist()))
+            buckets.setdefault(key, []).append(i)
+        rows: list[np.ndarray | None] = [None] * len(jobs)
+        chunks = []
+        for key, members in buckets.items():
+            # at most about 2^26 (query, token) pairs per call: its float64 intermediates
+            n, (hq, w, _) = key[0][1], key[1]
+            per_call = max(1, 2**26 // max(hq * w * n, 1))
+            chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
+        for members in chunks:
+            k, v, q, first, q_all = (
+                [jobs[i][j] for i in members] for j in range(4, 9))
+            d = self.method.distortion(
+                torch.cat(k), torch.cat(v), torch.cat(q), self.tiers, first=first[0],
+                score_queries=torch.cat(q_all) if self.method.all_queries else None,
+                blocks=len(members))
+            for i, part in zip(members, np.split(d, len(members)), strict=True):
+                rows[i] = part
+        return rows
+
 
 def _encode(codec: Codec, x: torch.Tensor) -> Codes:
-    """``codec.encode`` of the vectors ``x [n, d]``: on a GPU by the Triton kernel
-    (:func:`~sphkv.kernels.encode_pack.encode_codes`) where the codec has one, else on the
-    host (the allocator moves the codes into its pools)."""
+    """``codec.encode`` of the vectors ``x [n, d]`` where they are: on a GPU by the Triton
+    kernel (:func:`~sphkv.kernels.encode_pack.encode_codes`) where the codec has one, else by
+    the codec's torch code on that device."""
     if x.is_cuda and isinstance(codec, KERNEL_CODECS):
         return encode_codes(x, codec)
-    return codec.encode(x.float().cpu())
+    return codec.encode(x.float())
 
 
 # keyword arguments of a model's attention call that change what attention computes

@@ -6,61 +6,58 @@ causality, left padding and the layer's attention layout — with
 :func:`sphkv.kernels.ada_decode` reading the store's pools and page tables directly. A sliding
 or chunked layer's hidden tokens are a prefix of each tier's run (runs are sorted by position),
 passed as the kernel's per-query lower bounds. The prefill (no pages yet, the whole prompt in the
-window) goes through SDPA.
+window) goes through SDPA. A ladder with a tier the kernel does not read (:func:`kernel_reads`:
+KIVI, PolarQuant, FibQuant, int2/int4 scalar) attends in torch on the GPU instead.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
+from sphkv.codec import KernelKind
 from sphkv.kernels.ada_decode import MAX_ROWS, TierPages, Window, ada_decode, ada_decode_naive
 
-__all__ = ["kernel_attend", "layer_pages"]
+__all__ = ["kernel_attend", "kernel_reads", "layer_pages"]
 
 
-def layer_pages(cache, layer, batch: int, heads: int, first: torch.Tensor | None,
-                device: torch.device) -> list[TierPages]:
+def kernel_reads(tiers) -> bool:
+    """Whether :func:`sphkv.kernels.ada_decode` reads every non-drop tier of ``tiers``: keys
+    fp16, int8, TurboQuant or ADA; values fp16, int8 or TurboQuant."""
+    keys = {KernelKind.FP16, KernelKind.INT8, KernelKind.TURBO, KernelKind.ADA}
+    values = keys - {KernelKind.ADA}
+    return all(t.key.KERNEL in keys and t.value.KERNEL in values for t in tiers if not t.is_drop)
+
+
+def layer_pages(cache, layer, batch: int, heads: int,
+                device: torch.device) -> list[tuple[TierPages, torch.Tensor | None]]:
     """The pages of ``layer`` per non-empty tier: the tier's pool and a page table per
-    (sequence, kv head), its run in position order (all pages full but the last).
+    (sequence, kv head), its run in position order (all pages full but the last), with each
+    run token's position ``[B, H_kv, n]`` for a sliding or chunked layer (None for a full one).
 
-    ``first`` (int ``[B, M]``, positions, or None) is each query's lowest visible position; it
-    becomes each run's count of hidden tokens ``[B, H_kv, M]``.
+    Built once per write of the store (an admission) and kept on the layer: the steps in
+    between reuse the tables, on the device.
     """
-    store, p = cache.store, cache.store.page_size
+    store = cache.store
+    key = (store.version, batch, heads, device)
+    if layer._runs is not None and layer._runs[0] == key:
+        return layer._runs[1]
+    groups = [cache.group(b, layer.index, h) for b in range(batch) for h in range(heads)]
     out = []
-    positions: dict[int, dict] = {}  # per group, its kept positions per tier (read once)
     for t, pool in store.pools.items():
-        runs = np.empty((batch, heads), dtype=object)
-        lengths = np.zeros((batch, heads), dtype=np.int32)
-        hidden = None if first is None else torch.zeros(batch, heads, first.shape[1],
-                                                        dtype=torch.int32)
-        for b in range(batch):
-            for h in range(heads):
-                group = cache.group(b, layer.index, h)
-                table = store.tables[group]
-                run = table[table["tier"] == t]
-                run = run[np.argsort(run["first_position"], kind="stable")]
-                if (run["valid"][:-1] != p).any():
-                    raise RuntimeError(f"tier {t} of group ({b}, {layer.index}, {h}) has a "
-                                       f"partial page before its last; the kernel reads packed "
-                                       f"runs")
-                runs[b, h], lengths[b, h] = run["page_id"], run["valid"].sum()
-                if hidden is not None and lengths[b, h]:
-                    if group not in positions:
-                        positions[group] = store.positions(group)
-                    hidden[b, h] = torch.searchsorted(positions[group][t], first[b]).int()
-        if not lengths.any():
+        runs = store.runs(t, groups, positions=not layer.attention.is_full)
+        if not runs.lengths.any():
             continue
-        table = np.zeros((batch, heads, max(len(r) for r in runs.flat)), dtype=np.int32)
-        for (b, h), run in np.ndenumerate(runs):
-            table[b, h, :len(run)] = run
         tier = store.tiers[t]
-        out.append(TierPages(tier.key, tier.value, pool.key.to(device), pool.value.to(device),
-                             torch.from_numpy(table).to(device),
-                             torch.from_numpy(lengths).to(device), p,
-                             None if hidden is None else hidden.to(device)))
+        table = torch.from_numpy(runs.pages).view(batch, heads, -1).to(device)
+        lengths = torch.from_numpy(runs.lengths).view(batch, heads).to(device)
+        positions = None if runs.positions is None else \
+            runs.positions.view(batch, heads, -1).to(device)
+        out.append((TierPages(tier.key, tier.value, pool.key.to(device), pool.value.to(device),
+                              table, lengths, store.page_size), positions))
+    layer._runs = (key, out)
     return out
 
 
@@ -86,12 +83,21 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     h = layer.keys.shape[1]
     cache = layer.cache
     dev = query.device
-    first = layer.first_visible(layer.length - m + torch.arange(m))  # [B, m] positions
+    # [B, m]: each query's lowest visible position, computed where the queries are
+    first = layer.attention.first_visible(
+        torch.arange(layer.length - m, layer.length, device=dev)[None, :],
+        cache.pad_on(dev)[:, None])
     pages = []
     if cache.store is not None:
-        pages = layer_pages(cache, layer, b, h, None if layer.attention.is_full else first, dev)
+        for tier_pages, positions in layer_pages(cache, layer, b, h, dev):
+            if positions is not None:
+                # the run tokens each query cannot see are a prefix of its run
+                hidden = torch.searchsorted(positions, first[:, None, :].expand(b, h, m)
+                                            .contiguous())
+                tier_pages = dataclasses.replace(tier_pages, first=hidden.int())
+            pages.append(tier_pages)
     # window token n is at position start + n
-    window = Window(layer.keys.to(dev), layer.values.to(dev), (first - layer.start).to(dev))
+    window = Window(layer.keys.to(dev), layer.values.to(dev), first - layer.start)
     if hq // h * m <= MAX_ROWS:
         out = ada_decode(query, pages, window, scale=scaling)
     elif pages:

@@ -1,0 +1,170 @@
+"""Generation through the compressed cache against plain ``model.generate``.
+
+A model with random weights and real layer shapes (``--shapes``; or a real model by name with
+``--model``) generates ``--new-tokens`` tokens greedily after a random prompt of each
+``--contexts`` length, for each batch size, once plainly (``DynamicCache``; on a GPU, SDPA
+restricted to its flash and memory-efficient kernels, whose cost does not depend on building a
+plan per KV length) and once per method and budget through :class:`SphkvCache`
+(:func:`~sphkv.integrations.hf.compressed_generate`; the kernel path on a GPU).
+
+Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefill excluded),
+``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
+``p99_ms``: every W-th step admits W tokens), ``prefill_s`` (the prompt's forward and, for the
+cache, its allocation), ``allocator_share`` (seconds in admissions over decode seconds),
+``admit_ms`` (median admission), ``peak_kv_bytes`` (the cache's accounted peak over every pool
+write; plain: its KV tensors at the end) against ``budget_bytes``. Steps are timed by a
+streamer that synchronizes the device after each token.
+
+``python -m benchmarks.run --op generate`` (GPU: Llama-3.2-1B and 8B layer shapes, 8k and 32k
+tokens); ``--device cpu --shapes smollm2 --contexts 2048 4096 --batches 1`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+#: layer shapes of real models (random weights); vocabularies cut to 32k where larger
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "llama-8b-layers": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                        default=["llama-1b", "llama-8b-layers"] if cuda else ["smollm2"],
+                        help="random models with these layer shapes")
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of --shapes (e.g. smollm2)")
+    parser.add_argument("--contexts", type=int, nargs="+",
+                        default=[8192, 32768] if cuda else [2048, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8] if cuda else [1])
+    parser.add_argument("--methods", nargs="+", default=["rdr", "rdr-ada"])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125],
+                        help="budgets as shares of the fp16 cache")
+    parser.add_argument("--new-tokens", type=int, default=64)
+
+
+class _Clock(BaseStreamer):
+    """Time after each ``put`` (the prompt, then every new token), the device synchronized."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _model(shape: str | None, name: str | None, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if name is not None:
+        from sphkv.integrations.hf import load_model
+
+        return load_model(name, dtype=dtype)[0].to(device), name
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], vocab_size=32000, max_position_embeddings=1 << 18,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), shape
+
+
+def _run_once(model, ids, new: int, device, cache=None) -> tuple[list[float], float]:
+    """Decode step seconds and prefill seconds of one greedy generation."""
+    from sphkv.integrations.hf import cache_argument
+
+    clock = _Clock(device)
+    kwargs = {} if cache is None else {cache_argument(model): cache}
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       streamer=clock, pad_token_id=0, **kwargs)
+    # times[0]: the prompt (before the prefill), times[1]: the first new token
+    return list(np.diff(clock.times[1:])), clock.times[1] - start
+
+
+def _plain(model, ids, new, device) -> tuple[list[float], float, int]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import DynamicCache
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    cache = DynamicCache(config=model.config)
+    with sdpa_kernel(backends):
+        steps, prefill = _run_once(model, ids, new, device, cache)
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers
+             for t in (layer.keys, layer.values))
+    return steps, prefill, kv
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from sphkv.integrations.hf import SphkvCache, compressed_attention
+    from sphkv.integrations.hf.generate import budget_bytes
+
+    device = torch.device(args.device)
+    rows = []
+    for shape in [None] if args.model else args.shapes:
+        model, label = _model(shape, args.model, device)
+        for context in args.contexts:
+            for batch in args.batches:
+                gen = torch.Generator().manual_seed(context + batch)
+                ids = torch.randint(1, model.config.vocab_size, (batch, context),
+                                    generator=gen).to(device)
+                try:
+                    steps, prefill, kv = _plain(model, ids, args.new_tokens, device)
+                except torch.OutOfMemoryError:
+                    rows.append(dict(model=label, method="none", context=context, batch=batch,
+                                     budget=1.0, tok_s=None, note="out of memory"))
+                    steps = None
+                plain_tok_s = None
+                if steps is not None:
+                    plain_tok_s = batch * len(steps) / sum(steps)
+                    rows.append(_row(label, "none", context, batch, 1.0, steps, prefill,
+                                     plain_tok_s, [], kv, None))
+                gc.collect()
+                for method in args.methods:
+                    for fraction in args.fractions:
+                        limit = budget_bytes(model.config, batch, context + args.new_tokens,
+                                             fraction)
+                        cache = SphkvCache(model.config, limit, method)
+                        with compressed_attention(model):
+                            steps, prefill = _run_once(model, ids, args.new_tokens, device,
+                                                       cache)
+                        admits = [s for kind, s in cache.timings if kind == "admit"]
+                        rows.append(_row(label, method, context, batch, fraction, steps,
+                                         prefill, plain_tok_s, admits, cache.peak_bytes,
+                                         limit))
+                        del cache
+                        gc.collect()
+        del model
+        gc.collect()
+    return rows
+
+
+def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, admits,
+         peak, budget) -> dict:
+    ms = np.asarray(steps) * 1e3
+    tok_s = batch * len(steps) / sum(steps)
+    return dict(model=model, method=method, context=context, batch=batch, budget=fraction,
+                tok_s=tok_s, vs_plain=None if plain_tok_s is None else tok_s / plain_tok_s,
+                step_ms=float(np.median(ms)), p99_ms=float(np.percentile(ms, 99)),
+                prefill_s=prefill,
+                allocator_share=sum(admits) / sum(steps) if budget is not None else None,
+                admit_ms=float(np.median(admits) * 1e3) if admits else None,
+                peak_kv_bytes=int(peak), budget_bytes=None if budget is None else int(budget))
