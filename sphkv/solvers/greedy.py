@@ -123,20 +123,23 @@ def _hull(xp, distortion, cost, allowed=None):
                 e_hi, e_lo = xp.where(ok[j], e_hi, inf), xp.where(ok[k], e_lo, -inf)
             lib.minimum(hi[k], e_hi, out=hi[k])
             lib.maximum(lo[j], e_lo, out=lo[j])
-    vertex = xp.stack([alive[k] & (hi[k] > 0) & (lo[k] <= hi[k]) for k in range(t)])
-    # Segments: each vertex after the first, from the vertex before it.
+    vertex = xp.empty((t, n), dtype=xp.bool, device=dev)
+    for k in range(t):
+        vertex[k] = alive[k] & (hi[k] > 0) & (lo[k] <= hi[k])
+    # Segments: each vertex after the first, from the vertex before it. Their costs and
+    # efficiencies overwrite lo and hi row by row (rows k are done with once vertex[k] is).
+    dc, eff = lo, hi
     started = xp.zeros(n, dtype=xp.bool, device=dev)
     last_c = xp.zeros(n, dtype=xp.float64, device=dev)
     base = xp.zeros(n, dtype=xp.int64, device=dev)
-    dc, eff = [], []
     for k in range(t):
         seg = vertex[k] & started
-        dc.append(xp.where(seg, c[k] - last_c, 0.0))
-        eff.append(xp.where(seg, hi[k], 0.0))
+        dc[k] = xp.where(seg, c[k] - last_c, 0.0)
+        eff[k] = xp.where(seg, hi[k], 0.0)
         base = xp.where(vertex[k] & ~started, tier[k], base)
         last_c = xp.where(vertex[k], c[k], last_c)
         started = started | vertex[k]
-    return tier, vertex, xp.stack(dc), xp.stack(eff), base
+    return tier, vertex, dc, eff, base
 
 
 def _lib(xp):
@@ -199,7 +202,9 @@ class HullSegments:
         # Bucket 0 holds the highest efficiencies; cells without a segment have eff 0 and dc 0.
         key = xp.bitwise_right_shift(_bits(xp, self.eff), self._SHIFT)
         top = int(xp.max(key)) if self.n else 0
-        self.bucket = top - key
+        key *= -1  # in place: bucket = top - key
+        key += top
+        self.bucket = key
         self.bucket_cum = xp.cumulative_sum(_bincount(
             xp, xp.reshape(self.bucket, (-1,)), weights=xp.reshape(self.dc, (-1,)),
             minlength=top + 1))
