@@ -487,6 +487,8 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     shared = bool(xp.all(amortized == amortized[:1, :]))  # one cost row for all groups
     item_cost = amortized[0, :] if shared else xp.take(amortized, group, axis=0)
     tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
+    dev = array_api_compat.device(distortion)
+    credited = {}  # per slot tier, the items credited at the last λ
 
     def dual(lam: float) -> tuple[float, float]:
         priced = distortion + lam * item_cost
@@ -502,12 +504,25 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
             gain = best - distortion[:, tier]
             if allowed is not None:
                 gain = xp.where(allowed[:, tier], gain, 0.0)
-            cand = xp.nonzero((gain > 0) & (xp.take(s_t, group) > 0))[0]
+            keep = (gain > 0) & (xp.take(s_t, group) > 0)
+            if tier in credited:
+                # The s largest gains of a group are at least the least, now, of any s of its
+                # items, e.g. those credited at the last λ: only items above that are sorted.
+                last = credited[tier]
+                _, seg, rank, count, _, order = _ranked(xp, last, group[last], gain[last],
+                                                        g_count)
+                floor = xp.zeros(g_count, dtype=gain.dtype, device=dev)
+                first = rank == 0
+                floor[seg[first]] = gain[last][order][first]
+                floor = xp.where(count < s_t, 0.0, floor)
+                keep = keep & (gain >= xp.take(floor, group))
+            cand = xp.nonzero(keep)[0]
             if cand.shape[0] == 0:
                 continue
             items, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain[cand],
                                                           g_count)
             chosen = rank < xp.take(s_t, seg)
+            credited[tier] = items[chosen]
             credit += float(xp.sum(seg_sum(xp.where(chosen, gain[cand][order], 0.0))))
             credited_bytes += float(xp.sum(xp.where(chosen, paid[items], 0.0)))
         lagrange = lam * (forced_bytes - budget)
