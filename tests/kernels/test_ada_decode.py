@@ -192,3 +192,27 @@ def test_plan_reused(nan_empty):
         pages[0].lengths.clamp_(max=39).add_(1)  # every run one token longer, at most 40
     with pytest.raises(ValueError, match="plan was made"):
         plan.run(torch.randn(2, 6, 2, 64).half().to(DEVICE))
+
+
+def test_plan_follows_new_bounds_and_window_length(nan_empty):
+    """One plan over a window buffer of fixed capacity serves decode steps whose window grows
+    and whose sliding bounds move: set_bounds writes them in place."""
+    gen = torch.Generator().manual_seed(12)
+    tiers = default_tiers(64)
+    pages = [make_pages(tiers[tiers.index(n)], 2, 2, 64, 45, 8, gen) for n in ("turbo3", "int8")]
+    pages[0].first = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    buffer = make_window(2, 2, 64, 24, gen)
+    window = Window(buffer.keys, buffer.values, buffer.first, length=5)
+    plan = AdaDecodePlan(pages, window, 6, 1, 64, device=torch.device(DEVICE), block_n=32)
+    for step, length in enumerate((5, 6, 13, 24)):
+        window.length, window.first = length, torch.tensor([0, step], device=DEVICE)
+        pages[0].first = torch.tensor([[step, 3 * step], [0, 40]], dtype=torch.int32,
+                                      device=DEVICE)
+        plan.set_bounds([pages[0].first, None], window.first, length)
+        q = torch.randn(2, 6, 1, 64, generator=gen).half().to(DEVICE)
+        assert_close(f"plan over a window of {length} of 24", ada_decode_naive(q, pages, window),
+                     plan.run(q), 3e-3)
+    with pytest.raises(ValueError, match="capacity"):
+        plan.set_bounds(window_length=25)
+    with pytest.raises(ValueError, match="without bounds"):
+        plan.set_bounds([None, torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)])

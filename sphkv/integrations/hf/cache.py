@@ -78,7 +78,9 @@ class CompressedLayer(CacheLayerMixin):
         self.cache, self.index, self.attention, self.length = cache, index, attention, 0
         self.is_sliding = not attention.is_full
         self._decoded: tuple[int, tuple | None] | None = None
-        self._runs: tuple | None = None  # the kernel path's page tables (kernel_attention.py)
+        # the kernel path's page tables and decode plan (kernel_attention.py)
+        self._runs: tuple | None = None
+        self._plan: tuple | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape
@@ -570,9 +572,11 @@ class SphkvCache(Cache):
         rows: list[np.ndarray | None] = [None] * len(jobs)
         chunks = []
         for key, members in buckets.items():
-            # at most about 2^26 (query, token) pairs per call: its float64 intermediates
+            # at most about 2^22 (query, token) pairs per call: stacking spares launches and
+            # calls where layers are small (admissions); a prefill's layer is one call (larger
+            # float64 intermediates measured slower on a CPU)
             n, (hq, w, _) = key[0][1], key[1]
-            per_call = max(1, 2**26 // max(hq * w * n, 1))
+            per_call = max(1, 2**22 // max(hq * w * n, 1))
             chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
         for members in chunks:
             k, v, q, first, q_all = (

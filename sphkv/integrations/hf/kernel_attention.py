@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from sphkv.codec import KernelKind
-from sphkv.kernels.ada_decode import MAX_ROWS, TierPages, Window, ada_decode, ada_decode_naive
+from sphkv.kernels.ada_decode import (
+    MAX_ROWS,
+    AdaDecodePlan,
+    TierPages,
+    Window,
+    ada_decode_naive,
+)
 
 __all__ = ["kernel_attend", "kernel_reads", "layer_pages"]
 
@@ -64,6 +70,11 @@ def layer_pages(cache, layer, batch: int, heads: int,
 def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """:meth:`CompressedLayer.attend` through the kernels.
 
+    A decode step reuses the layer's plan (:class:`~sphkv.kernels.ada_decode.AdaDecodePlan`)
+    until the store is written again: the window is copied into the plan's buffer of fixed
+    capacity and the visibility bounds are written in place, so a step between admissions
+    does no host work per tier and makes no new tensors but its outputs.
+
     Parameters
     ----------
     layer : CompressedLayer
@@ -87,24 +98,47 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     first = layer.attention.first_visible(
         torch.arange(layer.length - m, layer.length, device=dev)[None, :],
         cache.pad_on(dev)[:, None])
-    pages = []
+    pages, bounds = [], []
     if cache.store is not None:
         for tier_pages, positions in layer_pages(cache, layer, b, h, dev):
-            if positions is not None:
-                # the run tokens each query cannot see are a prefix of its run
-                hidden = torch.searchsorted(positions, first[:, None, :].expand(b, h, m)
-                                            .contiguous())
-                tier_pages = dataclasses.replace(tier_pages, first=hidden.int())
             pages.append(tier_pages)
+            # the run tokens each query cannot see are a prefix of its run
+            bounds.append(None if positions is None else torch.searchsorted(
+                positions, first[:, None, :].expand(b, h, m).contiguous()))
     # window token n is at position start + n
-    window = Window(layer.keys.to(dev), layer.values.to(dev), first - layer.start)
-    if hq // h * m <= MAX_ROWS:
-        out = ada_decode(query, pages, window, scale=scaling)
-    elif pages:
-        out = ada_decode_naive(query, pages, window, scale=scaling)
-    else:
-        out = _dense(query, window, scaling)
-    return out.transpose(1, 2)
+    window_first, n = first - layer.start, layer.keys.shape[2]
+    if hq // h * m > MAX_ROWS:
+        window = Window(layer.keys.to(dev), layer.values.to(dev), window_first)
+        pages = [dataclasses.replace(p, first=f) for p, f in zip(pages, bounds, strict=True)]
+        out = ada_decode_naive(query, pages, window, scale=scaling) if pages else \
+            _dense(query, window, scaling)
+        return out.transpose(1, 2)
+    plan, keys, values = _decode_plan(layer, pages, bounds, query, n)
+    keys[:, :, :n].copy_(layer.keys)
+    values[:, :, :n].copy_(layer.values)
+    plan.set_bounds(bounds, window_first, n)
+    return plan.run(query, scaling).transpose(1, 2)
+
+
+def _decode_plan(layer, pages: list[TierPages], bounds: list, query: torch.Tensor, n: int):
+    """The layer's plan and its window buffers ``[B, H_kv, C, d]``, made again only when the
+    store was written, the query's shape changed or the window outgrew the buffer."""
+    b, hq, m, d = query.shape
+    cache, h = layer.cache, layer.keys.shape[1]
+    key = (cache.store.version if cache.store is not None else -1, query.shape, query.device)
+    if layer._plan is not None and layer._plan[0] == key and layer._plan[2].shape[2] >= n:
+        return layer._plan[1:]
+    capacity = max(2 * cache.window + m, n)
+    keys = torch.zeros(b, h, capacity, d, dtype=torch.float16, device=query.device)
+    values = torch.zeros_like(keys)
+    window = Window(keys, values, torch.zeros(b, dtype=torch.int32, device=query.device),
+                    length=n)
+    # tiers with bounds are planned with them (set_bounds writes the step's)
+    pages = [p if f is None else dataclasses.replace(p, first=torch.zeros_like(f))
+             for p, f in zip(pages, bounds, strict=True)]
+    layer._plan = (key, AdaDecodePlan(pages, window, hq, m, d, device=query.device), keys,
+                   values)
+    return layer._plan[1:]
 
 
 def _dense(query: torch.Tensor, window: Window, scaling: float) -> torch.Tensor:

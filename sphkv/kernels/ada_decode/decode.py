@@ -490,29 +490,34 @@ def _tier_segment(tp: TierPages, B: int, Hkv: int, M: int, D: int,
 
 def _window_segment(window: Window, B: int, Hkv: int, M: int, D: int,
                     device: torch.device) -> _Segment:
-    """The launch slot of the fp16 window (nonempty, checked)."""
+    """The launch slot of the fp16 window (nonempty capacity, checked); its splits cover the
+    capacity, its ``lengths`` say how much of it is the window."""
     keys, values = window.keys, window.values
     if keys.dtype != torch.float16 or keys.stride() != values.stride() or keys.stride(-1) != 1:
         raise ValueError("window keys and values must be fp16 with equal strides and unit "
                          "stride in D")
-    W = keys.shape[2]
+    capacity = keys.shape[2]
+    if not 0 <= window.tokens <= capacity:
+        raise ValueError(f"window length {window.tokens} outside 0 … {capacity} (its capacity)")
     first = _bounds(window.first, (B,), M, device)[:, None].expand(B, Hkv, M).contiguous()
-    lengths = torch.full((B, Hkv), W, dtype=torch.int32, device=device)
+    lengths = torch.full((B, Hkv), window.tokens, dtype=torch.int32, device=device)
     return _slot(_Side(None, None, D, device, "window", rows=keys),
                  _Side(None, None, D, device, "window", rows=values),
-                 block_table=lengths, lengths=lengths, first=first, capacity=W, page_size=1,
-                 window=True, device=device, window_strides=keys.stride()[:3])
+                 block_table=lengths, lengths=lengths, first=first, capacity=capacity,
+                 page_size=1, window=True, device=device, window_strides=keys.stride()[:3])
 
 
 class AdaDecodePlan:
     """Everything of one layer's decode that does not depend on q: the readers of each tier's
     codes, one launch slot per segment, the split layout, the partial buffers.
 
-    Made once per decode step (``ada_decode(..., plan=plan)`` then only rotates q, launches
-    the kernel and the merge: no host work per segment, nothing that synchronizes). Reuse
-    rule: valid while the pages and the window hold the same tensors with the same shapes
-    (codes, block tables, lengths and bounds may change in place; splits are sized from
-    capacities); q may change, its shape may not.
+    Made once (``ada_decode(..., plan=plan)`` then only rotates q, launches the kernel and the
+    merge: no host work per segment, nothing that synchronizes). Reuse rule: valid while the
+    pages and the window hold the same tensors with the same shapes (codes, block tables,
+    lengths change in place; splits are sized from capacities); q may change, its shape may
+    not. The visibility bounds and the window's length are the plan's own copies:
+    :meth:`set_bounds` writes new ones, so that with a window buffer of fixed capacity one plan
+    serves every decode step until the pages change.
 
     Parameters
     ----------
@@ -545,6 +550,7 @@ class AdaDecodePlan:
         self.B, self.Hq, self.Hkv, self.M, self.D, self.R = B, Hq, Hkv, M, D, R
         self.device = dev = torch.device(device)
         segments = []
+        self._page_segment: dict[int, int] = {}  # index in pages -> its segment
         for i, tp in enumerate(pages):
             if tp.key_codec is None or tp.value_codec is None:
                 raise ValueError(f"pages[{i}] has no codecs: a drop tier stores nothing")
@@ -554,13 +560,16 @@ class AdaDecodePlan:
                                  f"{tuple(tp.block_table.shape)}, {tuple(tp.lengths.shape)}")
             if tp.key.payload.shape[0] == 0 or tp.block_table.shape[2] == 0:
                 continue
+            self._page_segment[i] = len(segments)
             segments.append(_tier_segment(tp, B, Hkv, M, D, dev))
         v_seeds = {s.value.seed for s in segments} - {None}
         if len(v_seeds) > 1:
             raise ValueError(f"value codecs rotate with different seeds {sorted(v_seeds)}; "
                              f"the kernel keeps one rotated value sum")
         self.v_seed = next(iter(v_seeds), None)
+        self._window_segment = None
         if window is not None and window.keys.shape[2] > 0:
+            self._window_segment = len(segments)
             segments.append(_window_segment(window, B, Hkv, M, D, dev))
         if not segments:
             raise ValueError("nothing to attend to: every tier is empty and no window")
@@ -588,6 +597,43 @@ class AdaDecodePlan:
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             num_stages=1 if any(s.key.kind == ADA for s in segments) else num_stages,
             **_by_parameter([s.consts for s in segments]))
+
+    def set_bounds(self, pages_first: list[torch.Tensor | None] | None = None,
+                   window_first: torch.Tensor | None = None,
+                   window_length: int | None = None) -> None:
+        """Write new visibility bounds into the plan, in place where they live (no new tensors,
+        nothing that synchronizes).
+
+        Parameters
+        ----------
+        pages_first : list, optional
+            Per tier of the plan's ``pages``, a new ``first`` as :class:`TierPages` takes it
+            (None leaves it); a tier planned without bounds takes none.
+        window_first : torch.Tensor, optional
+            The window's new ``first``, as :class:`Window` takes it.
+        window_length : int, optional
+            The window's new length, within the capacity it was planned with.
+        """
+        B, Hkv, M = self.B, self.Hkv, self.M
+        for i, first in enumerate(pages_first or []):
+            if first is None or i not in self._page_segment:
+                continue
+            segment = self.segments[self._page_segment[i]]
+            if not segment.consts.BOUND:
+                raise ValueError(f"pages[{i}] was planned without bounds; plan it with first")
+            segment.args.first.copy_(row_bounds(first, (B, Hkv), M))
+        if window_first is None and window_length is None:
+            return
+        if self._window_segment is None:
+            raise ValueError("the plan has no window")
+        window = self.segments[self._window_segment]
+        if window_first is not None:
+            window.args.first.copy_(row_bounds(window_first, (B,), M)[:, None].expand(B, Hkv, M))
+        if window_length is not None:
+            if not 0 <= window_length <= window.capacity:
+                raise ValueError(f"window length {window_length} outside 0 … "
+                                 f"{window.capacity} (the capacity planned)")
+            window.args.lengths.fill_(window_length)
 
     def run(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Attention of ``q [B, Hq, M, D]`` (the plan's shape): as :func:`ada_decode`."""

@@ -55,14 +55,22 @@ class TierPages:
 
 @dataclass
 class Window:
-    """The fp16 recent tokens: ``keys``, ``values`` ``[B, Hkv, W, D]``; query position i of M
-    (the last M of the window) sees window tokens ``first[b, i] ≤ n ≤ W − M + i`` (``first``:
-    int ``[B]``, the same bound for every query, or ``[B, M]``; the left padding or a sliding
-    window's start, may be ≤ 0)."""
+    """The fp16 recent tokens: ``keys``, ``values`` ``[B, Hkv, C, D]``, of which the first
+    ``length`` are the window (all C by default); query position i of M (the last M of the
+    window) sees window tokens ``first[b, i] ≤ n ≤ length − M + i`` (``first``: int ``[B]``, the
+    same bound for every query, or ``[B, M]``; the left padding or a sliding window's start, may
+    be ≤ 0). A buffer of fixed capacity C with a ``length`` lets one decode plan serve every
+    step (:meth:`~sphkv.kernels.ada_decode.AdaDecodePlan.set_bounds`)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     first: torch.Tensor
+    length: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """The window's tokens: ``length``, or the whole capacity."""
+        return self.keys.shape[2] if self.length is None else self.length
 
 
 def row_bounds(first: torch.Tensor, shape: tuple[int, ...], M: int) -> torch.Tensor:
@@ -113,13 +121,13 @@ def ada_decode_naive(q: torch.Tensor, pages: list[TierPages], window: Window | N
                     lo = row_bounds(p.first, tuple(p.lengths.shape), M)[b, h]
                     seen.append(n[None, :] >= lo[:, None].to(q.device))
             if window is not None:
-                w = window.keys.shape[2]
+                w = window.tokens
                 n = torch.arange(w, device=q.device)
                 i = torch.arange(M, device=q.device)
                 lo = row_bounds(window.first, (B,), M)[b].to(q.device)
                 seen.append((n[None, :] >= lo[:, None]) & (n[None, :] <= w - M + i[:, None]))
-                keys.append(window.keys[b, h].float())
-                values.append(window.values[b, h].float())
+                keys.append(window.keys[b, h, :w].float())
+                values.append(window.values[b, h, :w].float())
             k, v, seen = torch.cat(keys), torch.cat(values), torch.cat(seen, dim=1)
             heads = slice(h * group, (h + 1) * group)
             logits = (q[b, heads].float() @ k.T * scale).masked_fill(~seen, -math.inf)
