@@ -2,7 +2,13 @@
 
 The greedy allocates on the amortized cost ``c' = c + h/P``; a group g with n items at a paged
 tier t then pays ``ceil(n / P)`` pages, so each (g, t) with a partial page holds ``r = n mod P``
-items and ``f = P - r`` paid, empty slots. Every item sits at a point of its convex hull, so its
+items and ``f = P - r`` paid, empty slots.
+
+:func:`round_by_pages` (the default) offers every group the page counts next to the greedy's for
+each tier and lets the greedy choose among those options across groups; see its docstring.
+
+:func:`round_pages` (with ceilings, or more than 7 tiers) moves items instead. Every item sits
+at a point of its convex hull, so its
 moves are one step along the hull: *down* to the previous point, *up* to the next. At the greedy
 price λ, a move's regret ``ΔD + λ Δc'`` is >= 0 (the greedy point minimises ``D + λ c'``).
 
