@@ -30,7 +30,7 @@ import numpy as np
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_repair import repair_pages
-from sphkv.solvers.page_round import round_by_pages, round_pages, slot_dual_bound
+from sphkv.solvers.page_round import rank_major, round_by_pages, round_pages, slot_dual_bound
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
@@ -83,16 +83,16 @@ def _hull(xp, distortion, cost, allowed=None):
         order = np.argsort(row, kind="stable")
         c = [float(row[j]) for j in order]
         index = xp.asarray(order, dtype=xp.int64, device=dev)
-        d = list(_rank_major(xp, xp.take(distortion, index, axis=1)))
-        ok = None if allowed is None else list(_rank_major(xp, xp.take(allowed, index, axis=1)))
+        d = list(rank_major(xp, xp.take(distortion, index, axis=1)))
+        ok = None if allowed is None else list(rank_major(xp, xp.take(allowed, index, axis=1)))
         tier = xp.reshape(index, (t, 1))
     else:
         rank = xp.argsort(cost, axis=1, stable=True)
-        tier = _rank_major(xp, rank)
-        c = list(_rank_major(xp, xp.take_along_axis(cost, rank, axis=1)))
-        d = list(_rank_major(xp, xp.take_along_axis(distortion, rank, axis=1)))
+        tier = rank_major(xp, rank)
+        c = list(rank_major(xp, xp.take_along_axis(cost, rank, axis=1)))
+        d = list(rank_major(xp, xp.take_along_axis(distortion, rank, axis=1)))
         ok = (None if allowed is None else
-              list(_rank_major(xp, xp.take_along_axis(allowed, rank, axis=1))))
+              list(rank_major(xp, xp.take_along_axis(allowed, rank, axis=1))))
     # Updated in place (``out=``): at 10⁷ items a fresh array per operation costs more than
     # the arithmetic.
     lib = _lib(xp)
@@ -149,13 +149,6 @@ def _lib(xp):
 
         return torch
     return np
-
-
-def _rank_major(xp, a):
-    """``a`` [N, T] as a contiguous [T, N] array: its rows are then read at unit stride."""
-    if array_api_compat.is_torch_namespace(xp):
-        return a.T.contiguous()
-    return np.ascontiguousarray(a.T)
 
 
 def _bits(xp, x):

@@ -142,6 +142,15 @@ def _combined_key(xp, segment, key, n_segments: int):
     return (segment << (64 - shift)) + ((bits >> shift) + (1 << (63 - shift)))
 
 
+def rank_major(xp, a):
+    """``a`` [N, T] as a contiguous [T, N] array: its rows are then read at unit stride."""
+    if array_api_compat.is_torch_namespace(xp):
+        return a.T.contiguous()
+    import numpy as np
+
+    return np.ascontiguousarray(a.T)
+
+
 def _ranked(xp, items, segment, key, n_segments: int):
     """Sort ``items`` by (segment, key); return them, their segments, rank within the segment,
     each segment's candidate count and a function summing a per-candidate value per segment."""
@@ -489,27 +498,41 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     constant : float
         Distortion of the forced items.
     """
+    import numpy as np
+
     g_count, t = amortized.shape
-    shared = bool(xp.all(amortized == amortized[:1, :]))  # one cost row for all groups
-    item_cost = amortized[0, :] if shared else xp.take(amortized, group, axis=0)
-    tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
     dev = array_api_compat.device(distortion)
+    # Rank-major rows, read at unit stride; costs as floats when all groups share one row.
+    d = list(rank_major(xp, distortion))
+    ok = None if allowed is None else list(rank_major(xp, allowed))
+    if bool(xp.all(amortized == amortized[:1, :])):
+        c = [float(v) for v in np.asarray(amortized[0, :].cpu() if hasattr(amortized, "cpu")
+                                            else amortized[0, :])]
+    else:
+        c = list(rank_major(xp, xp.take(amortized, group, axis=0)))
+    tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
     credited = {}  # per slot tier, the items credited at the last λ
 
     def dual(lam: float) -> tuple[float, float]:
-        priced = distortion + lam * item_cost
-        if allowed is not None:
-            priced = xp.where(allowed, priced, float("inf"))
-        at = xp.argmin(priced, axis=1)
-        best = xp.take_along_axis(priced, at[:, None], axis=1)[:, 0]
-        paid = (xp.take(item_cost, at) if shared
-                else xp.take_along_axis(item_cost, at[:, None], axis=1)[:, 0])
+        # best_i = min_t D_it + λ c'_t (the first such tier) and its bytes.
+        best = paid = None
+        for k in range(t):
+            priced = d[k] + lam * c[k]
+            if ok is not None:
+                priced = xp.where(ok[k], priced, float("inf"))
+            if best is None:
+                best = priced
+                paid = xp.zeros(distortion.shape[0], dtype=distortion.dtype, device=dev) + c[k]
+            else:
+                better = priced < best
+                best = xp.where(better, priced, best)
+                paid = xp.where(better, c[k], paid)
         credit, credited_bytes = 0.0, 0.0
         for tier in tiers:
             s_t = slots[:, tier]
-            gain = best - distortion[:, tier]
-            if allowed is not None:
-                gain = xp.where(allowed[:, tier], gain, 0.0)
+            gain = best - d[tier]
+            if ok is not None:
+                gain = xp.where(ok[tier], gain, 0.0)
             keep = (gain > 0) & (xp.take(s_t, group) > 0)
             if tier in credited:
                 # The s largest gains of a group are at least the least, now, of any s of its
