@@ -27,7 +27,9 @@ def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 class _Check(StoppingCriteria):
-    """After every step: the cache holds what it accounts for, within the budget."""
+    """After every step: the cache holds what it accounts for, within the budget; each layer's
+    pages as its attention last decoded them (reusing what earlier writes decoded) equal the
+    store's codes decoded afresh."""
 
     def __init__(self, cache):
         self.cache, self.steps = cache, 0
@@ -35,6 +37,16 @@ class _Check(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         assert self.cache.nbytes() == self.cache.held_bytes()
         assert self.cache.nbytes() <= self.cache.budget
+        if self.cache.store is not None:
+            b, h = input_ids.shape[0], self.cache.kv_heads
+            for layer in self.cache.layers:
+                reused = layer._decoded_pages(b, h)
+                held, layer._decoded = layer._decoded, None
+                fresh = layer._decoded_pages(b, h)
+                layer._decoded = held
+                # decoded in batches of other sizes: equal to float32 rounding
+                torch.testing.assert_close(reused[:2], fresh[:2], rtol=1e-5, atol=1e-6)
+                assert torch.equal(reused[2], fresh[2]) and torch.equal(reused[3], fresh[3])
         self.steps += 1
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 

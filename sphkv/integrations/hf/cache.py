@@ -77,7 +77,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index, self.attention, self.length = cache, index, attention, 0
         self.is_sliding = not attention.is_full
-        self._decoded: tuple[int, tuple | None] | None = None
+        self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
         self._plan: tuple | None = None
@@ -137,22 +137,51 @@ class CompressedLayer(CacheLayerMixin):
     def _decoded_pages(self, b: int, h: int):
         """The layer's pages decoded, every tier's run side by side: ``(k̂, v̂ [B, H_kv, n, d],
         bias [B, H_kv, 1, 1, n], positions [B, H_kv, n])``, ``bias`` 0 at kept tokens and −∞ at
-        padding; None without pages. Decoded again only after the store changed. ``q·k̂``
-        equals the logits the key codes give, to rounding (:meth:`~sphkv.codec.Codec.logits`).
-        """
+        padding; None without pages. ``q·k̂`` equals the logits the key codes give, to rounding
+        (:meth:`~sphkv.codec.Codec.logits`).
+
+        Made again after each write of the store, decoding only what the write encoded: a token
+        that stayed in its tier kept its codes (the store moves codes, it does not re-encode
+        them; a tier quantizing keys per page is decoded whole)."""
         store = self.cache.store
         version = store.version if store is not None else -1
-        if self._decoded is None or self._decoded[0] != version:
-            runs = [(tier.key.decode(key), tier.value.decode(value), valid, positions)
-                    for tier, key, value, valid, positions in self.cache.pages(self.index, b, h)]
-            merged = None
-            if runs:
-                keys, values, valid, positions = (torch.cat(x, dim=2) for x in zip(*runs))
-                bias = torch.zeros(valid.shape).masked_fill_(~valid.cpu(), -math.inf)
-                merged = (keys.float(), values.float(),
-                          bias.to(keys.device)[:, :, None, None], positions)
-            self._decoded = (version, merged)
-        return self._decoded[1]
+        if self._decoded is not None and self._decoded[0] == version:
+            return self._decoded[1]
+        previous = {} if self._decoded is None else self._decoded[2]
+        runs, kept = [], {}
+        for t, key, value, valid, positions in self.cache.pages(self.index, b, h):
+            group = torch.tensor([[self.cache.group(i, self.index, j) for j in range(h)]
+                                  for i in range(b)])
+            ident = (group[..., None] << 32 | positions).flatten()  # one int64 per token
+            flat = valid.cpu().flatten()
+            k_hat = torch.zeros(*ident.shape, key.shape[-1], device=valid.device)
+            v_hat = torch.zeros_like(k_hat)
+            todo = flat.clone()
+            if t in previous and not store.pools[t].paged_keys:
+                old_ident, old_k, old_v = previous[t]
+                at = torch.searchsorted(old_ident, ident).clamp(max=max(len(old_ident) - 1, 0))
+                hit = flat & (old_ident[at] == ident) if len(old_ident) else flat & False
+                on = hit.to(k_hat.device)
+                k_hat[on], v_hat[on] = old_k[at[hit].to(k_hat.device)], \
+                    old_v[at[hit].to(k_hat.device)]
+                todo &= ~hit
+            if todo.any():
+                on = todo.to(k_hat.device)
+                tier = self.cache.tiers[t]
+                k_hat[on] = tier.key.decode(key.reshape(-1).rows(on)).float()
+                v_hat[on] = tier.value.decode(value.reshape(-1).rows(on)).float()
+            order = torch.argsort(torch.where(flat, ident, torch.iinfo(torch.int64).max))
+            keep = order[:int(flat.sum())]
+            kept[t] = (ident[keep], k_hat[keep.to(k_hat.device)], v_hat[keep.to(k_hat.device)])
+            shape = (*valid.shape, -1)
+            runs.append((k_hat.view(shape), v_hat.view(shape), valid, positions))
+        merged = None
+        if runs:
+            keys, values, valid, positions = (torch.cat(x, dim=2) for x in zip(*runs))
+            bias = torch.zeros(valid.shape).masked_fill_(~valid.cpu(), -math.inf)
+            merged = (keys, values, bias.to(keys.device)[:, :, None, None], positions)
+        self._decoded = (version, merged, kept)
+        return merged
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float) -> torch.Tensor:
@@ -361,7 +390,7 @@ class SphkvCache(Cache):
         self.pad = pad
 
     def pages(self, layer: int, batch: int, heads: int):
-        """Per non-empty tier of ``layer``: ``(tier, key Codes, value Codes, valid,
+        """Per non-empty tier of ``layer``: ``(tier index, key Codes, value Codes, valid,
         positions)``, codes ``[B, H_kv, n]`` padded to the longest run (padding repeats slot
         0), ``valid`` bool and ``positions`` int64 (on the CPU, -1 at padding)
         ``[B, H_kv, n]``."""
@@ -373,8 +402,8 @@ class SphkvCache(Cache):
             if not valid.any():
                 continue
             shape = (batch, heads, valid.shape[-1])
-            yield (self.tiers[t], key.reshape(*shape), value.reshape(*shape),
-                   valid.view(shape), positions.view(shape))
+            yield (t, key.reshape(*shape), value.reshape(*shape), valid.view(shape),
+                   positions.view(shape))
 
     def pad_on(self, device: torch.device) -> torch.Tensor:
         """The left padding per sequence ``[B]`` on ``device`` (copied there once)."""
