@@ -543,7 +543,10 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                 floor = xp.zeros(g_count, dtype=gain.dtype, device=dev)
                 first = rank == 0
                 floor[seg[first]] = gain[last][order][first]
-                floor = xp.where(count < s_t, 0.0, floor)
+                # Less a margin: sort keys drop the float's last ``shift`` bits, so the first
+                # of a group may be up to 2^(shift - 52) above its least (relative).
+                shift = max(int(g_count).bit_length(), 1) + 1
+                floor = xp.where(count < s_t, 0.0, floor - xp.abs(floor) * 2.0 ** (shift - 50))
                 keep = keep & (gain >= xp.take(floor, group))
             cand = xp.nonzero(keep)[0]
             if cand.shape[0] == 0:
