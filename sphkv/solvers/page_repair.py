@@ -229,7 +229,8 @@ def reassign(problem: AllocationProblem, tiers: np.ndarray, groups=None,
     free = problem.forced < 0
     capacity = np.where(problem.page_bytes > 0,
                         pages * problem.page_size - problem.forced_counts(), free.size)
-    scale = 2.0**36 / max(float(problem.distortion.max()), 1e-300)
+    top = float(problem.distortion.max(initial=0.0))
+    scale = 2.0**36 / top if top > 0 else 1.0  # all distortions 0: any assignment is best
     order = np.argsort(problem.group_index, kind="stable")
     bounds = np.searchsorted(problem.group_index[order], np.arange(problem.n_groups + 1))
     for g in range(problem.n_groups) if groups is None else groups:
