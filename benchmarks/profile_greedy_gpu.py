@@ -7,12 +7,12 @@ import sys
 import array_api_compat
 import torch
 
-from benchmarks.ops.solvers import _instance
+from benchmarks.ops.solvers import instance
 from sphkv.solvers.greedy import greedy_tiers
 
 xp = array_api_compat.array_namespace(torch.empty(0))
 for items in map(int, sys.argv[1:]):
-    p = _instance(items, paged=False, budget=0.125)
+    p = instance(items, paged=False, budget=0.125)
     free = p.forced < 0
     cost = p.amortized_cost()
     room = p.budget - cost[p.forced[~free]].sum() - cost.min() * free.sum()

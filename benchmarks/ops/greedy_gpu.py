@@ -18,7 +18,7 @@ import array_api_compat
 import numpy as np
 import torch
 
-from benchmarks.ops.solvers import _instance
+from benchmarks.ops.solvers import instance
 from sphkv.solvers import solve
 from sphkv.solvers.greedy import greedy_tiers
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     xp = array_api_compat.array_namespace(torch.empty(0))
     rows = []
     for items in args.sizes:
-        problem = _instance(items, paged=False, budget=0.125)
+        problem = instance(items, paged=False, budget=0.125)
         free = problem.forced < 0
         cost = problem.amortized_cost()
         room = (problem.budget - cost[problem.forced[~free]].sum()
