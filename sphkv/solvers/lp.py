@@ -1,8 +1,13 @@
 """LP relaxation of the MCKP with cvxpy, rounded.
 
 Variables x[i, t] ∈ [0, 1] (item i's share of tier t), one-hot rows Σ_t x[i, t] = 1, forced items
-fixed, Σ_i,t c[i, t] x[i, t] ≤ B. The optimum is a proven lower bound; at a vertex at most one
-item is fractional (two constraints beyond the rows), so rounding loses at most one item.
+fixed, Σ_i,t c[i, t] x[i, t] ≤ B. At a vertex at most one item is fractional (two constraints
+beyond the rows), so rounding loses at most one item. The objective is solved in units of the
+median item's distortion range, where the solver's tolerances are small against the
+coefficients. The reported bound is not the solver's value but the Lagrangian dual
+``Σ_i min_t (D_it + λ c_it) − λ B`` evaluated at its budget dual λ: a lower bound for any λ >= 0,
+equal to the LP optimum at the optimal λ, so an inaccurate solve can weaken it but never
+overstate it.
 
 Pages: the LP is solved on the amortized cost ``c + h/P`` (a relaxation of the paged cost, so its
 optimum is still a lower bound), then its rounding goes through the same page repair as greedy,
@@ -73,6 +78,27 @@ def _round_within(problem: AllocationProblem, x: np.ndarray, cost: np.ndarray) -
     return problem.min_cost_tiers()
 
 
+def _unit(distortion: np.ndarray, allowed: np.ndarray) -> float:
+    """The median over items of their allowed distortions' range (else their mean, else 1)."""
+    d = np.where(allowed, distortion, np.nan)
+    spread = np.nanmax(d, axis=1) - np.nanmin(d, axis=1)
+    for value in (np.median(spread), spread.mean(), np.nanmax(np.abs(d))):
+        if np.isfinite(value) and value > 0:
+            return float(value)
+    return 1.0
+
+
+def _lagrangian_bound(distortion: np.ndarray, cost: np.ndarray, allowed: np.ndarray,
+                      price: float, room: float) -> float:
+    """``Σ_i min_t (D_it + λ c_it) − λ room`` over the allowed tiers: for any λ >= 0 a lower bound
+    on the distortion of the items within ``room`` bytes (at cost ``c``), less the rounding of
+    the λ·bytes terms that cancel."""
+    priced = np.where(allowed, distortion + price * cost, np.inf).min(axis=1)
+    lagrange = price * room
+    rounding = 1e-13 * distortion.shape[0] * (float(np.abs(priced).sum()) + abs(lagrange))
+    return float(priced.sum()) - lagrange - rounding
+
+
 @register
 @dataclass
 class LPSolver(Solver):
@@ -118,18 +144,25 @@ class LPSolver(Solver):
             rows = sp.csr_matrix((np.ones(xi.size), (xi, np.arange(xi.size))),
                                  shape=(n_free, xi.size))
             items = np.flatnonzero(free)[xi]
-            objective = cp.Minimize(problem.distortion[items, xt] @ x)
-            budget = cost[items, xt] @ x <= problem.budget - fixed_cost
+            d, c = problem.distortion[items, xt], cost[items, xt]
+            # The objective in units of a typical free item's distortion range: in the units of
+            # the largest distortion (Solver.solve) most coefficients can sit below HiGHS's
+            # tolerances (1e-7), and its "optimal" answer is then far from the optimum.
+            unit = _unit(problem.distortion[free], problem.allowed(free))
+            objective = cp.Minimize((d / unit) @ x)
+            budget = c @ x <= problem.budget - fixed_cost
             constraints = [rows @ x == 1, budget]
             lp = cp.Problem(objective, constraints)
             lp.solve(solver=self.backend, **_TIME_LIMIT_OPTION[self.backend](time_limit))
             if lp.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
                 raise RuntimeError(f"LP solver {self.backend} ended with status {lp.status}")
             x_full[items, xt] = np.clip(x.value, 0.0, 1.0)
-            # The bound from the solver's value, less its tolerance so it stays a bound.
-            bound = lp.value + fixed_distortion
-            bound -= 1e-7 * max(abs(bound), 1.0)
-            price = float(budget.dual_value) if budget.dual_value is not None else 0.0
+            dual = budget.dual_value
+            price = max(float(dual) * unit, 0.0) if dual is not None else 0.0
+            # The bound is the Lagrangian dual at the solver's price, evaluated here: a bound for
+            # any price, so an inaccurate solve cannot overstate it (the solver's value can).
+            bound = _lagrangian_bound(problem.distortion[free], cost[free], problem.allowed(free),
+                                      price, problem.budget - fixed_cost) + fixed_distortion
         else:
             bound, price = fixed_distortion, 0.0
         tiers = _round_within(problem, x_full, cost)
