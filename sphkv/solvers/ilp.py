@@ -15,7 +15,9 @@ it reports no incumbent at a time limit and crashes on hints.
 
 Under a time limit the backend runs in a forked process that is killed at the deadline: HiGHS
 checks its limit only between phases (its presolve and root LP on 200k paged items overran a
-10 s limit by 3-13 s), so its own limit, set to what is left, is not enough.
+10 s limit by 3-13 s), so its own limit, set to what is left, is not enough. The answer is the
+better of the backend's incumbent and the greedy warm start (the same allocation as
+``solve(problem, "greedy")``), with status ``time_limit`` and the larger of the two bounds.
 """
 
 from __future__ import annotations
@@ -259,12 +261,12 @@ class ILPSolver(Solver):
             raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap}")
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
-        # Everything runs within the limit: the warm start (polished under a limit only where
-        # that takes well under a second), the model, the backend (given what is left) and the
-        # decoding.
+        # The deadline covers the warm start, the model, the backend (given what is left) and
+        # the decoding. The warm start is greedy's own answer, polished as greedy polishes it, so
+        # the ILP never returns worse than greedy; a limit shorter than greedy's time is overrun
+        # by it.
         deadline = None if time_limit is None else time.perf_counter() + time_limit
-        greedy = GreedySolver(polish=time_limit is None or problem.n_items <= 50_000)._solve(
-            problem, None)
+        greedy = GreedySolver()._solve(problem, None)
         free = np.flatnonzero(problem.forced < 0)
         fixed = np.flatnonzero(problem.forced >= 0)
         if free.size == 0:
