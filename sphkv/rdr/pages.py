@@ -274,14 +274,15 @@ class PagedStore:
         return out
 
     def gather(self, tier: int, groups: list[int]):
-        """Codes of several groups' runs at ``tier``, padded to the longest.
+        """The slots of several groups' runs at ``tier``, padded to the longest
+        (:meth:`codes` reads them).
 
         Returns
         -------
-        key, value : Codes
-            ``[len(groups), n_max]`` vectors (padding slots repeat slot 0).
+        slots : torch.Tensor
+            int64 ``[len(groups), n_max]`` on the store's device (padding repeats slot 0).
         valid : torch.Tensor
-            bool ``[len(groups), n_max]``.
+            bool ``[len(groups), n_max]`` on the store's device.
         positions : torch.Tensor
             int64 ``[len(groups), n_max]`` (on the CPU; -1 at padding slots).
         """
@@ -291,9 +292,12 @@ class PagedStore:
         n_max = int(runs.lengths.max(initial=0))
         slots, valid = slots[:, :n_max].masked_fill(~valid[:, :n_max], 0), valid[:, :n_max]
         positions = runs.positions[:, :n_max].cpu().masked_fill(~valid, -1)
-        pool, slots = self.pools[tier], slots.to(self.device)
-        return (pool.key_rows(slots), pool.value.rows(slots), valid.to(self.device),
-                positions)
+        return slots.to(self.device), valid.to(self.device), positions
+
+    def codes(self, tier: int, slots: torch.Tensor) -> tuple[Codes, Codes]:
+        """Key and value codes of ``slots`` (any shape) of ``tier``'s pool."""
+        pool = self.pools[tier]
+        return pool.key_rows(slots), pool.value.rows(slots)
 
     def contents(self, tier: int):
         """Every token kept at ``tier``, in slot order.

@@ -124,7 +124,8 @@ def test_gather_pads_and_masks(tiers):
     store = PagedStore(tiers, groups=2, page_size=P)
     int8 = tiers.index("int8")
     keys, _ = _write(store, int8, {0: [0, 1, 2, 3, 4, 5], 1: [7]})
-    key, value, valid, positions = store.gather(int8, [0, 1])
+    slots, valid, positions = store.gather(int8, [0, 1])
+    key, value = store.codes(int8, slots)
     assert key.shape == (2, 6, D) and valid.sum(1).tolist() == [6, 1]
     assert positions.tolist() == [[0, 1, 2, 3, 4, 5], [7, -1, -1, -1, -1, -1]]
     assert torch.allclose(tiers[int8].key.decode(key)[0], keys[:6], atol=0.05)
@@ -215,7 +216,8 @@ def test_paged_keys_quantize_each_page_whole():
     store = PagedStore(tiers, groups=2, page_size=P)
     keys, _ = _write(store, 1, {0: [0, 1, 2, 3, 4, 5], 1: [3, 7]})
     _check(store, {0: {1: [0, 1, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
-    k_codes, _, valid, _ = store.gather(1, [0])
+    slots, valid, _ = store.gather(1, [0])
+    k_codes, _ = store.codes(1, slots)
     assert valid.all()
     # a full page and a partial one, each quantized as one group of its own tokens
     expected = torch.cat([key.reconstruct(keys[:4]), key.reconstruct(keys[4:6])])
@@ -223,5 +225,5 @@ def test_paged_keys_quantize_each_page_whole():
     _remove(store, 1, 0, [1])
     _check(store, {0: {1: [0, 2, 3, 4, 5]}, 1: {1: [3, 7]}})
     # the repacked first page [0, 2, 3, 4] is quantized again from its decoded keys
-    k_codes, _, _, _ = store.gather(1, [0])
+    k_codes, _ = store.codes(1, store.gather(1, [0])[0])
     assert torch.equal(key.decode(k_codes)[0, :4], key.reconstruct(expected[[0, 2, 3, 4]]))

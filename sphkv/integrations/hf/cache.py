@@ -149,12 +149,12 @@ class CompressedLayer(CacheLayerMixin):
             return self._decoded[1]
         previous = {} if self._decoded is None else self._decoded[2]
         runs, kept = [], {}
-        for t, key, value, valid, positions in self.cache.pages(self.index, b, h):
+        for t, slots, valid, positions in self.cache.pages(self.index, b, h):
             group = torch.tensor([[self.cache.group(i, self.index, j) for j in range(h)]
                                   for i in range(b)])
             ident = (group[..., None] << 32 | positions).flatten()  # one int64 per token
             flat = valid.cpu().flatten()
-            k_hat = torch.zeros(*ident.shape, key.shape[-1], device=valid.device)
+            k_hat = torch.zeros(*ident.shape, store.d, device=valid.device)
             v_hat = torch.zeros_like(k_hat)
             todo = flat.clone()
             if t in previous and not store.pools[t].paged_keys:
@@ -168,8 +168,9 @@ class CompressedLayer(CacheLayerMixin):
             if todo.any():
                 on = todo.to(k_hat.device)
                 tier = self.cache.tiers[t]
-                k_hat[on] = tier.key.decode(key.reshape(-1).rows(on)).float()
-                v_hat[on] = tier.value.decode(value.reshape(-1).rows(on)).float()
+                key, value = store.codes(t, slots.flatten()[on])  # only what is new here
+                k_hat[on] = tier.key.decode(key).float()
+                v_hat[on] = tier.value.decode(value).float()
             order = torch.argsort(torch.where(flat, ident, torch.iinfo(torch.int64).max))
             keep = order[:int(flat.sum())]
             kept[t] = (ident[keep], k_hat[keep.to(k_hat.device)], v_hat[keep.to(k_hat.device)])
@@ -390,20 +391,19 @@ class SphkvCache(Cache):
         self.pad = pad
 
     def pages(self, layer: int, batch: int, heads: int):
-        """Per non-empty tier of ``layer``: ``(tier index, key Codes, value Codes, valid,
-        positions)``, codes ``[B, H_kv, n]`` padded to the longest run (padding repeats slot
-        0), ``valid`` bool and ``positions`` int64 (on the CPU, -1 at padding)
-        ``[B, H_kv, n]``."""
+        """Per non-empty tier of ``layer``: ``(tier index, slots, valid, positions)``, each
+        ``[B, H_kv, n]`` padded to the longest run: the pool's slots (padding repeats slot 0,
+        :meth:`~sphkv.rdr.pages.PagedStore.codes` reads them), ``valid`` bool and ``positions``
+        int64 (on the CPU, -1 at padding)."""
         if self.store is None:
             return
         groups = [self.group(b, layer, h) for b in range(batch) for h in range(heads)]
         for t in self.store.pools:
-            key, value, valid, positions = self.store.gather(t, groups)
+            slots, valid, positions = self.store.gather(t, groups)
             if not valid.any():
                 continue
             shape = (batch, heads, valid.shape[-1])
-            yield (t, key.reshape(*shape), value.reshape(*shape), valid.view(shape),
-                   positions.view(shape))
+            yield t, slots.view(shape), valid.view(shape), positions.view(shape)
 
     def pad_on(self, device: torch.device) -> torch.Tensor:
         """The left padding per sequence ``[B]`` on ``device`` (copied there once)."""
