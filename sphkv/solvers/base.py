@@ -42,6 +42,8 @@ class Solver:
             alloc = self._solve(_scaled(problem, scale), time_limit)
             alloc.distortion = problem.distortion_of(alloc.tiers)
             alloc.lower_bound = min(alloc.lower_bound * scale, alloc.distortion)
+            if alloc.price is not None:  # distortion per byte
+                alloc.price *= scale
         alloc.seconds = time.perf_counter() - start
         alloc.method = self.NAME
         alloc.budget = problem.budget
