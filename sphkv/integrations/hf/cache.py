@@ -567,8 +567,8 @@ class SphkvCache(Cache):
                     continue
                 on = sel.to(layer.keys.device)
                 first = None if layer.attention.is_full else (q_first - base).clamp_min(0)
-                jobs.append((index, b, p[take], take.numpy(), layer.keys[b][:, on].float(),
-                             layer.values[b][:, on].float(), q, first,
+                jobs.append((index, b, p[take], take.numpy(), layer.keys[b][:, on],
+                             layer.values[b][:, on], q, first,
                              q_all[:, -(self.length - base):]))
         rows = self._distortion_rows(jobs)
         parts = []
@@ -579,8 +579,8 @@ class SphkvCache(Cache):
             parts.append(Tokens(
                 group=np.repeat([self.group(b, index, j) for j in range(h)], len(p)),
                 positions=p.repeat(h),  # head-major, as the rows of k [H, n, d]
-                keys=k[:, on].half().reshape(-1, k.shape[-1]),
-                values=v[:, on].half().reshape(-1, v.shape[-1]),
+                keys=k[:, on].reshape(-1, k.shape[-1]),
+                values=v[:, on].reshape(-1, v.shape[-1]),
                 distortion=d[:, take].reshape(-1, d.shape[-1]),
                 forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), h)))
         if not parts:
@@ -611,7 +611,8 @@ class SphkvCache(Cache):
             k, v, q, first, q_all = (
                 [jobs[i][j] for i in members] for j in range(4, 9))
             d = self.method.distortion(
-                torch.cat(k), torch.cat(v), torch.cat(q), self.tiers, first=first[0],
+                torch.cat(k).float(), torch.cat(v).float(), torch.cat(q), self.tiers,
+                first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
                 blocks=len(members))
             for i, part in zip(members, np.split(d, len(members)), strict=True):
