@@ -1,12 +1,17 @@
-"""Quality sweep: methods × budgets × tasks through the compressed cache.
+"""Quality sweep: texts × methods × budgets × tasks through the compressed cache.
 
-``python -m benchmarks.eval_sweep --text FILE`` runs the grid; ``--quick`` a few cells at small
-N (CI). Each (task, context, setting) is split by method into ``--jobs`` parts that run on as
-many worker processes; a part prefills once and every (method, budget) run copies that
-prefill (:func:`sphkv.integrations.hf.tasks.perplexity_runs` and friends). Writes
-``eval[_quick].{md,json,png}`` to ``--out-dir``: date, commit, device, model, text and trial
-counts in the header; the plot has quality against bytes, one line per method. The registry of
-methods, budgets and tasks lives here, not in the library.
+``python -m benchmarks.eval_sweep --text FILE [FILE ...]`` runs the grid on each text (a folder
+stands for every ``*.txt*`` file in it, so ``--text ../shared/data/austen`` is the four
+novels); ``--quick`` a few cells at small N (CI). Each (text, task, context, setting) is split
+by method into ``--jobs`` parts that run on as many worker processes; a part prefills once and
+every (method, budget) run copies that prefill
+(:func:`sphkv.integrations.hf.tasks.perplexity_runs` and friends). Writes
+``eval[_quick].{md,json,png}`` to ``--out-dir``: date, commit, device, model, texts and trial
+counts in the header; a summary table (perplexity relative to ``none`` of the same text and
+context, pass key pooled over texts with its 95 % Wilson interval), the texts named with
+``--tuned`` set apart from the held-out ones, then every cell; the plot has quality against
+bytes, one line per method. The registry of methods, budgets and tasks lives here, not in the
+library.
 """
 
 from __future__ import annotations
@@ -22,21 +27,46 @@ from benchmarks.common import RESULTS_DIR, environment, format_table
 METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "streamingllm", "snapkv", "h2o", "keydiff",
            "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
 #: fractions of the fp16 cache
-BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-#: the full grid, sized to run in about an hour on 2 CPU cores with
-#: ``--jobs 2`` (docs/evaluation.md has the measured time): perplexity at N ∈ {1k, 2k, 4k}
-#: scoring M = 256; fidelity at N ∈ {1k, 2k, 4k}; pass key at N = 1k over 5 depths
-#: 10 %…90 %, both settings
+BUDGETS = (1 / 16, 1 / 8, 1 / 4)
+#: the full grid, per text: perplexity at N ∈ {1k, 2k, 4k} scoring M = 256; fidelity at
+#: N ∈ {1k, 2k, 4k}; pass key at N ∈ {1k, 2k, 4k} over 8 depths 10 %…90 %, both settings
+#: (docs/evaluation.md says which part of it has been run, and its time)
 FULL = {"methods": METHODS, "budgets": BUDGETS,
         "ppl": {"contexts": (1024, 2048, 4096), "scored": 256},
         "fidelity": {"contexts": (1024, 2048, 4096)},
-        "passkey": {"contexts": (1024,), "trials": 5,
+        "passkey": {"contexts": (1024, 2048, 4096), "trials": 8,
                     "settings": ("query-agnostic", "query-aware")}}
 #: quick: a few cells at small N (CI)
 QUICK = {"methods": ("none", "rdr", "snapkv", "kivi"), "budgets": (1 / 8,),
          "ppl": {"contexts": (512,), "scored": 64}, "fidelity": {"contexts": (512,)},
          "passkey": {"contexts": (512,), "trials": 3, "settings": ("query-agnostic",)}}
 TASKS = ("ppl", "fidelity", "passkey")
+#: two-sided confidence of the pass key's interval
+CONFIDENCE = 0.95
+
+
+def wilson(correct: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion, ``(low, high)`` in [0, 1]."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, trials).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def texts(paths: list[Path]) -> list[Path]:
+    """The text files of ``--text``: a folder stands for its ``*.txt*`` files, sorted."""
+    out = []
+    for path in paths:
+        found = sorted(path.glob("*.txt*")) if path.is_dir() else [path]
+        if not found or not all(p.is_file() for p in found):
+            raise FileNotFoundError(f"no text file at {path}")
+        out += found
+    return list(dict.fromkeys(out))
+
+
+def text_name(path: Path | str) -> str:
+    """A text's name in rows and tables: its file name without ``.txt`` and ``.gz``."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".txt")
 
 
 def runs(grid: dict) -> list[tuple[str, float]]:
@@ -45,14 +75,15 @@ def runs(grid: dict) -> list[tuple[str, float]]:
             for b in ((1.0,) if m == "none" else grid["budgets"])]
 
 
-def groups(grid: dict, tasks: tuple[str, ...]) -> list[dict]:
-    """The shared-prefill groups: one per (task, context, setting)."""
+def groups(grid: dict, tasks: tuple[str, ...], names: tuple[str, ...] = ("",)) -> list[dict]:
+    """The shared-prefill groups: one per (text, task, context, setting)."""
     out = []
-    for task in tasks:
-        spec = grid[task]
-        for n in spec["contexts"]:
-            for setting in spec.get("settings", (None,)) if task == "passkey" else (None,):
-                out.append({"task": task, "context": n, "setting": setting})
+    for text in names:
+        for task in tasks:
+            spec = grid[task]
+            for n in spec["contexts"]:
+                for setting in spec.get("settings", (None,)) if task == "passkey" else (None,):
+                    out.append({"text": text, "task": task, "context": n, "setting": setting})
     return out
 
 
@@ -64,25 +95,81 @@ def units(grid: dict, todo: list[dict], jobs: int) -> list[tuple[dict, tuple[str
     return sorted(out, key=lambda u: (u[0]["task"] != "passkey", -u[0]["context"]))
 
 
-# the worker's model, tokenizer and token ids (loaded once per worker process)
+def relative(rows: list[dict]) -> list[dict]:
+    """Perplexity rows with ``vs_none``: ppl over that of ``none`` on the same text and context,
+    minus 1 (absent where the sweep has no ``none`` row for them)."""
+    base = {(r.get("text", ""), r["context"]): r["ppl"] for r in rows
+            if r["task"] == "ppl" and r["method"] == "none"}
+    out = []
+    for r in rows:
+        key = (r.get("text", ""), r["context"])
+        if r["task"] == "ppl" and key in base:
+            r = {**r, "vs_none": r["ppl"] / base[key] - 1}
+        out.append(r)
+    return out
+
+
+def summary(rows: list[dict], tuned: list[str]) -> list[str]:
+    """Markdown lines: per (method, budget), perplexity relative to ``none`` per context on the
+    held-out texts and on the tuning ones (mean over texts, how many in brackets), and the pass
+    key per (context, setting) pooled over the held-out texts, or every text if none is held
+    out (correct of trials, 95 % Wilson interval)."""
+    rows = relative(rows)
+    names = sorted({r.get("text", "") for r in rows})
+    held = [t for t in names if t not in tuned]
+    sets = [(label, which) for label, which in
+            (("held-out", held), ("tuned", [t for t in names if t in tuned])) if which]
+    pooled = held or names  # the pass key's texts
+    ppl_cols = sorted({r["context"] for r in rows if r["task"] == "ppl"})
+    pk_cols = sorted({(r["context"], r["setting"]) for r in rows if r["task"] == "passkey"})
+    runs_ = sorted({(r["method"], r["budget"]) for r in rows},
+                   key=lambda mb: (mb[1] != 1.0, -mb[1], _method_order(mb[0])))
+    head = (["method", "budget"]
+            + [f"ppl {n // 1024}k {label}" for label, _ in sets for n in ppl_cols]
+            + [f"pass key {n // 1024}k {s.removeprefix('query-')}"
+               + ("" if held else " (tuned)") for n, s in pk_cols])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, budget in runs_:
+        cells = [method, "1" if budget == 1 else f"1/{round(1 / budget)}"]
+        for _, which in sets:
+            for n in ppl_cols:
+                v = [r["vs_none"] for r in rows if r["task"] == "ppl" and r["method"] == method
+                     and r["budget"] == budget and r["context"] == n and "vs_none" in r
+                     and r.get("text", "") in which]
+                cells.append(f"{100 * sum(v) / len(v):+.1f} % ({len(v)})" if v else "")
+        for n, setting in pk_cols:
+            v = [r for r in rows if r["task"] == "passkey" and r["method"] == method
+                 and r["budget"] == budget and r["context"] == n and r["setting"] == setting
+                 and r.get("text", "") in pooled]
+            if v:
+                k, t = sum(r["correct"] for r in v), sum(r["trials"] for r in v)
+                lo, hi = wilson(k, t)
+                cells.append(f"{k}/{t} [{lo:.2f}, {hi:.2f}]")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# the worker's model, tokenizer and token ids per text (loaded once per worker process)
 _WORKER: dict = {}
 
 
-def _load(model: str, text: str, tokens: int, threads: int) -> None:
+def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None:
     import torch
 
     from sphkv.integrations.hf import load_model, read_tokens
 
     torch.set_num_threads(threads)
     _WORKER["model"], _WORKER["tok"] = load_model(model)
-    _WORKER["ids"] = read_tokens(_WORKER["tok"], text, tokens)
+    _WORKER["ids"] = {text_name(p): read_tokens(_WORKER["tok"], p, tokens) for p in paths}
 
 
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
-    model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"]
+    model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
     pairs = runs({**grid, "methods": methods})
     n = g["context"]
     if g["task"] == "ppl":
@@ -97,14 +184,19 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int) -> list[
         results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
                                trials=grid["passkey"]["trials"])
         quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
+                    "interval": wilson(r.correct, r.n_trials),
                     "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
     return [{**g, "method": method, "budget": budget, **q, "seconds": r.seconds}
             for (method, budget), q, r in zip(pairs, quality, results, strict=True)]
 
 
+def _method_order(method: str) -> tuple:
+    return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
+
+
 def _order(row: dict) -> tuple:
-    return (TASKS.index(row["task"]), row["context"], row["setting"] or "",
-            METHODS.index(row["method"]), row["budget"])
+    return (row.get("text", ""), TASKS.index(row["task"]), row["context"], row["setting"] or "",
+            _method_order(row["method"]), row["budget"])
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -119,16 +211,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         grid = {**grid, "methods": tuple(args.methods)}
     if args.budgets:
         grid = {**grid, "budgets": tuple(args.budgets)}
+    if args.scored:
+        grid = {**grid, "ppl": {**grid["ppl"], "scored": args.scored}}
     if args.passkey_trials or args.settings:
         grid = {**grid, "passkey": {**grid["passkey"],
                                     "trials": args.passkey_trials or grid["passkey"]["trials"],
                                     "settings": tuple(args.settings
                                                       or grid["passkey"]["settings"])}}
-    header = {"model": args.model, "text": Path(args.text).name, "quick": args.quick,
-              "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
+    paths = texts(args.text)
+    names = tuple(text_name(p) for p in paths)
+    header = {"model": args.model, "texts": list(names), "tuned": list(args.tuned or []),
+              "quick": args.quick, "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
               "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
-    todo = [g for g in groups(grid, tuple(args.tasks))
+    todo = [g for g in groups(grid, tuple(args.tasks), names)
             if not args.contexts or g["context"] in args.contexts]
     work = units(grid, todo, args.jobs)
     longest = max(g["context"] for g in todo) + grid["ppl"]["scored"] + 1
@@ -138,7 +234,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_load,
-                             initargs=(args.model, str(args.text), longest, threads)) as pool, \
+                             initargs=(args.model, tuple(map(str, paths)), longest, threads)) as pool, \
             Progress(TextColumn("{task.description}"), BarColumn(),
                      TextColumn("{task.completed}/{task.total} units"),
                      TimeElapsedColumn()) as progress:
@@ -148,7 +244,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         for future in as_completed(futures):
             g, methods = futures[future]
             rows += future.result()
-            progress.console.print(f"{g['task']} N={g['context']} {g['setting'] or ''} "
+            progress.console.print(f"{g['text']} {g['task']} N={g['context']} "
+                                   f"{g['setting'] or ''} "
                                    f"{', '.join(methods)}: done at "
                                    f"{time.perf_counter() - start:.0f} s")
             progress.advance(bar)
@@ -160,17 +257,37 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return sorted(rows, key=_order), header
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _mean_over_texts(cell: list[dict], method: str, key: str) -> list[tuple[float, float]]:
+    """``(budget, value)`` of a method in one panel, the mean over the panel's texts (a pass
+    key pooled: correct over trials)."""
+    out = []
+    for budget in sorted({r["budget"] for r in cell if r["method"] == method}):
+        v = [r for r in cell if r["method"] == method and r["budget"] == budget and key in r]
+        if key == "accuracy":
+            out.append((budget, sum(r["correct"] for r in v) / sum(r["trials"] for r in v)))
+        elif v:
+            out.append((budget, sum(r[key] for r in v) / len(v)))
+    return out
+
+
+def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
     """Quality against bytes (fraction of fp16), one line per method, a panel per task,
-    context and setting; ``none`` is a horizontal reference line."""
+    context and setting, over the held-out texts (every text if all were tuned on): perplexity
+    as the mean ratio to ``none`` on the same text, the pass key pooled, fidelity the mean;
+    ``none`` is a horizontal reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [{**r, "ratio": 1 + r["vs_none"]} if "vs_none" in r else r for r in relative(rows)]
+    held = [r for r in rows if r.get("text", "") not in tuned]
+    rows = held or rows
+    n_texts = len({r.get("text", "") for r in rows})
     panels = sorted({(r["task"], r["context"], r["setting"] or "") for r in rows},
                     key=lambda p: (TASKS.index(p[0]), p[1], p[2]))
-    metric = {"ppl": ("ppl", "perplexity"), "fidelity": ("error", "attention-output rel. error"),
+    metric = {"ppl": ("ratio", "perplexity / none's"),
+              "fidelity": ("error", "attention-output rel. error"),
               "passkey": ("accuracy", "pass-key accuracy")}
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
@@ -193,7 +310,9 @@ def plot(rows: list[dict], path: Path) -> None:
         cell = [r for r in rows if (r["task"], r["context"], r["setting"] or "") ==
                 (task, n, setting)]
         for method in methods:
-            pts = sorted((r["budget"], r[key]) for r in cell if r["method"] == method)
+            pts = _mean_over_texts(cell, method, key)
+            if not pts:
+                continue
             if method == "none":
                 ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="none (fp16)")
             elif pts:
@@ -206,10 +325,16 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         if task == "ppl":
             ax.set_yscale("log")
-        ax.set_title(f"{task} N={n} {setting}".strip())
+        ax.set_title(f"{task} N={n} {setting}".strip()
+                     + (f" ({n_texts} texts)" if n_texts > 1 else ""), fontsize=10)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes.flat:  # every method once, from whichever panel draws it
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("rdr"))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
                ncol=min(len(labels), 7), fontsize=8)
@@ -229,41 +354,64 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     js = out_dir / f"{name}.json"
     js.write_text(json.dumps({**env, **header, "rows": rows}, indent=2))
     md = out_dir / f"{name}.md"
+    names = header.get("texts") or [text_name(header["text"])]
+    tuned = header.get("tuned") or []
+    held = [t for t in names if t not in tuned]
     lines = [f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}", "",
-             f"model {header['model']}, text {header['text']}; perplexity scores "
+             f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; tuned on "
+             f"{', '.join(t for t in names if t in tuned) or 'none'}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
              f"trials per cell in its table; "
              f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
              + (f", {header['wall_seconds']} s wall (runs merged: their sum)"
                 if "wall_seconds" in header else "")
-             + "; seconds per run exclude the shared prefill", ""]
+             + "; seconds per run exclude the shared prefill", "",
+             "## summary", "",
+             "Perplexity: (ppl / ppl of none on the same text and context) − 1, the mean over "
+             "the texts (how many in brackets); pass key: keys found of trials over the "
+             f"held-out texts, [{CONFIDENCE:.0%} Wilson interval].", "",
+             *summary(rows, tuned), ""]
+    table_rows = [{**r, "interval": "[{:.2f}, {:.2f}]".format(*r["interval"])}
+                  if "interval" in r else r for r in relative(rows)]
     for task in TASKS:
-        cell = [r for r in rows if r["task"] == task]
+        cell = [r for r in table_rows if r["task"] == task]
         if cell:
-            cols = {"ppl": ["ppl"], "fidelity": ["error"], "passkey": ["accuracy", "correct",
-                                                                        "trials"]}[task]
-            lines += [f"## {task}", "", format_table(cell, ["setting", "context", "method",
-                                                            "budget", "bytes_vs_fp16", *cols,
-                                                            "seconds"]), ""]
+            cols = {"ppl": ["ppl", "vs_none"], "fidelity": ["error"],
+                    "passkey": ["correct", "trials", "interval"]}[task]
+            lines += [f"## {task}", "", format_table(cell, ["text", "setting", "context",
+                                                            "method", "budget", "bytes_vs_fp16",
+                                                            *cols, "seconds"]), ""]
     md.write_text("\n".join(lines) + "\n")
     png = out_dir / f"{name}.png"
-    plot(rows, png)
+    plot(rows, png, tuned)
     return md, js, png
 
 
 def merge(data: list[dict]) -> tuple[list[dict], dict]:
-    """Rows of several runs, a later run's cell (task, context, setting, method, budget)
-    replacing an earlier one's, and the first run's header naming every run's commit and
-    summing their wall times."""
+    """Rows of several runs, a later run's cell (text, task, context, setting, method,
+    budget) replacing an earlier one's, and the first run's header naming every run's commit
+    and text, the texts any run was tuned on, and the sum of their wall times."""
     cells = {}
     for d in data:
         for r in d["rows"]:
-            cells[(r["task"], r["context"], r.get("setting"), r["method"], r["budget"])] = r
+            # a run of one text (older files) names it in the header only
+            r = {"text": text_name(d.get("text", "")), **r}
+            cells[(r["text"], r["task"], r["context"], r.get("setting"), r["method"],
+                   r["budget"])] = r
     commits = dict.fromkeys(d["commit"] for d in data)
-    header = {k: v for k, v in data[0].items() if k != "rows"}
+    header = {k: v for k, v in data[0].items() if k not in ("rows", "text")}
+    header["texts"] = sorted({r["text"] for r in cells.values()})
+    header["tuned"] = sorted({t for d in data for t in d.get("tuned", [])})
     if all("wall_seconds" in d for d in data):
         header["wall_seconds"] = sum(d["wall_seconds"] for d in data)
-    return list(cells.values()), {**header, "commit": ", ".join(commits)}
+    return sorted(cells.values(), key=_order), {**header, "commit": ", ".join(commits)}
+
+
+def _choices() -> tuple[str, ...]:
+    """``none``, the compared methods, then any other method of the registry (variants)."""
+    from sphkv.rdr import METHODS as REGISTRY
+
+    return (*METHODS, *(m for m in REGISTRY if m not in METHODS))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,9 +419,13 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cells at small N")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--text", type=Path, required=True, help="text file (.gz allowed)")
+    parser.add_argument("--text", type=Path, nargs="+", required=True,
+                        help="text files (.gz allowed); a folder stands for its *.txt* files")
+    parser.add_argument("--tuned", nargs="+", metavar="NAME",
+                        help="texts (file names without .txt.gz) the methods were tuned on: "
+                             "the summary and the plot set them apart from the held-out ones")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
+    parser.add_argument("--methods", nargs="+", choices=_choices(),
                         help="run only these methods (merge with earlier runs: --from-json)")
     parser.add_argument("--budgets", type=float, nargs="+",
                         help="run only these budgets (fractions of the fp16 cache)")
@@ -281,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only the groups of these context lengths")
     parser.add_argument("--settings", nargs="+", choices=FULL["passkey"]["settings"],
                         help="pass key: run only these settings")
+    parser.add_argument("--scored", type=int,
+                        help="perplexity: scored tokens (default: the grid's)")
     parser.add_argument("--passkey-trials", type=int,
                         help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=16,
@@ -300,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json:
         data = [json.loads(path.read_text()) for path in args.from_json]
         rows, header = merge(data)
+        if args.tuned:
+            header["tuned"] = list(args.tuned)
     else:
         rows, header = run(args)
     paths = write(rows, header, args.out_dir, name)

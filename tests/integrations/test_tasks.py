@@ -291,3 +291,42 @@ def test_ablation_one_bit_rung_sits_below_the_ladder():
     assert tiers.names == ["drop", "turbo1", *METHODS["rdr"].tier_set(64).names[1:]]
     # 1 bit per coordinate and an fp16 norm, for the key and the value
     assert tiers.costs[1] == 2 * (64 // 8 + 2)
+
+
+def test_sweep_wilson_interval_and_texts(tmp_path):
+    from benchmarks.eval_sweep import text_name, texts, wilson
+
+    # Wilson score interval, z = 1.96: 4 of 5 → [0.376, 0.964]; it never leaves [0, 1]
+    lo, hi = wilson(4, 5)
+    assert abs(lo - 0.3755) < 1e-3 and abs(hi - 0.9638) < 1e-3
+    assert wilson(0, 8)[0] == 0 and 0.3 < wilson(0, 8)[1] < 0.33
+    assert wilson(8, 8)[1] == 1 and 0.67 < wilson(8, 8)[0] < 0.7
+    for name in ("b.txt.gz", "a.txt"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in texts([tmp_path])] == ["a.txt", "b.txt.gz"]
+    assert text_name(tmp_path / "b.txt.gz") == "b"
+    with pytest.raises(FileNotFoundError, match="no text file"):
+        texts([tmp_path / "missing.txt"])
+
+
+def test_sweep_summary_relative_to_none_per_text_held_out_apart():
+    from benchmarks.eval_sweep import summary
+
+    def ppl(text, method, value, budget=0.125):
+        return {"text": text, "task": "ppl", "context": 2048, "setting": None,
+                "method": method, "budget": 1.0 if method == "none" else budget, "ppl": value}
+
+    def pk(text, method, correct, budget=0.125):
+        return {"text": text, "task": "passkey", "context": 2048, "setting": "query-aware",
+                "method": method, "budget": 1.0 if method == "none" else budget,
+                "correct": correct, "trials": 8}
+
+    rows = [ppl("a", "none", 10.0), ppl("a", "rdr", 11.0), ppl("b", "none", 20.0),
+            ppl("b", "rdr", 20.2), ppl("t", "none", 10.0), ppl("t", "rdr", 15.0),
+            pk("a", "rdr", 3), pk("b", "rdr", 5), pk("t", "rdr", 0)]
+    lines = summary(rows, ["t"])
+    assert lines[0] == ("| method | budget | ppl 2k held-out | ppl 2k tuned | "
+                        "pass key 2k aware |")
+    rdr = next(line for line in lines if line.startswith("| rdr |"))
+    # held out: (+10 % + 1 %) / 2; tuned: +50 %; pass key pooled over a and b only
+    assert rdr.split(" | ")[2:5] == ["+5.5 % (2)", "+50.0 % (1)", "8/16 [0.28, 0.72] |"]
