@@ -234,7 +234,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_load,
-                             initargs=(args.model, tuple(map(str, paths)), longest, threads)) as pool, \
+                             initargs=(args.model, tuple(map(str, paths)), longest,
+                                       threads)) as pool, \
             Progress(TextColumn("{task.description}"), BarColumn(),
                      TextColumn("{task.completed}/{task.total} units"),
                      TimeElapsedColumn()) as progress:

@@ -132,19 +132,29 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     o64, v64 = o.double(), v.double()
     dist2 = (v64.square().sum(-1)[:, :, None] - 2 * o64 @ v64.mT
              + o64.square().sum(-1)[..., None]).clamp_min(0).float()
+    # a quantized row splits into its key codec's terms and its value codec's delta, so a
+    # ladder of (key, value) pairs sharing codec objects computes each codec once:
+    # Σ_q π² e (e ‖v − o‖² + 2 (v − o)·Δv) + Σ_q π² ‖Δv‖²
+    #   = Σ_q π² e² ‖v − o‖² + 2 (a v − b)·Δv + Σ_q π² ‖Δv‖², a = Σ_q π² e, b = Σ_q π² e o_q
+    key_terms: dict = {}
+    value_deltas: dict = {}
+    w_sum = w.sum(dim=(1, 2))  # Σ_q π², [H_kv, n]
     out = []
     for tier in tiers:
         if tier.is_drop:
             r = pi.clamp(max=_MAX_P)
             d = ((r / (1 - r)).square() * dist2).sum(dim=(1, 2))
         else:
-            dk, dv = _deltas(tier, keys, values)
-            e = _logit_error(dk, queries)
-            # (v_i − o_q)·Δv_i = v_i·Δv_i − o_q·Δv_i
-            cross = (v * dv[:, None]).sum(-1)[:, :, None] - o @ dv[:, None].mT
-            # Σ_q π² ‖e (v − o) + Δv‖², expanded; the ‖Δv‖² term needs only Σ_q π²
-            d = ((w * e * (e * dist2 + 2 * cross)).sum(dim=(1, 2))
-                 + w.sum(dim=(1, 2)) * dv.square().sum(-1))
+            if id(tier.key) not in key_terms:
+                e = _logit_error(tier.key.reconstruct(keys) - keys, queries)
+                we = w * e
+                key_terms[id(tier.key)] = ((we * e * dist2).sum(dim=(1, 2)), we.sum(dim=(1, 2)),
+                                       torch.einsum("hgqi,hgqd->hid", we, o))
+            if id(tier.value) not in value_deltas:
+                value_deltas[id(tier.value)] = tier.value.reconstruct(values) - values
+            e2, a, b = key_terms[id(tier.key)]
+            dv = value_deltas[id(tier.value)]
+            d = e2 + 2 * ((a[..., None] * values - b) * dv).sum(-1) + w_sum * dv.square().sum(-1)
         out.append(d.clamp_min(0))
     out = torch.stack(out, dim=-1).double()
     if relative:

@@ -47,7 +47,14 @@ import torch
 
 from sphkv.codec import FibQuantCodec, KiviCodec, PolarQuantCodec
 from sphkv.rdr.distortion import layer_distortion
-from sphkv.rdr.tiers import Tier, TierSet, ada_tiers, default_tiers, scalar_tiers
+from sphkv.rdr.tiers import (
+    Tier,
+    TierSet,
+    ada_tiers,
+    default_tiers,
+    kv_tiers,
+    scalar_tiers,
+)
 from sphkv.rdr.utility import Estimator, get_estimator
 
 __all__ = ["METHODS", "NO_DROP_PENALTY", "Method", "Recency", "get_method"]
@@ -239,6 +246,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr", observation=256, floor=0.5, relative=True),
     Method("rdr-ada", ladder=ada_tiers, observation=256, floor=0.5, relative=True),
     Method("rdr-scalar", ladder=scalar_tiers, observation=256, floor=0.5, relative=True),
+    Method("rdr-kv", ladder=kv_tiers, observation=256, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),
     Method("h2o", tiers=("fp16",), estimator="h2o"),

@@ -22,7 +22,11 @@ from sphkv.codec import (
     TurboQuantCodec,
 )
 
-__all__ = ["Tier", "TierSet", "ada_tiers", "default_tiers", "scalar_tiers"]
+__all__ = ["KV_PAIRS", "Tier", "TierSet", "ada_tiers", "default_tiers", "kv_tiers",
+           "scalar_tiers"]
+
+#: (key bits, value bits) of :func:`kv_tiers`' compressed rungs, cheapest first; 8 is int8
+KV_PAIRS = ((2, 1), (2, 2), (3, 2), (4, 2), (4, 3), (4, 4), (8, 4), (8, 8))
 
 
 @dataclass(frozen=True)
@@ -157,3 +161,24 @@ def scalar_tiers(d: int = 64) -> TierSet:
     return TierSet((Tier("drop"), kivi(2), kivi(4),
                     Tier("int8", Int8Codec(d=d), Int8Codec(d=d)),
                     Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))
+
+
+def kv_tiers(d: int = 64, pairs: tuple[tuple[int, int], ...] = KV_PAIRS) -> TierSet:
+    """drop → (key codec, value codec) pairs → fp16: keys and values at their own bit depths.
+
+    A rung ``k{a}v{b}`` stores keys at ``a`` bits and values at ``b`` (the TurboQuant-style
+    codec at 1–4 bits, :class:`Int8Codec` at 8; ``k8v8`` is named ``int8``). A key error moves
+    every logit of the token and is exponentiated by the softmax, a value error only adds to the
+    output in proportion to the token's weight, so at d = 64 keys need more bits than values:
+    whole-layer attention-output error on SmolLM2 (``docs/experiments.md``) is about the same
+    for ``k3v1`` as for ``k2v2``, lower for ``k4v2`` than for ``k3v3`` and for ``k8v4`` than
+    for ``k4v8``. The default pairs are those on that frontier; below ``k2v2`` (0.14 of fp16)
+    ``k2v1`` (0.11) keeps a token where the symmetric ladder must drop it. Pairs share their
+    codec objects, so the distortion rows compute each codec once
+    (:func:`~sphkv.rdr.distortion.layer_distortion`).
+    """
+    codecs = {b: Int8Codec(d=d) if b == 8 else TurboQuantCodec(d=d, bits=b)
+              for b in sorted({b for pair in pairs for b in pair})}
+    rungs = [Tier("int8" if (a, b) == (8, 8) else f"k{a}v{b}", codecs[a], codecs[b])
+             for a, b in pairs]
+    return TierSet((Tier("drop"), *rungs, Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))

@@ -15,7 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from sphkv.integrations.hf.cache import METHODS, SphkvCache, register_attention
 from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import fp16_cache_bytes
-from sphkv.rdr.tiers import scalar_tiers
+from sphkv.rdr.tiers import KV_PAIRS, kv_tiers, scalar_tiers
 from sphkv.rdr.utility import ESTIMATORS, AccumulatedAttention, Estimator
 
 from .fixtures import TINY
@@ -98,6 +98,28 @@ def test_scalar_tiers(d):
         tier = tiers[tiers.index(name)]
         assert tier.key.axis == tier.value.axis == "token"
     assert METHODS["rdr-scalar"].tier_set(d).names == tiers.names
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_kv_tiers_pair_key_and_value_depths(d):
+    tiers = kv_tiers(d)
+    assert tiers.names == ["drop", "k2v1", "k2v2", "k3v2", "k4v2", "k4v3", "k4v4", "k8v4",
+                           "int8", "fp16"]
+    # TurboQuant: b d / 8 code bytes + an fp16 norm; int8: d bytes + an fp16 scale
+    size = {b: d + 2 if b == 8 else b * d // 8 + 2 for b in (1, 2, 3, 4, 8)}
+    assert tiers.costs.tolist() == [0, *(size[a] + size[b] for a, b in KV_PAIRS), 4 * d]
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(5, d, generator=rng)
+    for (a, b), tier in zip(KV_PAIRS, tiers.tiers[1:-1], strict=True):
+        assert tier.key.bytes_per_vector == size[a] and tier.value.bytes_per_vector == size[b]
+        # the byte count is what the codecs write
+        for codec in (tier.key, tier.value):
+            assert codec.encode(x).nbytes == 5 * codec.bytes_per_vector, codec
+    # one codec object per bit depth, shared by the pairs that use it
+    assert tiers[tiers.index("k4v2")].key is tiers[tiers.index("k4v4")].value
+    assert METHODS["rdr-kv"].tier_set(d).names == tiers.names and METHODS["rdr-kv"].drop
+    with pytest.raises(ValueError, match="strictly increasing"):
+        kv_tiers(d, ((3, 1), (2, 2)))
 
 
 @pytest.mark.parametrize("d", DIMS)
