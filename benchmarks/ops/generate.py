@@ -5,7 +5,9 @@ A model with random weights and real layer shapes (``--shapes``; or a real model
 ``--contexts`` length, for each batch size, once plainly (``DynamicCache``; on a GPU, SDPA
 restricted to its flash and memory-efficient kernels, whose cost does not depend on building a
 plan per KV length) and once per method and budget through :class:`SphkvCache`
-(:func:`~sphkv.integrations.hf.compressed_generate`; the kernel path on a GPU).
+(:func:`~sphkv.integrations.hf.compressed_generate`; the kernel path on a GPU). Each method
+first generates once, untimed, from a short prompt through a few admissions, so that Triton's
+compilations of its kernels are not counted in any row.
 
 Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefill excluded),
 ``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from sphkv.integrations.hf.generate import budget_bytes
 
     device = torch.device(args.device)
-    rows = []
+    rows, warm = [], set()
     for shape in [None] if args.model else args.shapes:
         model, label = _model(shape, args.model, device)
         for context in args.contexts:
@@ -139,6 +141,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                                      plain_tok_s, [], kv, None))
                 gc.collect()
                 for method in args.methods:
+                    if (label, method) not in warm:
+                        _warm_up(model, method, device)
+                        warm.add((label, method))
                     for fraction in args.fractions:
                         limit = budget_bytes(model.config, batch, context + args.new_tokens,
                                              fraction)
@@ -155,6 +160,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         del model
         gc.collect()
     return rows
+
+
+def _warm_up(model, method: str, device: torch.device) -> None:
+    """One untimed generation through ``method``'s cache: a 1,024-token prompt, then three
+    admissions."""
+    from sphkv.integrations.hf import SphkvCache, compressed_attention
+    from sphkv.integrations.hf.generate import budget_bytes
+
+    ids = torch.randint(1, model.config.vocab_size, (1, 1024)).to(device)
+    cache = SphkvCache(model.config, budget_bytes(model.config, 1, 1024 + 48, 0.25), method)
+    with compressed_attention(model):
+        _run_once(model, ids, 48, device, cache)
 
 
 def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, admits,

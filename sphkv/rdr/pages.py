@@ -119,6 +119,13 @@ class TierPool:
         """Bytes of the tensors that make up the pages (codes, side information, offsets)."""
         return self.key.nbytes + self.value.nbytes + self.offset.numel() * 2
 
+    def readable(self) -> tuple[Codes, Codes]:
+        """The key and value codes for a reader that needs rows to point at: an empty pool's
+        are one zeroed page (no run reads them)."""
+        if self.pages:
+            return self.key, self.value
+        return tuple(_empty(t, self.page_size) for t in self.templates)
+
     def key_rows(self, slots: torch.Tensor) -> Codes:
         """Key codes of ``slots`` (any shape); paged keys carry their page's statistics in full
         (``[..., d]`` per slot), as the key codec decodes them."""

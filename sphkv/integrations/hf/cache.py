@@ -63,10 +63,19 @@ ATTENTION_NAME = "sphkv"
 class CompressedLayer(CacheLayerMixin):
     """One layer of :class:`SphkvCache`: its fp16 window; its pages live in the allocator.
 
+    The window lives at the front of buffers of fixed capacity (``buffer``): a decode step
+    writes its token in place, so the buffers keep their address between admissions and a decode
+    plan made over them serves every step in between. The capacity is what the window holds at
+    most between admissions (2W tokens, or a sliding or chunked layer's size if smaller), more
+    only while a forward brings more (the prefill).
+
     Attributes
     ----------
     keys, values : torch.Tensor
-        fp16 ``[B, H_kv, w, d]``, the window: tokens at positions ``start … length-1``.
+        fp16 ``[B, H_kv, w, d]``, the window: tokens at positions ``start … length-1`` (views of
+        the buffers).
+    buffer : tuple of torch.Tensor or None
+        The key and value buffers ``[B, H_kv, C, d]`` (None until a forward writes one).
     length : int
         Tokens seen (padding included), kept or not.
     attention : LayerAttention
@@ -77,6 +86,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index, self.attention, self.length = cache, index, attention, 0
         self.is_sliding = not attention.is_full
+        self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
@@ -97,10 +107,24 @@ class CompressedLayer(CacheLayerMixin):
             # any later one
             first = self.first_visible(torch.tensor([self.length])).min()
             self.trim(int(first))
-        self.keys = torch.cat([self.keys, key_states.half()], dim=-2)
-        self.values = torch.cat([self.values, value_states.half()], dim=-2)
-        self.length += key_states.shape[-2]
+        n, m = self.keys.shape[2], key_states.shape[2]
+        if self.buffer is None or self.buffer[0].shape[2] < n + m:
+            self._rebuffer(n + m)
+        for buf, new in zip(self.buffer, (key_states, value_states), strict=True):
+            buf[:, :, n:n + m].copy_(new)
+        self.keys, self.values = (buf[:, :, :n + m] for buf in self.buffer)
+        self.length += m
         return self, self
+
+    def _rebuffer(self, tokens: int) -> None:
+        """New buffers for at least ``tokens`` tokens (the decode capacity at least), holding
+        the window."""
+        capacity = max(tokens, self.attention.held_tokens(2 * self.cache.window))
+        b, h, n, d = self.keys.shape
+        self.buffer = tuple(x.new_zeros(b, h, capacity, d) for x in (self.keys, self.values))
+        for buf, x in zip(self.buffer, (self.keys, self.values), strict=True):
+            buf[:, :, :n].copy_(x)
+        self.keys, self.values = (buf[:, :, :n] for buf in self.buffer)
 
     @property
     def start(self) -> int:
@@ -110,8 +134,19 @@ class CompressedLayer(CacheLayerMixin):
     def trim(self, position: int) -> None:
         """Drop the window's tokens before ``position``."""
         n = position - self.start
-        if n > 0:
-            self.keys, self.values = (x[:, :, n:].clone() for x in (self.keys, self.values))
+        if n <= 0:
+            return
+        rest = self.keys.shape[2] - n
+        decode = self.attention.held_tokens(2 * self.cache.window)
+        if self.buffer is None or self.buffer[0].shape[2] > max(rest, decode):
+            # shared (a compressed copy's) or larger than decoding needs (after the prefill)
+            self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+            self._rebuffer(rest)
+            return
+        # in place: the buffers keep their address (and the decode plan made over them)
+        for buf in self.buffer:
+            buf[:, :, :rest] = buf[:, :, n:n + rest].clone()
+        self.keys, self.values = (buf[:, :, :rest] for buf in self.buffer)
 
     def first_visible(self, positions: torch.Tensor) -> torch.Tensor:
         """``[B, m]``: the lowest position the query at each of ``positions`` ``[m]`` sees in
@@ -131,8 +166,16 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("SphkvCache supports greedy and sampled decoding, not beam "
                                   "search: its pages are not reordered per beam (num_beams=1)")
 
+    def held_window(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the window occupies: its buffers, or (a copy by
+        :meth:`SphkvCache.compress` before its first write) the keys and values it shares."""
+        if self.buffer is not None:
+            return self.buffer
+        return (self.keys, self.values) if self.is_initialized else ()
+
     def window_bytes(self) -> int:
-        return (self.keys.numel() + self.values.numel()) * 2 if self.is_initialized else 0
+        """Bytes of the window's buffers (their whole capacity)."""
+        return sum(x.numel() * x.element_size() for x in self.held_window())
 
     def _decoded_pages(self, b: int, h: int):
         """The layer's pages decoded, every tier's run side by side: ``(k̂, v̂ [B, H_kv, n, d],
@@ -342,7 +385,7 @@ class SphkvCache(Cache):
         """Bytes of the tensors and page tables the cache really holds."""
         store = self.store.held_bytes() if self.store is not None else 0
         window = sum(t.numel() * t.element_size() for layer in self.layers
-                     if layer.is_initialized for t in (layer.keys, layer.values))
+                     for t in layer.held_window())
         return store + window + self._pad_bytes()
 
     def fp16_bytes(self) -> int:
@@ -432,7 +475,8 @@ class SphkvCache(Cache):
     def compress(self, method: Method | str, budget: float) -> SphkvCache:
         """A copy of this deferred cache (``budget=None``, after its prefill) compressed by
         ``method`` within ``budget`` bytes, as if it had been that method's cache all along.
-        Tensors are shared: the cache replaces its tensors and never writes into them."""
+        The windows are shared until the copy trims or writes one: it then moves the window
+        to buffers of its own, so neither cache writes into the other's."""
         if self.budget is not None or self.allocator is not None:
             raise ValueError("compress() copies a deferred cache (budget=None) after its "
                              "prefill; this cache already has a budget")

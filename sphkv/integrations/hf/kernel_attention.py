@@ -39,9 +39,13 @@ def kernel_reads(tiers) -> bool:
 
 def layer_pages(cache, layer, batch: int, heads: int,
                 device: torch.device) -> list[tuple[TierPages, torch.Tensor | None]]:
-    """The pages of ``layer`` per non-empty tier: the tier's pool and a page table per
+    """The pages of ``layer`` per non-drop tier: the tier's pool and a page table per
     (sequence, kv head), its run in position order (all pages full but the last), with each
     run token's position ``[B, H_kv, n]`` for a sliding or chunked layer (None for a full one).
+
+    Every non-drop tier comes, its runs empty or not (an empty pool as one zeroed page): the
+    kernel is compiled for the segments it reads, so a layer's segments stay the ladder's
+    whatever the allocation, and one compilation serves every layer and step.
 
     Built once per write of the store (an admission) and kept on the layer: the steps in
     between reuse the tables, on the device.
@@ -54,15 +58,14 @@ def layer_pages(cache, layer, batch: int, heads: int,
     out = []
     for t, pool in store.pools.items():
         runs = store.runs(t, groups, positions=not layer.attention.is_full)
-        if not runs.lengths.any():
-            continue
         tier = store.tiers[t]
         table = torch.from_numpy(runs.pages).view(batch, heads, -1).to(device)
         lengths = torch.from_numpy(runs.lengths).view(batch, heads).to(device)
         positions = None if runs.positions is None else \
             runs.positions.view(batch, heads, -1).to(device)
-        out.append((TierPages(tier.key, tier.value, pool.key.to(device), pool.value.to(device),
-                              table, lengths, store.page_size), positions))
+        key, value = (c.to(device) for c in pool.readable())
+        out.append((TierPages(tier.key, tier.value, key, value, table, lengths,
+                              store.page_size), positions))
     layer._runs = (key, out)
     return out
 
@@ -71,9 +74,10 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """:meth:`CompressedLayer.attend` through the kernels.
 
     A decode step reuses the layer's plan (:class:`~sphkv.kernels.ada_decode.AdaDecodePlan`)
-    until the store is written again: the window is copied into the plan's buffer of fixed
-    capacity and the visibility bounds are written in place, so a step between admissions
-    does no host work per tier and makes no new tensors but its outputs.
+    until the store is written again: the plan reads the window where the layer keeps it (the
+    front of buffers of fixed capacity, :attr:`CompressedLayer.buffer`) and the step's
+    visibility bounds and window length are written into it in place, so a step between
+    admissions does no host work per tier and makes no new tensors but its outputs.
 
     Parameters
     ----------
@@ -113,32 +117,29 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
         out = ada_decode_naive(query, pages, window, scale=scaling) if pages else \
             _dense(query, window, scaling)
         return out.transpose(1, 2)
-    plan, keys, values = _decode_plan(layer, pages, bounds, query, n)
-    keys[:, :, :n].copy_(layer.keys)
-    values[:, :, :n].copy_(layer.values)
+    plan = _decode_plan(layer, pages, bounds, query)
     plan.set_bounds(bounds, window_first, n)
     return plan.run(query, scaling).transpose(1, 2)
 
 
-def _decode_plan(layer, pages: list[TierPages], bounds: list, query: torch.Tensor, n: int):
-    """The layer's plan and its window buffers ``[B, H_kv, C, d]``, made again only when the
-    store was written, the query's shape changed or the window outgrew the buffer."""
+def _decode_plan(layer, pages: list[TierPages], bounds: list,
+                 query: torch.Tensor) -> AdaDecodePlan:
+    """The layer's plan over its pages and its window's buffers (the window is the front of
+    them), made again only when the store was written, the buffers moved or the query's shape
+    changed."""
     b, hq, m, d = query.shape
-    cache, h = layer.cache, layer.keys.shape[1]
-    key = (cache.store.version if cache.store is not None else -1, query.shape, query.device)
-    if layer._plan is not None and layer._plan[0] == key and layer._plan[2].shape[2] >= n:
-        return layer._plan[1:]
-    capacity = max(2 * cache.window + m, n)
-    keys = torch.zeros(b, h, capacity, d, dtype=torch.float16, device=query.device)
-    values = torch.zeros_like(keys)
+    keys, values = layer.buffer
+    key = (layer.cache.store.version if layer.cache.store is not None else -1, query.shape,
+           query.device, keys.data_ptr(), keys.shape)
+    if layer._plan is not None and layer._plan[0] == key:
+        return layer._plan[1]
     window = Window(keys, values, torch.zeros(b, dtype=torch.int32, device=query.device),
-                    length=n)
+                    length=layer.keys.shape[2])
     # tiers with bounds are planned with them (set_bounds writes the step's)
     pages = [p if f is None else dataclasses.replace(p, first=torch.zeros_like(f))
              for p, f in zip(pages, bounds, strict=True)]
-    layer._plan = (key, AdaDecodePlan(pages, window, hq, m, d, device=query.device), keys,
-                   values)
-    return layer._plan[1:]
+    layer._plan = (key, AdaDecodePlan(pages, window, hq, m, d, device=query.device))
+    return layer._plan[1]
 
 
 def _dense(query: torch.Tensor, window: Window, scaling: float) -> torch.Tensor:

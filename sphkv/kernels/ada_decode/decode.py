@@ -255,7 +255,11 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
 
 
-@triton.jit
+# the split layout and the strides change with every allocation: specialised on their values
+# (Triton compiles a variant per "is 1" and "divisible by 16" pattern of each integer) they would
+# compile the kernel again after admissions, a minute each
+@triton.jit(do_not_specialize=["split_base", "stride_btb", "stride_bth", "stride_wb", "stride_wh",
+                               "stride_wn", "split_len", "num_splits"])
 def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
             block_table, lengths, first, k_mult, v_mult, split_base,
             stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
@@ -597,6 +601,8 @@ class AdaDecodePlan:
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             num_stages=1 if any(s.key.kind == ADA for s in segments) else num_stages,
             **_by_parameter([s.consts for s in segments]))
+        # the run-time arguments but q, by name: their tensors change in place between runs
+        self._arguments = _by_parameter([s.args for s in segments])
 
     def set_bounds(self, pages_first: list[torch.Tensor | None] | None = None,
                    window_first: torch.Tensor | None = None,
@@ -651,9 +657,9 @@ class AdaDecodePlan:
                 x = q_rows if s.key.seed is None else q_rows @ _rotation(D, s.key.seed, dev)[0]
                 q_dom[s.key.seed] = x.half().contiguous()
 
-        args = [s.args._replace(q=q_dom[s.key.seed]) for s in segs]
         _kernel[(B * self.Hkv, self.total)](
-            **_by_parameter(args), split_base=self.split_base, o_part=self.o_part,
+            **dict(self._arguments, q=tuple(q_dom[s.key.seed] for s in segs)),
+            split_base=self.split_base, o_part=self.o_part,
             lse_part=self.lse_part, qk_scale=scale * split_k.LOG2E, split_len=self.split_len,
             num_splits=self.total, **self.options)
         split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](
