@@ -30,7 +30,8 @@ import numpy as np
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_repair import repair_pages
-from sphkv.solvers.page_round import rank_major, round_by_pages, round_pages, slot_dual_bound
+from sphkv.solvers.page_round import (_blocks, rank_major, round_by_pages, round_pages,
+                                      slot_dual_bound)
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
@@ -151,6 +152,11 @@ def _lib(xp):
     return np
 
 
+def _float_of(bits: int) -> float:
+    """The float64 whose bit pattern is ``bits``."""
+    return float(np.int64(bits).view(np.float64))
+
+
 def _bits(xp, x):
     """The int64 bit pattern of float64 ``x``: for x >= 0 it orders like x."""
     if array_api_compat.is_torch_namespace(xp):
@@ -183,24 +189,50 @@ class HullSegments:
         xp = self.xp = xp or array_api_compat.array_namespace(np.empty(0))
         distortion = xp.asarray(distortion, dtype=xp.float64)
         cost = xp.asarray(cost, dtype=xp.float64)
-        self.dev = array_api_compat.device(distortion)
-        self.n = distortion.shape[0]
+        dev = self.dev = array_api_compat.device(distortion)
+        n, t = distortion.shape
+        self.n = n
         if allowed is not None:
-            allowed = xp.asarray(allowed, device=self.dev)
+            allowed = xp.asarray(allowed, device=dev)
         self.d, self.allowed = distortion, allowed
-        self.tier, vertex, self.dc, self.eff, self.base = _hull(xp, distortion, cost, allowed)
-        self.seg = self.dc > 0
-        self.base_distortion = float(xp.sum(_gather(xp, distortion, self.base)))
-        self.max_efficiency = float(xp.max(self.eff)) if self.n else 0.0
-        # Bucket 0 holds the highest efficiencies; cells without a segment have eff 0 and dc 0.
-        key = xp.bitwise_right_shift(_bits(xp, self.eff), self._SHIFT)
-        top = int(xp.max(key)) if self.n else 0
-        key *= -1  # in place: bucket = top - key
-        key += top
-        self.bucket = key
-        self.bucket_cum = xp.cumulative_sum(_bincount(
-            xp, xp.reshape(self.bucket, (-1,)), weights=xp.reshape(self.dc, (-1,)),
-            minlength=top + 1))
+        # Block by block of items (see _block); the bytes per bucket accumulate in ``weight``
+        # (bucket keys, the top bits of a float >= 0, are below 2^(63 - _SHIFT)).
+        shared = cost.ndim == 1
+        self.tier = None if shared else xp.empty((t, n), dtype=xp.int64, device=dev)
+        self.dc = xp.empty((t, n), dtype=xp.float64, device=dev)
+        self.eff = xp.empty((t, n), dtype=xp.float64, device=dev)
+        self.seg = xp.empty((t, n), dtype=xp.bool, device=dev)
+        self.base = xp.empty(n, dtype=xp.int64, device=dev)
+        weight = xp.zeros(1 << (63 - self._SHIFT), dtype=xp.float64, device=dev)
+        top, self.max_efficiency = 0, 0.0
+        for s, e in _blocks(xp, distortion):
+            tier, _, dc, eff, base = _hull(xp, distortion[s:e], cost if shared else cost[s:e],
+                                           None if allowed is None else allowed[s:e])
+            if shared:
+                self.tier = tier
+            else:
+                self.tier[:, s:e] = tier
+            self.dc[:, s:e], self.eff[:, s:e], self.base[s:e] = dc, eff, base
+            seg = self.seg[:, s:e]
+            seg[...] = dc > 0
+            if not bool(xp.any(seg)):
+                continue
+            key = xp.bitwise_right_shift(_bits(xp, eff), self._SHIFT)
+            high = int(xp.max(key))
+            low = int(xp.min(xp.where(seg, key, high)))
+            weight[low:high + 1] += _bincount(xp, xp.reshape(xp.maximum(key, low) - low, (-1,)),
+                                              weights=xp.reshape(dc, (-1,)),
+                                              minlength=high - low + 1)
+            top = max(top, high)
+            self.max_efficiency = max(self.max_efficiency, float(xp.max(eff)))
+        # Bucket b holds the efficiencies of key top - b: bucket 0 the highest.
+        self.top = top
+        self.bucket_cum = xp.cumulative_sum(xp.flip(weight[:top + 1], axis=0))
+
+    def _bucket_range(self, b: int) -> tuple[float, float]:
+        """Efficiencies [low, high) of bucket ``b``."""
+        key = self.top - b
+        return _float_of(key << self._SHIFT), _float_of((key + 1) << self._SHIFT)
 
     @functools.cached_property
     def hull_tiers(self):
@@ -215,38 +247,44 @@ class HullSegments:
         return xp.stack(rows)
 
     def _select(self, room: float):
-        """Segments [T, N] of the sorted prefix within ``room``, the flat index of the breaking
-        one (None when all fit) and the bytes left."""
-        xp = self.xp
+        """Segments taken per item [N] by the sorted prefix within ``room`` (a prefix of each
+        hull), the flat index ``rank * N + item`` of the breaking one (None when all fit) and
+        the bytes left."""
+        xp, n = self.xp, self.n
         limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=self.dev)
         b = int(xp.searchsorted(self.bucket_cum, limit, side="right")[0])
         if b == self.bucket_cum.shape[0] or self.max_efficiency == 0:  # all fit, or no segment
-            return self.seg, None, room - float(self.bucket_cum[-1])
+            return (xp.sum(self.seg, axis=0, dtype=xp.int64), None,
+                    room - float(self.bucket_cum[-1]))
         before = float(self.bucket_cum[b - 1]) if b else 0.0
-        members = xp.nonzero(xp.reshape((self.bucket == b) & self.seg, (-1,)))[0]
+        low, high = self._bucket_range(b)
+        n_taken = xp.empty(n, dtype=xp.int64, device=self.dev)
+        members = []
+        for s, e in _blocks(xp, self.d):
+            eff = self.eff[:, s:e]
+            count = n_taken[s:e]
+            count[...] = 0
+            for k in range(eff.shape[0]):
+                count += xp.astype(eff[k] >= high, xp.int64)  # eff 0: no segment
+            rank, item = xp.nonzero((eff >= low) & (eff < high) & self.seg[:, s:e])
+            members.append(rank * n + item + s)
+        members = xp.sort(xp.concat(members))
         eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
         members = members[xp.argsort(-eff[members], stable=True)]
         cum = before + xp.cumulative_sum(dc[members])
         k = int(xp.searchsorted(cum, limit, side="right")[0])
-        taken = self.bucket < b
-        flat = xp.reshape(taken, (-1,))
-        flat[members[:k]] = True
-        return taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
-
-    def _tiers(self, taken):
-        """Tier of every item when the segments ``taken`` [T, N] (a prefix of each hull) are."""
-        tiers = self.base
-        for k in range(taken.shape[0]):
-            tiers = self.xp.where(taken[k], self.tier[k], tiers)
-        return tiers
+        items, counts = xp.unique_counts(members[:k] % n)
+        n_taken[items] += counts
+        return n_taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
 
     def lp_bound(self, room: float) -> tuple[float, float]:
         """The LP optimum within ``room`` bytes above the base (the sorted prefix plus a fraction
         of the breaking segment), and λ, the breaking efficiency (0 when everything fits)."""
         xp = self.xp
-        taken, brk, left = self._select(room)
-        tiers = self._tiers(taken)
-        bound = float(xp.sum(_gather(xp, self.d, tiers)))
+        n_taken, brk, left = self._select(room)
+        tiers = self.tiers(n_taken)
+        bound = sum(float(xp.sum(_gather(xp, self.d[s:e], tiers[s:e])))
+                    for s, e in _blocks(xp, self.d))
         if brk is None:
             return bound, 0.0
         k, i = divmod(brk, self.n)
@@ -254,17 +292,28 @@ class HullSegments:
         dd = float(self.d[i, to] - self.d[i, int(tiers[i])])
         return bound + min(max(left / float(self.dc[k, i]), 0.0), 1.0) * dd, float(self.eff[k, i])
 
+    def _walk(self, positions, update, out):
+        """Blockwise walk along each item's hull: ``update(out, k, steps, positions, s, e)``
+        after each rank k, ``steps`` the item's segments up to rank k."""
+        xp = self.xp
+        for s, e in _blocks(xp, self.d):
+            steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
+            for k in range(self.seg.shape[0]):
+                steps += xp.astype(self.seg[k, s:e], xp.int64)
+                update(out, k, steps, positions[s:e], s, e)
+        return out
+
     def attachment(self, positions):
         """Efficiency [N] of the segment into each item's hull step ``positions`` (of its first
         segment at step 0; 0 without one): how much the item gains per byte where it is."""
         xp = self.xp
-        target = xp.maximum(positions, 1)
-        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
-        out = xp.zeros(self.n, dtype=xp.float64, device=self.dev)
-        for k in range(self.seg.shape[0]):
-            steps = steps + xp.astype(self.seg[k], xp.int64)
-            out = xp.where(self.seg[k] & (steps == target), self.eff[k], out)
-        return out
+
+        def update(out, k, steps, at, s, e):
+            here = self.seg[k, s:e] & (steps == xp.maximum(at, 1))
+            out[s:e] = xp.where(here, self.eff[k, s:e], out[s:e])
+
+        return self._walk(positions, update,
+                          xp.zeros(self.n, dtype=xp.float64, device=self.dev))
 
     def allocate(self, room: float) -> np.ndarray:
         """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
@@ -273,30 +322,34 @@ class HullSegments:
     def tiers(self, positions):
         """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``)."""
         xp = self.xp
-        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
-        tiers = self.base
-        for k in range(self.seg.shape[0]):
-            steps = steps + xp.astype(self.seg[k], xp.int64)
-            tiers = xp.where(self.seg[k] & (steps <= positions), self.tier[k], tiers)
-        return tiers
+        shared = self.tier.shape[1] == 1
+
+        def update(out, k, steps, at, s, e):
+            tier = self.tier[k] if shared else self.tier[k, s:e]
+            out[s:e] = xp.where(self.seg[k, s:e] & (steps <= at), tier, out[s:e])
+
+        return self._walk(positions, update, xp.asarray(self.base, copy=True))
 
     def positions(self, room: float):
         """Hull steps [N] taken by :meth:`allocate` within ``room`` (arrays of ``xp``)."""
         xp, n = self.xp, self.n
-        taken, brk, left = self._select(room)
-        n_taken = xp.sum(xp.astype(taken, xp.int64), axis=0)
+        n_taken, brk, left = self._select(room)
         if brk is not None:
             # Candidates: of each item (but the breaking one), the untaken segments up to the
             # first that does not fit. A segment behind one that does not fit can only block
             # its own item in the scan, which then takes nothing anyway.
-            reach = xp.ones(n, dtype=xp.bool, device=self.dev)
-            reach[brk % n] = False
-            cand = []
-            for k in range(self.seg.shape[0]):
-                open_ = self.seg[k] & ~taken[k]
-                reach = reach & (~open_ | (self.dc[k] <= left))
-                cand.append(open_ & reach)
-            later = xp.nonzero(xp.reshape(xp.stack(cand), (-1,)))[0]
+            later = []
+            for s, e in _blocks(xp, self.d):
+                reach = xp.ones(e - s, dtype=xp.bool, device=self.dev)
+                if s <= brk % n < e:
+                    reach[brk % n - s] = False
+                steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
+                for k in range(self.seg.shape[0]):
+                    steps += xp.astype(self.seg[k, s:e], xp.int64)
+                    open_ = self.seg[k, s:e] & (steps > n_taken[s:e])
+                    reach = reach & (~open_ | (self.dc[k, s:e] <= left))
+                    later.append(xp.nonzero(open_ & reach)[0] + (k * n + s))
+            later = xp.sort(xp.concat(later))
             eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
             # Scanned in chunks of the most efficient candidates: after a chunk only those that
             # still fit matter (one that does not would only block its own item).

@@ -41,6 +41,9 @@ import array_api_compat
 
 __all__ = ["round_by_pages", "round_pages", "slot_dual_bound"]
 
+# Items per block of the blockwise passes on a CPU.
+_CPU_BLOCK = 1 << 14
+
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
     if array_api_compat.is_torch_namespace(xp):
@@ -412,17 +415,22 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
         return xp.zeros(0, dtype=xp.int64, device=dev)
     g_count = page_bytes.shape[0]
     p = page_size
-    rank_of = xp.argsort(tier_order, axis=1, stable=True)  # [G, T]: tier -> rank
-    lp_rank = xp.take(xp.reshape(rank_of, (-1,)), group * t + lp_tiers)
-    _, seg, _, _, _, order = _ranked(xp, xp.arange(n, device=dev), group * t + (t - 1 - lp_rank),
-                                     -key, g_count * t)
-    # Prefix sums [N, T] of the distortions in that order (groups are contiguous in it): the
-    # sum of the first j items is row j - 1.
-    prefix = xp.reshape(xp.cumulative_sum(xp.take(distortion, order, axis=0), axis=0), (-1,))
-    start = xp.searchsorted(seg, xp.arange(g_count + 1, device=dev) * t)  # group offsets
-    n_free = start[1:] - start[:-1]
-    # Per (group, rank): greedy counts, forced counts, page bytes, options.
-    n_lp = xp.reshape(_bincount(xp, group * t + lp_rank, minlength=g_count * t), (g_count, t))
+    rank_of = xp.reshape(xp.argsort(tier_order, axis=1, stable=True), (-1,))  # tier -> rank
+    # Sort keys and greedy counts per (group, rank), block by block.
+    sort_key = xp.empty(n, dtype=xp.int64, device=dev)
+    n_lp = xp.zeros(g_count * t, dtype=xp.int64, device=dev)
+    for s, e in _blocks(xp, distortion):
+        g = group[s:e] * t
+        lp_rank = xp.take(rank_of, g + lp_tiers[s:e])
+        sort_key[s:e] = _combined_key(xp, g + (t - 1 - lp_rank), -key[s:e], g_count * t)
+        n_lp += _bincount(xp, g + lp_rank, minlength=g_count * t)
+    order = xp.argsort(sort_key, stable=True)
+    del sort_key
+    n_lp = xp.reshape(n_lp, (g_count, t))
+    n_free = xp.sum(n_lp, axis=1)
+    start = xp.concat([xp.zeros(1, dtype=n_free.dtype, device=dev),
+                       xp.cumulative_sum(n_free)])  # group offsets in that order
+    # Per (group, rank): forced counts, page bytes, options.
     f = xp.take_along_axis(forced_counts, tier_order, axis=1)
     pb = xp.take_along_axis(page_bytes, tier_order, axis=1)
     paged = pb > 0
@@ -442,29 +450,64 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     count = bound - upper
     pages = xp.where(paged[:, None, :], (count + f[:, None, :] + p - 1) // p, 0)
     option_bytes = xp.sum(xp.astype(pages, pb.dtype) * pb[:, None, :], axis=2)
-    # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r].
-    col = tier_order[:, None, :]
-
-    def prefix_at(count):
-        row = start[:-1, None, None] + count - 1
-        at = xp.reshape(xp.maximum(row, 0) * t + col, (-1,))
-        return xp.where(row >= 0, xp.reshape(xp.take(prefix, at), row.shape), 0.0)
-
-    option_d = xp.sum(prefix_at(bound) - prefix_at(upper), axis=2)
+    # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r]:
+    # a difference of prefix sums of the sorted distortions at that tier.
+    col = xp.broadcast_to(tier_order[:, None, :], bound.shape)
+    rows = xp.concat([xp.reshape(start[:-1, None, None] + bound - 1, (-1,)),
+                      xp.reshape(start[:-1, None, None] + upper - 1, (-1,))])
+    sums = xp.reshape(_prefix_sums(xp, distortion, order, rows, xp.concat([
+        xp.reshape(col, (-1,)), xp.reshape(col, (-1,))])), (2,) + bound.shape)
+    option_d = xp.sum(sums[0] - sums[1], axis=2)
     cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
     if cheapest > budget:
         return None
     choice = hull_solver(option_d, option_bytes, budget - cheapest)
-    chosen = xp.take_along_axis(bound, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
+    chosen = xp.take_along_axis(count, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
                                 axis=1)[:, 0, :]
-    # Rank of each sorted item: the number of ranks r >= 1 whose B[r] exceeds its place.
-    g_sorted = seg // t
-    place = xp.arange(n, device=dev) - xp.take(start, g_sorted)
-    rank = xp.sum(xp.astype(place[:, None] < xp.take(chosen, g_sorted, axis=0)[:, 1:], xp.int64),
-                  axis=1)
-    tiers = xp.empty(n, dtype=xp.int64, device=dev)
-    tiers[order] = xp.take(xp.reshape(tier_order, (-1,)), g_sorted * t + rank)
-    return tiers
+    # In sorted order each group holds its chosen counts, dearest rank first.
+    # (Scattered as int8: a permutation's random writes then stay in cache.)
+    tiers = xp.empty(n, dtype=xp.int8, device=dev)
+    tiers[order] = xp.repeat(xp.reshape(xp.astype(xp.flip(tier_order, axis=1), xp.int8), (-1,)),
+                             xp.reshape(xp.flip(chosen, axis=1), (-1,)))
+    return xp.astype(tiers, xp.int64)
+
+
+def _prefix_sums(xp, distortion, order, rows, cols):
+    """``Σ_{j <= rows[q]} distortion[order[j], cols[q]]`` for every query q (0 where
+    ``rows[q] < 0``): the cumulative sum of each column in ``order``, one block of rows at a time
+    (the previous block's last sums lead the next, so each is one sequential sum)."""
+    dev = array_api_compat.device(distortion)
+    n, t = distortion.shape
+    step = _block(xp, distortion)
+    by_row = xp.argsort(rows, stable=True)
+    r, c = rows[by_row], cols[by_row]
+    ends = [int(v) for v in xp.searchsorted(r, xp.asarray(
+        [-1] + list(range(step - 1, n - 1, step)) + [n - 1], dtype=r.dtype, device=dev),
+        side="right")]
+    out = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
+    carry = xp.zeros((1, t), dtype=distortion.dtype, device=dev)
+    for b, s in enumerate(range(0, n, step)):
+        lo, hi = ends[b], ends[b + 1]
+        block = xp.cumulative_sum(xp.concat([carry, xp.take(distortion, order[s:s + step],
+                                                             axis=0)]), axis=0)
+        if hi > lo:
+            out[by_row[lo:hi]] = xp.reshape(block, (-1,))[(r[lo:hi] - s + 1) * t + c[lo:hi]]
+        carry = block[-1:]
+    return out
+
+
+def _blocks(xp, x):
+    """``(start, end)`` of the blocks of rows of ``x`` (see :func:`_block`); one if empty."""
+    n, step = x.shape[0], _block(xp, x)
+    return [(s, min(s + step, n)) for s in range(0, max(n, 1), step)]
+
+
+def _block(xp, x) -> int:
+    """Rows per block of a blockwise pass over ``x``: on a CPU a block stays in cache and its
+    temporaries are reused, not faulted in fresh; on a GPU one block is best."""
+    if array_api_compat.is_torch_namespace(xp) and x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    return _CPU_BLOCK
 
 
 def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
@@ -501,69 +544,98 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     import numpy as np
 
     g_count, t = amortized.shape
+    n = distortion.shape[0]
     dev = array_api_compat.device(distortion)
-    # Rank-major rows, read at unit stride; costs as floats when all groups share one row.
-    d = list(rank_major(xp, distortion))
-    ok = None if allowed is None else list(rank_major(xp, allowed))
-    if bool(xp.all(amortized == amortized[:1, :])):
-        c = [float(v) for v in np.asarray(amortized[0, :].cpu() if hasattr(amortized, "cpu")
-                                            else amortized[0, :])]
-    else:
-        c = list(rank_major(xp, xp.take(amortized, group, axis=0)))
+    step = _block(xp, distortion)
+    # Costs as floats when all groups share one row.
+    shared = bool(xp.all(amortized == amortized[:1, :]))
+    if shared:
+        row = amortized[0, :]
+        c_row = [float(v) for v in np.asarray(row.cpu() if hasattr(row, "cpu") else row)]
     tiers = [tier for tier in range(t) if bool(xp.any(slots[:, tier] > 0))]
-    credited = {}  # per slot tier, the items credited at the last λ
+    slot_rows = {tier: slots[:, tier] for tier in tiers}
+    # Per slot tier, items whose gains bound each group's s-th largest from below: those
+    # credited at the last λ, at first every k-th item (k to sample about 16 s per group).
+    k = max(1, n // (16 * g_count * max(int(xp.max(slots)), 1)))
+    credited = {tier: xp.arange(0, n, k, device=dev) for tier in tiers}
+
+    def priced(items, lam: float):
+        """best_i = min_t D_it + λ c'_t (the first such tier), its bytes and the gains
+        ``best_i - D_i,tier`` of each slot tier, for the items of a slice or an index array."""
+        rows = rank_major(xp, distortion[items])
+        cost = None if shared else rank_major(xp, xp.take(amortized, group[items], axis=0))
+        ok = None if allowed is None else rank_major(xp, allowed[items])
+        best = paid = None
+        for j in range(t):
+            c_j = c_row[j] if shared else cost[j]
+            value = rows[j] + lam * c_j
+            if ok is not None:
+                value = xp.where(ok[j], value, float("inf"))
+            if best is None:
+                best = value
+                paid = xp.zeros(rows.shape[1], dtype=rows.dtype, device=dev) + c_j
+            else:
+                better = value < best
+                best = xp.where(better, value, best)
+                paid = xp.where(better, c_j, paid)
+        gains = {}
+        for tier in tiers:
+            gain = best - rows[tier]
+            gains[tier] = gain if ok is None else xp.where(ok[tier], gain, 0.0)
+        return best, paid, gains
 
     def dual(lam: float) -> tuple[float, float]:
-        # best_i = min_t D_it + λ c'_t (the first such tier) and its bytes.
-        best = paid = None
-        for k in range(t):
-            priced = d[k] + lam * c[k]
-            if ok is not None:
-                priced = xp.where(ok[k], priced, float("inf"))
-            if best is None:
-                best = priced
-                paid = xp.zeros(distortion.shape[0], dtype=distortion.dtype, device=dev) + c[k]
-            else:
-                better = priced < best
-                best = xp.where(better, priced, best)
-                paid = xp.where(better, c[k], paid)
+        # The s largest gains of a group are at least the s-th largest of any of its items:
+        # only items above that floor are sorted.
+        shift = max(int(g_count).bit_length(), 1) + 1
+        floors = {}
+        for tier in tiers:
+            last = credited[tier]
+            gain = priced(last, lam)[2][tier]
+            _, seg, rank, count, _, order = _ranked(xp, last, group[last], -gain, g_count)
+            s_t = slot_rows[tier]
+            floor = xp.zeros(g_count, dtype=gain.dtype, device=dev)
+            at = rank == xp.take(s_t, seg) - 1
+            floor[seg[at]] = gain[order][at]
+            # Less a margin: sort keys drop the float's last ``shift`` bits, so the item at
+            # rank s - 1 may be up to 2^(shift - 52) above the s-th largest (relative).
+            floors[tier] = xp.where(count < s_t, 0.0,
+                                    floor - xp.abs(floor) * 2.0 ** (shift - 50))
+        total = magnitude = paid_bytes = 0.0
+        found = {tier: ([], [], []) for tier in tiers}
+        for s in range(0, n, step):
+            part = slice(s, min(s + step, n))
+            best, paid, gains = priced(part, lam)
+            total += float(xp.sum(best))
+            magnitude += float(xp.sum(xp.abs(best)))
+            paid_bytes += float(xp.sum(paid))
+            g = group[part]
+            for tier in tiers:
+                gain = gains[tier]
+                keep = ((gain > 0) & (xp.take(slot_rows[tier], g) > 0)
+                        & (gain >= xp.take(floors[tier], g)))
+                at = xp.nonzero(keep)[0]
+                found[tier][0].append(at + s)
+                found[tier][1].append(gain[at])
+                found[tier][2].append(paid[at])
         credit, credited_bytes = 0.0, 0.0
         for tier in tiers:
-            s_t = slots[:, tier]
-            gain = best - d[tier]
-            if ok is not None:
-                gain = xp.where(ok[tier], gain, 0.0)
-            keep = (gain > 0) & (xp.take(s_t, group) > 0)
-            if tier in credited:
-                # The s largest gains of a group are at least the least, now, of any s of its
-                # items, e.g. those credited at the last λ: only items above that are sorted.
-                last = credited[tier]
-                _, seg, rank, count, _, order = _ranked(xp, last, group[last], gain[last],
-                                                        g_count)
-                floor = xp.zeros(g_count, dtype=gain.dtype, device=dev)
-                first = rank == 0
-                floor[seg[first]] = gain[last][order][first]
-                # Less a margin: sort keys drop the float's last ``shift`` bits, so the first
-                # of a group may be up to 2^(shift - 52) above its least (relative).
-                shift = max(int(g_count).bit_length(), 1) + 1
-                floor = xp.where(count < s_t, 0.0, floor - xp.abs(floor) * 2.0 ** (shift - 50))
-                keep = keep & (gain >= xp.take(floor, group))
-            cand = xp.nonzero(keep)[0]
+            if not found[tier][0]:  # no free items
+                continue
+            cand, gain, paid = (xp.concat(parts) for parts in found[tier])
             if cand.shape[0] == 0:
                 continue
-            items, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain[cand],
-                                                          g_count)
-            chosen = rank < xp.take(s_t, seg)
+            items, seg, rank, _, seg_sum, order = _ranked(xp, cand, group[cand], -gain, g_count)
+            chosen = rank < xp.take(slot_rows[tier], seg)
             credited[tier] = items[chosen]
-            credit += float(xp.sum(seg_sum(xp.where(chosen, gain[cand][order], 0.0))))
-            credited_bytes += float(xp.sum(xp.where(chosen, paid[items], 0.0)))
+            credit += float(xp.sum(seg_sum(xp.where(chosen, gain[order], 0.0))))
+            credited_bytes += float(xp.sum(xp.where(chosen, paid[order], 0.0)))
         lagrange = lam * (forced_bytes - budget)
         # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding
         # (about N·ε of their magnitudes) rather than overstate the optimum.
-        rounding = 1e-13 * distortion.shape[0] * (abs(constant) + float(xp.sum(xp.abs(best)))
-                                                  + credit + abs(lagrange))
-        value = constant + float(xp.sum(best)) - credit + lagrange - rounding
-        return value, float(xp.sum(paid)) - credited_bytes + forced_bytes - budget
+        rounding = 1e-13 * n * (abs(constant) + magnitude + credit + abs(lagrange))
+        value = constant + total - credit + lagrange - rounding
+        return value, paid_bytes - credited_bytes + forced_bytes - budget
 
     lam = max(price, 0.0)  # a bound for λ >= 0 only (a solver's dual may be -0)
     value, slope = dual(lam)
