@@ -33,9 +33,9 @@ from scipy.stats import spearmanr
 
 from sphkv.rdr.problem import AllocationProblem, budget_to_bytes
 from sphkv.rdr.tiers import Tier, TierSet
-from sphkv.rdr.utility import Estimator, attention_probs, get_estimator
+from sphkv.rdr.utility import Estimator, ExpectedAttention, attention_probs, get_estimator
 
-__all__ = ["PAGE_TABLE_ENTRY", "FidelityReport", "byte_shares", "distortion_matrix",
+__all__ = ["PAGE_TABLE_ENTRY", "PRIORS", "FidelityReport", "byte_shares", "distortion_matrix",
            "fidelity", "layer_distortion", "problem_from_trace", "true_errors"]
 
 #: One page-table entry per page: the page's slot in its tier's pool, the
@@ -44,6 +44,8 @@ __all__ = ["PAGE_TABLE_ENTRY", "FidelityReport", "byte_shares", "distortion_matr
 PAGE_TABLE_ENTRY = np.dtype([("page_id", "<u4"), ("first_position", "<u4"), ("valid", "<u2"),
                              ("tier", "<u2")])
 _MAX_P = 1 - 1e-6  # a lone visible token (p = 1) cannot be dropped; cap 1/(1 - p)
+#: the priors :func:`layer_distortion` can mix into the observed attention
+PRIORS = ("uniform", "expected")
 
 
 def _grouped(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
@@ -84,7 +86,7 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
                      tiers: TierSet, estimator: Estimator | None = None,
                      score_queries: torch.Tensor | None = None, floor: float = 0.0,
                      relative: bool = False, first: torch.Tensor | None = None,
-                     blocks: int = 1) -> np.ndarray:
+                     blocks: int = 1, prior: str = "uniform") -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -106,6 +108,12 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         attends to gets ``D ≈ 0`` at every tier and would be dropped for free, though later
         queries may read it. The floor makes every drop cost something, so when the budget
         allows, cheap rungs are preferred to drops.
+    prior : str
+        The distribution mixed in with weight ``floor``: ``"uniform"`` (``1/n``) or
+        ``"expected"``, the expected attention of future queries drawn from a Gaussian fitted
+        to each query head's observed queries (:class:`~sphkv.rdr.utility.ExpectedAttention`
+        without the value norm, averaged over the kv-head's query heads), so the prior leans
+        towards the tokens unobserved queries are likely to read.
     relative : bool
         Divide by the layer's output energy ``Σ_q ‖o_q‖²`` (all its heads): D becomes the
         squared output error relative to the layer's output, so that one allocation over
@@ -120,9 +128,15 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     keys, values, queries = keys.float(), values.float(), queries.float()
     p, pi = _weights(keys, values, queries, estimator, score_queries, first)
-    pi = (1 - floor) * pi + floor / keys.shape[1]
+    if prior == "uniform" or floor == 0:
+        pi = (1 - floor) * pi + floor / keys.shape[1]
+    else:
+        expected = ExpectedAttention(value_norm=False).score(keys, values, queries)  # [H_kv, n]
+        pi = (1 - floor) * pi + floor * expected[:, None, None]
     w = pi.square()
     o = p @ values[:, None]  # o_q [H_kv, G, W, d]
     v = values[:, None]  # [H_kv, 1, n, d]
@@ -277,14 +291,16 @@ class FidelityReport:
 
 
 def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
-             holdout: bool = True, sinks: int = 4) -> FidelityReport:
+             holdout: bool = True, sinks: int = 4, floor: float = 0.0,
+             prior: str = "uniform") -> FidelityReport:
     """Spearman ρ per layer between predicted distortion and the true single-item error.
 
     With ``holdout``, the first half of the window predicts (``D`` from a trace cut at
     ``n' = n − W/2`` tokens, whose window is that first half) and the true error is measured with
     the last ``W/2`` queries on the whole cache; items in the prediction's window and the
     ``sinks`` first tokens, forced to fp16 in an allocation, are left out. Without it, both use
-    the whole window (a check of the first-order model alone).
+    the whole window (a check of the first-order model alone). ``floor`` and ``prior`` are
+    :func:`layer_distortion`'s (a method's distortion model).
     """
     if isinstance(estimator, str):
         estimator = get_estimator(estimator)
@@ -301,7 +317,8 @@ def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
     pooled, per_tier = [], {tiers[t].name: [] for t in compared}
     for layer in range(trace.layers):
         k, v, q = trace.keys[layer], trace.values[layer], trace.queries[layer]
-        pred = layer_distortion(k[:, :n_pred], v[:, :n_pred], q[:, :w_pred], tiers, estimator)
+        pred = layer_distortion(k[:, :n_pred], v[:, :n_pred], q[:, :w_pred], tiers, estimator,
+                                floor=floor, prior=prior)
         true = true_errors(k, v, q[:, w - w // 2:] if holdout else q, tiers, n_pred)
         pred, true = pred[:, free][..., compared], true[:, free][..., compared]
         pooled.append(float(spearmanr(pred.ravel(), true.ravel()).statistic))

@@ -172,6 +172,9 @@ class Method:
         Weight of the uniform prior mixed into the observed attention
         (:func:`~sphkv.rdr.distortion.layer_distortion`), so that tokens no observed query
         reads still cost something to drop.
+    prior : str
+        What the floor mixes in: ``"uniform"`` or ``"expected"`` (the expected attention of
+        Gaussian future queries, :func:`~sphkv.rdr.distortion.layer_distortion`).
     relative : bool
         Weigh each layer's distortion relative to its output energy
         (:func:`~sphkv.rdr.distortion.layer_distortion`), so that the one allocation over all
@@ -190,6 +193,7 @@ class Method:
     floor: float = 0.0
     relative: bool = False
     paged_keys: bool = False
+    prior: str = "uniform"
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -234,7 +238,8 @@ class Method:
             (:func:`~sphkv.rdr.distortion.layer_distortion`).
         """
         d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
-                             self.floor, self.relative, first=first, blocks=blocks)
+                             self.floor, self.relative, first=first, blocks=blocks,
+                             prior=self.prior)
         if not self.drop and d.shape[1]:
             top = d[..., 1:].reshape(blocks, -1).max(axis=1).clip(min=1e-30)
             d[..., 0] = NO_DROP_PENALTY * np.repeat(top, d.shape[0] // blocks)[:, None]
@@ -247,6 +252,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr-ada", ladder=ada_tiers, observation=256, floor=0.5, relative=True),
     Method("rdr-scalar", ladder=scalar_tiers, observation=256, floor=0.5, relative=True),
     Method("rdr-kv", ladder=kv_tiers, observation=256, floor=0.5, relative=True),
+    Method("rdr-kv-ea", ladder=kv_tiers, observation=256, floor=0.5, relative=True,
+           prior="expected"),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),
     Method("h2o", tiers=("fp16",), estimator="h2o"),

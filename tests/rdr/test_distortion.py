@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sphkv.rdr import InfeasibleBudgetError, default_tiers
-from sphkv.rdr.tiers import kv_tiers
 from sphkv.rdr.distortion import (
     PAGE_TABLE_ENTRY,
     byte_shares,
@@ -19,6 +18,7 @@ from sphkv.rdr.distortion import (
     problem_from_trace,
     true_errors,
 )
+from sphkv.rdr.tiers import kv_tiers
 from sphkv.rdr.utility import KeyNorm, attention_probs
 from sphkv.solvers import solve
 
@@ -142,6 +142,32 @@ def test_floor_mixes_a_uniform_prior_into_the_weights():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="floor"):
             layer_distortion(k, v, q, TIERS, floor=bad)
+
+
+def test_expected_prior_mixes_the_expected_attention_of_gaussian_queries():
+    """With ``prior="expected"`` the floor mixes in softmax(μ·k/√d + kᵀΣk/2d), averaged over
+    the kv-head's query heads, instead of 1/n: the drop row follows those weights."""
+    k, v, q = _layer(h_kv=1, group=2, n=20, w=5)
+    alpha, d = 0.3, k.shape[-1]
+    got = layer_distortion(k, v, q, TIERS, floor=alpha, prior="expected")
+    p = attention_probs(k, q).double()  # [1, 2, 5, 20]
+    o = p @ v[:, None].double()
+    qs = q.double().view(1, 2, 5, d)
+    mu = qs.mean(dim=2)  # [1, 2, d]
+    cov = torch.stack([torch.cov(qs[0, g].T) for g in range(2)])[None]  # [1, 2, d, d]
+    kd = k.double()
+    var = torch.einsum("hnd,hgde,hne->hgn", kd, cov, kd) / d
+    expected = torch.softmax(mu @ kd.mT / math.sqrt(d) + var / 2, dim=-1).mean(dim=1)  # [1, 20]
+    pi = (1 - alpha) * p + alpha * expected[:, None, None]
+    dist2 = (v[0][None, None, None].double() - o[..., None, :]).square().sum(-1)  # [1,2,5,20]
+    ref = ((pi / (1 - pi)) ** 2 * dist2).sum(dim=(1, 2))[0]
+    np.testing.assert_allclose(got[0, :, 0], ref.numpy(), rtol=1e-4)
+    # the uniform prior is another ranking; floor 0 ignores the prior
+    assert not np.allclose(got, layer_distortion(k, v, q, TIERS, floor=alpha))
+    np.testing.assert_array_equal(layer_distortion(k, v, q, TIERS, prior="expected"),
+                                  layer_distortion(k, v, q, TIERS))
+    with pytest.raises(ValueError, match="prior"):
+        layer_distortion(k, v, q, TIERS, floor=alpha, prior="gaussian")
 
 
 def test_relative_divides_by_the_layer_output_energy():
