@@ -41,6 +41,8 @@ QUICK = {"methods": ("none", "rdr", "snapkv", "kivi"), "budgets": (1 / 8,),
          "ppl": {"contexts": (512,), "scored": 64}, "fidelity": {"contexts": (512,)},
          "passkey": {"contexts": (512,), "trials": 3, "settings": ("query-agnostic",)}}
 TASKS = ("ppl", "fidelity", "passkey")
+#: queries of the ranking's traces (``--ranking``): half predict, half measure
+RANK_WINDOW = 512
 #: two-sided confidence of the pass key's interval
 CONFIDENCE = 0.95
 
@@ -408,6 +410,36 @@ def merge(data: list[dict]) -> tuple[list[dict], dict]:
     return sorted(cells.values(), key=_order), {**header, "commit": ", ".join(commits)}
 
 
+def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """How well each method's distortion model ranks the true attention-output error of queries
+    it did not observe: per text, a trace of ``--ranking`` tokens with a window of ``RANK_WINDOW``
+    queries, the first half predicting and the last half measuring
+    (:func:`sphkv.rdr.distortion.fidelity` with the method's ladder, estimator, floor and
+    prior); Spearman ρ per layer, its median over layers, pooled over the non-fp16 tiers and
+    for the drop tier alone."""
+    import numpy as np
+    import torch
+
+    from sphkv.integrations.hf import capture_trace, load_model, read_tokens
+    from sphkv.rdr import METHODS as REGISTRY
+    from sphkv.rdr.distortion import fidelity
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    rows = []
+    for path in texts(args.text):
+        trace = capture_trace(model, read_tokens(tok, path, args.ranking), window=RANK_WINDOW)
+        for name in args.methods or ("rdr", "rdr-kv", "rdr-kv-ea"):
+            method = REGISTRY[name]
+            report = fidelity(trace, method.tier_set(trace.head_dim), method.get_estimator(),
+                              floor=method.floor, prior=method.prior)
+            rows.append({"text": text_name(path), "method": name, "tokens": args.ranking,
+                         "rho": report.median,
+                         "rho_drop": float(np.median(report.per_tier["drop"]))})
+            print(rows[-1], flush=True)
+    return rows, {"model": args.model, "ranking_window": RANK_WINDOW}
+
+
 def _choices() -> tuple[str, ...]:
     """``none``, the compared methods, then any other method of the registry (variants)."""
     from sphkv.rdr import METHODS as REGISTRY
@@ -446,12 +478,31 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads in all (each worker gets threads // jobs)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="output file stem (default eval or eval_quick)")
+    parser.add_argument("--ranking", type=int, metavar="TOKENS",
+                        help="instead of the sweep: rank correlation of each method's "
+                             "distortion model with the true error of unobserved queries, on a "
+                             "trace of TOKENS tokens per text (default methods: rdr, rdr-kv, "
+                             "rdr-kv-ea); writes NAME.json and NAME.md")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="rewrite the table and plot from earlier runs' JSON: their rows "
                              "merged, a later file's cell replacing an earlier one's; the "
                              "first one's header, with every run's commit")
     args = parser.parse_args(argv)
     name = args.name = args.name or ("eval_quick" if args.quick else "eval")
+    if args.ranking:
+        rows, header = ranking(args)
+        env = environment()
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{name}.json").write_text(json.dumps({**env, **header, "rows": rows},
+                                                              indent=2))
+        table = format_table(rows, ["text", "method", "tokens", "rho", "rho_drop"])
+        (args.out_dir / f"{name}.md").write_text(
+            f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}\n\n"
+            f"Spearman ρ (median over layers) between predicted distortion and the true "
+            f"attention-output error of the window's last {RANK_WINDOW // 2} queries, "
+            f"predicted from its first {RANK_WINDOW // 2}\n\n{table}\n")
+        print(table)
+        return
     if args.from_json:
         data = [json.loads(path.read_text()) for path in args.from_json]
         rows, header = merge(data)
