@@ -1,0 +1,92 @@
+"""The online allocator's admissions at model scale, without a model.
+
+An :class:`~sphkv.rdr.online.OnlineAllocator` over the default ladder (d = 64, pages of 16) is
+prefilled with ``--tokens`` tokens in each of ``--groups`` groups (groups are (sequence, layer,
+kv-head): 1,024 is a batch of 8 on a Llama-3.2-1B-shaped model), then admits W = 16 new tokens
+per group ``--admissions`` times, as a decode does every W steps. Keys and values are random
+fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4 tokens of each
+group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16 store, so the store
+fills and admissions demote (``overflowed``: how many solved for demotions rather than fitting at
+the price).
+
+Per row: ``items`` kept after the prefill, ``prefill_s``, the median and largest admission
+(``admit_ms``, ``admit_max_ms``), and the store's bytes against its budget at the end. Timed
+on ``--device`` (synchronised after each step on a GPU).
+
+``OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.run --op admission``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from sphkv.rdr.online import OnlineAllocator, Tokens
+from sphkv.rdr.pages import slot_bytes
+from sphkv.rdr.tiers import default_tiers
+
+_W, _D, _SINKS = 16, 64, 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--groups", type=int, nargs="+", default=[128, 1024],
+                        help="page groups, one per (sequence, layer, kv-head)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024],
+                        help="prefill tokens per group")
+    parser.add_argument("--admissions", type=int, default=4)
+    parser.add_argument("--fraction", type=float, default=0.25,
+                        help="budget as a share of the all-fp16 store")
+    parser.add_argument("--device", default="cpu")
+
+
+def _tokens(groups: int, lo: int, hi: int, device: torch.device,
+            rng: np.random.Generator) -> Tokens:
+    """Positions lo … hi-1 of every group, with random vectors and distortion rows."""
+    n = hi - lo
+    positions = np.tile(np.arange(lo, hi), groups)
+    # D[i, t] = u_i · e_t: a per-item weight times a per-tier error falling to 0 at fp16
+    error = np.array([1.0, 0.2, 0.08, 0.03, 0.002, 0.0])
+    distortion = rng.lognormal(0.0, 1.5, (groups * n, 1)) * error[None, :]
+    keys, values = (torch.randn(groups * n, _D, device=device).half() for _ in range(2))
+    return Tokens(np.repeat(np.arange(groups), n), torch.from_numpy(positions), keys, values,
+                  distortion, np.where(positions < _SINKS, len(error) - 1, -1))
+
+
+def _timed(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    tiers = default_tiers(_D)
+    rows = []
+    for groups in args.groups:
+        for tokens in args.tokens:
+            rng = np.random.default_rng(groups + tokens)
+            total = tokens + args.admissions * _W
+            budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
+            alloc = OnlineAllocator(tiers, groups, budget, 16, device=device)
+            prefill = _timed(lambda: alloc.prefill(_tokens(groups, 0, tokens, device, rng)),
+                             device)
+            admits, overflowed = [], 0
+            for i in range(args.admissions):
+                new = _tokens(groups, tokens + i * _W, tokens + (i + 1) * _W, device, rng)
+                price = alloc.price
+                admits.append(_timed(lambda new=new: alloc.admit(new), device))
+                # an admission that fits multiplies λ by the decay; a demotion solve sets it
+                overflowed += alloc.price != price * alloc.decay
+            ms = np.asarray(admits) * 1e3
+            rows.append(dict(groups=groups, tokens=tokens, items=groups * tokens,
+                             prefill_s=prefill, admit_ms=float(np.median(ms)),
+                             admit_max_ms=float(ms.max()), overflowed=overflowed,
+                             store_bytes=alloc.nbytes(), budget_bytes=int(budget)))
+    return rows
