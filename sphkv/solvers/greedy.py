@@ -199,7 +199,14 @@ class HullSegments:
         # (bucket keys, the top bits of a float >= 0, are below 2^(63 - _SHIFT)).
         shared = cost.ndim == 1
         self.tier = None if shared else xp.empty((t, n), dtype=xp.int64, device=dev)
-        self.dc = xp.empty((t, n), dtype=xp.float64, device=dev)
+        # A segment's cost is a difference of two tier costs: float32 where every such
+        # difference is exact in it (bytes are small integers), to halve that array.
+        exact = False
+        if shared:
+            row = _np(cost)
+            diff = row[:, None] - row[None, :]
+            exact = bool(np.all(diff.astype(np.float32) == diff))
+        self.dc = xp.empty((t, n), dtype=xp.float32 if exact else xp.float64, device=dev)
         self.eff = xp.empty((t, n), dtype=xp.float64, device=dev)
         self.seg = xp.empty((t, n), dtype=xp.bool, device=dev)
         self.base = xp.empty(n, dtype=xp.int64, device=dev)
@@ -271,7 +278,7 @@ class HullSegments:
         members = xp.sort(xp.concat(members))
         eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
         members = members[xp.argsort(-eff[members], stable=True)]
-        cum = before + xp.cumulative_sum(dc[members])
+        cum = before + xp.cumulative_sum(xp.astype(dc[members], xp.float64))
         k = int(xp.searchsorted(cum, limit, side="right")[0])
         items, counts = xp.unique_counts(members[:k] % n)
         n_taken[items] += counts
@@ -283,7 +290,7 @@ class HullSegments:
         xp = self.xp
         n_taken, brk, left = self._select(room)
         tiers = self.tiers(n_taken)
-        bound = sum(float(xp.sum(_gather(xp, self.d[s:e], tiers[s:e])))
+        bound = sum(float(xp.sum(_gather(xp, self.d[s:e], xp.astype(tiers[s:e], xp.int64))))
                     for s, e in _blocks(xp, self.d))
         if brk is None:
             return bound, 0.0
@@ -292,43 +299,26 @@ class HullSegments:
         dd = float(self.d[i, to] - self.d[i, int(tiers[i])])
         return bound + min(max(left / float(self.dc[k, i]), 0.0), 1.0) * dd, float(self.eff[k, i])
 
-    def _walk(self, positions, update, out):
-        """Blockwise walk along each item's hull: ``update(out, k, steps, positions, s, e)``
-        after each rank k, ``steps`` the item's segments up to rank k."""
-        xp = self.xp
-        for s, e in _blocks(xp, self.d):
-            steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
-            for k in range(self.seg.shape[0]):
-                steps += xp.astype(self.seg[k, s:e], xp.int64)
-                update(out, k, steps, positions[s:e], s, e)
-        return out
-
-    def attachment(self, positions):
-        """Efficiency [N] of the segment into each item's hull step ``positions`` (of its first
-        segment at step 0; 0 without one): how much the item gains per byte where it is."""
-        xp = self.xp
-
-        def update(out, k, steps, at, s, e):
-            here = self.seg[k, s:e] & (steps == xp.maximum(at, 1))
-            out[s:e] = xp.where(here, self.eff[k, s:e], out[s:e])
-
-        return self._walk(positions, update,
-                          xp.zeros(self.n, dtype=xp.float64, device=self.dev))
-
     def allocate(self, room: float) -> np.ndarray:
         """Tiers [N]: the sorted prefix within ``room``, then later segments that still fit."""
-        return _np(self.tiers(self.positions(room)))
+        return _np(self.tiers(self.positions(room))).astype(np.int64)
 
     def tiers(self, positions):
-        """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``)."""
-        xp = self.xp
+        """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``; int8 up to
+        127 tiers: fewer bytes to fault in and to write)."""
+        xp, t = self.xp, self.seg.shape[0]
         shared = self.tier.shape[1] == 1
-
-        def update(out, k, steps, at, s, e):
-            tier = self.tier[k] if shared else self.tier[k, s:e]
-            out[s:e] = xp.where(self.seg[k, s:e] & (steps <= at), tier, out[s:e])
-
-        return self._walk(positions, update, xp.asarray(self.base, copy=True))
+        out = xp.astype(self.base, xp.int8 if t < 128 else xp.int64)
+        for s, e in _blocks(xp, self.d):
+            steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
+            tiers = out[s:e]
+            for k in range(t):
+                steps += xp.astype(self.seg[k, s:e], xp.int64)
+                tier = self.tier[k] if shared else self.tier[k, s:e]
+                here = self.seg[k, s:e] & (steps <= positions[s:e])
+                tiers = xp.where(here, xp.astype(tier, out.dtype), tiers)
+            out[s:e] = tiers
+        return out
 
     def positions(self, room: float):
         """Hull steps [N] taken by :meth:`allocate` within ``room`` (arrays of ``xp``)."""
@@ -532,10 +522,11 @@ class GreedySolver(Solver):
         if allowed is None and problem.n_tiers <= _MAX_OPTION_TIERS:
             at = hull.positions(room)
             pos = round_by_pages(
-                xp, distortion, hull.tiers(at), hull.attachment(at), group,
+                xp, distortion, hull.tiers(at), group,
                 on(np.argsort(group_cost, axis=1, kind="stable")), on(problem.page_bytes),
                 on(forced_counts), problem.page_size, problem.budget,
-                lambda d, c, r: (lambda h: h.tiers(h.positions(r)))(HullSegments(d, c, xp)))
+                lambda d, c, r: (lambda h: h.tiers(h.positions(r)))(HullSegments(d, c, xp)),
+                amortized, price)
         if pos is None:
             pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
                               amortized, on(problem.page_bytes), on(forced_counts),

@@ -382,8 +382,8 @@ def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amort
     return best.tier()
 
 
-def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
-                   forced_counts, page_size: int, budget: float, hull_solver):
+def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forced_counts,
+                   page_size: int, budget: float, hull_solver, amortized, price: float):
     """Whole pages for every group: per group, one of the page counts next to the greedy's,
     chosen across groups by the greedy itself.
 
@@ -407,7 +407,7 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
         Tiers of each group by cost, cheapest first (rank r -> tier).
     page_bytes, forced_counts : arrays [G, T]
 
-    Returns int array [N] of tiers, or None if even the cheapest options exceed ``budget``.
+    Returns int8 array [N] of tiers, or None if even the cheapest options exceed ``budget``.
     """
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
@@ -416,13 +416,31 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     g_count = page_bytes.shape[0]
     p = page_size
     rank_of = xp.reshape(xp.argsort(tier_order, axis=1, stable=True), (-1,))  # tier -> rank
+    flat_order = xp.reshape(tier_order, (-1,))
+    flat_cost = xp.reshape(amortized, (-1,))
     # Sort keys and greedy counts per (group, rank), block by block.
     sort_key = xp.empty(n, dtype=xp.int64, device=dev)
     n_lp = xp.zeros(g_count * t, dtype=xp.int64, device=dev)
     for s, e in _blocks(xp, distortion):
         g = group[s:e] * t
-        lp_rank = xp.take(rank_of, g + lp_tiers[s:e])
-        sort_key[s:e] = _combined_key(xp, g + (t - 1 - lp_rank), -key[s:e], g_count * t)
+        now = xp.astype(lp_tiers[s:e], xp.int64)
+        lp_rank = xp.take(rank_of, g + now)
+        up = xp.take(flat_order, g + xp.minimum(lp_rank + 1, t - 1))
+        down = xp.take(flat_order, g + xp.maximum(lp_rank - 1, 0))
+        d = distortion[s:e]
+        d_now = _gather(xp, d, now)
+        gain_up = d_now - _gather(xp, d, up)
+        loss_down = _gather(xp, d, down) - d_now
+        c_now = xp.take(flat_cost, g + now)
+        # Regrets at λ of one rank up and one down (inf where there is none).
+        regret_up = xp.where(lp_rank < t - 1, price * (xp.take(flat_cost, g + up) - c_now)
+                             - gain_up, float("inf"))
+        regret_down = xp.where(lp_rank > 0, loss_down
+                               - price * (c_now - xp.take(flat_cost, g + down)), float("inf"))
+        down_part = xp.astype(regret_up >= regret_down, xp.int64)
+        segment = (g + (t - 1 - lp_rank)) * 2 + down_part
+        sort_key[s:e] = _combined_key(xp, segment, xp.where(down_part == 1, -loss_down,
+                                                            -gain_up), 2 * g_count * t)
         n_lp += _bincount(xp, g + lp_rank, minlength=g_count * t)
     order = xp.argsort(sort_key, stable=True)
     del sort_key
@@ -461,15 +479,15 @@ def round_by_pages(xp, distortion, lp_tiers, key, group, tier_order, page_bytes,
     cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
     if cheapest > budget:
         return None
-    choice = hull_solver(option_d, option_bytes, budget - cheapest)
+    choice = xp.astype(hull_solver(option_d, option_bytes, budget - cheapest), xp.int64)
     chosen = xp.take_along_axis(count, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
                                 axis=1)[:, 0, :]
     # In sorted order each group holds its chosen counts, dearest rank first.
-    # (Scattered as int8: a permutation's random writes then stay in cache.)
+    # (int8: the random writes of a permutation then stay in cache.)
     tiers = xp.empty(n, dtype=xp.int8, device=dev)
     tiers[order] = xp.repeat(xp.reshape(xp.astype(xp.flip(tier_order, axis=1), xp.int8), (-1,)),
                              xp.reshape(xp.flip(chosen, axis=1), (-1,)))
-    return xp.astype(tiers, xp.int64)
+    return tiers
 
 
 def _prefix_sums(xp, distortion, order, rows, cols):
@@ -494,6 +512,11 @@ def _prefix_sums(xp, distortion, order, rows, cols):
             out[by_row[lo:hi]] = xp.reshape(block, (-1,))[(r[lo:hi] - s + 1) * t + c[lo:hi]]
         carry = block[-1:]
     return out
+
+
+def _gather(xp, table, index):
+    """``table[i, index[i]]`` of a table [n, T]."""
+    return xp.take_along_axis(table, index[:, None], axis=1)[:, 0]
 
 
 def _blocks(xp, x):
