@@ -303,8 +303,11 @@ class AllocationProblem:
     def counts(self, tiers: np.ndarray) -> np.ndarray:
         """Items per (group, tier), [G, T]; items whose tier is -1 are not counted."""
         tiers = np.asarray(tiers)
-        keep = tiers >= 0
-        flat = self._group_index[keep] * self.n_tiers + tiers[keep]
+        if tiers.size and tiers.min() < 0:
+            keep = tiers >= 0
+            flat = self._group_index[keep] * self.n_tiers + tiers[keep]
+        else:
+            flat = self._group_index * self.n_tiers + tiers
         return np.bincount(flat, minlength=self.n_groups * self.n_tiers).reshape(
             self.n_groups, self.n_tiers
         )
@@ -328,7 +331,7 @@ class AllocationProblem:
 
     def distortion_of(self, tiers: np.ndarray) -> float:
         tiers = self._check_tiers(tiers)
-        return float(self.distortion[np.arange(self.n_items), tiers].sum())
+        return float(np.take_along_axis(self.distortion, tiers[:, None], axis=1)[:, 0].sum())
 
     def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9) -> bool:
         tiers = self._check_tiers(tiers)
@@ -343,7 +346,7 @@ class AllocationProblem:
             raise ValueError(f"tiers must have shape ({self.n_items},), got {tiers.shape}")
         if tiers.size and (tiers.min() < 0 or tiers.max() >= self.n_tiers):
             raise ValueError(f"tiers must lie in [0, {self.n_tiers - 1}]")
-        return tiers.astype(np.int64)
+        return np.asarray(tiers, dtype=np.int64)
 
     def full_cost(self, tier: int = -1) -> float:
         """Bytes when every item takes ``tier`` (the last, fp16, by default) or its ceiling if
