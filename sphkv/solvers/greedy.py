@@ -15,7 +15,9 @@ greedy's (``sphkv.solvers.page_round.round_by_pages``): one sort of the items, w
 number of page groups.
 
 O(N T²) passes over N numbers plus one sort of N; numpy and torch (CPU or GPU) versions give the
-same allocation.
+same allocation. On a CPU the per-item passes run block by block of items (``page_round._block``):
+a block's [T, n] rows stay in cache and its temporaries are reused, where passes over whole
+arrays were bound by memory and by faulting in fresh pages.
 """
 
 from __future__ import annotations

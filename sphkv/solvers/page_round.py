@@ -387,25 +387,31 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     """Whole pages for every group: per group, one of the page counts next to the greedy's,
     chosen across groups by the greedy itself.
 
-    Free items of each group are ordered by their greedy tier (dearest first), then by ``key``
-    (the efficiency of the segment that brought them there: the least attached last). A choice
-    of capacity per tier then assigns that order top down, dearest tier first, and its
-    distortion is a difference of prefix sums. Per tier of rank r >= 1 the options are the page
-    counts m and m + 1 around the greedy's count n (m = floor((n + f) / P), f forced items, at
-    least their own pages), so a group has 2^(T-1) options of known bytes and distortion; which
-    option each group takes is a multiple-choice knapsack over groups, solved by
+    Free items of each group are ordered by their greedy tier (dearest first). Within a tier an
+    option moves items at the two ends of its block: the first ones up a rank (when the rank
+    above gains capacity), the last ones down (when this rank loses it). So each item is put at
+    the end it would rather leave by, by its regret at the price λ of one rank up,
+    ``D_up - D + λ (c'_up - c')``, against one down, ``D_down - D - λ (c' - c'_down)``: those
+    that would rather move up first, by gain up (largest first), the others after them, by loss
+    down (smallest last). A choice of capacity per tier then assigns that order top down,
+    dearest tier first, and its distortion is a difference of prefix sums. Per tier of rank
+    r >= 1 the options are the page counts m and m + 1 around the greedy's count n
+    (m = floor((n + f) / P), f forced items, at least their own pages), so a group has
+    2^(T-1) options of known bytes and distortion; which option each group takes is a
+    multiple-choice knapsack over groups, solved by
     ``hull_solver(distortion [G, C], bytes [G, C], room)`` (the greedy on those options).
 
     Parameters
     ----------
     lp_tiers : int array [N]
         The greedy's tier of every free item.
-    key : array [N]
-        Efficiency of the segment into each item's greedy tier (of its first segment at its
-        base).
     tier_order : int array [G, T]
         Tiers of each group by cost, cheapest first (rank r -> tier).
     page_bytes, forced_counts : arrays [G, T]
+    amortized : array [G, T]
+        ``c' = c + h/P`` per (group, tier).
+    price : float
+        λ, the greedy's price of a byte.
 
     Returns int8 array [N] of tiers, or None if even the cheapest options exceed ``budget``.
     """
@@ -547,8 +553,11 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     + λ (F - B). L is concave and piecewise linear in λ, with slope
     Σ_i c'(best tier of i) · (1 - number of slots i is credited) + F - B; it is maximised over
     λ in [0, ``price_max``] (beyond the steepest hull slope no upgrade pays) by regula falsi on
-    the slope from ``price``, with at most ``evaluations`` evaluations, each a sort of the items
-    per tier that has empty slots. Every evaluated L is a bound; the largest is returned.
+    the slope from ``price``, with at most ``evaluations`` evaluations. Each is T passes over
+    the items, block by block, and per tier with empty slots a sort of the items whose gain is
+    at least a floor below each group's s-th largest (the s-th largest gain of the items
+    credited at the previous λ; at the first, of every k-th item). Every evaluated L is a
+    bound; the largest is returned.
 
     Parameters
     ----------
