@@ -59,13 +59,24 @@ def test_numpy_and_torch_agree_in_many_small_groups(polish):
 
 def test_small_groups_round_close_to_their_bound():
     # 64 groups of 244 tokens, a budget of about two pages per group beside the forced one:
-    # rounding each tier's partial page alone lost 5% here, the options lose under 2%.
+    # rounding each tier's partial page alone lost 5% here, the options ordered by regret 1.3%
+    # (of which 0.75% is the bound's: it ignores that page counts are integers).
     problem = synthetic_problem(layers=8, kv_heads=8, tokens=244, page_size=16, sinks=4,
                                 recent=8)
     for polish in (True, False):
         alloc = solve(problem, "greedy", polish=polish)
         assert alloc.cost <= problem.budget
-        assert alloc.gap <= 0.02
+        assert alloc.gap <= 0.015
+
+
+def test_groups_of_2048_tokens_round_within_a_thousandth_of_their_bound():
+    # As 8.4M items in 4,096 groups: ordered by attachment the options were 0.24% above the
+    # bound, ordered by regret up against down 0.09%.
+    problem = synthetic_problem(layers=8, kv_heads=8, tokens=2048, page_size=16, sinks=4,
+                                recent=8)
+    alloc = solve(problem, "greedy", polish=False)
+    assert alloc.cost <= problem.budget
+    assert alloc.gap <= 0.001
 
 
 @settings(max_examples=100, deadline=None)
