@@ -475,8 +475,8 @@ class SphkvCache(Cache):
     def compress(self, method: Method | str, budget: float) -> SphkvCache:
         """A copy of this deferred cache (``budget=None``, after its prefill) compressed by
         ``method`` within ``budget`` bytes, as if it had been that method's cache all along.
-        The windows are shared until the copy trims or writes one: it then moves the window
-        to buffers of its own, so neither cache writes into the other's."""
+        The windows are shared until a cache trims or writes one: it then moves the window to
+        buffers of its own, so neither cache writes into the other's."""
         if self.budget is not None or self.allocator is not None:
             raise ValueError("compress() copies a deferred cache (budget=None) after its "
                              "prefill; this cache already has a budget")
@@ -488,6 +488,7 @@ class SphkvCache(Cache):
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
             theirs.is_initialized = True
+            mine.buffer = None  # this cache too copies the shared window before writing
         out.pad = self.pad
         out._prefill_items = self._prefill_items
         out._queries = {i: q if out.method.all_queries else q[:, :, -out._kept_queries():]
