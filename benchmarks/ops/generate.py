@@ -15,7 +15,7 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 cache, its allocation), ``allocator_share`` (seconds in admissions over decode seconds),
 ``admit_ms`` (median admission), ``peak_kv_bytes`` (the cache's accounted peak over every pool
 write; plain: its KV tensors at the end) against ``budget_bytes``. Steps are timed by a
-streamer that synchronizes the device after each token.
+streamer that synchronizes the device after each token. The JSON is written after every row.
 
 ``python -m benchmarks.run --op generate`` (GPU: Llama-3.2-1B and 8B layer shapes, 8k and 32k
 tokens); ``--device cpu --shapes smollm2 --contexts 2048 4096 --batches 1`` on the CPU.
@@ -30,6 +30,8 @@ import time
 import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+from benchmarks.common import write_json
 
 #: layer shapes of real models (random weights); vocabularies cut to 32k where larger
 SHAPES = {
@@ -121,6 +123,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     device = torch.device(args.device)
     rows, warm = [], set()
+
+    def add(row: dict) -> None:
+        # written after every row: a grid cut short (a time limit, a crash) keeps what it measured
+        rows.append(row)
+        write_json("generate", rows, out_dir=args.out_dir)
     for shape in [None] if args.model else args.shapes:
         model, label = _model(shape, args.model, device)
         for context in args.contexts:
@@ -131,14 +138,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 try:
                     steps, prefill, kv = _plain(model, ids, args.new_tokens, device)
                 except torch.OutOfMemoryError:
-                    rows.append(dict(model=label, method="none", context=context, batch=batch,
-                                     budget=1.0, tok_s=None, note="out of memory"))
+                    add(dict(model=label, method="none", context=context, batch=batch,
+                             budget=1.0, tok_s=None, note="out of memory"))
                     steps = None
                 plain_tok_s = None
                 if steps is not None:
                     plain_tok_s = batch * len(steps) / sum(steps)
-                    rows.append(_row(label, "none", context, batch, 1.0, steps, prefill,
-                                     plain_tok_s, [], kv, None))
+                    add(_row(label, "none", context, batch, 1.0, steps, prefill, plain_tok_s,
+                             [], kv, None))
                 gc.collect()
                 for method in args.methods:
                     if (label, method) not in warm:
@@ -152,9 +159,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                             steps, prefill = _run_once(model, ids, args.new_tokens, device,
                                                        cache)
                         admits = [s for kind, s in cache.timings if kind == "admit"]
-                        rows.append(_row(label, method, context, batch, fraction, steps,
-                                         prefill, plain_tok_s, admits, cache.peak_bytes,
-                                         limit))
+                        add(_row(label, method, context, batch, fraction, steps, prefill,
+                                 plain_tok_s, admits, cache.peak_bytes, limit))
                         del cache
                         gc.collect()
         del model
