@@ -35,7 +35,9 @@ def split_length(capacity: int, splits: int, block_n: int) -> int:
     return triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
 
 
-@triton.jit
+# num_splits follows the cache's length: specialised on, it would compile a variant per
+# "divisible by 16" flip as the cache grows
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
                  HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
     """One program per output row (sequence, query head): partials ``[rows, num_splits, D]``
@@ -54,7 +56,7 @@ def merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
     tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_two_domains_kernel(o_part, lse_part, rotated, out, num_splits, D: tl.constexpr,
                              S_PAD: tl.constexpr):
     """The merge with splits in two value domains (``rotated[s]`` 0 or 1), summed apart:
