@@ -211,7 +211,7 @@ class HullSegments:
         self.dc = xp.empty((t, n), dtype=xp.float32 if exact else xp.float64, device=dev)
         self.eff = xp.empty((t, n), dtype=xp.float64, device=dev)
         self.seg = xp.empty((t, n), dtype=xp.bool, device=dev)
-        self.base = xp.empty(n, dtype=xp.int64, device=dev)
+        self.base = xp.empty(n, dtype=xp.int8 if t < 128 else xp.int64, device=dev)
         weight = xp.zeros(1 << (63 - self._SHIFT), dtype=xp.float64, device=dev)
         top, self.max_efficiency = 0, 0.0
         for s, e in _blocks(xp, distortion):
@@ -248,7 +248,7 @@ class HullSegments:
         """Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end)."""
         xp, t = self.xp, self.seg.shape[0]
         steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
-        rows = [self.base] * t
+        rows = [xp.astype(self.base, xp.int64)] * t
         for k in range(t):
             steps = steps + xp.astype(self.seg[k], xp.int64)
             rows = [rows[0]] + [xp.where(self.seg[k] & (steps <= s), self.tier[k], rows[s])
@@ -257,24 +257,24 @@ class HullSegments:
 
     def _select(self, room: float):
         """Segments taken per item [N] by the sorted prefix within ``room`` (a prefix of each
-        hull), the flat index ``rank * N + item`` of the breaking one (None when all fit) and
-        the bytes left."""
+        hull; int8 up to 127 tiers), the flat index ``rank * N + item`` of the breaking one
+        (None when all fit) and the bytes left."""
         xp, n = self.xp, self.n
+        steps = xp.int8 if self.seg.shape[0] < 128 else xp.int64
         limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=self.dev)
         b = int(xp.searchsorted(self.bucket_cum, limit, side="right")[0])
         if b == self.bucket_cum.shape[0] or self.max_efficiency == 0:  # all fit, or no segment
-            return (xp.sum(self.seg, axis=0, dtype=xp.int64), None,
+            return (xp.sum(self.seg, axis=0, dtype=steps), None,
                     room - float(self.bucket_cum[-1]))
         before = float(self.bucket_cum[b - 1]) if b else 0.0
         low, high = self._bucket_range(b)
-        n_taken = xp.empty(n, dtype=xp.int64, device=self.dev)
+        n_taken = xp.zeros(n, dtype=steps, device=self.dev)
         members = []
         for s, e in _blocks(xp, self.d):
             eff = self.eff[:, s:e]
             count = n_taken[s:e]
-            count[...] = 0
             for k in range(eff.shape[0]):
-                count += xp.astype(eff[k] >= high, xp.int64)  # eff 0: no segment
+                count += xp.astype(eff[k] >= high, steps)  # eff 0: no segment
             rank, item = xp.nonzero((eff >= low) & (eff < high) & self.seg[:, s:e])
             members.append(rank * n + item + s)
         members = xp.sort(xp.concat(members))
@@ -283,7 +283,7 @@ class HullSegments:
         cum = before + xp.cumulative_sum(xp.astype(dc[members], xp.float64))
         k = int(xp.searchsorted(cum, limit, side="right")[0])
         items, counts = xp.unique_counts(members[:k] % n)
-        n_taken[items] += counts
+        n_taken[items] += xp.astype(counts, steps)
         return n_taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
 
     def lp_bound(self, room: float) -> tuple[float, float]:
@@ -310,7 +310,7 @@ class HullSegments:
         127 tiers: fewer bytes to fault in and to write)."""
         xp, t = self.xp, self.seg.shape[0]
         shared = self.tier.shape[1] == 1
-        out = xp.astype(self.base, xp.int8 if t < 128 else xp.int64)
+        out = xp.asarray(self.base, copy=True)
         for s, e in _blocks(xp, self.d):
             steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
             tiers = out[s:e]

@@ -60,7 +60,8 @@ class _State:
 
     def __init__(self, xp, distortion, hull_tiers, pos, group, amortized, page_bytes,
                  forced_counts, page_size: int, price: float):
-        self.xp, self.d, self.hull, self.pos, self.group = xp, distortion, hull_tiers, pos, group
+        self.xp, self.d, self.hull, self.group = xp, distortion, hull_tiers, group
+        self.pos = xp.astype(pos, xp.int64)
         self.dev = array_api_compat.device(distortion)
         self.c, self.pb, self.p, self.price = amortized, page_bytes, page_size, price
         self.n_groups, self.n_tiers = page_bytes.shape
@@ -68,7 +69,7 @@ class _State:
         self.last = hull_tiers.shape[0] - 1
         # Items moved into empty slots off their hull stay there: pinned at pin_tier.
         self.pin_tier = xp.full(pos.shape[0], -1, dtype=xp.int64, device=self.dev)
-        self.now = self._at(pos)  # current tier of every item
+        self.now = self._at(self.pos)  # current tier of every item
         self.counts = self._count()
 
     def _count(self):
