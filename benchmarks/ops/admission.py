@@ -75,13 +75,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             total = tokens + args.admissions * _W
             budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
             alloc = OnlineAllocator(tiers, groups, budget, 16, device=device)
-            prefill = _timed(lambda: alloc.prefill(_tokens(groups, 0, tokens, device, rng)),
-                             device)
+            prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
+                             a.prefill(_tokens(g, 0, n, device, r)), device)
             admits, overflowed = [], 0
             for i in range(args.admissions):
                 new = _tokens(groups, tokens + i * _W, tokens + (i + 1) * _W, device, rng)
                 price = alloc.price
-                admits.append(_timed(lambda new=new: alloc.admit(new), device))
+                admits.append(_timed(lambda a=alloc, new=new: a.admit(new), device))
                 # an admission that fits multiplies λ by the decay; a demotion solve sets it
                 overflowed += alloc.price != price * alloc.decay
             ms = np.asarray(admits) * 1e3

@@ -10,19 +10,22 @@ byte (distortion per byte at the margin). Items are (token, group) pairs, a grou
   entries counted (:class:`~sphkv.rdr.problem.AllocationProblem` with ``page_size``); its λ
   becomes the price.
 - :meth:`~OnlineAllocator.admit`: each new item takes ``argmin_t D[i, t] + λ c_t`` (``c_t`` its
-  slot plus its share of a page-table entry). If the store would then exceed the budget, one
-  greedy solve places the new items and the kept items cheapest to demote (least distortion
-  added per byte saved; 4 per new item, more only if they cannot free enough), each kept item's
-  tier capped at the one it holds (``ceiling``: lost precision never comes back), the other
-  kept items where they are; λ becomes that solve's price. Otherwise λ decays, so that later
-  items may take the room left.
+  slot plus its share of a page-table entry); whether they fit is read from the store's item
+  counts per (group, tier). If the store would exceed the budget, one greedy solve places the
+  new items and the kept items cheapest to demote (least distortion added per byte saved, one
+  computation over every pool on the store's device; 4 per new item, more only if they cannot
+  free enough), each kept item's tier capped at the one it holds (``ceiling``: lost precision
+  never comes back), the other kept items where they are — counted as the pages they fill, not
+  as items, so the solve's size follows the admission, not the cache; λ becomes that solve's
+  price. Otherwise λ decays, so that later items may take the room left.
 - :meth:`~OnlineAllocator.evict`: tokens no later query can see (sliding and chunked layers) leave
   the store.
 
-Room is made before anything is written: a plan is applied by first rewriting every pool that
-loses tokens, then every pool that gains some, so the store's bytes never exceed
-``max(before, after) ≤ budget``. :attr:`~OnlineAllocator.writes` records them after every pool
-write. Nothing here needs transformers: tensors in, store contents out.
+Room is made before anything is written: a plan is applied one write per pool (tokens appended
+behind their runs, or the runs they leave or join rewritten), first the pools whose bytes fall,
+then those whose bytes grow, so the store's bytes never exceed ``max(before, after) ≤ budget``.
+:attr:`~OnlineAllocator.writes` records them after every pool write. Nothing here needs
+transformers: tensors in, store contents out.
 """
 
 from __future__ import annotations
@@ -147,8 +150,6 @@ class OnlineAllocator:
         self.encode = encode or (lambda codec, x: codec.encode(x))
         self.price = 0.0
         self.writes: list[int] = []
-        # (group, position) keys of the items that arrived forced: they keep their tier
-        self._pinned = np.zeros(0, dtype=np.int64)
 
     @property
     def page_size(self) -> int:
@@ -179,8 +180,7 @@ class OnlineAllocator:
             return
         alloc = self._solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None))
         self.price = float(alloc.price or 0.0)
-        self._pin(tokens)
-        self._apply(self._kept(), np.zeros(0, dtype=np.int64), tokens, alloc.tiers)
+        self._arrive([_arrivals(tokens, alloc.tiers)])
 
     def admit(self, tokens: Tokens) -> None:
         """Add items at the price λ, demoting kept ones first when they would not fit."""
@@ -190,49 +190,29 @@ class OnlineAllocator:
         priced = tokens.distortion + self.price * self.item_costs
         tiers = priced.shape[1] - 1 - np.argmin(priced[:, ::-1], axis=1)
         tiers = np.where(tokens.forced >= 0, tokens.forced, tiers)
-        self._pin(tokens)
-        kept = self._kept()
-        counts = self._counts(kept.group, kept.tier) + self._counts(tokens.group, tiers)
-        if self._page_bytes(counts) <= self.budget:
-            self._apply(kept, kept.tier, tokens, tiers)
+        if self._page_bytes(self.store.counts + self._counts(tokens.group, tiers)) <= self.budget:
+            self._arrive([_arrivals(tokens, tiers)])
             self.price *= self.decay
             return
         # one solve over the new items and the kept items cheapest to demote, capped at their
         # tier; the other kept items (and the pinned ones) stay where they are. Candidates grow
         # fourfold while they cannot free enough, up to every kept item.
-        group = np.concatenate([kept.group, tokens.group])
-        d = np.concatenate([kept.distortion, tokens.distortion])
-        ceiling = np.concatenate([kept.tier, np.full(len(tokens), -1)])
-        slope = self._demotion_slope(kept)
-        movable = int(np.isfinite(slope).sum())
+        slope = self._demotion_slopes()
+        movable = int(torch.isfinite(slope).sum())
         candidates = 4 * len(tokens)
         while True:
             candidates = min(candidates, movable)
-            stay = np.ones(len(kept.group), dtype=bool)
-            if candidates:
-                stay[np.argpartition(slope, candidates - 1)[:candidates]] = False
-            forced = np.concatenate([np.where(stay, kept.tier, -1), tokens.forced])
+            cand = self._candidates(slope, candidates)
             try:
-                alloc = self._solve(self._problem(d, forced, group, ceiling),
-                                    polish=False)
+                alloc = self._solve(self._demotion_problem(cand, tokens), polish=False)
                 break
             except InfeasibleBudgetError:
                 if candidates >= movable:
                     raise
                 candidates *= 4
         self.price = float(alloc.price or 0.0)
-        self._apply(kept, alloc.tiers[:len(kept.group)], tokens, alloc.tiers[len(kept.group):])
-
-    def _demotion_slope(self, kept: _Kept) -> np.ndarray:
-        """``[n]``: the least distortion a kept item adds per byte it saves,
-        ``min_{t' < t} (D[i, t'] − D[i, t]) / (c_t − c_t')`` at its tier t; +∞ if pinned."""
-        cost = self.item_costs
-        d_now = np.take_along_axis(kept.distortion, kept.tier[:, None], axis=1)
-        saved = cost[kept.tier][:, None] - cost[None, :]  # [n, T], > 0 where cheaper
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slope = np.where(saved > 0, (kept.distortion - d_now) / saved, np.inf).min(axis=1)
-        slope[kept.pinned] = np.inf
-        return slope
+        n = len(cand.tier)
+        self._demote(cand, alloc.tiers[:n], tokens, alloc.tiers[n:n + len(tokens)])
 
     def evict(self, first: np.ndarray) -> int:
         """Remove every kept token of group g at a position below ``first[g]``.
@@ -247,42 +227,113 @@ class OnlineAllocator:
         int
             Tokens removed.
         """
-        kept = self._kept()
-        gone = kept.positions.numpy() < np.asarray(first)[kept.group]
-        if gone.any():
-            self._apply(kept, np.where(gone, 0, kept.tier), None, None)
-        return int(gone.sum())
+        first = np.asarray(first, dtype=np.int64)
+        if not (first > 0).any():
+            return 0
+        first = torch.from_numpy(first).to(self.store.device)
+        removed = 0
+        for t, pool in self.store.pools.items():
+            owner = torch.from_numpy(pool.owner).to(self.store.device)
+            gone = pool.valid & (pool.position < first[owner].repeat_interleave(self.page_size))
+            n = int(gone.sum())
+            if n:
+                self.store.remove(t, torch.nonzero(gone).flatten())
+                self.writes.append(self.store.nbytes())
+                removed += n
+        return removed
+
+    # --- demotion --------------------------------------------------------------------------
+    def _demotion_slopes(self) -> torch.Tensor:
+        """float32 ``[slots of every pool, pool after pool]``, on the store's device: the least
+        distortion a kept item adds per byte it saves, ``min_{t' < t} (D[i, t'] − D[i, t]) /
+        (c_t − c_t')`` at its tier t; +∞ at empty slots and pinned items."""
+        cost = torch.from_numpy(self.item_costs).float().to(self.store.device)
+        parts = []
+        for t, pool in self.store.pools.items():
+            cheaper, d = cost < cost[t], pool.distortion
+            slope = (((d[:, cheaper] - d[:, t:t + 1]) / (cost[t] - cost[cheaper])).amin(1)
+                     if cheaper.any() else torch.full_like(d[:, 0], torch.inf))
+            parts.append(slope.masked_fill_(~pool.valid | pool.pinned, torch.inf))
+        return torch.cat(parts)
+
+    def _candidates(self, slope: torch.Tensor, k: int) -> _Candidates:
+        """The ``k`` kept items of least slope (:meth:`_demotion_slopes`), read to the host."""
+        index = torch.topk(slope, k, largest=False, sorted=False).indices if k else slope[:0]
+        index = index.long().sort().values.cpu().numpy()
+        start = 0
+        tier, slot, group, positions, d = [], [], [], [], []
+        for t, pool in self.store.pools.items():
+            rows = pool.offset.numel()
+            mine = index[(index >= start) & (index < start + rows)] - start
+            start += rows
+            on = torch.from_numpy(mine).to(self.store.device)
+            tier.append(np.full(len(mine), t))
+            slot.append(mine)
+            group.append(pool.owner[mine // self.page_size])
+            positions.append(pool.position[on].cpu())
+            d.append(pool.distortion[on].double().cpu().numpy())
+        return _Candidates(np.concatenate(tier), np.concatenate(slot), np.concatenate(group),
+                           torch.cat(positions), np.concatenate(d))
+
+    def _demotion_problem(self, cand: _Candidates, tokens: Tokens) -> AllocationProblem:
+        """The new items and the candidates, with the rest of the store counted exactly: in a
+        group the problem touches, the f items staying at tier t fill f // P pages that leave
+        the budget, and the f % P of a partial page join the problem as items forced at t with
+        no distortion, so the solver's rounding ceil((f % P + chosen) / P) adds exactly the
+        pages the run grows by; the pages of other groups leave the budget whole."""
+        p, counts = self.page_size, self.store.counts
+        touched = np.zeros(len(counts), dtype=bool)
+        touched[cand.group] = touched[tokens.group] = True
+        stay = counts - self._counts(cand.group, cand.tier)
+        pages = np.where(touched[:, None], stay // p, -(-counts // p))
+        fixed = int((pages * self._page_costs()).sum())
+        rest = np.where(touched[:, None], stay % p, 0)
+        g, t = np.nonzero(rest)
+        n = rest[g, t]
+        dummies = int(n.sum())
+        free = np.full(len(cand.tier), -1)
+        d = np.concatenate([cand.distortion, tokens.distortion,
+                            np.zeros((dummies, len(self.tiers)))])
+        return self._problem(d, np.concatenate([free, tokens.forced, np.repeat(t, n)]),
+                             np.concatenate([cand.group, tokens.group, np.repeat(g, n)]),
+                             np.concatenate([cand.tier, np.full(len(tokens) + dummies, -1)]),
+                             fixed)
+
+    def _demote(self, cand: _Candidates, cand_to: np.ndarray, new: Tokens,
+                new_to: np.ndarray) -> None:
+        """Move the candidates to ``cand_to`` (0 drops) and write the new items at
+        ``new_to``."""
+        arriving, leaving = [_arrivals(new, new_to)], {}
+        for t in np.unique(cand.tier[cand_to != cand.tier]):
+            mine = (cand.tier == t) & (cand_to != t)
+            slots = torch.from_numpy(cand.slot[mine]).to(self.store.device)
+            key, value = self.store.codes(int(t), slots)
+            tier = self.tiers[int(t)]
+            # decoded now, before their pool is rewritten
+            arriving.append((cand_to[mine], cand.group[mine],
+                             cand.positions[torch.from_numpy(mine)], tier.key.decode(key),
+                             tier.value.decode(value),
+                             torch.from_numpy(cand.distortion[mine]).float(),
+                             torch.zeros(int(mine.sum()), dtype=torch.bool)))
+            leaving[int(t)] = (slots, cand.group[mine])
+        self._arrive(arriving, leaving)
 
     # --- bookkeeping -----------------------------------------------------------------------
-    def _pin(self, tokens: Tokens) -> None:
-        pinned = tokens.forced >= 0
-        if pinned.any():
-            keys = _key(tokens.group[pinned], tokens.positions.numpy()[pinned])
-            self._pinned = np.union1d(self._pinned, keys)
-
-    def _kept(self) -> _Kept:
-        """Every kept item, pool by pool, with its tier and whether it is pinned."""
-        parts = {t: self.store.contents(t) for t in self.store.pools}
-        group = np.concatenate([c[0] for c in parts.values()])
-        positions = torch.cat([c[1] for c in parts.values()])
-        tier = np.concatenate([np.full(len(c[0]), t) for t, c in parts.items()])
-        d = torch.cat([c[4] for c in parts.values()]).double().cpu().numpy()
-        pinned = np.isin(_key(group, positions.numpy()), self._pinned)
-        return _Kept(parts, group, positions, tier, d, pinned)
-
     def _counts(self, group: np.ndarray, tiers: np.ndarray) -> np.ndarray:
         """Items per (group, tier) ``[groups, T]``."""
         counts = np.zeros((len(self.store.tables), len(self.tiers)), dtype=np.int64)
         np.add.at(counts, (group, tiers), 1)
         return counts
 
-    def _page_bytes(self, counts: np.ndarray) -> int:
-        """Bytes of a store holding ``counts`` items per (group, tier), packed into pages."""
-        pages = -(-counts // self.page_size)
-        page = np.array([self.store.pools[t].page_bytes if t in self.store.pools else 0
-                         for t in range(len(self.tiers))])
-        pages[:, page == 0] = 0
-        return int((pages * (page + PAGE_TABLE_ENTRY.itemsize)).sum())
+    def _page_costs(self) -> np.ndarray:
+        """Bytes of a page of each tier with its page-table entry ``[T]`` (0 for drop)."""
+        return np.array([self.store.pools[t].page_bytes + PAGE_TABLE_ENTRY.itemsize
+                         if t in self.store.pools else 0 for t in range(len(self.tiers))])
+
+    def _page_bytes(self, counts: np.ndarray, axis: int | None = None):
+        """Bytes of a store holding ``counts`` items per (group, tier), packed into pages (per
+        tier ``[T]`` with ``axis=0``)."""
+        return (-(-counts // self.page_size) * self._page_costs()).sum(axis=axis)
 
     def _solve(self, problem: AllocationProblem, polish: bool = True):
         """The greedy solve, on the store's device (torch) when that is a GPU; ``polish``: its
@@ -292,98 +343,70 @@ class OnlineAllocator:
                          polish=polish)
         return solve(problem, "greedy", polish=polish)
 
-    def _problem(self, d, forced, group, ceiling) -> AllocationProblem:
+    def _problem(self, d, forced, group, ceiling, fixed: int = 0) -> AllocationProblem:
+        """The problem over these items within the budget less ``fixed`` bytes held apart."""
         try:
             return AllocationProblem(
-                distortion=d, cost=self.store.slot_costs, budget=self.budget, groups=group,
-                page_size=self.page_size, page_overhead=PAGE_TABLE_ENTRY.itemsize,
-                forced=forced, ceiling=ceiling, tier_names=self.tiers.names)
+                distortion=d, cost=self.store.slot_costs, budget=self.budget - fixed,
+                groups=group, page_size=self.page_size,
+                page_overhead=PAGE_TABLE_ENTRY.itemsize, forced=forced, ceiling=ceiling,
+                tier_names=self.tiers.names)
         except InfeasibleBudgetError as exc:
-            raise InfeasibleBudgetError(self.budget, exc.min_cost) from None
+            raise InfeasibleBudgetError(self.budget, exc.min_cost + fixed) from None
 
-    # --- writing a plan ----------------------------------------------------------------------
-    def _apply(self, kept: _Kept, kept_to: np.ndarray, new: Tokens | None,
-               new_to: np.ndarray | None) -> None:
-        """Move kept items to ``kept_to`` (0 drops) and write new items at ``new_to``: pools
-        that lose tokens are rewritten first, pools that gain some after."""
-        start, leaving, moving = 0, {}, []
-        for t, (g, p, key, value, dist) in kept.parts.items():
-            to = kept_to[start:start + len(g)]
-            start += len(g)
-            out = np.flatnonzero(to != t)
-            if not len(out):
-                continue
-            stay = np.flatnonzero(to == t)
-            leaving[t] = self._part(t, g, p, key, value, dist, stay)
-            move = out[to[out] != 0]
-            if len(move):  # decoded now, before their pool is rewritten
-                on = torch.from_numpy(move).to(dist.device)
-                tier = self.tiers[t]
-                moving.append((to[move], g[move], p[torch.from_numpy(move)],
-                               tier.key.decode(key.rows(on)),
-                               tier.value.decode(value.rows(on)), dist[on]))
-        for t, part in leaving.items():
-            self._write(t, [part])
-        arriving: dict[int, list] = {}
-        if new is not None:
-            dist = torch.from_numpy(new.distortion).float()
-            moving.append((np.asarray(new_to), new.group, new.positions, new.keys, new.values,
-                           dist))
-        for to, g, p, k, v, dist in moving:
-            for t in np.unique(to[to != 0]):
-                sel = np.flatnonzero(to == t)
-                on = torch.from_numpy(sel).to(k.device)
-                arriving.setdefault(int(t), []).append(self._encoded(
-                    int(t), g[sel], p[torch.from_numpy(sel)], k[on], v[on],
-                    dist[torch.from_numpy(sel).to(dist.device)]))
-        for t, parts in arriving.items():
-            current = leaving[t] if t in leaving else self._part(t, *kept.parts[t], None)
-            self._write(t, [current, *parts])
-
-    def _part(self, t, g, p, key, value, dist, index) -> tuple:
-        """Rows ``index`` (all if None) of pool ``t``'s contents, as :meth:`_write` takes them:
-        a tier whose keys are quantized per page gives its keys decoded."""
-        if index is not None:
-            on = torch.from_numpy(index).to(dist.device)
-            g, p, key, value, dist = (g[index], p[torch.from_numpy(index)], key.rows(on),
-                                      value.rows(on), dist[on])
-        if self.store.pools[t].paged_keys:
-            key = self.tiers[t].key.decode(key)
-        return g, p, key, value, dist
-
-    def _encoded(self, t: int, g, p, keys, values, dist) -> tuple:
-        tier, pool = self.tiers[t], self.store.pools[t]
-        key = keys.float() if pool.paged_keys else self.encode(tier.key, keys)
-        return g, p, key, self.encode(tier.value, values), dist
-
-    def _write(self, t: int, parts: list[tuple]) -> None:
-        """Make pool ``t`` hold exactly ``parts`` (``(group, positions, key, value,
-        distortion)`` each); record the store's bytes."""
-        group, pos, key, value, dist = zip(*parts, strict=True)
-        dev = self.store.device
-        if self.store.pools[t].paged_keys:
-            key = torch.cat([k.float().to(dev) for k in key])
-        else:
-            key = Codes.cat([k.to(dev) for k in key])
-        self.store.replace(t, np.concatenate(group), torch.cat(pos),
-                           key, Codes.cat([v.to(dev) for v in value]),
-                           torch.cat([x.float().to(dev) for x in dist]))
-        self.writes.append(self.store.nbytes())
+    # --- writing ---------------------------------------------------------------------------
+    def _arrive(self, parts: list[tuple], leaving: dict | None = None) -> None:
+        """Write items at their tiers (``(tier, group, positions, keys, values, distortion,
+        pinned)`` each, vectors not yet encoded; tier 0 drops) and take the items ``leaving``
+        (tier → (slots, groups)) out, one write per pool: the pools whose bytes fall first,
+        so the store's bytes never pass ``max(before, after)``."""
+        leaving = leaving or {}
+        to = np.concatenate([part[0] for part in parts])
+        counts = self.store.counts + self._counts(np.concatenate([part[1] for part in parts]),
+                                                  to)
+        for t, (_, g) in leaving.items():
+            counts -= self._counts(g, np.full(len(g), t))
+        change = self._page_bytes(counts, axis=0) - self._page_bytes(self.store.counts, axis=0)
+        touched = {int(t) for t in to[to != 0]} | set(leaving)
+        for t in sorted(touched, key=lambda t: change[t]):
+            tier, pool, dev = self.tiers[t], self.store.pools[t], self.store.device
+            chunks = []
+            for part in parts:
+                sel = np.flatnonzero(part[0] == t)
+                if not len(sel):
+                    continue
+                cpu, on = torch.from_numpy(sel), torch.from_numpy(sel).to(part[3].device)
+                keys, values = part[3][on].to(dev), part[4][on].to(dev)
+                chunks.append((part[1][sel], part[2][cpu],
+                               keys.float() if pool.paged_keys else self.encode(tier.key, keys),
+                               self.encode(tier.value, values), part[5][cpu].to(dev),
+                               part[6][cpu]))
+            new = None
+            if chunks:
+                g, pos, key, value, dist, pinned = zip(*chunks, strict=True)
+                new = (np.concatenate(g), torch.cat(pos),
+                       torch.cat(key) if pool.paged_keys else Codes.cat(key), Codes.cat(value),
+                       torch.cat(dist), torch.cat(pinned))
+            if t in leaving:
+                self.store.update(t, leaving[t][0], new)
+            else:
+                self.store.add(t, *new)
+            self.writes.append(self.store.nbytes())
 
 
 @dataclass
-class _Kept:
-    """Every kept item: ``parts`` (pool → :meth:`PagedStore.contents`), and flat ``group``,
-    ``positions``, ``tier``, ``distortion`` and ``pinned`` in the same order."""
+class _Candidates:
+    """Kept items that may be demoted: pool ``tier``, ``slot`` in it, ``group``, ``positions``
+    and ``distortion`` rows (float64 ``[n, T]``), on the host."""
 
-    parts: dict
+    tier: np.ndarray
+    slot: np.ndarray
     group: np.ndarray
     positions: torch.Tensor
-    tier: np.ndarray
     distortion: np.ndarray
-    pinned: np.ndarray
 
 
-def _key(group: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """One int64 per (group, position)."""
-    return (np.asarray(group, dtype=np.int64) << 32) | np.asarray(positions, dtype=np.int64)
+def _arrivals(tokens: Tokens, to: np.ndarray) -> tuple:
+    """New items at tiers ``to``, as :meth:`OnlineAllocator._arrive` takes them."""
+    return (np.asarray(to), tokens.group, tokens.positions, tokens.keys, tokens.values,
+            torch.from_numpy(tokens.distortion).float(), torch.from_numpy(tokens.forced >= 0))

@@ -10,13 +10,18 @@ the last page of a run is partial, and token j of a page sits at position
 ``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
 position recoverable.
 
-The store is written a tier at a time (:meth:`PagedStore.replace`: the tier's whole pool
-rewritten in one pass), so pools hold exactly their pages and the accounted bytes —
-``pages · P · (codes + side + offset)`` per tier plus one entry per page — equal the bytes of
-the tensors the store really holds (:meth:`PagedStore.held_bytes`).
+The store is written a tier at a time: :meth:`PagedStore.replace` rewrites the tier's whole
+pool in one pass, :meth:`PagedStore.add` appends tokens behind their runs (into each run's last
+partial page, then new pages at the pool's end), :meth:`PagedStore.remove` takes tokens out.
+Pools hold exactly their pages and the accounted bytes — ``pages · P · (codes + side +
+offset)`` per tier plus one entry per page — equal the bytes of the tensors the store really
+holds (:meth:`PagedStore.held_bytes`); :attr:`PagedStore.counts` keeps the items per (group,
+tier), so the bytes of a store with more or fewer items are known without reading it.
 
-Beside each slot the store keeps the item's distortion row ``D[i, :]`` (float32), the
-allocator's bookkeeping for later demotions; it is not cache content and is not counted.
+Beside each slot the store keeps the item's distortion row ``D[i, :]`` (float32), its position,
+whether the slot holds an item and whether that item is pinned (it must keep its tier): the
+allocator's bookkeeping for later demotions, read on the device; it is not cache content and is
+not counted.
 """
 
 from __future__ import annotations
@@ -68,6 +73,14 @@ def _empty(template: Codes, rows: int) -> Codes:
                  torch.Size((rows, template.shape[-1])))
 
 
+def _entries(page_id: np.ndarray, first: np.ndarray, valid: np.ndarray,
+             tier: int) -> np.ndarray:
+    """Page-table entries of pages of one tier."""
+    out = np.zeros(len(page_id), PAGE_TABLE_ENTRY)
+    out["page_id"], out["first_position"], out["valid"], out["tier"] = page_id, first, valid, tier
+    return out
+
+
 class TierPool:
     """The pages of one non-drop tier: ``pages · P`` slots of key codes, value codes and offsets.
 
@@ -82,8 +95,12 @@ class TierPool:
         minus 2^15.
     distortion : torch.Tensor
         float32 ``[pages · P, T]``: the distortion row of the slot's item (bookkeeping).
-    owner : list of int
-        The group of each page.
+    position : torch.Tensor
+        int64 ``[pages · P]``: the slot's token position (bookkeeping).
+    valid, pinned : torch.Tensor
+        bool ``[pages · P]``: the slot holds an item; that item keeps its tier (bookkeeping).
+    owner : numpy.ndarray
+        int64 ``[pages]``: the group of each page.
     """
 
     def __init__(self, tier: Tier, index: int, page_size: int, n_tiers: int,
@@ -105,7 +122,10 @@ class TierPool:
         self.key, self.value = (_empty(t, 0) for t in self.templates)
         self.offset = torch.zeros(0, dtype=torch.int16, device=device)
         self.distortion = torch.zeros(0, n_tiers, device=device)
-        self.owner: list[int] = []
+        self.position = torch.zeros(0, dtype=torch.long, device=device)
+        self.valid = torch.zeros(0, dtype=torch.bool, device=device)
+        self.pinned = torch.zeros(0, dtype=torch.bool, device=device)
+        self.owner = np.zeros(0, dtype=np.int64)
 
     @property
     def pages(self) -> int:
@@ -185,6 +205,8 @@ class PagedStore:
         self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device)
                       for t, tier in enumerate(tiers) if not tier.is_drop}
         self.tables = [np.zeros(0, PAGE_TABLE_ENTRY) for _ in range(groups)]
+        #: items per (group, tier), int64 ``[groups, T]``
+        self.counts = np.zeros((groups, len(tiers)), dtype=np.int64)
         #: counts the writes: readers may keep what they decoded while it stays the same
         self.version = 0
 
@@ -222,8 +244,7 @@ class PagedStore:
         return slots, first + self.pools[tier].offset[slots].long().cpu() + _OFFSET_SHIFT
 
     def count(self, group: int, tier: int) -> int:
-        table = self.tables[group]
-        return int(table["valid"][table["tier"] == tier].sum())
+        return int(self.counts[group, tier])
 
     def positions(self, group: int) -> dict[int, torch.Tensor]:
         """Positions of the tokens kept for ``group``, per tier (sorted)."""
@@ -337,7 +358,8 @@ class PagedStore:
                 pool.distortion[slots])
 
     def replace(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
-                value: Codes, distortion: torch.Tensor) -> None:
+                value: Codes, distortion: torch.Tensor,
+                pinned: torch.Tensor | None = None) -> None:
         """Make ``tier``'s pool hold exactly these tokens (any order, already encoded by the
         tier's codecs): each group's run sorted by position and packed into whole pages, the
         groups' pages one after another. One pass over the pool, however many groups change.
@@ -356,6 +378,8 @@ class PagedStore:
             ``[n]`` vectors.
         distortion : torch.Tensor
             ``[n, T]``.
+        pinned : torch.Tensor, optional
+            bool ``[n]``: items that keep their tier (none by default).
         """
         pool, p = self.pools[tier], self.page_size
         group = np.asarray(group, dtype=np.int64)
@@ -377,7 +401,12 @@ class PagedStore:
         pool.key, pool.value = (_empty(t, rows) for t in pool.templates)
         pool.offset = torch.zeros(rows, dtype=torch.int16, device=self.device)
         pool.distortion = torch.zeros(rows, len(self.tiers), device=self.device)
-        pool.owner = np.repeat(np.arange(len(self.tables)), pages).tolist()
+        pool.position = torch.zeros(rows, dtype=torch.long, device=self.device)
+        pool.valid = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        pool.pinned = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        pool.owner = np.repeat(np.arange(len(self.tables)), pages)
+        self.counts[:, tier] = counts
+        pinned = (torch.zeros(len(src), dtype=torch.bool) if pinned is None else pinned)
         if pool.paged_keys:
             # each page one group of the per-channel statistics; the empty slots of a partial
             # page repeat its first token, which leaves its minima and maxima as they are
@@ -389,8 +418,9 @@ class PagedStore:
             key = pool.key.rows(slots)
         else:
             key = key.rows(src)
-        self._write_slots(pool, slots, torch.from_numpy(span), key, value.rows(src),
-                          distortion.float().to(self.device)[src])
+        self._write_slots(pool, slots, torch.from_numpy(span), torch.from_numpy(pos), key,
+                          value.rows(src), distortion.float().to(self.device)[src],
+                          pinned.to(self.device)[src])
         valid = np.minimum(p, np.repeat(counts, pages)
                            - p * (np.arange(len(first)) - np.repeat(np.cumsum(pages) - pages,
                                                                     pages)))
@@ -408,8 +438,230 @@ class PagedStore:
             self.tables[g] = table[np.lexsort((table["first_position"], table["tier"]))]
             start += n_pages
 
-    def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor, key: Codes,
-                     value: Codes, distortion: torch.Tensor) -> None:
+    def add(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
+            value: Codes, distortion: torch.Tensor, pinned: torch.Tensor) -> None:
+        """Add tokens to ``tier``'s pool (arguments as :meth:`replace`'s, ``pinned``
+        required): appended behind their groups' runs — into each run's last partial page,
+        then new pages at the pool's end, no other slot moving — when every group's new
+        positions follow its run and no page would span too many positions; else the runs
+        they join are rewritten (:meth:`update`). A tier whose keys are quantized per page
+        always rewrites them (its partial pages change their statistics)."""
+        pool, p = self.pools[tier], self.page_size
+        arrivals = (group, positions, key, value, distortion, pinned)
+        if pool.paged_keys:
+            self.update(tier, new=arrivals)
+            return
+        group = np.asarray(group, dtype=np.int64)
+        pos = positions.long().cpu().numpy()
+        order = np.lexsort((pos, group))
+        group, pos = group[order], pos[order]
+        touched, start, n_new = np.unique(group, return_index=True, return_counts=True)
+        # each touched run's block of page-table entries and its last entry (zero if none)
+        blocks = self._blocks(touched, tier)
+        has = blocks[:, 1] > blocks[:, 0]
+        last = np.zeros(len(touched), PAGE_TABLE_ENTRY)
+        for i in np.flatnonzero(has):
+            last[i] = self.tables[touched[i]][blocks[i, 1] - 1]
+        end = torch.full((len(touched),), -1, dtype=torch.long)
+        if has.any():
+            tail = (last["page_id"][has].astype(np.int64) * p + last["valid"][has] - 1)
+            end[torch.from_numpy(has)] = pool.position[torch.from_numpy(tail).to(self.device)].cpu()
+        room = np.where(has, p - last["valid"], 0)  # free slots of the run's last page
+        rank = np.arange(len(group)) - np.repeat(start, n_new)
+        run = np.repeat(np.arange(len(touched)), n_new)
+        fresh = rank >= room[run]  # goes to a new page
+        q = rank - room[run]  # rank among the group's tokens on new pages
+        pages = np.where(n_new > room, -(-(n_new - room) // p), 0)
+        page = np.where(fresh, pool.pages + np.repeat(np.cumsum(pages) - pages, n_new) + q // p,
+                        last["page_id"][run])
+        lead = fresh & (q % p == 0)
+        # a token's page starts at the run's last page or at the new page's lead token
+        first = last["first_position"][run].astype(np.int64)
+        first[fresh] = pos[lead][np.cumsum(lead)[fresh] - 1]
+        span = pos - first
+        if (pos[start] <= end.numpy()).any() or (len(span) and span.max() >= _MAX_SPAN):
+            self.update(tier, new=arrivals)
+            return
+        slots = np.where(fresh, page * p + q % p, page * p + last["valid"][run] + rank)
+        base = pool.pages
+        self._grow(pool, base + int(pages.sum()))
+        pool.owner[base:] = np.repeat(touched, pages)
+        src = torch.from_numpy(order).to(self.device)
+        self._write_slots(pool, torch.from_numpy(slots).to(self.device), torch.from_numpy(span),
+                          torch.from_numpy(pos), key.rows(src), value.rows(src),
+                          distortion.float().to(self.device)[src], pinned.to(self.device)[src])
+        self.counts[touched, tier] += n_new
+        k = np.arange(pages.sum()) - np.repeat(np.cumsum(pages) - pages, pages)
+        entries = _entries(base + np.arange(pages.sum()), pos[lead],
+                           np.minimum(p, np.repeat(n_new - room, pages) - p * k), tier)
+        for i, g in enumerate(touched):
+            if room[i]:
+                self.tables[g]["valid"][blocks[i, 1] - 1] += min(room[i], n_new[i])
+        self._splice(touched, blocks[:, [1, 1]], entries, pages)
+
+    def remove(self, tier: int, slots: torch.Tensor) -> None:
+        """Take the items of ``slots`` (int64, on the store's device) out of ``tier``'s pool,
+        rewriting only the runs they leave (:meth:`update`)."""
+        self.update(tier, gone=slots)
+
+    def update(self, tier: int, gone: torch.Tensor | None = None,
+               new: tuple | None = None) -> None:
+        """Take the items of slots ``gone`` out of ``tier``'s pool and put the items ``new``
+        (:meth:`add`'s arguments) in, rewriting only the runs they touch: each touched run's
+        remaining items and arrivals sorted by position and packed into the run's own pages,
+        then pages other runs freed, then new pages at the pool's end. Pages left free are
+        filled by moving the pool's last pages into them, so the pool holds exactly its pages.
+        A tier whose keys are quantized per page quantizes each rewritten page again."""
+        pool, p, dev = self.pools[tier], self.page_size, self.device
+        gone = torch.zeros(0, dtype=torch.long, device=dev) if gone is None else gone.to(dev)
+        new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
+        touched = np.unique(np.concatenate([pool.owner[gone.cpu().numpy() // p], new_group]))
+        blocks = self._blocks(touched, tier)
+        n_old = blocks[:, 1] - blocks[:, 0]
+        old_ids = np.concatenate([np.zeros(0, np.int64)] + [
+            self.tables[g]["page_id"][lo:hi] for g, (lo, hi) in zip(touched, blocks)
+        ]).astype(np.int64)
+        # the items that stay: the touched runs' valid slots but ``gone``
+        runs = len(touched)
+        page_slots = (torch.from_numpy(old_ids).to(dev)[:, None] * p
+                      + torch.arange(p, device=dev)).flatten()
+        keep = pool.valid.clone()
+        keep[gone] = False
+        stays = keep[page_slots]
+        src = page_slots[stays]
+        run = torch.from_numpy(np.repeat(np.arange(runs), n_old)).to(dev).repeat_interleave(p)
+        run, pos = run[stays], pool.position[src]
+        dist, pinned = pool.distortion[src], pool.pinned[src]
+        key = (self.tiers[tier].key.decode(pool.key_rows(src)).float() if pool.paged_keys
+               else pool.key.rows(src))
+        value = pool.value.rows(src)
+        if new is not None:
+            _, positions, new_key, new_value, new_dist, new_pinned = new
+            run = torch.cat([run, torch.from_numpy(np.searchsorted(touched, new_group)).to(dev)])
+            pos = torch.cat([pos, positions.long().to(dev)])
+            dist = torch.cat([dist, new_dist.float().to(dev)])
+            pinned = torch.cat([pinned, new_pinned.to(dev)])
+            key = (torch.cat([key, new_key.float().to(dev)]) if pool.paged_keys
+                   else Codes.cat([key, new_key.to(dev)]))
+            value = Codes.cat([value, new_value.to(dev)])
+        # sorted by (run, position); positions are below 2^32 (page tables hold them as u4)
+        order = torch.argsort(run << 32 | pos)
+        run, pos = run[order], pos[order]
+        size = torch.bincount(run, minlength=runs).cpu().numpy()
+        rank = (torch.arange(len(run), device=dev)
+                - torch.from_numpy(np.cumsum(size) - size).to(dev)[run])
+        # page k of run r: its own k-th page while it has one, else a freed page, else a new one
+        need = -(-size // p)
+        k = np.arange(need.sum()) - np.repeat(np.cumsum(need) - need, need)
+        of = np.repeat(np.arange(runs), need)
+        own = k < n_old[of]
+        k_old = np.arange(len(old_ids)) - np.repeat(np.cumsum(n_old) - n_old, n_old)
+        freed = np.sort(old_ids[k_old >= np.repeat(need, n_old)])
+        extra = int((~own).sum())
+        before = pool.pages
+        fresh = np.concatenate([freed[:extra], before + np.arange(max(extra - len(freed), 0))])
+        ids = np.zeros(len(k), dtype=np.int64)
+        ids[own] = old_ids[(np.cumsum(n_old) - n_old)[of[own]] + k[own]]
+        ids[~own] = fresh
+        page = (torch.from_numpy(np.cumsum(need) - need).to(dev)[run] + rank // p)
+        lead = rank % p == 0
+        first = pos[lead]
+        span = pos - first[page]
+        if len(span) and int(span.max()) >= _MAX_SPAN:
+            raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
+                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
+        ids_t = torch.from_numpy(ids).to(dev)
+        slots = ids_t[page] * p + rank % p
+        self._grow(pool, before + max(extra - len(freed), 0))
+        pool.valid[page_slots] = False
+        pool.owner[ids] = touched[of]
+        if not pool.paged_keys:
+            key = key.rows(order)
+        elif len(run):
+            # each rewritten page quantized again as one group; a partial page's empty slots
+            # repeat its first token, leaving its minima and maxima as they are
+            x = key[order]
+            grid = x[lead].unsqueeze(1).repeat(1, p, 1)
+            grid.view(-1, self.d)[page * p + rank % p] = x
+            striped = _stripe(pool.tier.key.encode(grid), p)
+            rows = (ids_t[:, None] * p + torch.arange(p, device=dev)).flatten()
+            pool.key.payload[rows] = striped.payload
+            for name, v in striped.side.items():
+                pool.key.side[name][rows] = v
+            key = striped.rows(page * p + rank % p)
+        else:
+            key = pool.key.rows(slots)
+        self._write_slots(pool, slots, span, pos, key, value.rows(order), dist[order],
+                          pinned[order])
+        self.counts[touched, tier] = size
+        self._splice(touched, blocks, _entries(ids, first.cpu().numpy(),
+                                               np.minimum(p, np.repeat(size, need) - p * k),
+                                               tier), need)
+        self._compact(pool, tier, freed[extra:])
+
+    def _blocks(self, groups: np.ndarray, tier: int) -> np.ndarray:
+        """int64 ``[len(groups), 2]``: where each group's entries of ``tier`` start and end in
+        its page table (sorted by tier)."""
+        return np.array([np.searchsorted(self.tables[g]["tier"], (tier, tier + 1))
+                         for g in groups], dtype=np.int64).reshape(-1, 2)
+
+    def _splice(self, groups: np.ndarray, blocks: np.ndarray, entries: np.ndarray,
+                sizes: np.ndarray) -> None:
+        """Put the next ``sizes[i]`` of ``entries`` in place of entries ``blocks[i]`` of
+        ``groups[i]``'s page table."""
+        at = 0
+        for g, (lo, hi), n in zip(groups, blocks, sizes):
+            table = self.tables[g]
+            out = np.empty(len(table) - (hi - lo) + n, PAGE_TABLE_ENTRY)
+            out[:lo], out[lo:lo + n], out[lo + n:] = table[:lo], entries[at:at + n], table[hi:]
+            self.tables[g] = out
+            at += n
+
+    def _grow(self, pool: TierPool, pages: int) -> None:
+        """Zeroed pages at the end of ``pool`` up to ``pages``."""
+        grow = pages * self.page_size - pool.offset.numel()
+        if grow <= 0:
+            return
+        pool.key, pool.value = (Codes.cat([c, _empty(t, grow)])
+                                for c, t in ((pool.key, pool.templates[0]),
+                                             (pool.value, pool.templates[1])))
+        pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned = (
+            torch.cat([x, x.new_zeros(grow, *x.shape[1:])])
+            for x in (pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned))
+        pool.owner = np.concatenate([pool.owner, np.zeros(pages - len(pool.owner), np.int64)])
+
+    def _compact(self, pool: TierPool, tier: int, holes: np.ndarray) -> None:
+        """Fill the free pages ``holes`` by moving the pool's last pages into them, then drop
+        the pool's tail: pages keep their contents, their page-table entries follow."""
+        p, end = self.page_size, pool.pages - len(holes)
+        movers = np.setdiff1d(np.arange(end, pool.pages), holes)
+        targets = holes[holes < end]
+        if len(movers):
+            dst = torch.from_numpy(targets[:, None] * p + np.arange(p)).flatten().to(self.device)
+            src = torch.from_numpy(movers[:, None] * p + np.arange(p)).flatten().to(self.device)
+            for c in (pool.key, pool.value):
+                c.payload[dst] = c.payload[src]
+                for v in c.side.values():
+                    v[dst] = v[src]
+            for x in (pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned):
+                x[dst] = x[src]
+            pool.owner[targets] = pool.owner[movers]
+            for m, t in zip(movers, targets, strict=True):
+                table = self.tables[pool.owner[t]]
+                table["page_id"][(table["tier"] == tier) & (table["page_id"] == m)] = t
+        rows = end * p
+        pool.key, pool.value = (Codes(c.payload[:rows].clone(),
+                                      {k: v[:rows].clone() for k, v in c.side.items()},
+                                      torch.Size((rows, c.shape[-1])))
+                                for c in (pool.key, pool.value))
+        pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned = (
+            x[:rows].clone()
+            for x in (pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned))
+        pool.owner = pool.owner[:end].copy()
+
+    def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor,
+                     position: torch.Tensor, key: Codes, value: Codes, distortion: torch.Tensor,
+                     pinned: torch.Tensor) -> None:
         self.version += 1
         for dst, src in ((pool.key, key), (pool.value, value)):
             dst.payload[slots] = src.payload
@@ -417,3 +669,6 @@ class PagedStore:
                 dst.side[k][slots] = v
         pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16).to(pool.offset.device)
         pool.distortion[slots] = distortion
+        pool.position[slots] = position.to(pool.position.device)
+        pool.valid[slots] = True
+        pool.pinned[slots] = pinned

@@ -71,6 +71,18 @@ def _codes(store, tier):
     return {(int(a), int(b)): bytes(r.tolist()) for a, b, r in zip(g, pos, data, strict=True)}
 
 
+def _values(store, tier):
+    """{(group, position): its value codes, as one byte string} of every token kept at ``tier``
+    (a tier quantizing keys per page quantizes them again when it repacks a page)."""
+    g, pos, _, value, _ = store.contents(tier)
+    if not len(pos):
+        return {}
+    data = torch.cat([value.payload.reshape(len(pos), -1).view(torch.uint8)]
+                     + [v.reshape(len(pos), -1).contiguous().view(torch.uint8)
+                        for v in value.side.values()], 1)
+    return {(int(a), int(b)): bytes(r.tolist()) for a, b, r in zip(g, pos, data, strict=True)}
+
+
 def _check(store, expected):
     """Each group's kept positions per tier are ``expected``; bytes are exact."""
     for group, per_tier in expected.items():
@@ -227,3 +239,77 @@ def test_paged_keys_quantize_each_page_whole():
     # the repacked first page [0, 2, 3, 4] is quantized again from its decoded keys
     k_codes, _ = store.codes(1, store.gather(1, [0])[0])
     assert torch.equal(key.decode(k_codes)[0, :4], key.reconstruct(expected[[0, 2, 3, 4]]))
+
+
+def _kivi_tiers():
+    from sphkv.codec import KiviCodec
+    from sphkv.rdr import Tier, TierSet
+
+    return TierSet((Tier("drop"), Tier("kc4", KiviCodec(d=D, bits=4, group_size=P,
+                                                         axis="channel"),
+                                       KiviCodec(d=D, bits=4, group_size=D, axis="token"))))
+
+
+@pytest.mark.parametrize("ladder", ["default", "paged-keys"])
+def test_add_and_remove_rewrite_only_their_runs(tiers, ladder):
+    """Random appends behind runs, insertions inside them and removals (freeing pages that
+    other runs reuse or that the pool's last pages fill): every invariant of ``_check``, the
+    bookkeeping exact, codes kept (a tier quantizing keys per page: value codes), pinned flags
+    kept, and pages of runs nothing touched left where they were."""
+    tiers = tiers if ladder == "default" else _kivi_tiers()
+    gen = np.random.default_rng(1)
+    store = PagedStore(tiers, groups=4, page_size=P)
+    kept: dict[int, dict[int, list[int]]] = {g: {} for g in range(4)}
+    next_pos = {g: 0 for g in range(4)}
+    free = {g: [] for g in range(4)}
+    pinned = set()
+    for step in range(150):
+        tier = int(gen.integers(1, len(tiers)))
+        codes = _values if store.pools[tier].paged_keys else _codes
+        before, tables = codes(store, tier), [t.copy() for t in store.tables]
+        groups = [int(g) for g in gen.choice(4, size=int(gen.integers(1, 4)), replace=False)]
+        if gen.random() < 0.6 or not any(kept[g].get(tier) for g in groups):
+            runs = {}
+            for g in groups:
+                n = int(gen.integers(1, 2 * P + 2))
+                if free[g] and gen.random() < 0.4:  # lands inside the run
+                    runs[g], free[g] = free[g][:n], free[g][n:]
+                else:
+                    runs[g] = list(range(next_pos[g], next_pos[g] + n))
+                    next_pos[g] += n
+            (group, pos, key, value, dist), _, _ = _tokens(store, tier, runs, seed=step)
+            pin = torch.from_numpy(gen.random(len(group)) < 0.3)
+            store.add(tier, group, pos, key, value, dist, pin)
+            for g, q, b in zip(group.tolist(), pos.tolist(), pin.tolist(), strict=True):
+                (pinned.add if b else pinned.discard)((g, q))
+            for g, ps in runs.items():
+                kept[g].setdefault(tier, []).extend(ps)
+        else:
+            slots, valid, positions = store.gather(tier, groups)
+            take = valid & torch.from_numpy(gen.random(valid.shape) < 0.5)
+            store.remove(tier, slots[take])
+            for i, g in enumerate(groups):
+                out = positions[i][take[i]].tolist()
+                kept[g][tier] = [q for q in kept[g].get(tier, []) if q not in out]
+                free[g] += out
+        _check(store, kept)
+        pool = store.pools[tier]
+        assert (store.counts[:, tier] == [len(kept[g].get(tier, [])) for g in range(4)]).all()
+        slots, valid, positions = store.gather(tier, list(range(4)))
+        assert int(pool.valid.sum()) == int(valid.sum()) and pool.valid[slots[valid]].all()
+        assert torch.equal(pool.position[slots[valid]], positions[valid])
+        group = np.repeat(np.arange(4), valid.sum(1).numpy())
+        assert [bool(b) for b in pool.pinned[slots[valid]]] == [
+            (int(g), q) in pinned for g, q in zip(group, positions[valid].tolist(), strict=True)]
+        assert store.nbytes() == store.held_bytes()
+        after = codes(store, tier)
+        for item, code in before.items():
+            if item in after:
+                assert after[item] == code
+        for g in set(range(4)) - set(groups):
+            if pool.pages:  # an untouched run keeps its pages unless compaction moved them
+                mine = tables[g][tables[g]["tier"] == tier]
+                now = store.tables[g][store.tables[g]["tier"] == tier]
+                assert len(mine) == len(now)
+                assert (mine["first_position"] == now["first_position"]).all()
+                assert (mine["valid"] == now["valid"]).all()
