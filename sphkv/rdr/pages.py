@@ -10,9 +10,9 @@ the last page of a run is partial, and token j of a page sits at position
 ``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
 position recoverable.
 
-The store is written a tier at a time: :meth:`PagedStore.replace` rewrites the tier's whole
-pool in one pass, :meth:`PagedStore.add` appends tokens behind their runs (into each run's last
-partial page, then new pages at the pool's end), :meth:`PagedStore.remove` takes tokens out.
+The store is written a tier at a time: :meth:`PagedStore.add` appends tokens behind their runs
+(into each run's last partial page, then new pages at the pool's end), :meth:`PagedStore.remove`
+takes tokens out and :meth:`PagedStore.update` does both, rewriting only the runs it touches.
 Pools hold exactly their pages and the accounted bytes — ``pages · P · (codes + side +
 offset)`` per tier plus one entry per page — equal the bytes of the tensors the store really
 holds (:meth:`PagedStore.held_bytes`); :attr:`PagedStore.counts` keeps the items per (group,
@@ -357,19 +357,21 @@ class PagedStore:
                 pool.key_rows(slots), pool.value.rows(slots),
                 pool.distortion[slots])
 
-    def replace(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
-                value: Codes, distortion: torch.Tensor,
-                pinned: torch.Tensor | None = None) -> None:
-        """Make ``tier``'s pool hold exactly these tokens (any order, already encoded by the
-        tier's codecs): each group's run sorted by position and packed into whole pages, the
-        groups' pages one after another. One pass over the pool, however many groups change.
+    def add(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
+            value: Codes, distortion: torch.Tensor, pinned: torch.Tensor) -> None:
+        """Add tokens to ``tier``'s pool (any order, already encoded by the tier's codecs):
+        appended behind their groups' runs — into each run's last partial page,
+        then new pages at the pool's end, no other slot moving — when every group's new
+        positions follow its run and no page would span too many positions; else the runs
+        they join are rewritten (:meth:`update`). A tier whose keys are quantized per page
+        always rewrites them (its partial pages change their statistics).
 
         Parameters
         ----------
         group : numpy.ndarray
             int ``[n]``.
         positions : torch.Tensor
-            int ``[n]``, distinct within a group.
+            int ``[n]``, distinct within a group and from the group's kept positions.
         key : Codes or torch.Tensor
             ``[n]`` vectors' codes; for a tier whose keys are quantized per channel over a page
             (:class:`~sphkv.codec.KiviCodec` with ``axis="channel"``), the vectors ``[n, d]``
@@ -378,74 +380,14 @@ class PagedStore:
             ``[n]`` vectors.
         distortion : torch.Tensor
             ``[n, T]``.
-        pinned : torch.Tensor, optional
-            bool ``[n]``: items that keep their tier (none by default).
-        """
-        pool, p = self.pools[tier], self.page_size
-        group = np.asarray(group, dtype=np.int64)
-        pos = positions.long().cpu().numpy()
-        order = np.lexsort((pos, group))
-        group, pos = group[order], pos[order]
-        counts = np.bincount(group, minlength=len(self.tables))
-        pages = -(-counts // p)
-        rank = np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
-        page = np.repeat(np.cumsum(pages) - pages, counts) + rank // p
-        first = pos[rank % p == 0]  # [pages], page ids in order
-        span = pos - first[page]
-        if len(span) and span.max() >= _MAX_SPAN:
-            raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
-                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
-        rows = int(pages.sum()) * p
-        slots = torch.from_numpy(page * p + rank % p).to(self.device)
-        src = torch.from_numpy(order).to(self.device)
-        pool.key, pool.value = (_empty(t, rows) for t in pool.templates)
-        pool.offset = torch.zeros(rows, dtype=torch.int16, device=self.device)
-        pool.distortion = torch.zeros(rows, len(self.tiers), device=self.device)
-        pool.position = torch.zeros(rows, dtype=torch.long, device=self.device)
-        pool.valid = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        pool.pinned = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        pool.owner = np.repeat(np.arange(len(self.tables)), pages)
-        self.counts[:, tier] = counts
-        pinned = (torch.zeros(len(src), dtype=torch.bool) if pinned is None else pinned)
-        if pool.paged_keys:
-            # each page one group of the per-channel statistics; the empty slots of a partial
-            # page repeat its first token, which leaves its minima and maxima as they are
-            x = key.float().to(self.device)[src]
-            lead = torch.from_numpy(np.flatnonzero(rank % p == 0)).to(self.device)
-            grid = x[lead].unsqueeze(1).repeat(1, p, 1)
-            grid.view(-1, self.d)[slots] = x
-            pool.key = _stripe(pool.tier.key.encode(grid), p)
-            key = pool.key.rows(slots)
-        else:
-            key = key.rows(src)
-        self._write_slots(pool, slots, torch.from_numpy(span), torch.from_numpy(pos), key,
-                          value.rows(src), distortion.float().to(self.device)[src],
-                          pinned.to(self.device)[src])
-        valid = np.minimum(p, np.repeat(counts, pages)
-                           - p * (np.arange(len(first)) - np.repeat(np.cumsum(pages) - pages,
-                                                                    pages)))
-        start = 0
-        for g, n_pages in enumerate(pages):
-            table = self.tables[g]
-            if n_pages == 0 and not (table["tier"] == tier).any():
-                continue
-            entries = np.zeros(n_pages, PAGE_TABLE_ENTRY)
-            entries["page_id"] = np.arange(start, start + n_pages)
-            entries["first_position"] = first[start:start + n_pages]
-            entries["valid"] = valid[start:start + n_pages]
-            entries["tier"] = tier
-            table = np.concatenate([table[table["tier"] != tier], entries])
-            self.tables[g] = table[np.lexsort((table["first_position"], table["tier"]))]
-            start += n_pages
+        pinned : torch.Tensor
+            bool ``[n]``: items that keep their tier.
 
-    def add(self, tier: int, group: np.ndarray, positions: torch.Tensor, key: Codes,
-            value: Codes, distortion: torch.Tensor, pinned: torch.Tensor) -> None:
-        """Add tokens to ``tier``'s pool (arguments as :meth:`replace`'s, ``pinned``
-        required): appended behind their groups' runs — into each run's last partial page,
-        then new pages at the pool's end, no other slot moving — when every group's new
-        positions follow its run and no page would span too many positions; else the runs
-        they join are rewritten (:meth:`update`). A tier whose keys are quantized per page
-        always rewrites them (its partial pages change their statistics)."""
+        Raises
+        ------
+        ValueError
+            A page would span 2^16 positions or more (offsets are 16-bit); nothing is written.
+        """
         pool, p = self.pools[tier], self.page_size
         arrivals = (group, positions, key, value, distortion, pinned)
         if pool.paged_keys:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from sphkv.codec import Codes
 from sphkv.rdr import default_tiers
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.pages import OFFSET_BYTES, PagedStore
@@ -18,9 +17,9 @@ def tiers():
 
 
 def _tokens(store, tier, runs, seed=0):
-    """Fresh random tokens ``runs`` ({group: positions}) as :meth:`PagedStore.replace` takes
-    them: ``(group, positions, key, value, distortion)`` encoded by ``tier``'s codecs (keys
-    quantized per page stay vectors); and the keys and values ``[n, D]``."""
+    """Fresh random tokens ``runs`` ({group: positions}) as :meth:`PagedStore.add` takes
+    them: ``(group, positions, key, value, distortion, pinned)`` encoded by ``tier``'s codecs
+    (keys quantized per page stay vectors, none pinned); and the keys and values ``[n, D]``."""
     gen = torch.Generator().manual_seed(seed)
     group = np.array([g for g, ps in runs.items() for _ in ps], dtype=np.int64)
     positions = torch.tensor([p for ps in runs.values() for p in ps], dtype=torch.long)
@@ -29,33 +28,29 @@ def _tokens(store, tier, runs, seed=0):
     t = store.tiers[tier]
     key = keys if store.pools[tier].paged_keys else t.key.encode(keys)
     return ((group, positions, key, t.value.encode(values),
-             torch.rand(n, len(store.tiers), generator=gen)), keys, values)
+             torch.rand(n, len(store.tiers), generator=gen), torch.zeros(n, dtype=torch.bool)),
+            keys, values)
 
 
 def _write(store, tier, runs, seed=0):
-    """Make ``tier`` hold exactly the fresh tokens ``runs``; their keys and values."""
+    """Make ``tier`` hold exactly the fresh tokens ``runs`` (one update: what it held out,
+    these in); their keys and values."""
     args, keys, values = _tokens(store, tier, runs, seed)
-    store.replace(tier, *args)
+    store.update(tier, gone=torch.nonzero(store.pools[tier].valid).flatten(), new=args)
     return keys, values
 
 
 def _add(store, tier, runs, seed=0):
-    """Add fresh tokens ``runs`` to what ``tier`` holds (one rewrite of its pool)."""
-    (group, pos, key, value, dist), _, _ = _tokens(store, tier, runs, seed)
-    g0, p0, k0, v0, d0 = store.contents(tier)
-    store.replace(tier, np.concatenate([g0, group]), torch.cat([p0, pos]), Codes.cat([k0, key]),
-                  Codes.cat([v0, value]), torch.cat([d0, dist]))
+    """Add fresh tokens ``runs`` to what ``tier`` holds."""
+    store.add(tier, *_tokens(store, tier, runs, seed)[0])
 
 
 def _remove(store, tier, group, positions):
-    """Take ``positions`` of ``group`` out of ``tier``, decoding a per-page-quantized tier's
-    keys for the rewrite (as the online allocator does)."""
-    g, pos, key, value, dist = store.contents(tier)
-    stay = torch.from_numpy(~((g == group) & np.isin(pos.numpy(), positions)))
-    key = key.rows(stay)
-    if store.pools[tier].paged_keys:
-        key = store.tiers[tier].key.decode(key)
-    store.replace(tier, g[stay.numpy()], pos[stay], key, value.rows(stay), dist[stay])
+    """Take ``positions`` of ``group`` out of ``tier``."""
+    pool, p = store.pools[tier], store.page_size
+    owner = torch.from_numpy(pool.owner).repeat_interleave(p)
+    mine = pool.valid & (owner == group) & torch.isin(pool.position, torch.tensor(positions))
+    store.remove(tier, torch.nonzero(mine).flatten())
 
 
 def _codes(store, tier):
@@ -110,7 +105,7 @@ def _check(store, expected):
     assert store.nbytes() == accounted == store.held_bytes()
 
 
-def test_replace_positions_and_bytes(tiers):
+def test_positions_and_bytes(tiers):
     store = PagedStore(tiers, groups=3, page_size=P)
     fp16, turbo2 = tiers.index("fp16"), tiers.index("turbo2")
     keys, values = _write(store, fp16, {0: [0, 1, 2, 9, 12, 20, 21, 30]})
@@ -190,28 +185,22 @@ def test_page_span_limit(tiers):
     assert len(store.tables[0]) == 2
 
 
-def test_contents_and_replace_repack_every_group(tiers):
+def test_contents_after_removals_and_emptying(tiers):
     store = PagedStore(tiers, groups=3, page_size=P)
     turbo2, fp16 = tiers.index("turbo2"), tiers.index("fp16")
     _write(store, turbo2, {0: [0, 1, 2, 3, 4], 2: [7, 9]})
     _write(store, fp16, {1: [3, 4]}, seed=2)
     version = store.version
-    group, pos, key, value, dist = store.contents(turbo2)
+    group, pos, *_ = store.contents(turbo2)
     assert sorted(zip(group.tolist(), pos.tolist(), strict=True)) == \
         [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (2, 7), (2, 9)]
     before = _codes(store, turbo2)
-    # drop group 0's tokens 1 and 3, move group 2's run to group 1, shuffled
-    keep = torch.tensor([i for i, (g, p) in enumerate(zip(group, pos.tolist(), strict=True))
-                         if (g, p) not in {(0, 1), (0, 3)}]).flip(0)
-    new_group = np.where(group[keep.numpy()] == 2, 1, group[keep.numpy()])
-    store.replace(turbo2, new_group, pos[keep], key.rows(keep), value.rows(keep), dist[keep])
+    _remove(store, turbo2, 0, [1, 3])
     assert store.version > version
-    _check(store, {0: {turbo2: [0, 2, 4]}, 1: {turbo2: [7, 9], fp16: [3, 4]}, 2: {}})
-    for (g, p), code in _codes(store, turbo2).items():
-        assert code == before[(0 if g == 0 else 2, p)]
-    none = torch.zeros(0, dtype=torch.long)
-    store.replace(turbo2, np.zeros(0, np.int64), none, key.rows(none), value.rows(none),
-                  dist[:0])
+    _check(store, {0: {turbo2: [0, 2, 4]}, 1: {fp16: [3, 4]}, 2: {turbo2: [7, 9]}})
+    for item, code in _codes(store, turbo2).items():
+        assert code == before[item]
+    _write(store, turbo2, {})
     _check(store, {0: {}, 1: {fp16: [3, 4]}, 2: {}})
 
 
@@ -277,7 +266,7 @@ def test_add_and_remove_rewrite_only_their_runs(tiers, ladder):
                 else:
                     runs[g] = list(range(next_pos[g], next_pos[g] + n))
                     next_pos[g] += n
-            (group, pos, key, value, dist), _, _ = _tokens(store, tier, runs, seed=step)
+            (group, pos, key, value, dist, _), _, _ = _tokens(store, tier, runs, seed=step)
             pin = torch.from_numpy(gen.random(len(group)) < 0.3)
             store.add(tier, group, pos, key, value, dist, pin)
             for g, q, b in zip(group.tolist(), pos.tolist(), pin.tolist(), strict=True):
