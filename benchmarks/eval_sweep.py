@@ -24,8 +24,9 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, environment, format_table
 
 #: every method of the comparison; ``none`` is the uncompressed baseline
-METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "streamingllm", "snapkv", "h2o", "keydiff",
-           "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
+METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-kv-ea", "streamingllm",
+           "snapkv", "h2o", "keydiff", "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant",
+           "polarquant", "fibquant")
 #: fractions of the fp16 cache
 BUDGETS = (1 / 16, 1 / 8, 1 / 4)
 #: the full grid, per text: perplexity at N ∈ {1k, 2k, 4k} scoring M = 256; fidelity at
@@ -286,7 +287,6 @@ def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
     rows = [{**r, "ratio": 1 + r["vs_none"]} if "vs_none" in r else r for r in relative(rows)]
     held = [r for r in rows if r.get("text", "") not in tuned]
     rows = held or rows
-    n_texts = len({r.get("text", "") for r in rows})
     panels = sorted({(r["task"], r["context"], r["setting"] or "") for r in rows},
                     key=lambda p: (TASKS.index(p[0]), p[1], p[2]))
     metric = {"ppl": ("ratio", "perplexity / none's"),
@@ -328,6 +328,9 @@ def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
         ax.set_ylabel(label)
         if task == "ppl":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        n_texts = len({r.get("text", "") for r in cell})
         ax.set_title(f"{task} N={n} {setting}".strip()
                      + (f" ({n_texts} texts)" if n_texts > 1 else ""), fontsize=10)
     for ax in axes.flat[len(panels):]:
