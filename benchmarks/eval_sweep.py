@@ -329,7 +329,7 @@ def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
         if task == "ppl":
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
         n_texts = len({r.get("text", "") for r in cell})
         ax.set_title(f"{task} N={n} {setting}".strip()
                      + (f" ({n_texts} texts)" if n_texts > 1 else ""), fontsize=10)
@@ -364,8 +364,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     tuned = header.get("tuned") or []
     held = [t for t in names if t not in tuned]
     lines = [f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}", "",
-             f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; tuned on "
-             f"{', '.join(t for t in names if t in tuned) or 'none'}; perplexity scores "
+             f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
+             f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
              f"trials per cell in its table; "
              f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
