@@ -32,8 +32,13 @@ import numpy as np
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_repair import repair_pages
-from sphkv.solvers.page_round import (_blocks, rank_major, round_by_pages, round_pages,
-                                      slot_dual_bound)
+from sphkv.solvers.page_round import (
+    _blocks,
+    rank_major,
+    round_by_pages,
+    round_pages,
+    slot_dual_bound,
+)
 
 __all__ = ["GreedySolver", "HullSegments", "greedy_tiers"]
 
