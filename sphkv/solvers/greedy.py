@@ -31,6 +31,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
+from sphkv.solvers.page_bound import whole_page_bound
 from sphkv.solvers.page_repair import repair_pages
 from sphkv.solvers.page_round import (
     _blocks,
@@ -48,6 +49,8 @@ _POLISH_ITEMS, _POLISH_GROUPS = 200_000, 512
 _FILL_CHUNK = 4096
 # Page rounding by options (2^(T-1) per group) up to this many tiers, else by moves.
 _MAX_OPTION_TIERS = 7
+# With pages, the whole-page bound is computed when the slot dual leaves a larger relative gap.
+_WHOLE_PAGE_GAP = 1e-3
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
@@ -553,9 +556,18 @@ class GreedySolver(Solver):
                 tiers = polished
         # The dual is maximised over λ where that is cheap, else taken near the greedy price.
         evaluations = 24 if self.polish and problem.n_items <= 50_000 else 6
-        bound = slot_dual_bound(xp, distortion, allowed, amortized, group, on(slots), constant,
-                                problem.page_cost(forced_counts), problem.budget, price,
-                                hull.max_efficiency, evaluations=evaluations)
+        bound, bound_price = slot_dual_bound(
+            xp, distortion, allowed, amortized, group, on(slots), constant,
+            problem.page_cost(forced_counts), problem.budget, price, hull.max_efficiency,
+            evaluations=evaluations, return_price=True)
+        distortion_now = problem.distortion_of(tiers)
+        if distortion_now - bound > _WHOLE_PAGE_GAP * distortion_now:
+            # Far from the bound: most of that is the partial pages the slot dual leaves out
+            # (small groups); the whole-page bound counts them. Searched around the slot
+            # dual's best price on small problems, taken there alone on large ones.
+            small = problem.n_items <= 50_000
+            bound = max(bound, whole_page_bound(problem, bound_price,
+                                                evaluations=8 if small else 1))
         return tiers, bound
 
 

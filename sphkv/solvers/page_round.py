@@ -542,7 +542,7 @@ def _block(xp, x) -> int:
 
 def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
                     forced_bytes: float, budget: float, price: float, price_max: float,
-                    evaluations: int = 16) -> float:
+                    evaluations: int = 16, return_price: bool = False):
     """A Lagrangian lower bound on the paged optimum that credits forced pages' empty slots.
 
     Paged cost >= R(x) = F + Σ_{g,t} c'_gt · max(0, n_gt - s_gt), with F the bytes of the forced
@@ -558,7 +558,7 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     the items, block by block, and per tier with empty slots a sort of the items whose gain is
     at least a floor below each group's s-th largest (the s-th largest gain of the items
     credited at the previous λ; at the first, of every k-th item). Every evaluated L is a
-    bound; the largest is returned.
+    bound; the largest is returned (with its λ if ``return_price``).
 
     Parameters
     ----------
@@ -672,9 +672,13 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
 
     lam = max(price, 0.0)  # a bound for λ >= 0 only (a solver's dual may be -0)
     value, slope = dual(lam)
-    best_value = value
+    best_value, best_lam = value, lam
+
+    def result():
+        return (best_value, best_lam) if return_price else best_value
+
     if price_max <= 0 or evaluations <= 1 or slope == 0:
-        return best_value
+        return result()
     # Bracket the maximum: [lo, hi] with slope(lo) > 0 > slope(hi), doubling or halving λ.
     lo, hi = (lam, None) if slope > 0 else (None, lam)
     s_lo, s_hi = (slope, None) if slope > 0 else (None, slope)
@@ -694,7 +698,8 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
         else:
             lam = lo + (hi - lo) * s_lo / (s_lo - s_hi)
         value, slope = dual(lam)
-        best_value = max(best_value, value)
+        if value > best_value:
+            best_value, best_lam = value, lam
         if slope > 0:
             if lo is not None and hi is not None and side == 1:
                 s_hi /= 2
@@ -709,4 +714,4 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                 break
         else:
             break
-    return best_value
+    return result()

@@ -34,3 +34,23 @@ def random_problem(rng: np.random.Generator, n: int, t: int, paged: bool,
     loose = AllocationProblem(distortion, cost, 1e12, forced=forced, **pages)
     low, high = loose.min_cost(), loose.max_useful_cost()
     return loose.with_budget(low + budget_fraction * (high - low))
+
+
+def brute_force_lagrangian(problem: AllocationProblem, price: float) -> float:
+    """``min_x Σ D + price · (paged bytes(x) - budget)``, each group's assignments enumerated:
+    the Lagrangian dual function of the paged problem, exact."""
+    total = -price * problem.budget
+    for g in range(problem.n_groups):
+        items = np.flatnonzero(problem.group_index == g)
+        forced, ceiling = problem.forced[items], problem.ceiling_tier[items]
+        best = np.inf
+        for tiers in itertools.product(range(problem.n_tiers), repeat=items.size):
+            tiers = np.array(tiers, dtype=np.int64)
+            if np.any((forced >= 0) & (tiers != forced)) or np.any(tiers > ceiling):
+                continue
+            pages = -(-np.bincount(tiers, minlength=problem.n_tiers) // problem.page_size)
+            value = (problem.distortion[items, tiers].sum()
+                     + price * (pages * problem.page_bytes[g]).sum())
+            best = min(best, value)
+        total += best
+    return total

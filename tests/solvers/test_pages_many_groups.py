@@ -60,13 +60,14 @@ def test_numpy_and_torch_agree_in_many_small_groups(polish):
 def test_small_groups_round_close_to_their_bound():
     # 64 groups of 244 tokens, a budget of about two pages per group beside the forced one:
     # rounding each tier's partial page alone lost 5% here, the options ordered by regret 1.3%
-    # (of which 0.75% is the bound's: it ignores that page counts are integers).
+    # above the slot dual (which takes page counts as fractions), 0.47% above the whole-page
+    # bound (0.21% polished).
     problem = synthetic_problem(layers=8, kv_heads=8, tokens=244, page_size=16, sinks=4,
                                 recent=8)
-    for polish in (True, False):
+    for polish, gap in ((True, 0.003), (False, 0.006)):
         alloc = solve(problem, "greedy", polish=polish)
         assert alloc.cost <= problem.budget
-        assert alloc.gap <= 0.015
+        assert alloc.gap <= gap
 
 
 def test_groups_of_2048_tokens_round_within_a_thousandth_of_their_bound():

@@ -1,0 +1,199 @@
+"""A Lagrangian lower bound on the paged optimum that counts whole pages.
+
+For a price λ >= 0, OPT >= min_x Σ_i D(i, x_i) + λ (paged bytes(x) - B), and the minimum splits
+into one problem per group. Priced at the amortized cost ``c' = c + h/P``, item i's best tier
+has value ``best_i = min_t D_it + λ c'_t`` and every other tier a regret ``r_it >= 0``; a group
+whose tier of rank k (tiers in order of cost) holds n_k items pays ``λ c'_k e(n_k)`` beyond
+amortized, ``e(n) = (-n) mod P`` its empty slots. So a group's minimum is
+``Σ_i best_i + λ Σ_k c'_k f_k + W`` with f the forced counts and
+
+    W = min_x Σ_i r(i, x_i) + λ Σ_k c'_k e(n_k(x)).
+
+W is bounded from below by a chain over the boundaries between ranks k and k + 1. With Φ_k
+the net number of items crossing boundary k upwards, ``n_k = n⁰_k + Φ_{k-1} - Φ_k`` (n⁰ the
+counts at the best tiers, forced items included), and an item's regret is split over the
+boundaries it crosses: a move from rank a up to b pays ``min_{b' > k} r_ib' / (b' - a)`` at each
+boundary k it crosses (at most ``r_ib`` in all, for every b), likewise downwards. The cheapest
+``|Φ_k|`` of a group's crossing costs at boundary k then bound the moves' regrets from below,
+and as the empty slots depend on counts modulo P only, each Φ_k is needed modulo P (the class's
+cheapest members are Φ = ρ up or P - ρ down). A move into the dearest rank from two ranks or
+more below it (a long jump, e.g. into the empty fp16 slots of forced pages) is not split: such
+an item's regret is counted whole, J_k the jumps from ranks <= k. The minimum over
+(Φ_k mod P, J_k) is a dynamic program along the ranks, one [G, P, P, J] pass per rank. Jumps
+beyond ``max_jumps`` are bounded by the group's cheapest ``max_jumps + 1`` jump regrets.
+
+Every relaxation step only drops constraints (which items cross where, counts >= 0), so the
+value is a lower bound at every λ. Crossing costs above
+what a flow at that boundary could save (the two ranks' greatest empty-slot cost) or above the
+group's empty-slot cost at the best tiers are never worth taking: they are counted at that cap,
+which leaves the minimum unchanged and the sorts short.
+
+Computed on the host (numpy) from the problem's arrays, so every backend gets the same bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sphkv.rdr.problem import AllocationProblem
+
+__all__ = ["whole_page_bound"]
+
+
+class _Groups:
+    """The free items laid out group-major, each group padded to the largest: rows [T, G·M] of
+    distortions in rank order (a padding slot has distortion 0 at rank 0 and no other tier, and
+    is neither counted nor summed), so a per-group selection is a partition along M."""
+
+    def __init__(self, problem: AllocationProblem):
+        p = problem.page_size
+        free = problem.forced < 0
+        group = problem.group_index[free]
+        self.g_count, self.t = problem._group_cost.shape
+        group_cost = problem._group_cost
+        self.order = np.argsort(group_cost, axis=1, kind="stable")  # rank -> tier
+        amortized = np.where(group_cost > 0, group_cost + problem.page_overhead / p, 0.0)
+        self.c_rank = np.take_along_axis(amortized, self.order, axis=1)
+        self.f_rank = np.take_along_axis(problem.forced_counts(), self.order, axis=1)
+        sizes = np.bincount(group, minlength=self.g_count)
+        self.m = max(int(sizes.max(initial=0)), 1)
+        by_group = np.argsort(group, kind="stable")
+        slot = (group[by_group] * self.m
+                + np.arange(by_group.size) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+        self.real = np.zeros(self.g_count * self.m, dtype=bool)
+        self.real[slot] = True
+        items = np.flatnonzero(free)[by_group]
+        tiers = self.order[group[by_group]]  # [n, T]: tier of each rank
+        d = np.take_along_axis(problem.distortion[items], tiers, axis=1)
+        if problem.has_ceiling:
+            ok = np.take_along_axis(problem.allowed(items), tiers, axis=1)
+            d = np.where(ok, d, np.inf)
+        self.rows = np.full((self.t, self.g_count * self.m), np.inf)
+        self.rows[0] = 0.0
+        self.rows[:, slot] = d.T
+        fixed = ~free
+        self.constant = float(problem.distortion[fixed, problem.forced[fixed]].sum())
+        self.n, self.p, self.budget = int(free.sum()), p, problem.budget
+
+    def smallest(self, cost, k: int, cap):
+        """Per group: prefix sums of its ``k`` smallest finite ``cost`` [G·M] values,
+        [G, k + 1]; values at or above ``cap`` [G] count as the cap, inf where the group has
+        fewer finite values."""
+        table = cost.reshape(self.g_count, self.m)
+        available = np.isfinite(table).sum(axis=1)
+        table = np.minimum(table, cap[:, None])
+        if k < self.m:
+            table = np.partition(table, k - 1, axis=1)[:, :k]
+        table = np.sort(table, axis=1)
+        if table.shape[1] < k:
+            table = np.concatenate([table, np.full((self.g_count, k - table.shape[1]), np.inf)],
+                                   axis=1)
+        table = np.where(np.arange(k)[None, :] < available[:, None], table, np.inf)
+        return np.concatenate([np.zeros((self.g_count, 1)), np.cumsum(table, axis=1)], axis=1)
+
+
+def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
+    """The bound at price ``lam``."""
+    g_count, t, p = groups.g_count, groups.t, groups.p
+    c_rank = groups.c_rank
+    # value[k] = D at rank k + λ c'_k, per padded slot.
+    value = groups.rows + lam * np.repeat(c_rank.T, groups.m, axis=1)
+    a = np.argmin(value, axis=0)  # rank of the best tier
+    best = np.min(value, axis=0)
+    regret = value - best
+    del value
+    top = t - 1
+    # Crossing costs, up: min over destinations b > k of regret_b / (b - a), for a <= k; into
+    # the top only from the rank just below it (from further down it is a jump, counted whole).
+    up = [None] * max(t - 1, 0)
+    lowest = np.full(a.shape, np.inf)
+    for b in range(top, 0, -1):
+        into = a < b if b < top else a == top - 1
+        lowest = np.minimum(lowest, np.where(into, regret[b] / np.maximum(b - a, 1), np.inf))
+        up[b - 1] = np.where(a <= b - 1, lowest, np.inf)
+    down = [None] * max(t - 1, 0)
+    lowest = np.full(a.shape, np.inf)
+    for b in range(top):
+        lowest = np.minimum(lowest, np.where(a > b, regret[b] / np.maximum(a - b, 1), np.inf))
+        down[b] = np.where(a > b, lowest, np.inf)
+    flat = (np.arange(g_count).repeat(groups.m) * t + a)[groups.real]
+    counts = np.bincount(flat, minlength=g_count * t).reshape(g_count, t) + groups.f_rank
+    slot_price = lam * c_rank  # [G, T]: one empty slot
+    empty0 = (slot_price * ((-counts) % p)).sum(axis=1)  # W at the best tiers
+    rho = np.arange(p)
+    # Per boundary k (ranks k | k + 1), the cheapest net flow of each residue ρ: ρ up or
+    # P - ρ down. A flow costing more than the two ranks' empty slots could save never pays.
+    cross = np.zeros((g_count, max(t - 1, 0), p))
+    for k in range(t - 1):
+        cap = np.minimum(empty0, (slot_price[:, k] + slot_price[:, k + 1]) * (p - 1))
+        ups = groups.smallest(up[k], p - 1, cap)
+        downs = groups.smallest(down[k], p - 1, cap)
+        cross[:, k, 1:] = np.minimum(ups[:, rho[1:]], downs[:, p - rho[1:]])
+    # Jumps into the top from ranks <= top - 2, their regrets whole.
+    jump = np.where(a <= top - 2, regret[top], np.inf)
+    jumps = np.full((g_count, t, max_jumps + 1), np.inf)
+    jumps[:, :, 0] = 0.0
+    for r in range(top - 1):
+        cap = np.minimum(empty0, (slot_price[:, r] + slot_price[:, top]) * (p - 1))
+        jumps[:, r] = groups.smallest(np.where(a == r, jump, np.inf), max_jumps, cap)
+    cap = np.minimum(empty0, slot_price.max(axis=1) * 2 * (p - 1))
+    beyond = groups.smallest(jump, max_jumps + 1, cap)[:, -1]
+
+    def empty_cost(rank: int, count):
+        return slot_price[:, rank].reshape((-1,) + (1,) * (count.ndim - 1)) * ((-count) % p)
+
+    # dp[g, ρ, J]: least cost of the ranks below the current one, ρ = Φ mod P, J jumps so far.
+    dp = np.full((g_count, p, max_jumps + 1), np.inf)
+    dp[:, 0, 0] = 0.0
+    for k in range(t - 1):
+        # j jumps out of rank k: m = ρ - j mod P is its net inflow from below.
+        inflow = np.full_like(dp, np.inf)
+        for j in range(max_jumps + 1):
+            moved = np.roll(dp[:, :, :max_jumps + 1 - j] + jumps[:, k, j][:, None, None], -j,
+                            axis=1)
+            np.minimum(inflow[:, :, j:], moved, out=inflow[:, :, j:])
+        # n_k = n⁰_k + m - ρ_k, [G, m, ρ_k].
+        count = counts[:, k][:, None, None] + rho[None, :, None] - rho[None, None, :]
+        dp = (np.min(inflow[:, :, None, :] + empty_cost(k, count)[:, :, :, None], axis=1)
+              + cross[:, k][:, :, None])
+    count = (counts[:, top][:, None, None] + rho[None, :, None]
+             + np.arange(max_jumps + 1)[None, None, :])
+    w = np.minimum(np.min((dp + empty_cost(top, count)).reshape(g_count, -1), axis=1), beyond)
+    forced_bytes = float((c_rank * groups.f_rank).sum())
+    best = best[groups.real]
+    total = float(best.sum()) + float(w.sum())
+    lagrange = lam * (forced_bytes - groups.budget)
+    # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding.
+    rounding = 1e-13 * max(groups.n, 1) * (abs(groups.constant) + float(np.abs(best).sum())
+                                           + abs(total) + abs(lagrange))
+    return groups.constant + total + lagrange - rounding
+
+
+def whole_page_bound(problem: AllocationProblem, price: float, evaluations: int = 1,
+                     max_jumps: int = 8) -> float:
+    """Lower bound on the paged optimum counting whole pages (see the module docstring): the
+    largest of its values at ``price`` and, with ``evaluations`` > 1, at the points of a golden
+    section search on [0.8, 1.25] × ``price`` (every value is a bound, whatever the function's
+    shape). ``-inf`` without pages or a positive price."""
+    if problem.page_size is None or not price > 0 or problem.n_items == 0:
+        return -np.inf
+    groups = _Groups(problem)
+    best = _at_price(groups, price, max_jumps)
+    if evaluations < 3:
+        return best
+    lo, hi = 0.8 * price, 1.25 * price
+    golden = (np.sqrt(5.0) - 1) / 2
+    x1, x2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    f1, f2 = _at_price(groups, x1, max_jumps), _at_price(groups, x2, max_jumps)
+    best = max(best, f1, f2)
+    for _ in range(evaluations - 3):
+        if f1 >= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - golden * (hi - lo)
+            f1 = _at_price(groups, x1, max_jumps)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + golden * (hi - lo)
+            f2 = _at_price(groups, x2, max_jumps)
+        best = max(best, f1, f2)
+    return best
