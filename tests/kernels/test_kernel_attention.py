@@ -40,7 +40,7 @@ def test_kernel_attend_matches_attend(monkeypatch, method, name):
     budget = (0.6 if name == "llama" else 0.8) * fp16_cache_bytes(tiny_model().config, 2,
                                                                   32 + new)
     cache = SphkvCache(model.config, budget, method, window=8, page_size=4)
-    attend, seen = CompressedLayer.attend, []
+    attend, seen, tables, reused = CompressedLayer.attend, [], {}, []
 
     def both(layer, query, attention_mask, scaling):
         ref = attend(layer, query, attention_mask, scaling)
@@ -48,6 +48,13 @@ def test_kernel_attend_matches_attend(monkeypatch, method, name):
         tiers = {layer.cache.tiers[t].name for t, p in layer.cache.store.pools.items()
                  if p.pages} if layer.cache.store is not None else set()
         seen.append((query.shape[2], tiers))
+        if layer.cache.store is not None:
+            # the page tables are built once per write of the store, not once per step
+            version, out_tables = layer._runs
+            if tables.get(layer.index, (None,))[0] == version:
+                assert tables[layer.index][1] is out_tables
+                reused.append(layer.index)
+            tables[layer.index] = (version, out_tables)
         # rows of fully padded queries are 0 in both
         assert_close(f"layer {layer.index}, m={query.shape[2]}, {sorted(tiers)}", ref.float(),
                      out.float(), 3e-3)
@@ -61,3 +68,4 @@ def test_kernel_attend_matches_attend(monkeypatch, method, name):
     # the prefill, then decode steps over pages of several tiers
     assert seen[0][0] == 32 and all(m == 1 for m, _ in seen[2:])
     assert max(len(t) for _, t in seen) >= 2, seen
+    assert reused

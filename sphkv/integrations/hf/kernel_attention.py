@@ -51,8 +51,8 @@ def layer_pages(cache, layer, batch: int, heads: int,
     between reuse the tables, on the device.
     """
     store = cache.store
-    key = (store.version, batch, heads, device)
-    if layer._runs is not None and layer._runs[0] == key:
+    version = (store.version, batch, heads, device)
+    if layer._runs is not None and layer._runs[0] == version:
         return layer._runs[1]
     groups = [cache.group(b, layer.index, h) for b in range(batch) for h in range(heads)]
     out = []
@@ -66,7 +66,7 @@ def layer_pages(cache, layer, batch: int, heads: int,
         key, value = (c.to(device) for c in pool.readable())
         out.append((TierPages(tier.key, tier.value, key, value, table, lengths,
                               store.page_size), positions))
-    layer._runs = (key, out)
+    layer._runs = (version, out)
     return out
 
 

@@ -258,11 +258,9 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
 # the split layout and the strides change with every allocation: specialised on their values
 # (Triton compiles a variant per "is 1" and "divisible by 16" pattern of each integer) they would
 # compile the kernel again after admissions, a minute each
-@triton.jit(do_not_specialize=["split_base", "stride_btb", "stride_bth", "stride_wb", "stride_wh",
-                               "stride_wn", "split_len", "num_splits"])
+@triton.jit(do_not_specialize=["split_len", "num_splits"])
 def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
-            block_table, lengths, first, k_mult, v_mult, split_base,
-            stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
+            block_table, lengths, first, k_mult, v_mult, split_base, strides,
             o_part, lse_part, qk_scale, split_len, num_splits,
             NSEG: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
             M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
@@ -278,15 +276,23 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
     Triton takes flat arguments: each parameter named in :class:`_SegmentArgs` (run time) or
     :class:`_SegmentConsts` (constexpr) is a tuple over the segments, built on the host from
     one named tuple per segment (:func:`_by_parameter`) and passed by name; the others (the
-    split layout, the partial buffers, the logit scale, the shapes) are shared."""
+    partial buffers, the logit scale, the shapes) are shared. The integers that change with
+    the pages — each segment's first split (``split_base``, int32 ``[NSEG + 1]``) and its
+    block-table and window strides (``strides``, int32 ``[NSEG, 5]``) — are read from device
+    tensors: Triton specializes every integer inside a tuple argument (``do_not_specialize``
+    does not reach them), so as tuples each new admission's values would compile the kernel
+    again."""
     i_bh, i_x = tl.program_id(0), tl.program_id(1)
     for t in tl.static_range(NSEG):
-        if (i_x >= split_base[t]) & (i_x < split_base[t + 1]):
+        lo = tl.load(split_base + t)
+        if (i_x >= lo) & (i_x < tl.load(split_base + t + 1)):
             _segment(q[t], k_rows[t], k_side[t], v_rows[t], v_side[t], k_levels[t],
                      v_levels[t], ada_meta[t], ada_trig[t], block_table[t], lengths[t],
-                     first[t], o_part, lse_part, i_bh, i_x - split_base[t], qk_scale,
-                     k_mult[t], v_mult[t], split_len, split_base[t], num_splits,
-                     stride_btb[t], stride_bth[t], stride_wb[t], stride_wh[t], stride_wn[t],
+                     first[t], o_part, lse_part, i_bh, i_x - lo, qk_scale,
+                     k_mult[t], v_mult[t], split_len, lo, num_splits,
+                     tl.load(strides + 5 * t), tl.load(strides + 5 * t + 1),
+                     tl.load(strides + 5 * t + 2), tl.load(strides + 5 * t + 3),
+                     tl.load(strides + 5 * t + 4),
                      HKV, R, R_PAD, M, D, LOG2D, P[t], WINDOW[t], BOUND[t], K_KIND[t],
                      K_BITS[t], K_BYTES[t], V_KIND[t], V_BITS[t], V_BYTES[t], K_CODES[t],
                      K_GROUP[t], V_CODES[t], V_GROUP[t],
@@ -404,11 +410,6 @@ class _SegmentArgs(NamedTuple):
     first: torch.Tensor  # int32 [B, Hkv, M]: first visible token per query row; read if BOUND
     k_mult: float  # constant of the per-row key factor (1/√D for TurboQuant)
     v_mult: float
-    stride_btb: int  # block table strides over (B, Hkv); 0 for the window
-    stride_bth: int
-    stride_wb: int  # window strides over (B, Hkv, W); 0 for a tier
-    stride_wh: int
-    stride_wn: int
 
 
 class _SegmentConsts(NamedTuple):
@@ -450,6 +451,9 @@ class _Segment:
     capacity: int
     args: _SegmentArgs
     consts: _SegmentConsts
+    #: block table strides over (B, Hkv) (0 for the window), window strides over (B, Hkv, W)
+    #: (0 for a tier)
+    strides: tuple[int, int, int, int, int]
 
 
 def _slot(key: _Side, value: _Side, *, block_table, lengths, first, capacity: int,
@@ -467,18 +471,15 @@ def _slot(key: _Side, value: _Side, *, block_table, lengths, first, capacity: in
         v_levels=or_placeholder(value.levels),
         ada_meta=dummy.int() if key.ada_meta is None else key.ada_meta,
         ada_trig=or_placeholder(key.ada_trig), block_table=block_table, lengths=lengths,
-        first=lengths if first is None else first, k_mult=key.mult, v_mult=value.mult,
-        stride_btb=0 if window else block_table.stride(0),
-        stride_bth=0 if window else block_table.stride(1),
-        stride_wb=window_strides[0], stride_wh=window_strides[1],
-        stride_wn=window_strides[2])
+        first=lengths if first is None else first, k_mult=key.mult, v_mult=value.mult)
     consts = _SegmentConsts(
         P=page_size, WINDOW=window, BOUND=first is not None,
         K_KIND=int(key.kind), K_BITS=key.bits, K_BYTES=key.nbytes, K_CODES=key.codes,
         K_GROUP=key.group, K_ASM=key.asm, K_NF=key.fields,
         V_KIND=int(value.kind), V_BITS=value.bits, V_BYTES=value.nbytes, V_CODES=value.codes,
         V_GROUP=value.group, V_ASM=value.asm, V_NF=value.fields)
-    return _Segment(key, value, capacity, args, consts)
+    strides = ((0, 0) if window else block_table.stride()[:2]) + tuple(window_strides)
+    return _Segment(key, value, capacity, args, consts, strides)
 
 
 def _tier_segment(tp: TierPages, B: int, Hkv: int, M: int, D: int,
@@ -587,7 +588,12 @@ class AdaDecodePlan:
         bases = [0]
         for s in segments:
             bases.append(bases[-1] + triton.cdiv(s.capacity, self.split_len))
-        self.split_base, self.total = tuple(bases), bases[-1]
+        self.total = bases[-1]
+        ints = [bases, [x for seg in segments for x in seg.strides]]
+        if max(max(v) for v in ints) >= 2**31:
+            raise ValueError("split bases or strides past int32; the kernel reads them as int32")
+        self.split_base, self.strides = (torch.tensor(v, dtype=torch.int32, device=dev)
+                                         for v in ints)
         rotated = [int(s.value.seed is not None)
                    for s, a, b in zip(segments, bases, bases[1:], strict=False)
                    for _ in range(a, b)]
@@ -659,7 +665,7 @@ class AdaDecodePlan:
 
         _kernel[(B * self.Hkv, self.total)](
             **dict(self._arguments, q=tuple(q_dom[s.key.seed] for s in segs)),
-            split_base=self.split_base, o_part=self.o_part,
+            split_base=self.split_base, strides=self.strides, o_part=self.o_part,
             lse_part=self.lse_part, qk_scale=scale * split_k.LOG2E, split_len=self.split_len,
             num_splits=self.total, **self.options)
         split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](

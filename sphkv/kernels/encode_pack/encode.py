@@ -46,7 +46,7 @@ def _round_half_even(v):
     return r + tl.where((f > 0.5) | ((f == 0.5) & odd), 1.0, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # n changes with every admission
 def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
             KIND: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr,
             CODES: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
