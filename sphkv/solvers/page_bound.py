@@ -55,6 +55,7 @@ class _Groups:
         amortized = np.where(group_cost > 0, group_cost + problem.page_overhead / p, 0.0)
         self.c_rank = np.take_along_axis(amortized, self.order, axis=1)
         self.f_rank = np.take_along_axis(problem.forced_counts(), self.order, axis=1)
+        self.shared = bool(np.all(self.c_rank == self.c_rank[:1]))
         sizes = np.bincount(group, minlength=self.g_count)
         self.m = max(int(sizes.max(initial=0)), 1)
         by_group = np.argsort(group, kind="stable")
@@ -97,7 +98,10 @@ def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
     g_count, t, p = groups.g_count, groups.t, groups.p
     c_rank = groups.c_rank
     # value[k] = D at rank k + λ c'_k, per padded slot.
-    value = groups.rows + lam * np.repeat(c_rank.T, groups.m, axis=1)
+    if groups.shared:
+        value = groups.rows + lam * c_rank[0][:, None]
+    else:
+        value = groups.rows + lam * np.repeat(c_rank.T, groups.m, axis=1)
     a = np.argmin(value, axis=0)  # rank of the best tier
     best = np.min(value, axis=0)
     regret = value - best
