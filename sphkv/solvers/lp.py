@@ -24,6 +24,7 @@ import numpy as np
 
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
+from sphkv.solvers.page_bound import whole_page_bound
 from sphkv.solvers.page_repair import paged_dual_bound, repair_pages
 
 __all__ = ["LPSolver"]
@@ -168,5 +169,6 @@ class LPSolver(Solver):
         tiers = _round_within(problem, x_full, cost)
         if problem.page_size is not None:
             tiers = repair_pages(problem, tiers)
-            bound = max(bound, paged_dual_bound(problem, price))
+            bound = max(bound, paged_dual_bound(problem, price),
+                        whole_page_bound(problem, price, evaluations=8))
         return finish(problem, tiers, bound, "feasible", price)

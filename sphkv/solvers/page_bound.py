@@ -76,32 +76,56 @@ class _Groups:
         self.constant = float(problem.distortion[fixed, problem.forced[fixed]].sum())
         self.n, self.p, self.budget = int(free.sum()), p, problem.budget
 
-    def smallest(self, cost, k: int, cap):
-        """Per group: prefix sums of its ``k`` smallest finite ``cost`` [G·M] values,
-        [G, k + 1]; values at or above ``cap`` [G] count as the cap, inf where the group has
-        fewer finite values."""
-        table = cost.reshape(self.g_count, self.m)
-        available = np.isfinite(table).sum(axis=1)
-        table = np.minimum(table, cap[:, None])
-        if k < self.m:
-            table = np.partition(table, k - 1, axis=1)[:, :k]
-        table = np.sort(table, axis=1)
-        if table.shape[1] < k:
-            table = np.concatenate([table, np.full((self.g_count, k - table.shape[1]), np.inf)],
-                                   axis=1)
-        table = np.where(np.arange(k)[None, :] < available[:, None], table, np.inf)
-        return np.concatenate([np.zeros((self.g_count, 1)), np.cumsum(table, axis=1)], axis=1)
+
+# Items per block of groups (whole groups; at least one).
+_BLOCK_ITEMS = 1 << 14
+
+
+def _smallest(table, k: int, cap):
+    """Per row of ``table`` [g, M]: prefix sums of its ``k`` smallest finite values, [g, k + 1];
+    values at or above ``cap`` [g] count as the cap, inf where the row has fewer finite
+    values."""
+    rows, m = table.shape
+    available = np.isfinite(table).sum(axis=1)
+    table = np.minimum(table, cap[:, None])
+    if k < m:
+        table = np.partition(table, k - 1, axis=1)[:, :k]
+    table = np.sort(table, axis=1)
+    if table.shape[1] < k:
+        table = np.concatenate([table, np.full((rows, k - table.shape[1]), np.inf)], axis=1)
+    table = np.where(np.arange(k)[None, :] < available[:, None], table, np.inf)
+    return np.concatenate([np.zeros((rows, 1)), np.cumsum(table, axis=1)], axis=1)
 
 
 def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
-    """The bound at price ``lam``."""
-    g_count, t, p = groups.g_count, groups.t, groups.p
-    c_rank = groups.c_rank
+    """The bound at price ``lam``, over blocks of whole groups (each group's W is independent of
+    the others'), so that temporaries scale with a block rather than with N."""
+    step = max(1, _BLOCK_ITEMS // groups.m)
+    best_sum = best_abs = w_sum = 0.0
+    for lo in range(0, groups.g_count, step):
+        b, b_abs, w = _block_at_price(groups, lo, min(lo + step, groups.g_count), lam,
+                                      max_jumps)
+        best_sum, best_abs, w_sum = best_sum + b, best_abs + b_abs, w_sum + w
+    forced_bytes = float((groups.c_rank * groups.f_rank).sum())
+    total = best_sum + w_sum
+    lagrange = lam * (forced_bytes - groups.budget)
+    # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding.
+    rounding = 1e-13 * max(groups.n, 1) * (abs(groups.constant) + best_abs + abs(total)
+                                           + abs(lagrange))
+    return groups.constant + total + lagrange - rounding
+
+
+def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: int):
+    """Σ best_i, Σ |best_i| and Σ W of the groups ``lo:hi`` at price ``lam``."""
+    g_count, t, p, m = hi - lo, groups.t, groups.p, groups.m
+    c_rank = groups.c_rank[lo:hi]
+    rows = groups.rows[:, lo * m:hi * m]
+    real = groups.real[lo * m:hi * m]
     # value[k] = D at rank k + λ c'_k, per padded slot.
     if groups.shared:
-        value = groups.rows + lam * c_rank[0][:, None]
+        value = rows + lam * c_rank[0][:, None]
     else:
-        value = groups.rows + lam * np.repeat(c_rank.T, groups.m, axis=1)
+        value = rows + lam * np.repeat(c_rank.T, m, axis=1)
     a = np.argmin(value, axis=0)  # rank of the best tier
     best = np.min(value, axis=0)
     regret = value - best
@@ -120,8 +144,8 @@ def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
     for b in range(top):
         lowest = np.minimum(lowest, np.where(a > b, regret[b] / np.maximum(a - b, 1), np.inf))
         down[b] = np.where(a > b, lowest, np.inf)
-    flat = (np.arange(g_count).repeat(groups.m) * t + a)[groups.real]
-    counts = np.bincount(flat, minlength=g_count * t).reshape(g_count, t) + groups.f_rank
+    flat = (np.arange(g_count).repeat(m) * t + a)[real]
+    counts = np.bincount(flat, minlength=g_count * t).reshape(g_count, t) + groups.f_rank[lo:hi]
     slot_price = lam * c_rank  # [G, T]: one empty slot
     empty0 = (slot_price * ((-counts) % p)).sum(axis=1)  # W at the best tiers
     rho = np.arange(p)
@@ -130,8 +154,8 @@ def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
     cross = np.zeros((g_count, max(t - 1, 0), p))
     for k in range(t - 1):
         cap = np.minimum(empty0, (slot_price[:, k] + slot_price[:, k + 1]) * (p - 1))
-        ups = groups.smallest(up[k], p - 1, cap)
-        downs = groups.smallest(down[k], p - 1, cap)
+        ups = _smallest(up[k].reshape(g_count, m), p - 1, cap)
+        downs = _smallest(down[k].reshape(g_count, m), p - 1, cap)
         cross[:, k, 1:] = np.minimum(ups[:, rho[1:]], downs[:, p - rho[1:]])
     # Jumps into the top from ranks <= top - 2, their regrets whole.
     jump = np.where(a <= top - 2, regret[top], np.inf)
@@ -139,9 +163,10 @@ def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
     jumps[:, :, 0] = 0.0
     for r in range(top - 1):
         cap = np.minimum(empty0, (slot_price[:, r] + slot_price[:, top]) * (p - 1))
-        jumps[:, r] = groups.smallest(np.where(a == r, jump, np.inf), max_jumps, cap)
+        jumps[:, r] = _smallest(np.where(a == r, jump, np.inf).reshape(g_count, m), max_jumps,
+                               cap)
     cap = np.minimum(empty0, slot_price.max(axis=1) * 2 * (p - 1))
-    beyond = groups.smallest(jump, max_jumps + 1, cap)[:, -1]
+    beyond = _smallest(jump.reshape(g_count, m), max_jumps + 1, cap)[:, -1]
 
     def empty_cost(rank: int, count):
         return slot_price[:, rank].reshape((-1,) + (1,) * (count.ndim - 1)) * ((-count) % p)
@@ -163,14 +188,8 @@ def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
     count = (counts[:, top][:, None, None] + rho[None, :, None]
              + np.arange(max_jumps + 1)[None, None, :])
     w = np.minimum(np.min((dp + empty_cost(top, count)).reshape(g_count, -1), axis=1), beyond)
-    forced_bytes = float((c_rank * groups.f_rank).sum())
-    best = best[groups.real]
-    total = float(best.sum()) + float(w.sum())
-    lagrange = lam * (forced_bytes - groups.budget)
-    # Σ best carries λ·bytes terms that λ(F - B) mostly cancels: give up their rounding.
-    rounding = 1e-13 * max(groups.n, 1) * (abs(groups.constant) + float(np.abs(best).sum())
-                                           + abs(total) + abs(lagrange))
-    return groups.constant + total + lagrange - rounding
+    best = best[real]
+    return float(best.sum()), float(np.abs(best).sum()), float(w.sum())
 
 
 def whole_page_bound(problem: AllocationProblem, price: float, evaluations: int = 1,
