@@ -367,7 +367,7 @@ class OnlineAllocator:
         for t, (_, g) in leaving.items():
             counts -= self._counts(g, np.full(len(g), t))
         change = self._page_bytes(counts, axis=0) - self._page_bytes(self.store.counts, axis=0)
-        touched = {int(t) for t in to[to != 0]} | set(leaving)
+        touched = set(np.unique(to[to != 0]).tolist()) | set(leaving)
         for t in sorted(touched, key=lambda t: change[t]):
             tier, pool, dev = self.tiers[t], self.store.pools[t], self.store.device
             chunks = []
