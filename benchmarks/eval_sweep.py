@@ -168,24 +168,27 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
     _WORKER["ids"] = {text_name(p): read_tokens(_WORKER["tok"], p, tokens) for p in paths}
 
 
-def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int) -> list[dict]:
-    """The rows of one group's runs of ``methods`` (every budget), in a worker."""
+def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
+             window: int = 16) -> list[dict]:
+    """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
+    caches' W."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
     model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
     pairs = runs({**grid, "methods": methods})
     n = g["context"]
     if g["task"] == "ppl":
-        results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk)
+        results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
+                                  window=window)
         quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
                     / r.fp16_bytes} for r in results]
     elif g["task"] == "fidelity":
-        results = fidelity_runs(model, ids, n, pairs)
+        results = fidelity_runs(model, ids, n, pairs, window=window)
         quality = [{"error": r.mean_error, "layer_errors": r.layer_errors,
                     "bytes_vs_fp16": r.cache_bytes / r.fp16_bytes} for r in results]
     else:
         results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
-                               trials=grid["passkey"]["trials"])
+                               trials=grid["passkey"]["trials"], window=window)
         quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
                     "interval": wilson(r.correct, r.n_trials),
                     "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = tuple(text_name(p) for p in paths)
     header = {"model": args.model, "texts": list(names), "tuned": list(args.tuned or []),
               "quick": args.quick, "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
-              "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
+              "window": args.window, "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
     todo = [g for g in groups(grid, tuple(args.tasks), names)
             if not args.contexts or g["context"] in args.contexts]
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                      TextColumn("{task.completed}/{task.total} units"),
                      TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval sweep", total=len(work))
-        futures = {pool.submit(run_unit, grid, g, methods, args.chunk): (g, methods)
+        futures = {pool.submit(run_unit, grid, g, methods, args.chunk, args.window): (g, methods)
                    for g, methods in work}
         for future in as_completed(futures):
             g, methods = futures[future]
@@ -366,7 +369,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     lines = [f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}", "",
              f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
              f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
-             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); pass key: "
+             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); window W = "
+             f"{header.get('window', 16)}; pass key: "
              f"trials per cell in its table; "
              f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
              + (f", {header['wall_seconds']} s wall (runs merged: their sum)"
@@ -475,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=16,
                         help="perplexity: tokens per teacher-forced forward")
+    parser.add_argument("--window", type=int, default=16,
+                        help="the caches' window W: between W and 2W recent tokens kept at fp16 "
+                             "(reserved from the budget); keep --chunk at most W")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes (each loads the model; the cores are shared)")
     parser.add_argument("--threads", type=int, default=2,
@@ -491,6 +498,9 @@ def main(argv: list[str] | None = None) -> None:
                              "merged, a later file's cell replacing an earlier one's; the "
                              "first one's header, with every run's commit")
     args = parser.parse_args(argv)
+    if not 1 <= args.chunk <= args.window:
+        parser.error(f"--chunk must be between 1 and --window ({args.window}), got {args.chunk}:"
+                     f" a longer chunk's queries see its tokens at fp16 beyond the window")
     name = args.name = args.name or ("eval_quick" if args.quick else "eval")
     if args.ranking:
         rows, header = ranking(args)

@@ -309,6 +309,14 @@ def test_sweep_wilson_interval_and_texts(tmp_path):
         texts([tmp_path / "missing.txt"])
 
 
+def test_sweep_refuses_a_chunk_longer_than_the_window(tmp_path, capsys):
+    from benchmarks.eval_sweep import main
+
+    with pytest.raises(SystemExit):
+        main(["--text", str(tmp_path), "--window", "8", "--chunk", "16"])
+    assert "--chunk must be between 1 and --window (8), got 16" in capsys.readouterr().err
+
+
 def test_sweep_summary_relative_to_none_per_text_held_out_apart():
     from benchmarks.eval_sweep import summary
 
