@@ -12,7 +12,9 @@ remaining bytes with later segments that still fit. Finding the break is a weigh
 With pages the same is done on the amortized cost ``c + h/P`` (a relaxation of the paged cost,
 so the bound stays valid), then each page group takes one of the page counts next to the
 greedy's (``sphkv.solvers.page_round.round_by_pages``): one sort of the items, whatever the
-number of page groups.
+number of page groups. The bound is the larger of the amortized LP bound, the slot dual
+(``page_round.slot_dual_bound``) and, where those leave more than 0.1%, the whole-page bound
+(``page_bound.whole_page_bound``).
 
 O(N T²) passes over N numbers plus one sort of N; numpy and torch (CPU or GPU) versions give the
 same allocation. On a CPU the per-item passes run block by block of items (``page_round._block``):
@@ -447,6 +449,7 @@ class GreedySolver(Solver):
         With pages and ``repair``: also polish problems of up to 200k items and 512 groups with
         :func:`repair_pages` (local moves and min-cost-flow reassignment; seconds at 10⁵ items),
         and maximise the slot dual bound over λ with up to 24 evaluations up to 50k items (6
+        else); the whole-page bound, where it runs, with 8 evaluations up to 50k items (1
         else).
     """
 
@@ -515,8 +518,9 @@ class GreedySolver(Solver):
     def _round(self, problem: AllocationProblem, hull: HullSegments, distortion, allowed,
                free: np.ndarray, room: float, price: float, constant: float):
         """Whole pages from the greedy at ``room`` (:func:`round_pages`), and the slot-crediting
-        dual bound at the greedy price; both on the hull's device. ``distortion`` [N_free, T]
-        and ``allowed`` are arrays of the hull's namespace."""
+        dual bound from the greedy price, both on the hull's device; where the allocation is
+        more than 0.1% above it, also the whole-page bound (on the host). ``distortion``
+        [N_free, T] and ``allowed`` are arrays of the hull's namespace."""
         xp = hull.xp
 
         def on(a):
