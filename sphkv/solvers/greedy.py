@@ -569,7 +569,7 @@ class GreedySolver(Solver):
             # Far from the bound: most of that is the partial pages the slot dual leaves out
             # (small groups); the whole-page bound counts them. Searched around the slot
             # dual's best price on small problems, taken there alone on large ones.
-            small = problem.n_items <= 50_000
+            small = self.polish and problem.n_items <= 50_000
             bound = max(bound, whole_page_bound(problem, bound_price,
                                                 evaluations=8 if small else 1))
         return tiers, bound
