@@ -34,7 +34,7 @@ import numpy as np
 from sphkv.rdr.problem import Allocation, AllocationProblem
 from sphkv.solvers.base import Solver, finish, register
 from sphkv.solvers.page_bound import whole_page_bound
-from sphkv.solvers.page_repair import repair_pages
+from sphkv.solvers.page_repair import exchange_tiers, repair_pages
 from sphkv.solvers.page_round import (
     _blocks,
     rank_major,
@@ -566,12 +566,14 @@ class GreedySolver(Solver):
             evaluations=evaluations, return_price=True)
         distortion_now = problem.distortion_of(tiers)
         if distortion_now - bound > _WHOLE_PAGE_GAP * distortion_now:
-            # Far from the bound: most of that is the partial pages the slot dual leaves out
-            # (small groups); the whole-page bound counts them. Searched around the slot
-            # dual's best price on small problems, taken there alone on large ones.
+            # Far from the bound: small groups, whose partial pages the slot dual leaves out
+            # and the rounding pays most for. The whole-page bound counts them (searched around
+            # the slot dual's best price on small problems, taken there alone on large ones),
+            # and exchanges between tiers improve which items fill the pages.
             small = self.polish and problem.n_items <= 50_000
             bound = max(bound, whole_page_bound(problem, bound_price,
                                                 evaluations=8 if small else 1))
+            tiers = exchange_tiers(problem, tiers, rounds=3 if small else 1)
         return tiers, bound
 
 

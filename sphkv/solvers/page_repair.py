@@ -18,7 +18,8 @@ slots unused. Local moves, each priced exactly by the page counts it changes:
 Every move changes one group only, so only that group's candidate moves are recomputed. After the
 moves, ``reassign`` puts the items of each group into the slots its pages pay for at least
 distortion (a min-cost flow), which may empty pages for another round; ``paged_dual_bound`` is
-the matching lower bound.
+the matching lower bound. ``exchange_tiers`` is the vectorised, approximate form of the
+reassignment for many groups: exchanges between two tiers of a group, all groups at once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from sphkv.rdr.problem import AllocationProblem
 
-__all__ = ["paged_dual_bound", "reassign", "repair_pages"]
+__all__ = ["exchange_tiers", "paged_dual_bound", "reassign", "repair_pages"]
 
 
 class _Group:
@@ -306,3 +307,65 @@ def paged_dual_bound(problem: AllocationProblem, price: float, evaluations: int 
         problem.group_index[free], slots,
         float(problem.distortion[fixed, problem.forced[fixed]].sum()),
         problem.page_cost(forced_counts), problem.budget, price, 4.0 * price, evaluations)
+
+
+def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 1,
+                   per_group: int = 16) -> np.ndarray:
+    """Exchange items between two tiers of a group where that lowers the distortion; page
+    counts, and so the bytes, stay as they are.
+
+    For each pair of tiers u < v, per group: the free items at u that may take v, by
+    ``D_u - D_v`` (the gain of moving up to v), largest first, against the free items at v that
+    may take u, by the same difference (the loss of moving down to u), smallest first; the
+    r-th of each are exchanged while the gain exceeds the loss (both orders are monotone, so
+    that is a prefix). Up to ``per_group`` exchanges per group, pair and round; all groups at
+    once on a group-major layout padded to the largest group, [G, M].
+    """
+    tiers = np.array(tiers, dtype=np.int64)
+    g_count, t_count = problem.n_groups, problem.n_tiers
+    group = problem.group_index
+    sizes = np.bincount(group, minlength=g_count)
+    m = max(int(sizes.max(initial=0)), 1)
+    by_group = np.argsort(group, kind="stable")
+    slot = (group[by_group] * m + np.arange(by_group.size)
+            - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    index = np.full(g_count * m, -1, dtype=np.int64)
+    index[slot] = by_group
+    index = index.reshape(g_count, m)
+    item = np.maximum(index, 0)
+    movable = (index >= 0) & (problem.forced[item] < 0)
+    ceiling = np.where(movable, problem.ceiling_tier[item], -1)
+    d = np.moveaxis(problem.distortion[item], 2, 0)  # [T, G, M]
+    now = np.where(movable, tiers[item], -1)
+    k = min(per_group, m)
+    for _ in range(rounds):
+        moved = 0
+        for u in range(t_count):
+            for v in range(u + 1, t_count):
+                diff = d[u] - d[v]
+                gain = np.where((now == u) & (ceiling >= v), diff, -np.inf)
+                loss = np.where((now == v) & (ceiling >= u), diff, np.inf)
+                rows = np.flatnonzero(gain.max(axis=1) > loss.min(axis=1))
+                if not rows.size:
+                    continue
+                gain, loss = gain[rows], loss[rows]
+                if k < m:
+                    up = np.argpartition(-gain, k - 1, axis=1)[:, :k]
+                    down = np.argpartition(loss, k - 1, axis=1)[:, :k]
+                else:
+                    up = down = np.broadcast_to(np.arange(m), gain.shape)
+                r = np.arange(rows.size)[:, None]
+                gain, loss = gain[r, up], loss[r, down]
+                by_gain, by_loss = np.argsort(-gain, axis=1), np.argsort(loss, axis=1)
+                up = np.take_along_axis(up, by_gain, axis=1)
+                down = np.take_along_axis(down, by_loss, axis=1)
+                better = (np.take_along_axis(gain, by_gain, axis=1)
+                          > np.take_along_axis(loss, by_loss, axis=1))
+                row, rank = np.nonzero(better)
+                now[rows[row], up[row, rank]] = v
+                now[rows[row], down[row, rank]] = u
+                moved += row.size
+        if not moved:
+            break
+    tiers[index[movable]] = now[movable]
+    return tiers
