@@ -79,6 +79,14 @@ class _Groups:
 
 # Items per block of groups (whole groups; at least one).
 _BLOCK_ITEMS = 1 << 14
+# The padded layout is used up to this many slots per item.
+_MAX_PADDING = 4
+
+
+def _padded_size(problem: AllocationProblem) -> int:
+    """Slots of the group-major layout padded to the largest group, G·M."""
+    sizes = np.bincount(problem.group_index, minlength=problem.n_groups)
+    return problem.n_groups * int(sizes.max(initial=0))
 
 
 def _smallest(table, k: int, cap):
@@ -197,9 +205,12 @@ def whole_page_bound(problem: AllocationProblem, price: float, evaluations: int 
     """Lower bound on the paged optimum counting whole pages (see the module docstring): the
     largest of its values at ``price`` and, with ``evaluations`` > 1, at the points of a golden
     section search on [0.8, 1.25] × ``price`` (every value is a bound, whatever the function's
-    shape). ``-inf`` without pages or a positive price."""
+    shape). ``-inf`` without pages or a positive price, or where padding every group to the
+    largest would take more than 4 slots per item."""
     if problem.page_size is None or not price > 0 or problem.n_items == 0:
         return -np.inf
+    if _padded_size(problem) > _MAX_PADDING * problem.n_items + (1 << 12):
+        return -np.inf  # groups too unequal for the padded layout
     groups = _Groups(problem)
     best = _at_price(groups, price, max_jumps)
     if evaluations < 3:

@@ -319,13 +319,16 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     may take u, by the same difference (the loss of moving down to u), smallest first; the
     r-th of each are exchanged while the gain exceeds the loss (both orders are monotone, so
     that is a prefix). Up to ``per_group`` exchanges per group, pair and round; all groups at
-    once on a group-major layout padded to the largest group, [G, M].
+    once on a group-major layout padded to the largest group, [G, M] (``tiers`` unchanged where
+    that would take more than 4 slots per item).
     """
     tiers = np.array(tiers, dtype=np.int64)
     g_count, t_count = problem.n_groups, problem.n_tiers
     group = problem.group_index
     sizes = np.bincount(group, minlength=g_count)
     m = max(int(sizes.max(initial=0)), 1)
+    if g_count * m > 4 * problem.n_items + (1 << 12):
+        return tiers
     by_group = np.argsort(group, kind="stable")
     slot = (group[by_group] * m + np.arange(by_group.size)
             - np.repeat(np.cumsum(sizes) - sizes, sizes))

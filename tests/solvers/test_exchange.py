@@ -36,3 +36,20 @@ def test_exchanges_approach_the_reassignment_in_small_groups():
     flow = problem.distortion_of(reassign(problem, alloc.tiers))
     assert exchanged <= alloc.distortion
     assert exchanged <= flow * 1.0005
+
+
+def test_groups_too_unequal_to_pad_are_left_as_they_are():
+    # 5,000 groups of one item and one of 20,000: padding to the largest would take 25,000
+    # slots per item; the exchanges and the whole-page bound step aside.
+    from sphkv.rdr import AllocationProblem
+    from sphkv.solvers.page_bound import whole_page_bound
+
+    rng = np.random.default_rng(0)
+    n = 25_000
+    groups = np.concatenate([np.arange(5_000), np.full(20_000, 5_000)])
+    distortion = np.sort(rng.random((n, 3)), axis=1)[:, ::-1]
+    problem = AllocationProblem(distortion, [0.0, 1.0, 2.0], 1e12, groups=groups, page_size=4,
+                                page_overhead=1.0)
+    tiers = rng.integers(0, 3, n)
+    np.testing.assert_array_equal(exchange_tiers(problem, tiers), tiers)
+    assert whole_page_bound(problem, 1.0) == -np.inf
