@@ -337,11 +337,12 @@ class OnlineAllocator:
 
     def _solve(self, problem: AllocationProblem, polish: bool = True):
         """The greedy solve, on the store's device (torch) when that is a GPU; ``polish``: its
-        local-move page repair (seconds at 10⁵ items, so admissions go without)."""
+        local-move page repair (seconds at 10⁵ items, so admissions go without). Its tiers and
+        price are what the allocator reads, so it computes no tight lower bound (``bound``)."""
         if self.store.device.type == "cuda":
             return solve(problem, "greedy", backend="torch", device=str(self.store.device),
-                         polish=polish)
-        return solve(problem, "greedy", polish=polish)
+                         polish=polish, bound=False)
+        return solve(problem, "greedy", polish=polish, bound=False)
 
     def _problem(self, d, forced, group, ceiling, fixed: int = 0) -> AllocationProblem:
         """The problem over these items within the budget less ``fixed`` bytes held apart."""

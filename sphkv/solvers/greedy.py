@@ -451,6 +451,12 @@ class GreedySolver(Solver):
         and maximise the slot dual bound over λ with up to 24 evaluations up to 50k items (6
         else); the whole-page bound, where it runs, with 8 evaluations up to 50k items (1
         else).
+    bound : bool
+        With pages and ``repair``: compute the slot dual bound and, where the allocation is more
+        than 0.1% above it, the whole-page bound and the exchanges between tiers it calls for.
+        Without: neither runs (a caller that reads only the tiers and the price, like the
+        online allocator, saves their time: the whole-page bound runs on the host), and
+        ``lower_bound`` is the unpaged Lagrangian bound.
     """
 
     NAME: ClassVar[str] = "greedy"
@@ -462,6 +468,7 @@ class GreedySolver(Solver):
     device: str = "cpu"
     repair: bool = True
     polish: bool = True
+    bound: bool = True
 
     def __post_init__(self):
         if self.backend not in ("numpy", "torch"):
@@ -558,6 +565,8 @@ class GreedySolver(Solver):
             polished = repair_pages(problem, tiers)
             if problem.distortion_of(polished) < problem.distortion_of(tiers):
                 tiers = polished
+        if not self.bound:
+            return tiers, -np.inf
         # The dual is maximised over λ where that is cheap, else taken near the greedy price.
         evaluations = 24 if self.polish and problem.n_items <= 50_000 else 6
         bound, bound_price = slot_dual_bound(

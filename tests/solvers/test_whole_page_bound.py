@@ -75,3 +75,18 @@ def test_without_pages_or_price_it_bounds_nothing():
     assert whole_page_bound(problem, 1.0) == -np.inf
     paged = synthetic_problem(layers=2, kv_heads=2, tokens=40, page_size=4, sinks=2, recent=2)
     assert whole_page_bound(paged, 0.0) == -np.inf
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_greedy_without_the_bound_keeps_a_valid_one(seed):
+    # bound=False (the online allocator's solves): no slot dual, no whole-page bound, no
+    # exchanges; the lower bound is the unpaged Lagrangian one, below the optimum and below the
+    # full bound, and the allocation is feasible and the greedy's before its exchanges
+    problem = tiny(seed)
+    optimum = brute_force_optimum(problem)
+    full, plain = solve(problem, "greedy"), solve(problem, "greedy", bound=False)
+    assert problem.is_feasible(plain.tiers)
+    assert plain.lower_bound <= full.lower_bound + 1e-9 * max(1.0, optimum)
+    assert plain.lower_bound <= optimum + 1e-9 * max(1.0, optimum)
+    assert plain.distortion >= full.distortion - 1e-9 * max(1.0, optimum)
