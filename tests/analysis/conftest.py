@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from integrations.fixtures import AUSTEN
+
+from tests.integrations.fixtures import AUSTEN
 
 
 @pytest.fixture(scope="session")

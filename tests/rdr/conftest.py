@@ -1,7 +1,8 @@
 """Fixtures of the rdr tests: a tiny random-weight Llama trace and the real SmolLM2 trace."""
 
 import pytest
-from integrations.fixtures import real_trace, tiny_trace
+
+from tests.integrations.fixtures import real_trace, tiny_trace
 
 
 @pytest.fixture(scope="session")
