@@ -28,10 +28,14 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict:
-    """Date, commit and device, for the header of every result."""
+    """Date, commit and device, for the header of every result. The commit is ``SPHKV_COMMIT``
+    where that is set (a copy of the working tree whose git metadata is not the code's), else
+    the checkout's."""
+    commit = os.environ.get("SPHKV_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True,
+                                          check=False).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     device = f"{_cpu_name()} ({os.cpu_count()} cores)"
