@@ -255,9 +255,10 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
     tl.store(lse_part + i_row * num_splits + split_base + i_s, b_lse, mask=m_r)
 
 
-# the split layout and the strides change with every allocation: specialised on their values
-# (Triton compiles a variant per "is 1" and "divisible by 16" pattern of each integer) they would
-# compile the kernel again after admissions, a minute each
+# the split length and count change with every allocation: specialised on their values (Triton
+# compiles a variant per "is 1" and "divisible by 16" pattern of each integer) they would compile
+# the kernel again after admissions, up to a minute each; the per-segment integers come in
+# device tensors (the docstring says why)
 @triton.jit(do_not_specialize=["split_len", "num_splits"])
 def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
             block_table, lengths, first, k_mult, v_mult, split_base, strides,
