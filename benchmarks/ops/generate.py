@@ -13,8 +13,10 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
 ``p99_ms``: every W-th step admits W tokens), ``prefill_s`` (the prompt's forward and, for the
 cache, its allocation), ``allocator_share`` (seconds in admissions over decode seconds),
-``admit_ms`` (median admission), ``peak_kv_bytes`` (the cache's accounted peak over every pool
-write; plain: its KV tensors at the end) against ``budget_bytes``. Steps are timed by a
+``admit_ms`` (median admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
+``--no-graphs`` runs every step eagerly), ``peak_kv_bytes`` (the cache's accounted peak over
+every pool write; plain: its KV tensors at the end) against ``budget_bytes``. Plain generation
+runs eagerly, as ``model.generate`` does with a ``DynamicCache``. Steps are timed by a
 streamer that synchronizes the device after each token. The JSON is written after every row.
 
 ``python -m benchmarks.run --op generate`` (GPU: Llama-3.2-1B and 8B layer shapes, 8k and 32k
@@ -59,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125],
                         help="budgets as shares of the fp16 cache")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode steps between admissions as CUDA graphs (GPU only)")
 
 
 class _Clock(BaseStreamer):
@@ -149,18 +153,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                 gc.collect()
                 for method in args.methods:
                     if (label, method) not in warm:
-                        _warm_up(model, method, device)
+                        _warm_up(model, method, device, args.graphs)
                         warm.add((label, method))
                     for fraction in args.fractions:
                         limit = budget_bytes(model.config, batch, context + args.new_tokens,
                                              fraction)
                         cache = SphkvCache(model.config, limit, method)
-                        with compressed_attention(model):
+                        with compressed_attention(model, graphs=args.graphs):
                             steps, prefill = _run_once(model, ids, args.new_tokens, device,
                                                        cache)
                         admits = [s for kind, s in cache.timings if kind == "admit"]
-                        add(_row(label, method, context, batch, fraction, steps, prefill,
-                                 plain_tok_s, admits, cache.peak_bytes, limit))
+                        row = _row(label, method, context, batch, fraction, steps, prefill,
+                                   plain_tok_s, admits, cache.peak_bytes, limit)
+                        graph = cache.decode_graph
+                        row["graph_steps"] = graph.steps["replayed"] if graph else 0
+                        add(row)
                         del cache
                         gc.collect()
         del model
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _warm_up(model, method: str, device: torch.device) -> None:
+def _warm_up(model, method: str, device: torch.device, graphs: bool) -> None:
     """One untimed generation through ``method``'s cache: a 1,024-token prompt, then three
     admissions."""
     from sphkv.integrations.hf import SphkvCache, compressed_attention
@@ -176,7 +183,7 @@ def _warm_up(model, method: str, device: torch.device) -> None:
 
     ids = torch.randint(1, model.config.vocab_size, (1, 1024)).to(device)
     cache = SphkvCache(model.config, budget_bytes(model.config, 1, 1024 + 48, 0.25), method)
-    with compressed_attention(model):
+    with compressed_attention(model, graphs=graphs):
         _run_once(model, ids, 48, device, cache)
 
 

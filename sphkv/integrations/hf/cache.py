@@ -110,11 +110,20 @@ class CompressedLayer(CacheLayerMixin):
         n, m = self.keys.shape[2], key_states.shape[2]
         if self.buffer is None or self.buffer[0].shape[2] < n + m:
             self._rebuffer(n + m)
+        static = self.cache.static
         for buf, new in zip(self.buffer, (key_states, value_states), strict=True):
-            buf[:, :, n:n + m].copy_(new)
+            if static is not None:  # a step captured in a CUDA graph: the slot is on the device
+                buf.index_copy_(2, static.window_at, new)
+            else:
+                buf[:, :, n:n + m].copy_(new)
+        self.advance(m)
+        return self, self
+
+    def advance(self, m: int) -> None:
+        """The host state after ``m`` new tokens were written behind the window."""
+        n = self.keys.shape[2]
         self.keys, self.values = (buf[:, :, :n + m] for buf in self.buffer)
         self.length += m
-        return self, self
 
     def _rebuffer(self, tokens: int) -> None:
         """New buffers for at least ``tokens`` tokens (the decode capacity at least), holding
@@ -359,6 +368,10 @@ class SphkvCache(Cache):
         self.pad: torch.Tensor | None = None
         self._pad_device: torch.Tensor | None = None
         self._queries: dict[int, torch.Tensor] = {}
+        #: the device-side counters while a decode step is captured in a CUDA graph
+        self.static = None
+        #: the decode steps as CUDA graphs (graph.py), made at the first decode step on a GPU
+        self.decode_graph = None
         # the prefill's items per method (its repr names every field), shared by the copies
         # :meth:`compress` makes: they do not depend on the budget
         self._prefill_items: dict[str, Tokens] = {}
@@ -457,6 +470,12 @@ class SphkvCache(Cache):
     def observe(self, layer: int, query: torch.Tensor) -> None:
         """Keep the layer's last queries (every prefill query for a deferred cache or an
         estimator that reads them all); after the last layer, run a step."""
+        if self.static is not None:
+            self.static.queries[layer].index_copy_(2, self.static.query_at, query.detach().float())
+            self.keep_static_queries(layer, self.static)
+            if layer == self.n_layers - 1:
+                self._step()
+            return
         prev = self._queries.get(layer)
         q = query.detach().float()
         q = q if prev is None else torch.cat([prev, q], dim=2)
@@ -464,6 +483,12 @@ class SphkvCache(Cache):
         self._queries[layer] = q if keep_all else q[:, :, -self._kept_queries():]
         if layer == self.n_layers - 1 and self.budget is not None:
             self._step()
+
+    def keep_static_queries(self, layer: int, static) -> None:
+        """The layer's kept queries after a step whose query went to ``static``'s buffers
+        (:class:`~sphkv.integrations.hf.graph.StaticStep`)."""
+        end = static.count + 1
+        self._queries[layer] = static.queries[layer][:, :, max(end - self._kept_queries(), 0):end]
 
     def _kept_queries(self) -> int:
         """Queries the next allocator step reads: the prefill's observation (and the window),

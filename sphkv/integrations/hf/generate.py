@@ -9,13 +9,14 @@ import torch
 
 from sphkv.integrations.hf.cache import SphkvCache, register_attention
 from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
+from sphkv.integrations.hf.graph import graphed_forward
 
 __all__ = ["budget_bytes", "compress", "compressed_attention", "compressed_generate",
            "fp16_cache_bytes"]
 
 
 @contextlib.contextmanager
-def compressed_attention(model):
+def compressed_attention(model, graphs: bool = True):
     """Switch ``model``'s attention to sphkv's while the block runs, then back.
 
     The model then reads its keys and values from a :class:`SphkvCache` passed as its cache::
@@ -23,12 +24,21 @@ def compressed_attention(model):
         cache = SphkvCache(model.config, budget=2e6, method="rdr")
         with compressed_attention(model):
             model.generate(input_ids, max_new_tokens=64, **{cache_argument(model): cache})
+
+    With ``graphs`` (the default), decode steps on a GPU between admissions replay a CUDA graph
+    of the whole forward (:mod:`sphkv.integrations.hf.graph`; ``cache.decode_graph.steps``
+    counts them); ``graphs=False`` runs every step eagerly.
     """
     previous = model.config._attn_implementation
     model.set_attn_implementation(register_attention())
+    wrap = graphs and "forward" not in vars(model)  # not inside another such block
+    if wrap:
+        model.forward = graphed_forward(model.forward)
     try:
         yield model
     finally:
+        if wrap:
+            del model.forward
         model.set_attn_implementation(previous)
 
 

@@ -118,7 +118,8 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
             _dense(query, window, scaling)
         return out.transpose(1, 2)
     plan = _decode_plan(layer, pages, bounds, query)
-    plan.set_bounds(bounds, window_first, n)
+    # a step captured in a CUDA graph reads the window's length from the device
+    plan.set_bounds(bounds, window_first, n if cache.static is None else cache.static.window_length)
     return plan.run(query, scaling).transpose(1, 2)
 
 

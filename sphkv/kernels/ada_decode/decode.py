@@ -624,8 +624,10 @@ class AdaDecodePlan:
             (None leaves it); a tier planned without bounds takes none.
         window_first : torch.Tensor, optional
             The window's new ``first``, as :class:`Window` takes it.
-        window_length : int, optional
-            The window's new length, within the capacity it was planned with.
+        window_length : int or torch.Tensor, optional
+            The window's new length, within the capacity it was planned with; or an int32
+            ``[1]`` tensor on the device holding it (not checked: read where it lies, as a
+            CUDA graph needs).
         """
         B, Hkv, M = self.B, self.Hkv, self.M
         for i, first in enumerate(pages_first or []):
@@ -642,7 +644,9 @@ class AdaDecodePlan:
         window = self.segments[self._window_segment]
         if window_first is not None:
             window.args.first.copy_(row_bounds(window_first, (B,), M)[:, None].expand(B, Hkv, M))
-        if window_length is not None:
+        if isinstance(window_length, torch.Tensor):
+            window.args.lengths.copy_(window_length.expand_as(window.args.lengths))
+        elif window_length is not None:
             if not 0 <= window_length <= window.capacity:
                 raise ValueError(f"window length {window_length} outside 0 … "
                                  f"{window.capacity} (the capacity planned)")
