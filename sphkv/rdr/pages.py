@@ -73,6 +73,14 @@ def _empty(template: Codes, rows: int) -> Codes:
                  torch.Size((rows, template.shape[-1])))
 
 
+def _concat(tables: list[np.ndarray]) -> np.ndarray:
+    """Page tables end to end, joined as bytes (numpy's concatenation of structured arrays
+    promotes their fields one array at a time: several times slower)."""
+    if not tables:
+        return np.zeros(0, PAGE_TABLE_ENTRY)
+    return np.concatenate([t.view(np.uint8) for t in tables]).view(PAGE_TABLE_ENTRY)
+
+
 def _entries(page_id: np.ndarray, first: np.ndarray, valid: np.ndarray,
              tier: int) -> np.ndarray:
     """Page-table entries of pages of one tier."""
@@ -270,7 +278,7 @@ class PagedStore:
             A run with a partial page before its last (the store packs runs densely).
         """
         tables = [self.tables[g] for g in groups]
-        table = np.concatenate(tables) if tables else np.zeros(0, PAGE_TABLE_ENTRY)
+        table = _concat(tables)
         owner = np.repeat(np.arange(len(groups)), [len(t) for t in tables])
         mine = table["tier"] == tier
         # each page table is sorted by (tier, first position): a run comes in position order
@@ -543,21 +551,37 @@ class PagedStore:
 
     def _blocks(self, groups: np.ndarray, tier: int) -> np.ndarray:
         """int64 ``[len(groups), 2]``: where each group's entries of ``tier`` start and end in
-        its page table (sorted by tier)."""
-        return np.array([np.searchsorted(self.tables[g]["tier"], (tier, tier + 1))
-                         for g in groups], dtype=np.int64).reshape(-1, 2)
+        its page table. A table is sorted by tier and a run of f items fills ceil(f / P)
+        pages, so the block starts after the pages of the lower tiers."""
+        pages = -(-self.counts[np.asarray(groups, dtype=np.int64)] // self.page_size)
+        pages[:, [t for t in range(len(self.tiers)) if t not in self.pools]] = 0
+        start = pages[:, :tier].sum(axis=1)
+        return np.stack([start, start + pages[:, tier]], axis=1)
 
     def _splice(self, groups: np.ndarray, blocks: np.ndarray, entries: np.ndarray,
                 sizes: np.ndarray) -> None:
         """Put the next ``sizes[i]`` of ``entries`` in place of entries ``blocks[i]`` of
-        ``groups[i]``'s page table."""
-        at = 0
-        for g, (lo, hi), n in zip(groups, blocks, sizes):
-            table = self.tables[g]
-            out = np.empty(len(table) - (hi - lo) + n, PAGE_TABLE_ENTRY)
-            out[:lo], out[lo:lo + n], out[lo + n:] = table[:lo], entries[at:at + n], table[hi:]
-            self.tables[g] = out
-            at += n
+        ``groups[i]``'s page table: every table rebuilt in one sort by (group, section, rank),
+        the sections being the entries before the block, the new ones and those after."""
+        if not len(groups):
+            return
+        tables = [self.tables[g] for g in groups]
+        lengths = np.array([len(t) for t in tables], dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        owner = np.repeat(np.arange(len(groups)), lengths)
+        rank = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        lo, hi = blocks[owner, 0], blocks[owner, 1]
+        keep = (rank < lo) | (rank >= hi)
+        new_rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        order = np.lexsort((np.concatenate([rank[keep], new_rank]),
+                            np.concatenate([np.where(rank < lo, 0, 2)[keep],
+                                            np.ones(len(new_rank), np.int64)]),
+                            np.concatenate([owner[keep], np.repeat(np.arange(len(groups)),
+                                                                   sizes)])))
+        merged = _concat([_concat(tables)[keep], entries[:sizes.sum()]])[order]
+        ends = np.cumsum(lengths - (blocks[:, 1] - blocks[:, 0]) + sizes)
+        for g, table in zip(groups, np.split(merged, ends[:-1]), strict=True):
+            self.tables[g] = table
 
     def _grow(self, pool: TierPool, pages: int) -> None:
         """Zeroed pages at the end of ``pool`` up to ``pages``."""

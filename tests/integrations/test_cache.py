@@ -3,6 +3,7 @@ at every step, left padding, every method through one code path, a real-model sm
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -265,3 +266,42 @@ def test_observation_queries(model):
     assert SphkvCache(model.config, 1e6, "rdr", observation=32).observation == 32
     # a deferred cache passes on only an explicit observation
     assert SphkvCache(model.config, None).observation == 256
+
+
+@pytest.mark.parametrize("method", ["rdr", "snapkv"])
+def test_items_of_a_sequence_do_not_depend_on_its_batch(model, method):
+    """The prefill's items (positions, vectors, distortion rows, sinks) of each sequence of a
+    batch — three sequences, two of them sharing their left padding — equal those of the
+    sequence prefilled alone."""
+    def items(ids, mask):
+        cache = SphkvCache(model.config, 1e9, method, window=8, page_size=4)
+        model.set_attn_implementation(register_attention())
+        try:
+            with torch.no_grad():
+                # positions counted from each sequence's first real token, as generate does
+                real = torch.ones_like(ids) if mask is None else mask
+                model(ids, attention_mask=mask, position_ids=(real.cumsum(-1) - 1).clamp(min=0),
+                      **{cache_argument(model): cache})
+        finally:
+            model.set_attn_implementation("sdpa")
+        return cache, cache._prefill_items[repr(cache.method)]
+
+    rows = [_ids(40, seed=6)[0], _ids(34, seed=7)[0], _ids(34, seed=8)[0]]
+    pads = [40 - len(r) for r in rows]
+    ids = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r])
+                       for p, r in zip(pads, rows)])
+    mask = (torch.arange(40)[None, :] >= torch.tensor(pads)[:, None]).long()
+    batch, together = items(ids, mask)
+    for b, row in enumerate(rows):
+        alone, apart = items(row[None], None)
+        for layer in range(alone.n_layers):
+            for h in range(alone.kv_heads):
+                mine = together.group == batch.group(b, layer, h)
+                ref = apart.group == alone.group(0, layer, h)
+                assert mine.sum() == ref.sum() > 0
+                assert torch.equal(together.positions[mine] - pads[b], apart.positions[ref])
+                torch.testing.assert_close(together.keys[torch.from_numpy(mine)],
+                                           apart.keys[torch.from_numpy(ref)])
+                np.testing.assert_allclose(together.distortion[mine], apart.distortion[ref],
+                                           rtol=1e-4, atol=1e-9)
+                assert np.array_equal(together.forced[mine], apart.forced[ref])

@@ -113,7 +113,7 @@ class CompressedLayer(CacheLayerMixin):
         static = self.cache.static
         for buf, new in zip(self.buffer, (key_states, value_states), strict=True):
             if static is not None:  # a step captured in a CUDA graph: the slot is on the device
-                buf.index_copy_(2, static.window_at, new)
+                buf.index_copy_(2, static.window_at, new.to(buf.dtype))
             else:
                 buf[:, :, n:n + m].copy_(new)
         self.advance(m)
@@ -611,48 +611,60 @@ class SphkvCache(Cache):
     def _tokens(self, lo: int, hi: int) -> Tokens:
         """The allocator's items for positions ``lo … hi-1`` of every (sequence, layer, kv-head):
         real tokens the next query can still see, with the method's distortion rows, measured
-        with the layer's attention pattern over the window's tokens. Rows of layers (and
-        sequences) whose inputs have the same shapes and pattern are computed in one call."""
-        jobs = []  # (layer index, sequence, kept positions, their rows, k, v, q, first, q_all)
+        with the layer's attention pattern over the window's tokens. Sequences with the same
+        left padding see the same positions: each layer's are one job, their heads stacked
+        (sequence-major); jobs whose inputs have the same shapes and pattern are computed in
+        one call."""
+        jobs = []  # (layer, sequences, kept positions, their rows, k, v, q, first, q_all)
         nxt = torch.tensor([self.length])
         for index, layer in enumerate(self.layers):
             pos = layer.start + torch.arange(layer.keys.shape[-2])
             queries = self._queries[index]
             kept_from = layer.first_visible(nxt)[:, 0]
-            for b in range(queries.shape[0]):
+            for pad in torch.unique(self.pad).tolist():
+                seqs = torch.nonzero(self.pad == pad).flatten()
+                b = int(seqs[0])
                 q_all = queries[b]
                 # queries of real positions only (padding queries see nothing)
-                q_all = q_all[:, -min(q_all.shape[1], self.length - int(self.pad[b])):]
-                q = q_all[:, -self.observation:]
+                real = min(q_all.shape[1], self.length - pad)
+                q = q_all[:, -real:][:, -self.observation:]
                 q_pos = self.length - q.shape[1] + torch.arange(q.shape[1])
                 q_first = layer.first_visible(q_pos)[b]
                 # the keys any of these queries sees in the window, and the queries whose
                 # positions are among those keys'
-                base = max(int(q_first.min()), int(self.pad[b]), layer.start)
-                q, q_first = q[:, -(self.length - base):], q_first[-(self.length - base):]
+                base = max(int(q_first.min()), pad, layer.start)
+                n_q = self.length - base
                 sel = pos >= base
                 p = pos[sel]
                 take = (p >= lo) & (p < hi) & (p >= kept_from[b])
                 if not take.any():
                     continue
                 on = sel.to(layer.keys.device)
-                first = None if layer.attention.is_full else (q_first - base).clamp_min(0)
-                jobs.append((index, b, p[take], take.numpy(), layer.keys[b][:, on],
-                             layer.values[b][:, on], q, first,
-                             q_all[:, -(self.length - base):]))
+                first = None if layer.attention.is_full else (q_first[-n_q:] - base).clamp_min(0)
+                # sequences per job: about 2^22 (query, token) pairs at most, as per call below
+                pairs = queries.shape[1] * min(q.shape[1], n_q) * len(p)
+                for chunk in seqs.split(max(1, 2**22 // max(pairs, 1))):
+                    on_seq = chunk.to(layer.keys.device)
+                    k, v = (x[on_seq][:, :, on].flatten(0, 1)
+                            for x in (layer.keys, layer.values))
+                    q_seq = queries[on_seq][:, :, -real:]
+                    jobs.append((index, chunk.numpy(), p[take], take.numpy(), k, v,
+                                 q_seq[:, :, -self.observation:][:, :, -n_q:].flatten(0, 1),
+                                 first, q_seq[:, :, -n_q:].flatten(0, 1)))
         rows = self._distortion_rows(jobs)
         parts = []
-        for (index, b, p, take, k, v, *_), d in zip(jobs, rows, strict=True):
-            h = k.shape[0]
+        for (index, seqs, p, take, k, v, *_), d in zip(jobs, rows, strict=True):
+            h = self.kv_heads
             on = torch.from_numpy(take).to(k.device)
-            sink = (p - self.pad[b] < self.sinks).numpy()
+            sink = (p - self.pad[seqs[0]] < self.sinks).numpy()
             parts.append(Tokens(
-                group=np.repeat([self.group(b, index, j) for j in range(h)], len(p)),
-                positions=p.repeat(h),  # head-major, as the rows of k [H, n, d]
+                group=np.repeat([self.group(b, index, j) for b in seqs for j in range(h)],
+                                len(p)),
+                positions=p.repeat(len(seqs) * h),  # as the rows of k [B_job · H, n, d]
                 keys=k[:, on].reshape(-1, k.shape[-1]),
                 values=v[:, on].reshape(-1, v.shape[-1]),
                 distortion=d[:, take].reshape(-1, d.shape[-1]),
-                forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), h)))
+                forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), len(seqs) * h)))
         if not parts:
             d = self.head_dim
             empty = torch.zeros(0, d, dtype=torch.float16, device=self.layers[0].keys.device)
@@ -661,11 +673,12 @@ class SphkvCache(Cache):
         return Tokens.cat(parts)
 
     def _distortion_rows(self, jobs: list[tuple]) -> list[np.ndarray]:
-        """The method's rows ``[H_kv, n, T]`` of each job: jobs with equal shapes and pattern
-        stacked along the heads and computed in one call, each one relative to itself."""
+        """The method's rows ``[B_job · H_kv, n, T]`` of each job: jobs with equal shapes and
+        pattern stacked along the heads and computed in one call, each (layer, sequence)
+        relative to itself."""
         buckets: dict[tuple, list[int]] = {}
-        for i, (*_, k, _v, q, first, q_all) in enumerate(jobs):
-            key = (k.shape, q.shape, q_all.shape,
+        for i, (_, seqs, *_, k, _v, q, first, q_all) in enumerate(jobs):
+            key = (k.shape, q.shape, q_all.shape, len(seqs),
                    None if first is None else tuple(first.tolist()))
             buckets.setdefault(key, []).append(i)
         rows: list[np.ndarray | None] = [None] * len(jobs)
@@ -684,7 +697,7 @@ class SphkvCache(Cache):
                 torch.cat(k).float(), torch.cat(v).float(), torch.cat(q), self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
-                blocks=len(members))
+                blocks=sum(len(jobs[i][1]) for i in members))
             for i, part in zip(members, np.split(d, len(members)), strict=True):
                 rows[i] = part
         return rows

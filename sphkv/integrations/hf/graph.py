@@ -80,9 +80,9 @@ class DecodeGraph:
         self._key = None  # what the captured graph was made for
         self._eager_key = None  # the state the last eager step left the plans built for
         self._inputs: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
         self._output = None
         self._static: StaticStep | None = None
-        self._pool = None
 
     # --- when a graph serves -----------------------------------------------------------------
     def _state(self, kwargs: dict):
@@ -129,6 +129,7 @@ class DecodeGraph:
         return self._static.count < self._static.queries[0].shape[2]
 
     def _drop(self) -> None:
+        # the graph's memory (its own pool) is freed with it
         self._graph, self._key, self._output = None, None, None
 
     # --- capture and replay ------------------------------------------------------------------
@@ -137,15 +138,16 @@ class DecodeGraph:
         static = self._make_static()
         self._inputs = {k: v.clone() for k, v in kwargs.items()
                         if isinstance(v, torch.Tensor) and k != "attention_mask"}
+        # the padding mask is read at the first forward only; the graph keeps the one it saw
+        self._mask = kwargs.get("attention_mask")
         args = {**kwargs, **self._inputs}
         static.point(cache.layers[0].keys.shape[2])
         saved = ([(layer.keys, layer.values, layer.length) for layer in cache.layers],
                  dict(cache._queries), len(cache.history))
         graph = torch.cuda.CUDAGraph()
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
         cache.static = static
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph):
                 output = forward(**args)
         except RuntimeError as exc:
             # the host state the capture advanced goes back; this cache decodes eagerly
