@@ -561,27 +561,12 @@ class PagedStore:
     def _splice(self, groups: np.ndarray, blocks: np.ndarray, entries: np.ndarray,
                 sizes: np.ndarray) -> None:
         """Put the next ``sizes[i]`` of ``entries`` in place of entries ``blocks[i]`` of
-        ``groups[i]``'s page table: every table rebuilt in one sort by (group, section, rank),
-        the sections being the entries before the block, the new ones and those after."""
-        if not len(groups):
-            return
-        tables = [self.tables[g] for g in groups]
-        lengths = np.array([len(t) for t in tables], dtype=np.int64)
-        sizes = np.asarray(sizes, dtype=np.int64)
-        owner = np.repeat(np.arange(len(groups)), lengths)
-        rank = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        lo, hi = blocks[owner, 0], blocks[owner, 1]
-        keep = (rank < lo) | (rank >= hi)
-        new_rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        order = np.lexsort((np.concatenate([rank[keep], new_rank]),
-                            np.concatenate([np.where(rank < lo, 0, 2)[keep],
-                                            np.ones(len(new_rank), np.int64)]),
-                            np.concatenate([owner[keep], np.repeat(np.arange(len(groups)),
-                                                                   sizes)])))
-        merged = _concat([_concat(tables)[keep], entries[:sizes.sum()]])[order]
-        ends = np.cumsum(lengths - (blocks[:, 1] - blocks[:, 0]) + sizes)
-        for g, table in zip(groups, np.split(merged, ends[:-1]), strict=True):
-            self.tables[g] = table
+        ``groups[i]``'s page table."""
+        at = 0
+        for g, (lo, hi), n in zip(groups, blocks, sizes):
+            table = self.tables[g]
+            self.tables[g] = _concat([table[:lo], entries[at:at + n], table[hi:]])
+            at += n
 
     def _grow(self, pool: TierPool, pages: int) -> None:
         """Zeroed pages at the end of ``pool`` up to ``pages``."""
