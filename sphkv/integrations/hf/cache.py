@@ -372,6 +372,8 @@ class SphkvCache(Cache):
         self.static = None
         #: the decode steps as CUDA graphs (graph.py), made at the first decode step on a GPU
         self.decode_graph = None
+        # the kernel path's runs of every group per tier, made once per store write
+        self._runs: tuple | None = None
         # the prefill's items per method (its repr names every field), shared by the copies
         # :meth:`compress` makes: they do not depend on the budget
         self._prefill_items: dict[str, Tokens] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +26,7 @@ from sphkv.kernels.ada_decode import (
     Window,
     ada_decode_naive,
 )
+from sphkv.rdr.pages import Runs
 
 __all__ = ["kernel_attend", "kernel_reads", "layer_pages"]
 
@@ -54,10 +56,18 @@ def layer_pages(cache, layer, batch: int, heads: int,
     version = (store.version, batch, heads, device)
     if layer._runs is not None and layer._runs[0] == version:
         return layer._runs[1]
-    groups = [cache.group(b, layer.index, h) for b in range(batch) for h in range(heads)]
+    # every layer's runs in one pass per tier, made by the first layer to need them
+    if cache._runs is None or cache._runs[0] != version:
+        groups = [cache.group(b, i, h) for b in range(batch) for i in range(cache.n_layers)
+                  for h in range(heads)]
+        sliding = not all(a.is_full for a in cache.layout)
+        cache._runs = (version, {t: store.runs(t, groups, positions=sliding)
+                                 for t in store.pools})
+    rows = (np.arange(batch)[:, None] * cache.n_layers + layer.index) * heads + np.arange(heads)
     out = []
     for t, pool in store.pools.items():
-        runs = store.runs(t, groups, positions=not layer.attention.is_full)
+        runs = _layer_runs(cache._runs[1][t], rows.flatten(), store.page_size,
+                           not layer.attention.is_full)
         tier = store.tiers[t]
         table = torch.from_numpy(runs.pages).view(batch, heads, -1).to(device)
         lengths = torch.from_numpy(runs.lengths).view(batch, heads).to(device)
@@ -68,6 +78,16 @@ def layer_pages(cache, layer, batch: int, heads: int,
                               store.page_size), positions))
     layer._runs = (version, out)
     return out
+
+
+def _layer_runs(runs: Runs, rows: np.ndarray, page_size: int, positions: bool) -> Runs:
+    """The runs of some groups out of the runs of all (:meth:`PagedStore.runs`), as wide as
+    their longest run: what ``runs`` of those groups alone gives."""
+    lengths = runs.lengths[rows]
+    width = max(-(-int(lengths.max(initial=0)) // page_size), 1)
+    return Runs(runs.pages[rows, :width], lengths,
+                runs.positions[torch.from_numpy(rows).to(runs.positions.device),
+                               :width * page_size] if positions else None)
 
 
 def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
