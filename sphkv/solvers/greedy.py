@@ -16,10 +16,10 @@ number of page groups. The bound is the larger of the amortized LP bound, the sl
 (``page_round.slot_dual_bound``) and, where those leave more than 0.1%, the whole-page bound
 (``page_bound.whole_page_bound``).
 
-O(N T²) passes over N numbers plus one sort of N; numpy and torch (CPU or GPU) versions give the
-same allocation. On a CPU the per-item passes run block by block of items (``page_round._block``):
-a block's [T, n] rows stay in cache and its temporaries are reused, where passes over whole
-arrays were bound by memory and by faulting in fresh pages.
+O(N T²) passes over N numbers plus one sort of N (two in small groups); numpy and torch (CPU or
+GPU) versions give the same allocation. On a CPU the per-item passes run block by block of items
+(``page_round._block``): a block's [T, n] rows stay in cache and its temporaries are reused,
+where passes over whole arrays were bound by memory and by faulting in fresh pages.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ _FILL_CHUNK = 4096
 _MAX_OPTION_TIERS = 7
 # With pages, the whole-page bound is computed when the slot dual leaves a larger relative gap.
 _WHOLE_PAGE_GAP = 1e-3
+# Page rounding values each option by the items best to move (``directed``, one more sort)
+# where groups hold up to this many pages of items on average.
+_DIRECTED_PAGES = 64
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
@@ -547,7 +550,8 @@ class GreedySolver(Solver):
                 on(np.argsort(group_cost, axis=1, kind="stable")), on(problem.page_bytes),
                 on(forced_counts), problem.page_size, problem.budget,
                 lambda d, c, r: (lambda h: h.tiers(h.positions(r)))(HullSegments(d, c, xp)),
-                amortized, price)
+                amortized, price,
+                directed=problem.n_items <= _DIRECTED_PAGES * problem.page_size * problem.n_groups)
         if pos is None:
             pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
                               amortized, on(problem.page_bytes), on(forced_counts),
@@ -578,11 +582,11 @@ class GreedySolver(Solver):
             # Far from the bound: small groups, whose partial pages the slot dual leaves out
             # and the rounding pays most for. The whole-page bound counts them (searched around
             # the slot dual's best price on small problems, taken there alone on large ones),
-            # and exchanges between tiers improve which items fill the pages.
+            # and exchanges along cycles of tiers fill the pages with the items best in them.
             small = self.polish and problem.n_items <= 50_000
             bound = max(bound, whole_page_bound(problem, bound_price,
                                                 evaluations=8 if small else 1))
-            tiers = exchange_tiers(problem, tiers, rounds=3 if small else 1)
+            tiers = exchange_tiers(problem, tiers)
         return tiers, bound
 
 

@@ -186,6 +186,8 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
         # j jumps out of rank k: m = ρ - j mod P is its net inflow from below.
         inflow = np.full_like(dp, np.inf)
         for j in range(max_jumps + 1):
+            if j and not np.isfinite(jumps[:, k, j]).any():
+                break  # (the j-th cheapest jumps of a rank are finite only if the (j-1)-th are)
             moved = np.roll(dp[:, :, :max_jumps + 1 - j] + jumps[:, k, j][:, None, None], -j,
                             axis=1)
             np.minimum(inflow[:, :, j:], moved, out=inflow[:, :, j:])

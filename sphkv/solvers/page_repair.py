@@ -18,12 +18,14 @@ slots unused. Local moves, each priced exactly by the page counts it changes:
 Every move changes one group only, so only that group's candidate moves are recomputed. After the
 moves, ``reassign`` puts the items of each group into the slots its pages pay for at least
 distortion (a min-cost flow), which may empty pages for another round; ``paged_dual_bound`` is
-the matching lower bound. ``exchange_tiers`` is the vectorised, approximate form of the
-reassignment for many groups: exchanges between two tiers of a group, all groups at once.
+the matching lower bound. ``exchange_tiers`` is the vectorised form of the reassignment for
+many groups: exchanges of items along negative cycles of a group's tiers, all groups at once
+(with cycles of every length, run to the end, it reaches the reassignment's optimum).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -309,25 +311,29 @@ def paged_dual_bound(problem: AllocationProblem, price: float, evaluations: int 
         problem.page_cost(forced_counts), problem.budget, price, 4.0 * price, evaluations)
 
 
-def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 1,
-                   per_group: int = 16) -> np.ndarray:
-    """Exchange items between two tiers of a group where that lowers the distortion; page
-    counts, and so the bytes, stay as they are.
+def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 16,
+                   longest: int = 3) -> np.ndarray:
+    """Move items between the tiers of each group along cycles that lower the distortion; no
+    page count grows, so neither do the bytes.
 
-    For each pair of tiers u < v, per group: the free items at u that may take v, by
-    ``D_u - D_v`` (the gain of moving up to v), largest first, against the free items at v that
-    may take u, by the same difference (the loss of moving down to u), smallest first; the
-    r-th of each are exchanged while the gain exceeds the loss (both orders are monotone, so
-    that is a prefix). Up to ``per_group`` exchanges per group, pair and round; all groups at
-    once on a group-major layout padded to the largest group, [G, M] (``tiers`` unchanged where
-    that would take more than 4 slots per item).
+    Per group, a graph of its tiers and a slack node S: arc u -> v costs the least
+    ``D_v - D_u`` over the free items at u that may take v, v -> S costs 0 where v has an empty
+    slot in its pages (or has no pages), S -> u costs 0. Moving the item of every tier-to-tier
+    arc of a cycle keeps every count, except that a cycle through S moves one item out of u and
+    one into v's empty slot; the items are distinct (one per tier). Each round applies, in every
+    group that has one, the most negative cycle of 2 to ``longest`` arcs, until none is left or
+    after ``rounds``. A negative cycle of the min-cost flow that assigns a group's items to the
+    slots its pages pay for (:func:`reassign`) visits each tier once, so with ``longest`` the
+    number of tiers + 1 and no negative cycle left the assignment is that flow's optimum. All
+    groups at once on a group-major layout padded to the largest group, [G, M] (``tiers``
+    unchanged where that would take more than 4 slots per item).
     """
     tiers = np.array(tiers, dtype=np.int64)
-    g_count, t_count = problem.n_groups, problem.n_tiers
+    g_count, t = problem.n_groups, problem.n_tiers
     group = problem.group_index
     sizes = np.bincount(group, minlength=g_count)
     m = max(int(sizes.max(initial=0)), 1)
-    if g_count * m > 4 * problem.n_items + (1 << 12):
+    if g_count * m > 4 * problem.n_items + (1 << 12) or problem.page_size is None:
         return tiers
     by_group = np.argsort(group, kind="stable")
     slot = (group[by_group] * m + np.arange(by_group.size)
@@ -337,38 +343,74 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     index = index.reshape(g_count, m)
     item = np.maximum(index, 0)
     movable = (index >= 0) & (problem.forced[item] < 0)
-    ceiling = np.where(movable, problem.ceiling_tier[item], -1)
-    d = np.moveaxis(problem.distortion[item], 2, 0)  # [T, G, M]
+    ceiling = np.where(movable, problem.ceiling_tier[item], -1) if problem.has_ceiling else None
+    d = np.ascontiguousarray(problem.distortion.T)  # [T, N]
     now = np.where(movable, tiers[item], -1)
-    k = min(per_group, m)
+    counts = problem.counts(tiers)
+    # Empty slots of each (group, tier); unpaged tiers take any number.
+    spare = np.where(problem.page_bytes > 0, (-counts) % problem.page_size, 1 << 40)
+    # A cycle counts as negative below -1e-12 of its group's distortion.
+    tolerance = 1e-12 * np.bincount(group, weights=np.abs(np.take_along_axis(
+        problem.distortion, tiers[:, None], axis=1)[:, 0]), minlength=g_count)
+    src, dst = _cycles(t + 1, min(longest, t + 1))
+    rows = np.arange(g_count)
     for _ in range(rounds):
-        moved = 0
-        for u in range(t_count):
-            for v in range(u + 1, t_count):
-                diff = d[u] - d[v]
-                gain = np.where((now == u) & (ceiling >= v), diff, -np.inf)
-                loss = np.where((now == v) & (ceiling >= u), diff, np.inf)
-                rows = np.flatnonzero(gain.max(axis=1) > loss.min(axis=1))
-                if not rows.size:
-                    continue
-                gain, loss = gain[rows], loss[rows]
-                if k < m:
-                    up = np.argpartition(-gain, k - 1, axis=1)[:, :k]
-                    down = np.argpartition(loss, k - 1, axis=1)[:, :k]
-                else:
-                    up = down = np.broadcast_to(np.arange(m), gain.shape)
-                r = np.arange(rows.size)[:, None]
-                gain, loss = gain[r, up], loss[r, down]
-                by_gain, by_loss = np.argsort(-gain, axis=1), np.argsort(loss, axis=1)
-                up = np.take_along_axis(up, by_gain, axis=1)
-                down = np.take_along_axis(down, by_loss, axis=1)
-                better = (np.take_along_axis(gain, by_gain, axis=1)
-                          > np.take_along_axis(loss, by_loss, axis=1))
-                row, rank = np.nonzero(better)
-                now[rows[row], up[row, rank]] = v
-                now[rows[row], down[row, rank]] = u
-                moved += row.size
-        if not moved:
+        if not rows.size:
             break
+        # Each row's slots by tier (padding and forced items, -1, first): the items of tier u
+        # of a row are one segment, and an arc's cost a minimum over it.
+        r = np.arange(rows.size)
+        at = now[rows]
+        by_tier = np.argsort(at, axis=1, kind="stable")
+        at = np.take_along_axis(at, by_tier, axis=1)
+        idx = np.take_along_axis(item[rows], by_tier, axis=1)
+        cur = np.take(problem.distortion, idx * t + np.maximum(at, 0))
+        limit = None if ceiling is None else np.take_along_axis(ceiling[rows], by_tier, axis=1)
+        segment = (r[:, None] * (t + 1) + at + 1).ravel()
+        starts = np.searchsorted(segment, np.arange(rows.size * (t + 1) + 1))
+        empty = (starts[1:] == starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
+        arc = np.zeros((rows.size, t + 1, t + 1))  # node t: S
+        padded = np.full(segment.size + 1, np.inf)  # an end for the empty last segments
+        delta = padded[:-1].reshape(idx.shape)
+        for v in range(t):
+            np.take(d[v], idx, out=delta)
+            delta -= cur
+            if limit is not None:
+                delta[limit < v] = np.inf
+            low = np.minimum.reduceat(padded, starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
+            arc[:, :t, v] = np.where(empty, np.inf, low)
+            arc[:, v, v] = 0.0
+        arc[:, :t, t] = np.where(spare[rows] > 0, 0.0, np.inf)
+        cost = arc[:, src, dst].sum(axis=2)  # [R, cycles]
+        best = np.argmin(cost, axis=1)
+        better = cost[r, best] < -tolerance[rows]
+        r, best = r[better], best[better]
+        for j in range(src.shape[1]):
+            u, v = src[best, j], dst[best, j]
+            step = (u != v) & (u < t) & (v < t)
+            k, u, v = r[step], u[step], v[step]
+            gain = d[v[:, None], idx[k]] - cur[k]
+            ok = at[k] == u[:, None]
+            if limit is not None:
+                ok &= limit[k] >= v[:, None]
+            g = rows[k]
+            now[g, by_tier[k, np.argmin(np.where(ok, gain, np.inf), axis=1)]] = v
+            spare[g, u] += 1
+            spare[g, v] -= 1
+        rows = rows[better]
     tiers[index[movable]] = now[movable]
     return tiers
+
+
+def _cycles(n: int, longest: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every directed simple cycle of 2 to ``longest`` of ``n`` nodes, once (from its least
+    node), as arcs ``src -> dst`` [K, longest], padded with self-arcs of its first node."""
+    src, dst = [], []
+    for k in range(2, longest + 1):
+        for nodes in itertools.combinations(range(n), k):
+            for rest in itertools.permutations(nodes[1:]):
+                cycle = (nodes[0],) + rest
+                pad = [nodes[0]] * (longest - k)
+                src.append(list(cycle) + pad)
+                dst.append(list(cycle[1:]) + [nodes[0]] + pad)
+    return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)

@@ -384,7 +384,8 @@ def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amort
 
 
 def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forced_counts,
-                   page_size: int, budget: float, hull_solver, amortized, price: float):
+                   page_size: int, budget: float, hull_solver, amortized, price: float,
+                   directed: bool = False):
     """Whole pages for every group: per group, one of the page counts next to the greedy's,
     chosen across groups by the greedy itself.
 
@@ -402,6 +403,14 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     multiple-choice knapsack over groups, solved by
     ``hull_solver(distortion [G, C], bytes [G, C], room)`` (the greedy on those options).
 
+    With ``directed`` each option is valued by the items best to move: those an option moves up
+    out of a tier's block as the ones that gain most by one rank up, those it moves down as the
+    ones that lose least by one rank down (one order of the blocks by each; the two sets are
+    taken as disjoint, so a small block moved both ways may be valued too low). One more sort
+    and prefix-sum pass; in groups of 244 items this took the chosen options' allocation, items
+    reassigned by min-cost flow, from 0.163% to 0.096% above the bound. The chosen option's
+    blocks moved down only are filled in the order by loss down, the others by gain up.
+
     Parameters
     ----------
     lp_tiers : int array [N]
@@ -412,7 +421,7 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     amortized : array [G, T]
         ``c' = c + h/P`` per (group, tier).
     price : float
-        λ, the greedy's price of a byte.
+        λ, the greedy's price of a byte (for the order without ``directed``).
 
     Returns int8 array [N] of tiers, or None if even the cheapest options exceed ``budget``.
     """
@@ -425,8 +434,9 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     rank_of = xp.reshape(xp.argsort(tier_order, axis=1, stable=True), (-1,))  # tier -> rank
     flat_order = xp.reshape(tier_order, (-1,))
     flat_cost = xp.reshape(amortized, (-1,))
-    # Sort keys and greedy counts per (group, rank), block by block.
-    sort_key = xp.empty(n, dtype=xp.int64, device=dev)
+    # Sort keys and greedy counts per (group, rank), block by block: with ``directed`` one order
+    # by gain up and one by loss down, else one mixed order (up first, then down).
+    keys = [xp.empty(n, dtype=xp.int64, device=dev) for _ in range(2 if directed else 1)]
     n_lp = xp.zeros(g_count * t, dtype=xp.int64, device=dev)
     for s, e in _blocks(xp, distortion):
         g = group[s:e] * t
@@ -438,19 +448,25 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
         d_now = _gather(xp, d, now)
         gain_up = d_now - _gather(xp, d, up)
         loss_down = _gather(xp, d, down) - d_now
-        c_now = xp.take(flat_cost, g + now)
-        # Regrets at λ of one rank up and one down (inf where there is none).
-        regret_up = xp.where(lp_rank < t - 1, price * (xp.take(flat_cost, g + up) - c_now)
-                             - gain_up, float("inf"))
-        regret_down = xp.where(lp_rank > 0, loss_down
-                               - price * (c_now - xp.take(flat_cost, g + down)), float("inf"))
-        down_part = xp.astype(regret_up >= regret_down, xp.int64)
-        segment = (g + (t - 1 - lp_rank)) * 2 + down_part
-        sort_key[s:e] = _combined_key(xp, segment, xp.where(down_part == 1, -loss_down,
-                                                            -gain_up), 2 * g_count * t)
+        block = g + (t - 1 - lp_rank)
+        if directed:
+            keys[0][s:e] = _combined_key(xp, block, -gain_up, g_count * t)
+            keys[1][s:e] = _combined_key(xp, block, -loss_down, g_count * t)
+        else:
+            c_now = xp.take(flat_cost, g + now)
+            # Regrets at λ of one rank up and one down (inf where there is none).
+            regret_up = xp.where(lp_rank < t - 1, price * (xp.take(flat_cost, g + up) - c_now)
+                                 - gain_up, float("inf"))
+            regret_down = xp.where(lp_rank > 0, loss_down
+                                   - price * (c_now - xp.take(flat_cost, g + down)),
+                                   float("inf"))
+            down_part = xp.astype(regret_up >= regret_down, xp.int64)
+            keys[0][s:e] = _combined_key(xp, block * 2 + down_part,
+                                         xp.where(down_part == 1, -loss_down, -gain_up),
+                                         2 * g_count * t)
         n_lp += _bincount(xp, g + lp_rank, minlength=g_count * t)
-    order = xp.argsort(sort_key, stable=True)
-    del sort_key
+    orders = [xp.argsort(key, stable=True) for key in keys]
+    del keys
     n_lp = xp.reshape(n_lp, (g_count, t))
     n_free = xp.sum(n_lp, axis=1)
     start = xp.concat([xp.zeros(1, dtype=n_free.dtype, device=dev),
@@ -477,23 +493,56 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     option_bytes = xp.sum(xp.astype(pages, pb.dtype) * pb[:, None, :], axis=2)
     # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r]:
     # a difference of prefix sums of the sorted distortions at that tier.
-    col = xp.broadcast_to(tier_order[:, None, :], bound.shape)
-    rows = xp.concat([xp.reshape(start[:-1, None, None] + bound - 1, (-1,)),
-                      xp.reshape(start[:-1, None, None] + upper - 1, (-1,))])
-    sums = xp.reshape(_prefix_sums(xp, distortion, order, rows, xp.concat([
-        xp.reshape(col, (-1,)), xp.reshape(col, (-1,))])), (2,) + bound.shape)
-    option_d = xp.sum(sums[0] - sums[1], axis=2)
+    col = xp.reshape(xp.broadcast_to(tier_order[:, None, :], bound.shape), (-1,))
+    cols = xp.concat([col, col])
+    rows = xp.concat([xp.reshape(start[:-1, None, None] + x - 1, (-1,)) for x in (bound, upper)])
+    if directed:
+        # The greedy's block of rank k holds positions [a_k, a_k + n_k) of its group (in both
+        # orders); an option moves its first B[k+1] - a_k items up and its last
+        # a_k + n_k - B[k] down. Those moved up are valued as the ones that gain most by it,
+        # those moved down as the ones that lose least (as if the two never shared an item):
+        # the prefix sum at boundary B[j] inside block k is taken in the order by gain up
+        # where j > k (the positions before it move up), else in the order by loss down.
+        a_k = xp.flip(xp.cumulative_sum(xp.flip(n_lp, axis=1), axis=1), axis=1) - n_lp
+        e_k = a_k + n_lp
+        by_up = []
+        for x, j in ((bound, 0), (upper, 1)):
+            y = x[:, :, :, None] - 1  # [G, C, T(boundary), 1] against blocks [G, 1, 1, T]
+            inside = (a_k[:, None, None, :] <= y) & (y < e_k[:, None, None, :])
+            above = xp.arange(t, device=dev)[:, None] + j > xp.arange(t, device=dev)[None, :]
+            by_up.append(xp.reshape(xp.any(inside & above, axis=3), (-1,)))
+        by_up = xp.concat(by_up)
+        sums = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
+        for order, pick in ((orders[0], xp.nonzero(by_up)[0]),
+                            (orders[1], xp.nonzero(~by_up)[0])):
+            sums[pick] = _prefix_sums(xp, distortion, order, xp.take(rows, pick),
+                                      xp.take(cols, pick))
+        sums = xp.reshape(sums, (2, -1))
+    else:
+        sums = xp.reshape(_prefix_sums(xp, distortion, orders[0], rows, cols), (2, -1))
+    option_d = xp.sum(xp.reshape(sums[0] - sums[1], bound.shape), axis=2)
     cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
     if cheapest > budget:
         return None
     choice = xp.astype(hull_solver(option_d, option_bytes, budget - cheapest), xp.int64)
-    chosen = xp.take_along_axis(count, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
-                                axis=1)[:, 0, :]
+
+    def chosen_of(a):
+        return xp.take_along_axis(a, xp.broadcast_to(choice[:, None, None], (g_count, 1, t)),
+                                  axis=1)[:, 0, :]
+
+    order = orders[0]
+    if directed:
+        # A block its group's option moves down only takes the order by loss down; the others
+        # the order by gain up.
+        down = xp.astype((chosen_of(upper) <= a_k) & (chosen_of(bound) < e_k), xp.int8)
+        down = xp.repeat(xp.reshape(xp.flip(down, axis=1), (-1,)),
+                         xp.reshape(xp.flip(n_lp, axis=1), (-1,)))
+        order = xp.where(down == 1, orders[1], order)
     # In sorted order each group holds its chosen counts, dearest rank first.
     # (int8: the random writes of a permutation then stay in cache.)
     tiers = xp.empty(n, dtype=xp.int8, device=dev)
     tiers[order] = xp.repeat(xp.reshape(xp.astype(xp.flip(tier_order, axis=1), xp.int8), (-1,)),
-                             xp.reshape(xp.flip(chosen, axis=1), (-1,)))
+                             xp.reshape(xp.flip(chosen_of(count), axis=1), (-1,)))
     return tiers
 
 
