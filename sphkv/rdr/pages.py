@@ -225,9 +225,10 @@ class PagedStore:
         return np.array([slot_bytes(t) for t in self.tiers], dtype=np.float64)
 
     def nbytes(self) -> int:
-        """Accounted bytes: whole pages (partial ones included) and one page-table entry each."""
-        pages = sum(pool.pages * pool.page_bytes for pool in self.pools.values())
-        return pages + sum(len(t) for t in self.tables) * PAGE_TABLE_ENTRY.itemsize
+        """Accounted bytes: whole pages (partial ones included) and one page-table entry each
+        (every page is listed once, so the entries are counted from the pools, in O(tiers))."""
+        return sum(pool.pages * (pool.page_bytes + PAGE_TABLE_ENTRY.itemsize)
+                   for pool in self.pools.values())
 
     def held_bytes(self) -> int:
         """Bytes of the tensors and page tables the store really holds."""
