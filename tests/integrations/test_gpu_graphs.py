@@ -36,12 +36,13 @@ class _Check(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _generate(model, ids, method: str, graphs: bool, fraction: float = 0.3):
+def _generate(model, ids, method: str, graphs: bool, fraction: float = 0.3, mask=None):
     budget = fraction * fp16_cache_bytes(model.config, ids.shape[0], PROMPT + NEW)
     cache = SphkvCache(model.config, budget, method, window=W, page_size=4)
     check = _Check(cache)
     with torch.no_grad(), compressed_attention(model, graphs=graphs):
-        out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=NEW,
+        out = model.generate(ids, attention_mask=mask, **{cache_argument(model): cache},
+                             max_new_tokens=NEW,
                              min_new_tokens=NEW, do_sample=False, output_logits=True,
                              return_dict_in_generate=True,
                              stopping_criteria=StoppingCriteriaList([check]))
@@ -66,6 +67,23 @@ def test_graphed_decode_equals_eager(method, batch):
     assert steps["replayed"] == NEW - 1 - 2 * (admissions + 1) > NEW // 2
     assert check.placements == ref_check.placements
     assert cache.history == ref_cache.history
+    assert torch.equal(out, ref)
+    err = ((logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).max().item()
+    assert err < 1e-3, err
+
+
+def test_graphed_decode_with_left_padding():
+    model = tiny_model().cuda()
+    pads = torch.tensor([0, 5, 9])
+    ids = torch.randint(1, TINY["vocab_size"], (3, PROMPT),
+                        generator=torch.Generator().manual_seed(5))
+    mask = (torch.arange(PROMPT)[None, :] >= pads[:, None]).long()
+    ids, mask = (ids * mask).cuda(), mask.cuda()
+    ref, ref_logits, ref_cache, ref_check = _generate(model, ids, "rdr", False, mask=mask)
+    out, logits, cache, check = _generate(model, ids, "rdr", True, mask=mask)
+    assert cache.pad.tolist() == pads.tolist()
+    assert cache.decode_graph.steps["replayed"] > NEW // 2
+    assert check.placements == ref_check.placements and cache.history == ref_cache.history
     assert torch.equal(out, ref)
     err = ((logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).max().item()
     assert err < 1e-3, err
