@@ -54,8 +54,9 @@ _MAX_OPTION_TIERS = 7
 # With pages, the whole-page bound is computed when the slot dual leaves a larger relative gap.
 _WHOLE_PAGE_GAP = 1e-3
 # Page rounding values each option by the items best to move (``directed``, one more sort)
-# where groups hold up to this many pages of items on average.
-_DIRECTED_PAGES = 64
+# where groups hold up to this many pages of items on average (groups of 244 items: 15 pages;
+# with 128, the regret order alone is within 0.09% of the bound).
+_DIRECTED_PAGES = 32
 
 
 def _bincount(xp, x, weights=None, minlength: int = 0):
