@@ -77,8 +77,10 @@ class _Groups:
         self.n, self.p, self.budget = int(free.sum()), p, problem.budget
 
 
-# Items per block of groups (whole groups; at least one).
-_BLOCK_ITEMS = 1 << 14
+# Items per block of groups (whole groups; at least one). The program's many small operations per
+# block favour large blocks: at 1M items in 4,096 groups an evaluation took 0.62 s with blocks
+# of 2^14 items, 0.50 s with 2^16.
+_BLOCK_ITEMS = 1 << 16
 # The padded layout is used up to this many slots per item.
 _MAX_PADDING = 4
 

@@ -345,7 +345,7 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     movable = (index >= 0) & (problem.forced[item] < 0)
     ceiling = np.where(movable, problem.ceiling_tier[item], -1) if problem.has_ceiling else None
     d = np.ascontiguousarray(problem.distortion.T)  # [T, N]
-    now = np.where(movable, tiers[item], -1)
+    now = np.where(movable, tiers[item], -1).astype(np.int16)  # (sorted by radix sort)
     counts = problem.counts(tiers)
     # Empty slots of each (group, tier); unpaged tiers take any number.
     spare = np.where(problem.page_bytes > 0, (-counts) % problem.page_size, 1 << 40)
