@@ -507,10 +507,11 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
         e_k = a_k + n_lp
         by_up = []
         for x, j in ((bound, 0), (upper, 1)):
+            # Position y = B - 1 lies in block k = the number of ranks with a_k > y (a_k falls
+            # with the rank; an empty block shares its start with the next rank down).
             y = x[:, :, :, None] - 1  # [G, C, T(boundary), 1] against blocks [G, 1, 1, T]
-            inside = (a_k[:, None, None, :] <= y) & (y < e_k[:, None, None, :])
-            above = xp.arange(t, device=dev)[:, None] + j > xp.arange(t, device=dev)[None, :]
-            by_up.append(xp.reshape(xp.any(inside & above, axis=3), (-1,)))
+            k = xp.sum(xp.astype(a_k[:, None, None, :] > y, xp.int8), axis=3, dtype=xp.int64)
+            by_up.append(xp.reshape(xp.arange(t, device=dev) + j > k, (-1,)))
         by_up = xp.concat(by_up)
         sums = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
         for order, pick in ((orders[0], xp.nonzero(by_up)[0]),
