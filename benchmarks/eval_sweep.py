@@ -169,9 +169,10 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
 
 
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
-             window: int = 16) -> list[dict]:
+             window: int = 16, observation: int | None = None) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
-    caches' W."""
+    caches' W; ``observation``: the prompt queries perplexity's caches observe (None: each
+    method's own)."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
     model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
@@ -179,7 +180,7 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
     n = g["context"]
     if g["task"] == "ppl":
         results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
-                                  window=window)
+                                  window=window, observation=observation)
         quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
                     / r.fp16_bytes} for r in results]
     elif g["task"] == "fidelity":
@@ -228,7 +229,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = tuple(text_name(p) for p in paths)
     header = {"model": args.model, "texts": list(names), "tuned": list(args.tuned or []),
               "quick": args.quick, "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
-              "window": args.window, "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
+              "window": args.window, "observation": args.observation,
+              "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
     todo = [g for g in groups(grid, tuple(args.tasks), names)
             if not args.contexts or g["context"] in args.contexts]
@@ -246,7 +248,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                      TextColumn("{task.completed}/{task.total} units"),
                      TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval sweep", total=len(work))
-        futures = {pool.submit(run_unit, grid, g, methods, args.chunk, args.window): (g, methods)
+        futures = {pool.submit(run_unit, grid, g, methods, args.chunk, args.window,
+                               args.observation): (g, methods)
                    for g, methods in work}
         for future in as_completed(futures):
             g, methods = futures[future]
@@ -370,7 +373,9 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
              f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); window W = "
-             f"{header.get('window', 16)}; pass key: "
+             f"{header.get('window', 16)}"
+             + (f"; perplexity's caches observe {header['observation']} prompt queries"
+                if header.get("observation") else "") + "; pass key: "
              f"trials per cell in its table; "
              f"{header.get('jobs', 1)} worker processes, {header['threads']} threads in all"
              + (f", {header['wall_seconds']} s wall (runs merged: their sum)"
@@ -482,6 +487,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=16,
                         help="the caches' window W: between W and 2W recent tokens kept at fp16 "
                              "(reserved from the budget); keep --chunk at most W")
+    parser.add_argument("--observation", type=int, metavar="QUERIES",
+                        help="perplexity: the caches observe the prompt's last QUERIES queries "
+                             "for the distortion rows (default: each method's own, 256 for the "
+                             "RDR methods)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes (each loads the model; the cores are shared)")
     parser.add_argument("--threads", type=int, default=2,
@@ -498,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                              "merged, a later file's cell replacing an earlier one's; the "
                              "first one's header, with every run's commit")
     args = parser.parse_args(argv)
+    if args.observation is not None and args.observation < 1:
+        parser.error(f"--observation must be at least 1 query, got {args.observation}")
     if not 1 <= args.chunk <= args.window:
         parser.error(f"--chunk must be between 1 and --window ({args.window}), got {args.chunk}:"
                      f" a longer chunk's queries see its tokens at fp16 beyond the window")

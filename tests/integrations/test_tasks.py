@@ -317,6 +317,14 @@ def test_sweep_refuses_a_chunk_longer_than_the_window(tmp_path, capsys):
     assert "--chunk must be between 1 and --window (8), got 16" in capsys.readouterr().err
 
 
+def test_sweep_refuses_no_observed_queries(tmp_path, capsys):
+    from benchmarks.eval_sweep import main
+
+    with pytest.raises(SystemExit):
+        main(["--text", str(tmp_path), "--observation", "0"])
+    assert "--observation must be at least 1 query, got 0" in capsys.readouterr().err
+
+
 def test_sweep_summary_relative_to_none_per_text_held_out_apart():
     from benchmarks.eval_sweep import summary
 
