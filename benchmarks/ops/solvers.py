@@ -30,6 +30,8 @@ from sphkv.rdr import synthetic_problem
 from sphkv.solvers import solve
 
 _SHAPES = {90: (30, 3), 4096: (128, 32)}  # groups: (layers, kv_heads)
+_BACKENDS = {"numpy": {}, "torch-cpu": {"backend": "torch"},
+             "torch-cuda": {"backend": "torch", "device": "cuda"}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=sorted(_SHAPES), help="page groups per instance")
     parser.add_argument("--ilp-items", type=int, default=200_000,
                         help="items of the paged ilp time-limit instance (90 groups)")
-    parser.add_argument("--ilp-time-limits", type=float, nargs="+", default=[1.0, 10.0],
-                        help="seconds given to the ilp")
+    parser.add_argument("--ilp-time-limits", type=float, nargs="*", default=[1.0, 10.0],
+                        help="seconds given to the ilp (none: no ilp rows)")
     parser.add_argument("--budget", type=float, default=0.125,
                         help="budget as a fraction of the all-fp16 cache")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="also run the torch rows on CUDA (auto: when available)")
+    parser.add_argument("--backends", nargs="+", choices=list(_BACKENDS),
+                        default=list(_BACKENDS),
+                        help="greedy backends to time (torch-cuda only where --device allows)")
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of each greedy row and its argsort; the fastest is kept")
 
@@ -79,9 +84,11 @@ def _timed(problem, **options):
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)
-    backends = [("numpy", {}), ("torch-cpu", {"backend": "torch"})]
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        backends.append(("torch-cuda", {"backend": "torch", "device": "cuda"}))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    backends = [(name, _BACKENDS[name]) for name in args.backends
+                if name != "torch-cuda" or cuda]
+    if not backends:
+        raise SystemExit("--backends torch-cuda needs --device cuda (or auto with a GPU)")
     rows = []
     for items in args.sizes:
         for groups in args.groups:
@@ -132,10 +139,11 @@ def summarize(rows: list[dict]) -> str:
             lines.append(f"| {r['items']:,} | {r['groups']} | {r['pages'] or '–'} | "
                          f"{r['backend']} | {r['seconds']:.3g} | {cpu} | {r['vs_argsort']:.2f} | "
                          f"{r['gap']:.4%} |")
-    lines += ["", "| ilp items | time_limit s | wall s | target s | status | gap |",
-              "|" + "---|" * 6]
-    for r in rows:
-        if r["solver"] == "ilp":
-            lines.append(f"| {r['items']:,} | {r['time_limit']:g} | {r['seconds']:.2f} | "
-                         f"{r['target_s']:.2f} | {r['status']} | {r['gap']:.4%} |")
+    ilp = [r for r in rows if r["solver"] == "ilp"]
+    if ilp:
+        lines += ["", "| ilp items | time_limit s | wall s | target s | status | gap |",
+                  "|" + "---|" * 6]
+    for r in ilp:
+        lines.append(f"| {r['items']:,} | {r['time_limit']:g} | {r['seconds']:.2f} | "
+                     f"{r['target_s']:.2f} | {r['status']} | {r['gap']:.4%} |")
     return "\n".join(lines)
