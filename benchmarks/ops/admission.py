@@ -10,8 +10,10 @@ fills and admissions demote (``overflowed``: how many solved for demotions rathe
 the price).
 
 Per row: ``items`` kept after the prefill, ``prefill_s``, the median and largest admission
-(``admit_ms``, ``admit_max_ms``), and the store's bytes against its budget at the end. Timed
-on ``--device`` (synchronised after each step on a GPU).
+(``admit_ms``, ``admit_max_ms``), the median time to read every tier's runs of every group
+after an admission (``runs_ms``: the page tables the decode kernels are given, rebuilt after
+each write), and the store's bytes against its budget at the end. Timed on ``--device``
+(synchronised after each step on a GPU).
 
 ``OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.run --op admission``
 """
@@ -77,16 +79,20 @@ def run(args: argparse.Namespace) -> list[dict]:
             alloc = OnlineAllocator(tiers, groups, budget, 16, device=device)
             prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
                              a.prefill(_tokens(g, 0, n, device, r)), device)
-            admits, overflowed = [], 0
+            admits, reads, overflowed = [], [], 0
+            everyone = list(range(groups))
             for i in range(args.admissions):
                 new = _tokens(groups, tokens + i * _W, tokens + (i + 1) * _W, device, rng)
                 price = alloc.price
                 admits.append(_timed(lambda a=alloc, new=new: a.admit(new), device))
                 # an admission that fits multiplies λ by the decay; a demotion solve sets it
                 overflowed += alloc.price != price * alloc.decay
+                reads.append(_timed(lambda s=alloc.store: [s.runs(t, everyone)
+                                                           for t in s.pools], device))
             ms = np.asarray(admits) * 1e3
             rows.append(dict(groups=groups, tokens=tokens, items=groups * tokens,
                              prefill_s=prefill, admit_ms=float(np.median(ms)),
-                             admit_max_ms=float(ms.max()), overflowed=overflowed,
+                             admit_max_ms=float(ms.max()),
+                             runs_ms=float(np.median(reads) * 1e3), overflowed=overflowed,
                              store_bytes=alloc.nbytes(), budget_bytes=int(budget)))
     return rows

@@ -321,7 +321,7 @@ class OnlineAllocator:
     # --- bookkeeping -----------------------------------------------------------------------
     def _counts(self, group: np.ndarray, tiers: np.ndarray) -> np.ndarray:
         """Items per (group, tier) ``[groups, T]``."""
-        counts = np.zeros((len(self.store.tables), len(self.tiers)), dtype=np.int64)
+        counts = np.zeros((self.store.groups, len(self.tiers)), dtype=np.int64)
         np.add.at(counts, (group, tiers), 1)
         return counts
 

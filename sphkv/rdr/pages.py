@@ -8,7 +8,11 @@ them) and a 16-bit position offset. A page table per group lists its pages as
 tier). Within a (group, tier) the kept tokens are sorted by position and packed densely, so only
 the last page of a run is partial, and token j of a page sits at position
 ``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
-position recoverable.
+position recoverable. The entries are held per tier, one array for all groups in (group,
+position) order: a group's run at a tier is the block ``starts[g] … starts[g + 1]`` of it, the
+starts being the cumulative pages ``ceil(count / P)`` of the groups before, so that readers
+of a tier (the decode kernels, for every group at once) and writers (one splice per tier
+write) work on one array instead of one per group.
 
 The store is written a tier at a time: :meth:`PagedStore.add` appends tokens behind their runs
 (into each run's last partial page, then new pages at the pool's end), :meth:`PagedStore.remove`
@@ -73,12 +77,10 @@ def _empty(template: Codes, rows: int) -> Codes:
                  torch.Size((rows, template.shape[-1])))
 
 
-def _concat(tables: list[np.ndarray]) -> np.ndarray:
-    """Page tables end to end, joined as bytes (numpy's concatenation of structured arrays
-    promotes their fields one array at a time: several times slower)."""
-    if not tables:
-        return np.zeros(0, PAGE_TABLE_ENTRY)
-    return np.concatenate([t.view(np.uint8) for t in tables]).view(PAGE_TABLE_ENTRY)
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The indices ``lo[i] … hi[i] − 1`` of every range, end to end."""
+    n = hi - lo
+    return np.repeat(lo - (np.cumsum(n) - n), n) + np.arange(n.sum())
 
 
 def _entries(page_id: np.ndarray, first: np.ndarray, valid: np.ndarray,
@@ -212,7 +214,9 @@ class PagedStore:
         self.device = torch.device(device)
         self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device)
                       for t, tier in enumerate(tiers) if not tier.is_drop}
-        self.tables = [np.zeros(0, PAGE_TABLE_ENTRY) for _ in range(groups)]
+        self.groups = groups
+        #: page-table entries per tier, every group's run in (group, position) order
+        self.entries = {t: np.zeros(0, PAGE_TABLE_ENTRY) for t in self.pools}
         #: items per (group, tier), int64 ``[groups, T]``
         self.counts = np.zeros((groups, len(tiers)), dtype=np.int64)
         #: counts the writes: readers may keep what they decoded while it stays the same
@@ -233,14 +237,21 @@ class PagedStore:
     def held_bytes(self) -> int:
         """Bytes of the tensors and page tables the store really holds."""
         return (sum(p.held_bytes() for p in self.pools.values())
-                + sum(t.nbytes for t in self.tables))
+                + sum(e.nbytes for e in self.entries.values()))
+
+    @property
+    def tables(self) -> list[np.ndarray]:
+        """Each group's page table (a copy), its entries sorted by (tier, first position)."""
+        parts = {t: np.split(e, self._starts(t)[1:-1]) for t, e in self.entries.items()}
+        return [np.concatenate([parts[t][g] for t in self.entries]) if parts
+                else np.zeros(0, PAGE_TABLE_ENTRY) for g in range(self.groups)]
 
     # --- reading -----------------------------------------------------------------------------
     def _slots(self, group: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot rows ``[n]`` (on the store's device) and positions ``[n]`` (on the CPU) of the
         tokens of ``group`` at ``tier``."""
-        table = self.tables[group]
-        entries = table[table["tier"] == tier]
+        (lo, hi), = self._blocks(np.array([group]), tier)
+        entries = self.entries[tier][lo:hi]
         if not len(entries):
             return (torch.zeros(0, dtype=torch.long, device=self.device),
                     torch.zeros(0, dtype=torch.long))
@@ -278,13 +289,11 @@ class PagedStore:
         RuntimeError
             A run with a partial page before its last (the store packs runs densely).
         """
-        tables = [self.tables[g] for g in groups]
-        table = _concat(tables)
-        owner = np.repeat(np.arange(len(groups)), [len(t) for t in tables])
-        mine = table["tier"] == tier
-        # each page table is sorted by (tier, first position): a run comes in position order
-        table, owner = table[mine], owner[mine]
-        count = np.bincount(owner, minlength=len(groups))
+        blocks = self._blocks(np.asarray(groups, dtype=np.int64), tier)
+        count = blocks[:, 1] - blocks[:, 0]
+        # a run's block is in position order
+        table = self.entries[tier][_ranges(blocks[:, 0], blocks[:, 1])]
+        owner = np.repeat(np.arange(len(groups)), count)
         rank = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
         if (table["valid"][rank < count[owner] - 1] != self.page_size).any():
             raise RuntimeError(f"tier {tier} has a run with a partial page before its last")
@@ -353,10 +362,9 @@ class PagedStore:
         pool, p = self.pools[tier], self.page_size
         first = np.zeros(pool.pages, np.int64)
         valid = np.zeros(pool.pages, np.int64)
-        for table in self.tables:
-            entries = table[table["tier"] == tier]
-            first[entries["page_id"]] = entries["first_position"]
-            valid[entries["page_id"]] = entries["valid"]
+        entries = self.entries[tier]
+        first[entries["page_id"]] = entries["first_position"]
+        valid[entries["page_id"]] = entries["valid"]
         page = np.repeat(np.arange(pool.pages), valid)
         within = np.arange(len(page)) - np.repeat(np.cumsum(valid) - valid, valid)
         slots = torch.from_numpy(page * p + within).to(self.device)
@@ -411,8 +419,7 @@ class PagedStore:
         blocks = self._blocks(touched, tier)
         has = blocks[:, 1] > blocks[:, 0]
         last = np.zeros(len(touched), PAGE_TABLE_ENTRY)
-        for i in np.flatnonzero(has):
-            last[i] = self.tables[touched[i]][blocks[i, 1] - 1]
+        last[has] = self.entries[tier][blocks[has, 1] - 1]
         end = torch.full((len(touched),), -1, dtype=torch.long)
         if has.any():
             tail = (last["page_id"][has].astype(np.int64) * p + last["valid"][has] - 1)
@@ -445,10 +452,10 @@ class PagedStore:
         k = np.arange(pages.sum()) - np.repeat(np.cumsum(pages) - pages, pages)
         entries = _entries(base + np.arange(pages.sum()), pos[lead],
                            np.minimum(p, np.repeat(n_new - room, pages) - p * k), tier)
-        for i, g in enumerate(touched):
-            if room[i]:
-                self.tables[g]["valid"][blocks[i, 1] - 1] += min(room[i], n_new[i])
-        self._splice(touched, blocks[:, [1, 1]], entries, pages)
+        filled = room > 0
+        self.entries[tier]["valid"][blocks[filled, 1] - 1] += np.minimum(room, n_new)[
+            filled].astype(np.uint16)
+        self._splice(tier, blocks[:, [1, 1]], entries, pages)
 
     def remove(self, tier: int, slots: torch.Tensor) -> None:
         """Take the items of ``slots`` (int64, on the store's device) out of ``tier``'s pool,
@@ -469,9 +476,8 @@ class PagedStore:
         touched = np.unique(np.concatenate([pool.owner[gone.cpu().numpy() // p], new_group]))
         blocks = self._blocks(touched, tier)
         n_old = blocks[:, 1] - blocks[:, 0]
-        old_ids = np.concatenate([np.zeros(0, np.int64)] + [
-            self.tables[g]["page_id"][lo:hi] for g, (lo, hi) in zip(touched, blocks)
-        ]).astype(np.int64)
+        old_ids = self.entries[tier]["page_id"][_ranges(blocks[:, 0], blocks[:, 1])].astype(
+            np.int64)
         # the items that stay: the touched runs' valid slots but ``gone``
         runs = len(touched)
         page_slots = (torch.from_numpy(old_ids).to(dev)[:, None] * p
@@ -545,29 +551,36 @@ class PagedStore:
         self._write_slots(pool, slots, span, pos, key, value.rows(order), dist[order],
                           pinned[order])
         self.counts[touched, tier] = size
-        self._splice(touched, blocks, _entries(ids, first.cpu().numpy(),
-                                               np.minimum(p, np.repeat(size, need) - p * k),
-                                               tier), need)
+        self._splice(tier, blocks, _entries(ids, first.cpu().numpy(),
+                                            np.minimum(p, np.repeat(size, need) - p * k),
+                                            tier), need)
         self._compact(pool, tier, freed[extra:])
 
-    def _blocks(self, groups: np.ndarray, tier: int) -> np.ndarray:
-        """int64 ``[len(groups), 2]``: where each group's entries of ``tier`` start and end in
-        its page table. A table is sorted by tier and a run of f items fills ceil(f / P)
-        pages, so the block starts after the pages of the lower tiers."""
-        pages = -(-self.counts[np.asarray(groups, dtype=np.int64)] // self.page_size)
-        pages[:, [t for t in range(len(self.tiers)) if t not in self.pools]] = 0
-        start = pages[:, :tier].sum(axis=1)
-        return np.stack([start, start + pages[:, tier]], axis=1)
+    def _starts(self, tier: int) -> np.ndarray:
+        """int64 ``[groups + 1]``: where each group's block starts in ``entries[tier]`` (a run
+        of f items fills ceil(f / P) pages), and the end."""
+        return np.concatenate([[0], np.cumsum(-(-self.counts[:, tier] // self.page_size))])
 
-    def _splice(self, groups: np.ndarray, blocks: np.ndarray, entries: np.ndarray,
+    def _blocks(self, groups: np.ndarray, tier: int) -> np.ndarray:
+        """int64 ``[len(groups), 2]``: where each group's block of ``entries[tier]`` starts and
+        ends."""
+        starts = self._starts(tier)
+        return np.stack([starts[groups], starts[groups + 1]], axis=1)
+
+    def _splice(self, tier: int, blocks: np.ndarray, entries: np.ndarray,
                 sizes: np.ndarray) -> None:
-        """Put the next ``sizes[i]`` of ``entries`` in place of entries ``blocks[i]`` of
-        ``groups[i]``'s page table."""
-        at = 0
-        for g, (lo, hi), n in zip(groups, blocks, sizes):
-            table = self.tables[g]
-            self.tables[g] = _concat([table[:lo], entries[at:at + n], table[hi:]])
-            at += n
+        """Put the next ``sizes[i]`` of ``entries`` in place of the block ``blocks[i]`` of
+        ``entries[tier]`` (blocks ascending and disjoint): one gather from the old entries
+        and the new, the kept stretches and the new blocks alternating."""
+        old = self.entries[tier]
+        lo, hi = blocks[:, 0], blocks[:, 1]
+        new_lo = len(old) + np.cumsum(sizes) - sizes
+        # stretch 2i: old entries before block i; 2i + 1: block i's new entries
+        starts = np.stack([np.concatenate([[0], hi])[:-1], new_lo], axis=1).ravel()
+        ends = np.stack([lo, new_lo + sizes], axis=1).ravel()
+        index = np.concatenate([_ranges(starts, ends), np.arange(hi[-1] if len(hi) else 0,
+                                                                 len(old))])
+        self.entries[tier] = np.concatenate([old, entries])[index]
 
     def _grow(self, pool: TierPool, pages: int) -> None:
         """Zeroed pages at the end of ``pool`` up to ``pages``."""
@@ -598,9 +611,9 @@ class PagedStore:
             for x in (pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned):
                 x[dst] = x[src]
             pool.owner[targets] = pool.owner[movers]
-            for m, t in zip(movers, targets, strict=True):
-                table = self.tables[pool.owner[t]]
-                table["page_id"][(table["tier"] == tier) & (table["page_id"] == m)] = t
+            renamed = np.arange(pool.pages)
+            renamed[movers] = targets
+            self.entries[tier]["page_id"] = renamed[self.entries[tier]["page_id"]]
         rows = end * p
         pool.key, pool.value = (Codes(c.payload[:rows].clone(),
                                       {k: v[:rows].clone() for k, v in c.side.items()},
