@@ -550,7 +550,9 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
 def _prefix_sums(xp, distortion, order, rows, cols):
     """``Σ_{j <= rows[q]} distortion[order[j], cols[q]]`` for every query q (0 where
     ``rows[q] < 0``): the cumulative sum of each column in ``order``, one block of rows at a time
-    (the previous block's last sums lead the next, so each is one sequential sum)."""
+    (the previous block's last sums lead the next, so each is one sequential sum). Each block
+    is scanned as ``[T, rows]``, along its last axis: a GPU scans a tall ``[rows, T]`` array
+    along its rows with one thread block per column, about a thousand times slower."""
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
     step = _block(xp, distortion)
@@ -560,14 +562,15 @@ def _prefix_sums(xp, distortion, order, rows, cols):
         [-1] + list(range(step - 1, n - 1, step)) + [n - 1], dtype=r.dtype, device=dev),
         side="right")]
     out = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
-    carry = xp.zeros((1, t), dtype=distortion.dtype, device=dev)
+    carry = xp.zeros((t, 1), dtype=distortion.dtype, device=dev)
     for b, s in enumerate(range(0, n, step)):
         lo, hi = ends[b], ends[b + 1]
-        block = xp.cumulative_sum(xp.concat([carry, xp.take(distortion, order[s:s + step],
-                                                             axis=0)]), axis=0)
+        block = xp.cumulative_sum(xp.concat([carry, rank_major(
+            xp, xp.take(distortion, order[s:s + step], axis=0))], axis=1), axis=1)
         if hi > lo:
-            out[by_row[lo:hi]] = xp.reshape(block, (-1,))[(r[lo:hi] - s + 1) * t + c[lo:hi]]
-        carry = block[-1:]
+            width = block.shape[1]
+            out[by_row[lo:hi]] = xp.reshape(block, (-1,))[c[lo:hi] * width + r[lo:hi] - s + 1]
+        carry = block[:, -1:]
     return out
 
 
