@@ -8,7 +8,7 @@ utility estimator composes with any ladder (``dataclasses.replace(METHODS["rdr"]
 estimator="keydiff")``), so RDR, drop-only and quantize-only methods share one allocator at
 equal bytes. :data:`METHODS` is the registry by name:
 
-- RDR (drop allowed; weights: the measured attention of the last 256 prompt queries mixed
+- RDR (drop allowed; weights: the measured attention of the last 64 prompt queries mixed
   half and half with a uniform prior (``floor=0.5``); distortion relative to each layer's
   output energy (``relative``); docs/evaluation.md has the experiments): ``rdr``
   (:func:`~sphkv.rdr.tiers.default_tiers`), ``rdr-ada`` (:func:`~sphkv.rdr.tiers.ada_tiers`),
@@ -166,8 +166,10 @@ class Method:
         budget.
     observation : int, optional
         Prompt queries whose measured attention weighs the prefill allocation (the cache's
-        window when omitted). RDR reads 256: a 16-query window misses tokens that later
-        queries attend to, and its drops cost perplexity (docs/evaluation.md).
+        window when omitted). RDR reads 64, chosen on the tuning text (docs/experiments.md):
+        at an eighth of the bytes 128 and 256 did worse at 2k tokens, 16 and 32 as well or
+        better at 2k but 16 worse at 4k. The last queries predict the next ones' attention
+        better than a longer history.
     floor : float
         Weight of the uniform prior mixed into the observed attention
         (:func:`~sphkv.rdr.distortion.layer_distortion`), so that tokens no observed query
@@ -248,11 +250,11 @@ class Method:
 
 #: name -> method; every method runs through :class:`SphkvCache`
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rdr", observation=256, floor=0.5, relative=True),
-    Method("rdr-ada", ladder=ada_tiers, observation=256, floor=0.5, relative=True),
-    Method("rdr-scalar", ladder=scalar_tiers, observation=256, floor=0.5, relative=True),
-    Method("rdr-kv", ladder=kv_tiers, observation=256, floor=0.5, relative=True),
-    Method("rdr-kv-ea", ladder=kv_tiers, observation=256, floor=0.5, relative=True,
+    Method("rdr", observation=64, floor=0.5, relative=True),
+    Method("rdr-ada", ladder=ada_tiers, observation=64, floor=0.5, relative=True),
+    Method("rdr-scalar", ladder=scalar_tiers, observation=64, floor=0.5, relative=True),
+    Method("rdr-kv", ladder=kv_tiers, observation=64, floor=0.5, relative=True),
+    Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),

@@ -261,11 +261,11 @@ def test_observation_queries(model):
     with pytest.raises(ValueError, match="observation"):
         SphkvCache(model.config, 1e6, observation=0)
     # the method's observation unless the cache overrides it; the window for the baselines
-    assert SphkvCache(model.config, 1e6, "rdr", window=8).observation == 256
+    assert SphkvCache(model.config, 1e6, "rdr", window=8).observation == 64
     assert SphkvCache(model.config, 1e6, "snapkv", window=8).observation == 8
     assert SphkvCache(model.config, 1e6, "rdr", observation=32).observation == 32
     # a deferred cache passes on only an explicit observation
-    assert SphkvCache(model.config, None).observation == 256
+    assert SphkvCache(model.config, None).observation == 64
 
 
 @pytest.mark.parametrize("method", ["rdr", "snapkv"])
