@@ -331,7 +331,9 @@ class AllocationProblem:
 
     def distortion_of(self, tiers: np.ndarray) -> float:
         tiers = self._check_tiers(tiers)
-        return float(np.take_along_axis(self.distortion, tiers[:, None], axis=1)[:, 0].sum())
+        # a gather from the flat table: several times faster than take_along_axis at 10^7 items
+        flat = np.arange(self.n_items, dtype=np.int64) * self.n_tiers + tiers
+        return float(self.distortion.reshape(-1)[flat].sum())
 
     def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9) -> bool:
         tiers = self._check_tiers(tiers)
