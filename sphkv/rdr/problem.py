@@ -314,7 +314,10 @@ class AllocationProblem:
 
     def forced_counts(self) -> np.ndarray:
         """Forced items per (group, tier), [G, T]."""
-        return self.counts(np.where(self.forced >= 0, self.forced, -1))
+        fixed = np.flatnonzero(self.forced >= 0)
+        flat = self._group_index[fixed] * self.n_tiers + self.forced[fixed]
+        return np.bincount(flat, minlength=self.n_groups * self.n_tiers).reshape(
+            self.n_groups, self.n_tiers)
 
     def page_cost(self, counts: np.ndarray) -> float:
         """Bytes of whole pages holding ``counts`` [G, T] items per (group, tier)."""
