@@ -412,9 +412,14 @@ class PagedStore:
             return
         group = np.asarray(group, dtype=np.int64)
         pos = positions.long().cpu().numpy()
-        order = np.lexsort((pos, group))
+        # sorted by (group, position): one int64 key (positions are below 2^32), several times
+        # faster than a lexsort of the two, and nothing to sort when they come in order
+        by = group << 32 | pos
+        order = (np.arange(len(by)) if bool(np.all(by[1:] > by[:-1]))
+                 else np.argsort(by, kind="stable"))
         group, pos = group[order], pos[order]
-        touched, start, n_new = np.unique(group, return_index=True, return_counts=True)
+        start = np.flatnonzero(np.diff(group, prepend=-1))  # each group's first
+        touched, n_new = group[start], np.diff(np.append(start, len(group)))
         # each touched run's block of page-table entries and its last entry (zero if none)
         blocks = self._blocks(touched, tier)
         has = blocks[:, 1] > blocks[:, 0]
