@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 admits.append(_timed(lambda a=alloc, new=new: a.admit(new), device))
                 # an admission that fits multiplies λ by the decay; a demotion solve sets it
                 overflowed += alloc.price != price * alloc.decay
-                reads.append(_timed(lambda s=alloc.store: [s.runs(t, everyone)
-                                                           for t in s.pools], device))
+                reads.append(_timed(lambda s=alloc.store, g=everyone: [s.runs(t, g)
+                                                                       for t in s.pools],
+                                    device))
             ms = np.asarray(admits) * 1e3
             rows.append(dict(groups=groups, tokens=tokens, items=groups * tokens,
                              prefill_s=prefill, admit_ms=float(np.median(ms)),
