@@ -552,7 +552,7 @@ def _prefix_sums(xp, distortion, order, rows, cols):
     ``rows[q] < 0``): the cumulative sum of each column in ``order``, one block of rows at a time
     (the previous block's last sums lead the next, so each is one sequential sum). Each block
     is scanned as ``[T, rows]``, along its last axis: a GPU scans a tall ``[rows, T]`` array
-    along its rows with one thread block per column, about a thousand times slower."""
+    along its rows with one thread block per column, orders of magnitude slower."""
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
     step = _block(xp, distortion)
