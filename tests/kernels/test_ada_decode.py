@@ -124,6 +124,11 @@ def test_refusals():
         ada_decode(q, pages, None)
     with pytest.raises(ValueError, match="nothing to attend"):
         ada_decode(q, [], None)
+    # window rows 20 elements apart: not on 16-byte boundaries
+    keys = torch.randn(1, 1, 4, 84).half().to(DEVICE)[..., :64]
+    window = Window(keys, keys, torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="16-byte boundaries"):
+        ada_decode(q, [], window)
 
 
 # id: batch, query heads, kv heads, head dim, longest run, page size, window, positions, block

@@ -52,6 +52,11 @@ FP16, INT8, TURBO, ADA = KernelKind.FP16, KernelKind.INT8, KernelKind.TURBO, Ker
 MAX_ROWS = 128  # G·M query rows per kv head the kernel holds in registers
 # programs per multiprocessor of the one launch (H200, 32k: 16 beat 4 by 1.2–1.3× at d = 128)
 _PROGRAMS_PER_SM = 16
+# registers per thread at 4 warps: four programs resident per multiprocessor (65536 registers)
+# instead of two. The kernel holds every segment, and left alone the allocator takes more than
+# the largest one needs (168 for the default ladder at d = 128, sm_90); ADA keys need more and
+# are left uncapped (capped at 128 they spill about 1 KB per thread)
+_MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -175,7 +180,9 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
         if WINDOW:
-            o_w = i_b * stride_wb + i_h * stride_wh + tl.where(m_n, o_n, 0) * stride_wn
+            # rows start at multiples of 8 elements (checked on the host): 16-byte loads
+            o_w = tl.multiple_of(i_b * stride_wb + i_h * stride_wh
+                                 + tl.where(m_n, o_n, 0) * stride_wn, 8)
             p_k = k_rows + o_w[:, None]
             p_v = v_rows + o_w[:, None]
             b_ks = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
@@ -502,6 +509,10 @@ def _window_segment(window: Window, B: int, Hkv: int, M: int, D: int,
     if keys.dtype != torch.float16 or keys.stride() != values.stride() or keys.stride(-1) != 1:
         raise ValueError("window keys and values must be fp16 with equal strides and unit "
                          "stride in D")
+    if any(st % 8 for st in keys.stride()[:3]) or (keys.data_ptr() | values.data_ptr()) % 16:
+        raise ValueError(f"window rows must start on 16-byte boundaries (the kernel loads them "
+                         f"16 bytes at a time): strides {keys.stride()[:3]} must be multiples "
+                         f"of 8 and the tensors 16-byte aligned")
     capacity = keys.shape[2]
     if not 0 <= window.tokens <= capacity:
         raise ValueError(f"window length {window.tokens} outside 0 … {capacity} (its capacity)")
@@ -607,6 +618,8 @@ class AdaDecodePlan:
             D=D, LOG2D=D.bit_length() - 1, BLOCK_N=block_n, num_warps=num_warps,
             # ADA's per-level code loads, staged twice, overflow shared memory at D = 128
             num_stages=1 if any(s.key.kind == ADA for s in segments) else num_stages,
+            **({"maxnreg": _MAX_REGISTERS} if dev.type == "cuda" and num_warps == 4
+               and not any(s.key.kind == ADA for s in segments) else {}),
             **_by_parameter([s.consts for s in segments]))
         # the run-time arguments but q, by name: their tensors change in place between runs
         self._arguments = _by_parameter([s.args for s in segments])
