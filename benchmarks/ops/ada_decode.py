@@ -3,8 +3,8 @@ the encode of a prefill against its attention, on a GPU.
 
 ``python -m benchmarks.run --op ada_decode [--batch 8] [--lengths 8192 32768] [--configs ...]``
 
-Each config is a page table of one or several tiers of the default or ADA ladder (shares of the
-tokens per tier), plus a 16-token fp16 window. Pools hold fresh random codes (every byte a
+Each config is a page table of one or several tiers of the default, fast or ADA ladder (shares
+of the tokens per tier), plus a 16-token fp16 window. Pools hold fresh random codes (every byte a
 valid code), random positive fp16 side information; each (sequence, kv head) holds L tokens,
 pages of P = 16 scattered through the pools in random order. Correctness first (against
 ``ada_decode_naive`` at L = 2048, ragged runs), then timing (``do_bench`` median).
@@ -35,7 +35,7 @@ from sphkv.kernels.ada_decode import (
     ada_decode_naive,
 )
 from sphkv.kernels.paged_decode import paged_decode
-from sphkv.rdr.tiers import ada_tiers, default_tiers
+from sphkv.rdr.tiers import ada_tiers, default_tiers, fast_tiers
 
 # name -> (ladder, {tier: share of tokens}); "mixed" holds about turbo4's bytes per token
 CONFIGS = {
@@ -47,7 +47,13 @@ CONFIGS = {
                               "fp16": 0.05}),
     # shares of the kept tokens in a real allocation: see _solved_shares
     "solved": (default_tiers, None),
+    # evenly spaced levels at 2 and 4 bits, decoded without a lookup
+    "uniform4": (fast_tiers, {"uniform4": 1.0}),
+    "uniform2": (fast_tiers, {"uniform2": 1.0}),
+    # the solver's shares on that ladder (its 2- and 4-bit rungs in place of turbo2, turbo4)
+    "solved-fast": (fast_tiers, None),
 }
+_FAST = {"turbo2": "uniform2", "turbo4": "uniform4"}
 # the synthetic tiers' names in the default ladder
 _SYNTHETIC = {"2bit": "turbo2", "3bit": "turbo3", "4bit": "turbo4", "int8": "int8",
               "fp16": "fp16"}
@@ -114,7 +120,9 @@ def make_case(config: str, B: int, Hkv: int, D: int, L: int, P: int, gen):
     """Pages of each tier of ``config`` (its share of L tokens per (sequence, kv head)) and a
     window; token counts are multiples of P except the last tier's."""
     ladder, shares = CONFIGS[config]
-    shares = shares or _solved_shares()
+    if shares is None:
+        rename = _FAST if ladder is fast_tiers else {}
+        shares = {rename.get(n, n): x for n, x in _solved_shares().items()}
     tiers = ladder(D)
     counts, left = {}, L
     for i, (name, share) in enumerate(shares.items()):

@@ -28,6 +28,7 @@ __all__ = [
     "uniform_quantizer",
     "polar_angle_quantizer",
     "sphere_coordinate_quantizer",
+    "sphere_coordinate_uniform_quantizer",
     "hyperspherical_angle_quantizer",
 ]
 
@@ -144,6 +145,35 @@ def sphere_coordinate_quantizer(d: int, bits: int) -> ScalarQuantizer:
     """
     s = math.sqrt(d)
     return lloyd_max(lambda z: xlogy((d - 3) / 2, 1 - np.minimum(z * z / d, 1.0)), -s, s, bits)
+
+
+def uniform_step(logpdf: Callable, lo: float, hi: float, bits: int) -> ScalarQuantizer:
+    """The ``2**bits`` evenly spaced levels ``Δ (c − (2^bits − 1)/2)`` (c = 0 … 2^bits − 1) with
+    the step ``Δ`` of least mean squared error for the symmetric density ``exp(logpdf)`` on
+    ``[lo, hi] = [−h, h]``; thresholds at the midpoints. Uniform levels are what a kernel can
+    decode without a lookup (the code is the level, up to an affine map)."""
+    from scipy.optimize import minimize_scalar
+
+    centred = np.arange(2**bits) - (2**bits - 1) / 2
+
+    def quantizer(step: float) -> ScalarQuantizer:
+        levels = step * centred
+        return ScalarQuantizer(levels, (levels[1:] + levels[:-1]) / 2, float(lo), float(hi),
+                               logpdf)
+
+    # the optimum lies below the step that puts the outer levels at the support's ends
+    widest = (hi - lo) / (2**bits - 1)
+    best = minimize_scalar(lambda step: quantizer(step).mse, bounds=(widest * 1e-3, widest),
+                           method="bounded", options={"xatol": 1e-7})
+    return quantizer(float(best.x))
+
+
+@functools.cache
+def sphere_coordinate_uniform_quantizer(d: int, bits: int) -> ScalarQuantizer:
+    """:func:`uniform_step` for the density of :func:`sphere_coordinate_quantizer`."""
+    s = math.sqrt(d)
+    return uniform_step(lambda z: xlogy((d - 3) / 2, 1 - np.minimum(z * z / d, 1.0)), -s, s,
+                        bits)
 
 
 @functools.cache

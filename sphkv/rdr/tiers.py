@@ -22,7 +22,7 @@ from sphkv.codec import (
     TurboQuantCodec,
 )
 
-__all__ = ["KV_PAIRS", "Tier", "TierSet", "ada_tiers", "default_tiers", "kv_tiers",
+__all__ = ["KV_PAIRS", "Tier", "TierSet", "ada_tiers", "default_tiers", "fast_tiers", "kv_tiers",
            "scalar_tiers"]
 
 #: (key bits, value bits) of :func:`kv_tiers`' compressed rungs, cheapest first; 8 is int8
@@ -128,6 +128,25 @@ def default_tiers(d: int = 64) -> TierSet:
     return TierSet((Tier("drop"), turbo(2), turbo(3), turbo(4),
                     Tier("int8", Int8Codec(d=d), Int8Codec(d=d)),
                     Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))
+
+
+def fast_tiers(d: int = 64) -> TierSet:
+    """The ladder of :func:`default_tiers` with evenly spaced levels at 2 and 4 bits
+    (``uniform2``, ``uniform4``: :class:`TurboQuantCodec` with ``levels="uniform"``).
+
+    Same bytes per token-head; the decode kernel turns their codes into levels without a lookup
+    (``sphkv.kernels.ada_decode``), at the price of more error per coordinate than Lloyd–Max
+    levels (about 1% at 2 bits, 20% at 4; ``docs/kernels.md``). 3 bits keeps Lloyd–Max
+    (no fast decode either way). At equal bytes the allocator would always prefer the
+    Lloyd–Max rung, so the two are not offered side by side.
+    """
+    def uniform(bits: int) -> Tier:
+        codec = TurboQuantCodec(d=d, bits=bits, levels="uniform")
+        return Tier(f"uniform{bits}", codec, codec)
+
+    lm = default_tiers(d)
+    return TierSet((lm[0], uniform(2), lm[lm.index("turbo3")], uniform(4),
+                    lm[lm.index("int8")], lm[lm.index("fp16")]))
 
 
 def ada_tiers(d: int = 64) -> TierSet:

@@ -22,6 +22,7 @@ CASES = [
     ("kivi-D64-b3-token-G16", "kivi", dict(d=64, bits=3, axis="token", group_size=16)),
     ("turbo-D64-b2", "turbo", dict(d=64, bits=2)),
     ("turbo-D128-b4", "turbo", dict(d=128, bits=4)),
+    ("turbo-D64-b4-uniform", "turbo", dict(d=64, bits=4, levels="uniform")),
     ("polar-D64-r4a4", "polar", dict(d=64)),
     ("polar-D128-r2a3-adjacent", "polar", dict(d=128, radius_bits=2, angle_bits=3,
                                                pairing="adjacent")),

@@ -111,6 +111,7 @@ def test_power_of_two_required(name):
     ("kivi", dict(d=64, axis="row"), "axis"),
     ("kivi", dict(d=64, group_size=48, axis="token"), "group_size"),
     ("turbo", dict(d=64, bits=9), "bits"),
+    ("turbo", dict(d=64, levels="even"), "levels"),
     ("polar", dict(d=64, pairing="diagonal"), "pairing"),
     ("polar", dict(d=63), "d must be even"),
     ("fib", dict(d=64, block=3), "block"),

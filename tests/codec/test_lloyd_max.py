@@ -14,7 +14,9 @@ from sphkv.codec.lloyd_max import (
     lloyd_max,
     polar_angle_quantizer,
     sphere_coordinate_quantizer,
+    sphere_coordinate_uniform_quantizer,
     uniform_quantizer,
+    uniform_step,
 )
 
 # Max (1960), "Quantizing for minimum distortion": positive levels and MSE of N(0, 1)
@@ -69,3 +71,28 @@ def test_angle_quantizers_concentrate_with_level():
 def test_sphere_coordinate_close_to_gaussian_for_large_d():
     np.testing.assert_allclose(sphere_coordinate_quantizer(256, 2).levels,
                                gaussian_quantizer(2).levels, atol=0.01)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_uniform_step_is_the_best_step(bits):
+    """Evenly spaced, symmetric, midpoint thresholds; a step 2% either side does worse; Lloyd–Max
+    (free levels) does better, equal at 1 bit (two levels are always evenly spaced)."""
+    q = sphere_coordinate_uniform_quantizer(128, bits)
+    np.testing.assert_allclose(np.diff(q.levels), q.levels[1] - q.levels[0], rtol=1e-12)
+    np.testing.assert_allclose(q.levels, -q.levels[::-1], atol=1e-12)
+    np.testing.assert_allclose(q.thresholds, (q.levels[1:] + q.levels[:-1]) / 2)
+    step = q.levels[1] - q.levels[0]
+    for factor in (0.98, 1.02):
+        other = (np.arange(2**bits) - (2**bits - 1) / 2) * step * factor
+        worse = type(q)(other, (other[1:] + other[:-1]) / 2, q.lo, q.hi, q.logpdf)
+        assert worse.mse > q.mse
+    lm = sphere_coordinate_quantizer(128, bits).mse
+    assert lm <= q.mse * (1 + 1e-6)
+    assert q.mse == pytest.approx(lm, rel=1e-4) if bits == 1 else q.mse > lm * 1.005
+
+
+def test_uniform_step_matches_max_table_for_the_gaussian():
+    """Max (1960), the best uniform quantizer of N(0, 1): steps 0.9957 (2 bits), 0.5860 (3)."""
+    for bits, step in ((2, 0.9957), (3, 0.5860)):
+        q = uniform_step(lambda x: -x * x / 2, -12.0, 12.0, bits)
+        assert q.levels[1] - q.levels[0] == pytest.approx(step, abs=2e-4)

@@ -15,7 +15,7 @@ from sphkv.kernels.ada_decode import (
     ada_decode,
     ada_decode_naive,
 )
-from sphkv.rdr.tiers import ada_tiers, default_tiers
+from sphkv.rdr.tiers import ada_tiers, default_tiers, fast_tiers
 from tests.kernels.common import DEVICE, assert_close
 
 
@@ -84,6 +84,15 @@ def test_ada_keys(nan_empty, D):
     ref, out = run(2, 6, 2, D, 29, 16, ("ada2", "ada4", "int8"), 4, 1, seed=D,
                    ladder=ada_tiers)
     assert_close(f"ada2+ada4+int8-D{D}", ref, out, 3e-3)
+
+
+@pytest.mark.parametrize("D", [64, 128], ids=["D64", "D128"])
+def test_fast_ladder(nan_empty, D):
+    """Evenly spaced 2- and 4-bit levels (on a GPU decoded without a lookup, their step applied
+    per row) mixed with Lloyd–Max 3 bits, int8 and the window."""
+    ref, out = run(2, 8, 2, D, 41, 8, ("uniform2", "turbo3", "uniform4", "int8"), 5, 1,
+                   seed=D + 1, ladder=fast_tiers)
+    assert_close(f"uniform2+turbo3+uniform4+int8-D{D}", ref, out, 3e-3)
 
 
 @pytest.mark.parametrize("D", [16, 64], ids=["D16", "D64"])

@@ -69,6 +69,8 @@ CASES = [
     ("turbo3-D16-N100", TurboQuantCodec(d=16, bits=3), 100),
     ("turbo2-D128-N333-seed5", TurboQuantCodec(d=128, bits=2, seed=5), 333),
     ("turbo4-D128-N200", TurboQuantCodec(d=128, bits=4), 200),
+    ("uniform4-D128-N150", TurboQuantCodec(d=128, bits=4, levels="uniform"), 150),
+    ("uniform2-D64-N70", TurboQuantCodec(d=64, bits=2, levels="uniform"), 70),
     ("turbo3-D128-N129", TurboQuantCodec(d=128, bits=3), 129),
     ("int8-D64-N77", Int8Codec(d=64), 77),
     ("int8-D128-N40", Int8Codec(d=128), 40),

@@ -4,11 +4,12 @@ assembly; on a GPU the decode tests run it for real)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from sphkv.codec import TurboQuantCodec
-from sphkv.kernels.ada_decode.lookup import prmt_lookup_asm
+from sphkv.kernels.ada_decode.lookup import prmt_lookup_asm, uniform_levels_asm
 
 
 def test_prmt_tables_hold_the_levels():
@@ -23,8 +24,9 @@ def test_prmt_tables_hold_the_levels():
 
 
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX of :func:`prmt_lookup_asm` (mov, and, or, shl, shr, prmt
-    in its default mode, lop3) on 32-bit integers: the CPU check of the lookup's logic."""
+    """Execute the straight-line PTX of :func:`prmt_lookup_asm` and :func:`uniform_levels_asm`
+    (mov, and, or, shl, shr, prmt in its default mode, lop3, sub.f16x2) on 32-bit integers: the
+    CPU check of the lookups' logic."""
     def val(x):
         return regs[x] if x in regs else int(x, 0)
 
@@ -52,6 +54,11 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
                 sel = a[2] >> 4 * k & 0xF
                 byte = pool >> 8 * (sel & 7) & 0xFF
                 r |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * k
+        elif op == "sub.f16x2":  # two fp16 in the half-words, rounded to nearest
+            x, y = (np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
+                    for v in a)
+            r = int(np.array(x - y, dtype=np.float16).view(np.uint16).astype(np.int64)
+                    @ np.array([1, 1 << 16]))
         elif op == "lop3.b32":  # bit i of d: bit (a_i b_i c_i) of the lookup table
             r = 0
             for i in range(32):
@@ -95,3 +102,25 @@ def test_prmt_lookup_decodes_every_2bit_byte():
 def test_refuses_other_level_counts():
     with pytest.raises(ValueError, match="4 or 16 levels"):
         prmt_lookup_asm(torch.zeros(8))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_uniform_levels_decode_every_byte(bits):
+    """Evenly spaced levels without a table: each code c comes out as the fp16 2c − (2^bits − 1),
+    in the registers and halves where :func:`prmt_lookup_asm` puts its level."""
+    asm = uniform_levels_asm(bits)
+    fields, top = 8 // bits, 2**bits - 1
+    for start in range(0, 256, 4):
+        b = [start, (start + 77) % 256, (start + 151) % 256, (start + 230) % 256]
+        word = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+        out = _run_ptx(asm, {"$4" if bits == 4 else "$8": word})
+        for f in range(fields):
+            for k in range(4):
+                half = out[f"${2 * f + k // 2}"] >> 16 * (k % 2) & 0xFFFF
+                code = b[k] >> bits * f & top
+                assert np.array([half], dtype=np.uint16).view(np.float16)[0] == 2 * code - top
+
+
+def test_uniform_levels_refuse_other_depths():
+    with pytest.raises(ValueError, match="2 or 4"):
+        uniform_levels_asm(3)

@@ -43,6 +43,7 @@ from sphkv.kernels.ada_decode.lookup import (
     prmt_enabled,
     prmt_lookup_asm,
     quarter_levels,
+    uniform_levels_asm,
 )
 from sphkv.kernels.ada_decode.naive import TierPages, Window, row_bounds
 
@@ -319,9 +320,9 @@ def _rotation(d: int, seed: int, device: torch.device) -> tuple[torch.Tensor, to
 
 
 @functools.lru_cache(maxsize=64)
-def _levels(d: int, bits: int, device: torch.device) -> torch.Tensor:
-    """The TurboQuant codebook of (d, bits), float32 [2^bits]."""
-    codec = TurboQuantCodec(d=d, bits=bits)
+def _levels(d: int, bits: int, levels: str, device: torch.device) -> torch.Tensor:
+    """The TurboQuant codebook of (d, bits, levels), float32 [2^bits]."""
+    codec = TurboQuantCodec(d=d, bits=bits, levels=levels)
     return torch.as_tensor(codec.quantizer.levels, dtype=torch.float32, device=device)
 
 
@@ -377,12 +378,18 @@ class _Side:
         elif kind == TURBO:
             self.kind, rows, self.bits = TURBO, payload, codec.bits
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
-            self.levels = _levels(d, codec.bits, device)
+            self.levels = _levels(d, codec.bits, codec.levels, device)
             # the register lookup gives 8/bits field tiles of D·bits/8 coordinates (2, 4 bits),
             # each a dot operand: D·bits/8 ≥ 16
             nf = {2: 4, 4: 2}.get(codec.bits, 0)
             if nf and d // nf >= 16 and prmt_enabled(device):
-                self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
+                if codec.levels == "uniform":
+                    # the tiles hold 2c − (2^bits − 1); the level is that times half the step
+                    self.asm = uniform_levels_asm(codec.bits)
+                    lev = codec.quantizer.levels
+                    self.mult *= float(lev[1] - lev[0]) / 2
+                else:
+                    self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
         elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None

@@ -1,8 +1,10 @@
-"""2- and 4-bit level lookup in registers by PTX byte permutes (GPU only: inline assembly).
+"""2- and 4-bit codes to fp16 levels in registers by PTX (GPU only: inline assembly).
 
 ``tl.gather`` of the 16 Lloyd–Max levels costs more than the rest of a 4-bit decode
 (docs/experiments.md). Here a ``prmt`` reads four bytes of an 8-byte table in one
-instruction, with a selector of four 3-bit nibbles, which the codes nearly are.
+instruction, with a selector of four 3-bit nibbles, which the codes nearly are. Evenly spaced
+levels need no table: the code moved into an fp16 mantissa is the level up to an affine map
+(:func:`uniform_levels_asm`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["even_odd_levels", "prmt_enabled", "prmt_lookup_asm", "quarter_levels"]
+__all__ = ["even_odd_levels", "prmt_enabled", "prmt_lookup_asm", "quarter_levels",
+           "uniform_levels_asm"]
 
 
 def prmt_enabled(device: torch.device) -> bool:
@@ -91,6 +94,41 @@ def prmt_lookup_asm(levels: torch.Tensor) -> str:
         raise ValueError(f"need the 4 or 16 levels of a 2- or 4-bit code, got {levels.numel()}")
     bits = levels.detach().cpu().to(torch.float16).view(torch.int16).long() & 0xFFFF
     return asm(tuple(bits.tolist()))
+
+
+def _magic(t: str, shift: int, mask: int, centre: int, out: str) -> str:
+    """fp16 pairs ``2c − centre`` of the two codes at bits ``shift`` … of ``t``'s two
+    half-words: each code moved to mantissa bits 1 … under the exponent of 1024 (fp16 bits
+    ``0x6400 | 2c`` are ``1024 + 2c``), then ``1024 + centre`` subtracted, exactly."""
+    move = f"shl.b32 u, {t}, 1;\n" if shift == 0 else f"shr.b32 u, {t}, {shift - 1};\n"
+    return (move + f"and.b32 u, u, 0x{mask:08X};\nor.b32 u, u, 0x64006400;\n"
+            f"mov.b32 k, 0x{0x6400 + centre:04X}{0x6400 + centre:04X};\n"
+            f"sub.f16x2 {out}, u, k;\n")
+
+
+@functools.lru_cache(maxsize=4)
+def uniform_levels_asm(bits: int) -> str:
+    """PTX with the register contract of :func:`prmt_lookup_asm` for evenly spaced levels:
+    ``2c − (2^bits − 1)`` = ``2 (c − (2^bits − 1)/2)``, exact in fp16, so the level is that
+    times half the codec's step. Bytes 0, 1 and bytes 2, 3 of the input are first spread to
+    the two half-words of a register (``prmt``); per pair of codes then one shift, one
+    ``lop3`` (and, or) and one ``sub.f16x2``, against eight ``prmt`` per four codes for a
+    16-level lookup."""
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits}")
+    spread = ("prmt.b32 y0, $IN, zr, 0x4140;\nprmt.b32 y1, $IN, zr, 0x4342;\n")
+    body = ""
+    if bits == 4:  # low nibbles → $0 (bytes 0, 1), $1 (bytes 2, 3); high nibbles → $2, $3
+        for half, shift in ((0, 0), (2, 4)):
+            for j in range(2):
+                body += _magic(f"y{j}", shift, 0x001E001E, 15, f"${half + j}")
+        spread = spread.replace("$IN", "$4")
+    else:  # field f (bits 2f, 2f + 1) → $2f (bytes 0, 1), $2f+1 (bytes 2, 3)
+        for f in range(4):
+            for j in range(2):
+                body += _magic(f"y{j}", 2 * f, 0x00060006, 3, f"${2 * f + j}")
+        spread = spread.replace("$IN", "$8")
+    return ("{\n.reg .b32 zr, y0, y1, u, k;\nmov.b32 zr, 0;\n" + spread + body + "}")
 
 
 @triton.jit

@@ -92,9 +92,9 @@ def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
 
 
 @functools.lru_cache(maxsize=64)
-def _turbo_tables(d: int, bits: int, seed: int, device: torch.device):
+def _turbo_tables(d: int, bits: int, seed: int, levels: str, device: torch.device):
     """(√D Rᵀ fp16 [D, D] of ±1, thresholds float32 [2^bits − 1]) of a TurboQuant codec."""
-    codec = TurboQuantCodec(d=d, bits=bits, seed=seed)
+    codec = TurboQuantCodec(d=d, bits=bits, seed=seed, levels=levels)
     signs = torch.round(codec.rotation.matrix("cpu").double() * math.sqrt(d))
     if not (signs.abs() == 1).all():
         raise ValueError("the rotation is not a signed Hadamard matrix")
@@ -149,7 +149,7 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
     elif kind == KernelKind.TURBO:
         payload, bits = pool.payload, codec.bits
         nbytes = payload.shape[-1]
-        signs, thr = _turbo_tables(d, bits, codec.seed, dev)
+        signs, thr = _turbo_tables(d, bits, codec.seed, codec.levels, dev)
     else:
         raise ValueError(f"codec {type(codec).__name__} has no encode kernel (TurboQuant, int8 "
                          f"and fp16 do)")

@@ -177,12 +177,12 @@ def _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels, blo
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(d: int, bits: int, seed: int, device: torch.device):
-    """For the TurboQuant codec (d, bits, seed): the rotation R as a matrix acting on rows
+def _constants(d: int, bits: int, seed: int, levels: str, device: torch.device):
+    """For the TurboQuant codec (d, bits, seed, levels): the rotation R as a matrix acting on rows
     (``x @ rt = (R x)ᵀ``), ``Rᵀ/√D`` likewise (decode's scale and rotation back), and the
     codebook levels, all float32 on ``device``; one matmul per call instead of a launched
     Walsh–Hadamard transform."""
-    codec = TurboQuantCodec(d=d, bits=bits, seed=seed)
+    codec = TurboQuantCodec(d=d, bits=bits, seed=seed, levels=levels)
     eye = torch.eye(d)
     rt = codec.rotation.forward(eye)  # row i: R e_i, so q @ rt = Σ_i q_i R e_i = R q
     inv = codec.rotation.inverse(eye) / math.sqrt(d)
@@ -248,8 +248,8 @@ def quant_decode(q: torch.Tensor, k_payload: torch.Tensor, k_norm: torch.Tensor,
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two ≥ 32")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    k_rt, _, k_levels = _constants(D, key.bits, key.seed, q.device)
-    _, v_inv, v_levels = _constants(D, value.bits, value.seed, q.device)
+    k_rt, _, k_levels = _constants(D, key.bits, key.seed, key.levels, q.device)
+    _, v_inv, v_levels = _constants(D, value.bits, value.seed, value.levels, q.device)
     q_rot = q.float() @ k_rt
     # ‖k‖/√D of the code's scale folded into the logit scale, with 1/ln 2 for exp2
     out_rot = _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels,
