@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         env = environment()
         rows = module.run(args)
+        if not rows:  # a run that only exercised the op (e.g. for a profiler) writes nothing
+            return
     print(f"# {known.op} — {env['date']} — commit {env['commit']} — {env['device']}")
     print(format_table(rows))
     if hasattr(module, "summarize"):

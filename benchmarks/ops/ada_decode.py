@@ -93,7 +93,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None,
                         help="a module with another ada_decode(q, pages, window, block_n=, "
                              "num_warps=) to time in the same run (rows impl=baseline)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only run each config's decode three times at the first length and "
+                             "shape (no check, no timing, no rows): one launch for a profiler, "
+                             "e.g. ncu --kernel-name regex:'^_kernel$' --launch-skip 2 "
+                             "--launch-count 1")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _profile(args, gen) -> None:
+    """Each config's plan run three times (the first compiles) at the first shape and length."""
+    Hq, Hkv, D = SHAPES[args.shapes[0]]
+    for config in args.configs:
+        pages, window, _ = make_case(config, args.batch, Hkv, D, args.lengths[0],
+                                     args.page_size, gen)
+        q = torch.randn(args.batch, Hq, 1, D, generator=gen, device="cuda").half()
+        plan = AdaDecodePlan(pages, window, Hq, 1, D, device=q.device, block_n=args.block_n[0],
+                             num_warps=args.num_warps[0])
+        for _ in range(3):
+            plan.run(q)
+        torch.cuda.synchronize()
+        print(f"{config}: ran {args.shapes[0]} L={args.lengths[0]} block_n={args.block_n[0]}")
 
 
 def _codes(codec, rows: int, gen) -> Codes:
@@ -253,6 +273,9 @@ def _encode_rows(gen) -> list[dict]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    if args.profile:
+        _profile(args, gen)
+        return []
     baseline = None if args.baseline is None else importlib.import_module(args.baseline)
     copy_bw, _ = device_ceilings()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
