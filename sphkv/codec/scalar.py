@@ -188,7 +188,10 @@ class TurboQuantCodec(Codec):
     d : int
         Vector dimension, a power of two.
     bits : int
-        1–8 bits per coordinate; ``b d / 8 + 2`` bytes per vector.
+        1–8 bits per coordinate; ``b d / 8 + 2`` bytes per vector. The codes are bit-packed
+        in coordinate order, except at 3 bits: a plane of their low two bits (coordinate
+        4i + f in bits 2f, 2f + 1 of byte i), then a plane of their high bits (coordinate j
+        in bit j mod 8 of byte d/4 + j/8), which a decode kernel reads like 2-bit codes.
     seed : int
         Seed of the rotation's random signs.
     levels : {"lloyd-max", "uniform"}
@@ -234,12 +237,18 @@ class TurboQuantCodec(Codec):
         norm = y.norm(dim=-1, keepdim=True)
         # z = sqrt(d) y / ‖y‖ has coordinates of unit variance
         z = y / torch.where(norm > 0, norm, 1) * math.sqrt(self.d)
-        return Codes(pack([self.quantizer.quantize(z)], [self.bits]),
-                     {"norm": to_fp16("x", norm.squeeze(-1))}, x.shape)
+        c = self.quantizer.quantize(z)
+        payload = pack([c & 3, c >> 2], [2, 1]) if self.bits == 3 else pack([c], [self.bits])
+        return Codes(payload, {"norm": to_fp16("x", norm.squeeze(-1))}, x.shape)
 
     def decode_rotated(self, codes: Codes) -> torch.Tensor:
         """``R x̂`` ``[..., d]``: the reconstruction in the rotated domain."""
-        z = self.quantizer.dequantize(unpack(codes.payload, [(self.d, self.bits)])[0])
+        if self.bits == 3:
+            low, high = unpack(codes.payload, [(self.d, 2), (self.d, 1)])
+            c = low | high << 2
+        else:
+            c = unpack(codes.payload, [(self.d, self.bits)])[0]
+        z = self.quantizer.dequantize(c)
         return z * (codes.side["norm"].float().unsqueeze(-1) / math.sqrt(self.d))
 
     def decode(self, codes: Codes) -> torch.Tensor:

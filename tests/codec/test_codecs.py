@@ -168,3 +168,17 @@ def test_codes_on_other_dtypes():
     out16 = codec.decode(codec.encode(x.half()))
     out32 = codec.decode(codec.encode(x.half().float()))
     assert torch.equal(out16, out32)
+
+
+def test_turbo_three_bits_in_two_planes():
+    """3-bit TurboQuant codes: byte i holds the low two bits of codes 4i … 4i + 3 (code 4i + f
+    at bits 2f, 2f + 1), byte d/4 + j the high bits of codes 8j … 8j + 7 (code 8j + k at bit k)."""
+    from sphkv.codec import TurboQuantCodec
+
+    codec = TurboQuantCodec(d=32, bits=3)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    y = codec.rotation.forward(x)
+    c = codec.quantizer.quantize(y / y.norm(dim=-1, keepdim=True) * 32**0.5)
+    low = ((c & 3).view(5, 8, 4) << torch.arange(0, 8, 2)).sum(-1)
+    high = ((c >> 2).view(5, 4, 8) << torch.arange(8)).sum(-1)
+    assert torch.equal(codec.encode(x).payload.long(), torch.cat([low, high], -1))

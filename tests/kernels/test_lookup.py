@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from sphkv.codec import TurboQuantCodec
-from sphkv.kernels.ada_decode.lookup import prmt_lookup_asm, uniform_levels_asm
+from sphkv.kernels.ada_decode.lookup import (
+    prmt_lookup_asm,
+    prmt_planes_asm,
+    uniform_levels_asm,
+)
 
 
 def test_prmt_tables_hold_the_levels():
@@ -24,7 +28,7 @@ def test_prmt_tables_hold_the_levels():
 
 
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX of :func:`prmt_lookup_asm` and :func:`uniform_levels_asm`
+    """Execute the straight-line PTX of the lookups of ``lookup.py``
     (mov, and, or, shl, shr, prmt in its default mode, lop3, sub.f16x2) on 32-bit integers: the
     CPU check of the lookups' logic."""
     def val(x):
@@ -124,3 +128,26 @@ def test_uniform_levels_decode_every_byte(bits):
 def test_uniform_levels_refuse_other_depths():
     with pytest.raises(ValueError, match="2 or 4"):
         uniform_levels_asm(3)
+
+
+def test_plane_lookup_decodes_every_code():
+    """3-bit codes from a 2-bit plane byte ($8) and the high bits in the low nibble of a second
+    byte ($9, whose high nibble is ignored): field f of byte k → register $2f (bytes 0, 1) or
+    $2f+1 (bytes 2, 3), byte k's level in half k % 2."""
+    lev = torch.as_tensor(TurboQuantCodec(d=128, bits=3).quantizer.levels, dtype=torch.float32)
+    want = lev.half().view(torch.int16).long() & 0xFFFF
+    asm = prmt_planes_asm(lev)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        a, h = torch.randint(0, 256, (2, 4), generator=gen).tolist()
+        out = _run_ptx(asm, {"$8": sum(x << 8 * k for k, x in enumerate(a)),
+                             "$9": sum(x << 8 * k for k, x in enumerate(h))})
+        for f in range(4):
+            for k in range(4):
+                code = (a[k] >> 2 * f & 3) | (h[k] >> f & 1) << 2
+                assert out[f"${2 * f + k // 2}"] >> 16 * (k % 2) & 0xFFFF == want[code]
+
+
+def test_plane_lookup_needs_eight_levels():
+    with pytest.raises(ValueError, match="8 levels"):
+        prmt_planes_asm(torch.zeros(16))

@@ -40,8 +40,10 @@ from sphkv.codec import KernelKind, SphericalCodec, TurboQuantCodec
 from sphkv.kernels import split_k
 from sphkv.kernels.ada_decode.lookup import (
     even_odd_levels,
+    plane_levels,
     prmt_enabled,
     prmt_lookup_asm,
+    prmt_planes_asm,
     quarter_levels,
     uniform_levels_asm,
 )
@@ -83,12 +85,18 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
         b_x = tl.load(p_rows + o_d[None, :]).to(tl.float16)
     elif KIND == 2:  # KernelKind.TURBO: lev[c], the levels gathered in registers
         NL: tl.constexpr = 1 << BITS
-        if GROUP == 1:
+        if BITS == 3:
+            # two planes (TurboQuantCodec): low two bits 4 to a byte, high bits 8 to a byte
+            b_lo = tl.load(p_rows + (o_d // 4)[None, :]).to(tl.int32)
+            b_hi = tl.load(p_rows + (D // 4 + o_d // 8)[None, :]).to(tl.int32)
+            b_c = ((b_lo >> ((o_d % 4) * 2)[None, :]) & 3) | (((b_hi >> (o_d % 8)[None, :]) & 1)
+                                                             << 2)
+        elif GROUP == 1:
             # whole bytes, loaded contiguously; field s of byte i is coordinate i·(8/BITS) + s
             b_bytes = tl.load(p_rows + tl.arange(0, NBYTES)[None, :]).to(tl.int32)
             b_c = (b_bytes[:, :, None] >> (tl.arange(0, CODES) * BITS)[None, None, :]) & (NL - 1)
         else:
-            # CODES codes fill GROUP whole bytes (8 codes in 3 bytes at 3 bits): the GROUP bytes
+            # CODES codes fill GROUP whole bytes (8 codes in 5 bytes at 5 bits): the GROUP bytes
             # of every group are loaded as GROUP strided tiles and joined into one word
             o_g = tl.arange(0, D // CODES) * GROUP
             WORD: tl.constexpr = tl.int32 if GROUP <= 3 else tl.int64
@@ -97,7 +105,8 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
                 b_w = b_w | (tl.load(p_rows + (o_g + j)[None, :]).to(WORD) << (8 * j))
             b_c = ((b_w[:, :, None] >> (tl.arange(0, CODES) * BITS)[None, None, :])
                    & (NL - 1)).to(tl.int32)
-        b_c = tl.reshape(b_c, [BLOCK_N, D])
+        if BITS != 3:
+            b_c = tl.reshape(b_c, [BLOCK_N, D])
         b_lev = tl.load(levels + tl.arange(0, NL)).to(tl.float16)
         b_x = tl.gather(tl.broadcast_to(b_lev[None, :], [BLOCK_N, NL]), b_c, 1)
     elif D >= 64:  # ADA, top-down: a node's weight u splits into (u cos θ, u sin θ)
@@ -208,7 +217,10 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_k0, b_k1 = even_odd_levels(p_k, o_kw, m_n, K_ASM)
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1))
         elif K_NF == 4:
-            b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_kw, m_n, K_ASM)
+            if K_BITS == 3:
+                b_k0, b_k1, b_k2, b_k3 = plane_levels(p_k, o_kw, m_n, D // 4, K_ASM)
+            else:
+                b_k0, b_k1, b_k2, b_k3 = quarter_levels(p_k, o_kw, m_n, K_ASM)
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
                 tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
         else:
@@ -235,7 +247,10 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
             b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
         elif V_NF == 4:
-            b_v0, b_v1, b_v2, b_v3 = quarter_levels(p_v, o_vw, m_n, V_ASM)
+            if V_BITS == 3:
+                b_v0, b_v1, b_v2, b_v3 = plane_levels(p_v, o_vw, m_n, D // 4, V_ASM)
+            else:
+                b_v0, b_v1, b_v2, b_v3 = quarter_levels(p_v, o_vw, m_n, V_ASM)
             b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v0)
             b_acc1 = b_acc1 * b_alpha + tl.dot(b_pv, b_v1)
             b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
@@ -390,6 +405,8 @@ class _Side:
                     self.mult *= float(lev[1] - lev[0]) / 2
                 else:
                     self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
+            elif codec.bits == 3 and d // 4 >= 32 and prmt_enabled(device):
+                self.asm = prmt_planes_asm(torch.as_tensor(codec.quantizer.levels))
         elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
@@ -397,7 +414,7 @@ class _Side:
         else:
             raise ValueError(f"{role} codec {type(codec).__name__} has no kernel (fp16, int8, "
                              f"TurboQuant, and SphericalCodec keys do)")
-        self.fields = {2: 4, 4: 2}[self.bits] if self.asm else 1
+        self.fields = {2: 4, 3: 4, 4: 2}[self.bits] if self.asm else 1
         # TurboQuant packing: CODES consecutive codes fill GROUP whole bytes
         self.codes = 8 // math.gcd(self.bits, 8) if self.kind == TURBO else 1
         self.group = self.bits * self.codes // 8 if self.kind == TURBO else 1

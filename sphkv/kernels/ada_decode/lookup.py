@@ -106,6 +106,46 @@ def _magic(t: str, shift: int, mask: int, centre: int, out: str) -> str:
             f"sub.f16x2 {out}, u, k;\n")
 
 
+@functools.lru_cache(maxsize=16)
+def _asm3(bits: tuple[int, ...]) -> str:
+    tables = (f"mov.b32 l0, {_word([b & 0xFF for b in bits[:4]])};\n"
+              f"mov.b32 l1, {_word([b & 0xFF for b in bits[4:]])};\n"
+              f"mov.b32 h0, {_word([b >> 8 for b in bits[:4]])};\n"
+              f"mov.b32 h1, {_word([b >> 8 for b in bits[4:]])};\n")
+    fields = "".join(
+        f"shr.b32 y, $8, {2 * f};\nand.b32 y, y, 0x03030303;\n"
+        f"shr.b32 t, $9, {f};\nand.b32 t, t, 0x01010101;\nshl.b32 t, t, 2;\nor.b32 y, y, t;\n"
+        + _SELECT + "prmt.b32 a0, l0, l1, s;\nprmt.b32 b0, h0, h1, s;\n"
+        + _PAIRS.format(f"${2 * f}", f"${2 * f + 1}") for f in range(4))
+    return ("{\n.reg .b32 l0, l1, h0, h1, zr, y, t, z, s, a0, b0;\n" + tables
+            + "mov.b32 zr, 0;\n" + fields + "}")
+
+
+def prmt_planes_asm(levels: torch.Tensor) -> str:
+    """PTX for ``tl.inline_asm_elementwise(pack=4)`` on two byte tensors: 3-bit codes stored as
+    a 2-bit plane (``$8``: field f of byte i, bits 2f, 2f + 1, is the low two bits of code
+    4i + f) and a 1-bit plane (``$9``: bit f of byte i is its high bit) → the fp16 levels of
+    the 8-level codebook, field f → ``$2f, $2f+1`` as :func:`prmt_lookup_asm` at 2 bits."""
+    if levels.numel() != 8:
+        raise ValueError(f"need the 8 levels of a 3-bit code, got {levels.numel()}")
+    bits = levels.detach().cpu().to(torch.float16).view(torch.int16).long() & 0xFFFF
+    return _asm3(tuple(bits.tolist()))
+
+
+@triton.jit
+def plane_levels(p_rows, o_f, m_n, QUARTER: tl.constexpr, ASM: tl.constexpr):
+    """``lev[c]`` of 3-bit codes in two planes (the 2-bit plane at bytes ``o_f [D/4]``, the
+    1-bit plane after it, ``QUARTER`` = D/4 bytes in: byte ``QUARTER + i // 2`` holds the high
+    bits of bytes i in its nibble ``i % 2``): four fp16 tiles ``[N, D/4]`` as
+    :func:`quarter_levels`."""
+    b_a = tl.load(p_rows + o_f[None, :], mask=m_n[:, None], other=0)
+    b_h = tl.load(p_rows + QUARTER + (o_f // 2)[None, :], mask=m_n[:, None], other=0)
+    b_h = b_h >> ((o_f % 2) * 4).to(tl.uint8)[None, :]
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b_a, b_h],
+                                     dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                     is_pure=True, pack=4)
+
+
 @functools.lru_cache(maxsize=4)
 def uniform_levels_asm(bits: int) -> str:
     """PTX with the register contract of :func:`prmt_lookup_asm` for evenly spaced levels:

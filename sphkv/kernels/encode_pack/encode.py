@@ -82,12 +82,27 @@ def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
             b_c = tl.zeros([BLOCK_M, D], dtype=tl.int64)
             for t in tl.static_range((1 << BITS) - 1):
                 b_c += (b_z > tl.load(thr + t)).to(tl.int64)
-            # CODES codes → one little-endian word of GROUP bytes
-            b_c = tl.reshape(b_c, [BLOCK_M, D // CODES, CODES])
-            b_w = tl.sum(b_c << (tl.arange(0, CODES) * BITS).to(tl.int64)[None, None, :], 2)
-            p_g = payload + b_slot[:, None] * NBYTES + tl.arange(0, D // CODES)[None, :] * GROUP
-            for j in tl.static_range(GROUP):
-                tl.store(p_g + j, ((b_w >> (8 * j)) & 255).to(tl.uint8), mask=m_m[:, None])
+            p_row = payload + b_slot[:, None] * NBYTES
+            if BITS == 3:
+                # the codec's two planes: low two bits 4 codes to a byte, then high bits 8 to
+                # a byte
+                b_lo = tl.reshape(b_c & 3, [BLOCK_M, D // 4, 4])
+                b_lo = tl.sum(b_lo << (tl.arange(0, 4) * 2).to(tl.int64)[None, None, :], 2)
+                tl.store(p_row + tl.arange(0, D // 4)[None, :], b_lo.to(tl.uint8),
+                         mask=m_m[:, None])
+                b_hi = tl.reshape(b_c >> 2, [BLOCK_M, D // 8, 8])
+                b_hi = tl.sum(b_hi << tl.arange(0, 8).to(tl.int64)[None, None, :], 2)
+                tl.store(p_row + D // 4 + tl.arange(0, D // 8)[None, :], b_hi.to(tl.uint8),
+                         mask=m_m[:, None])
+            else:
+                # CODES codes → one little-endian word of GROUP bytes
+                b_c = tl.reshape(b_c, [BLOCK_M, D // CODES, CODES])
+                b_w = tl.sum(b_c << (tl.arange(0, CODES) * BITS).to(tl.int64)[None, None, :],
+                             2)
+                p_g = p_row + tl.arange(0, D // CODES)[None, :] * GROUP
+                for j in tl.static_range(GROUP):
+                    tl.store(p_g + j, ((b_w >> (8 * j)) & 255).to(tl.uint8),
+                             mask=m_m[:, None])
             tl.store(side + b_slot, tl.math.div_rn(b_norm, sqrt_d).to(tl.float16), mask=m_m)
 
 
