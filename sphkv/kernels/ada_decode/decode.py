@@ -395,9 +395,10 @@ class _Side:
             self.seed, self.mult = codec.seed, 1.0 / math.sqrt(d)
             self.levels = _levels(d, codec.bits, codec.levels, device)
             # the register lookup gives 8/bits field tiles of D·bits/8 coordinates (2, 4 bits),
-            # each a dot operand: D·bits/8 ≥ 16
+            # each a dot operand: at least 16, and at 2 bits 32 (16-wide quarter tiles took
+            # 1.8× the gather's time at d = 64 on the H200)
             nf = {2: 4, 4: 2}.get(codec.bits, 0)
-            if nf and d // nf >= 16 and prmt_enabled(device):
+            if nf and d // nf >= (32 if nf == 4 else 16) and prmt_enabled(device):
                 if codec.levels == "uniform":
                     # the tiles hold 2c − (2^bits − 1); the level is that times half the step
                     self.asm = uniform_levels_asm(codec.bits)
@@ -406,6 +407,7 @@ class _Side:
                 else:
                     self.asm = prmt_lookup_asm(torch.as_tensor(codec.quantizer.levels))
             elif codec.bits == 3 and d // 4 >= 32 and prmt_enabled(device):
+                # the 2-bit plane as quarter tiles, as at 2 bits (at d = 64 the gather)
                 self.asm = prmt_planes_asm(torch.as_tensor(codec.quantizer.levels))
         elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
