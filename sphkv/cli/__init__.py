@@ -40,9 +40,9 @@ from rich.table import Table
 SOLVER_NAMES = ("greedy", "lp", "ilp")
 ESTIMATOR_NAMES = ("snapkv", "h2o", "expected", "manifoldkv", "manifoldkv-windowed", "keydiff",
                    "keynorm", "zipcache")
-METHOD_NAMES = ("rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-kv-ea", "streamingllm", "snapkv",
-                "h2o", "keydiff", "manifoldkv", "manifoldkv-windowed", "kivi", "turboquant",
-                "polarquant", "fibquant")
+METHOD_NAMES = ("rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-fast", "rdr-kv-ea",
+                "streamingllm", "snapkv", "h2o", "keydiff", "manifoldkv", "manifoldkv-windowed",
+                "kivi", "turboquant", "polarquant", "fibquant")
 NONE = "none"
 TASKS = ("ppl", "passkey")
 SETTINGS = ("query-aware", "query-agnostic")

@@ -12,7 +12,9 @@ equal bytes. :data:`METHODS` is the registry by name:
   half and half with a uniform prior (``floor=0.5``); distortion relative to each layer's
   output energy (``relative``); docs/evaluation.md has the experiments): ``rdr``
   (:func:`~sphkv.rdr.tiers.default_tiers`), ``rdr-ada`` (:func:`~sphkv.rdr.tiers.ada_tiers`),
-  ``rdr-scalar`` (:func:`~sphkv.rdr.tiers.scalar_tiers`: int2, int4, int8, fp16).
+  ``rdr-scalar`` (:func:`~sphkv.rdr.tiers.scalar_tiers`: int2, int4, int8, fp16), ``rdr-kv``
+  (:func:`~sphkv.rdr.tiers.kv_tiers`), ``rdr-fast`` (:func:`~sphkv.rdr.tiers.fast_tiers`:
+  evenly spaced 2- and 4-bit levels, decoded faster on a GPU).
 - Drop-only (fp16 or drop), tokens ranked by an estimator of :mod:`sphkv.rdr.utility`:
   ``streamingllm`` (recency, arXiv 2309.17453), ``snapkv`` (window attention,
   arXiv 2404.14469), ``h2o`` (accumulated attention, Zhang et al., "H2O: Heavy-Hitter Oracle
@@ -52,6 +54,7 @@ from sphkv.rdr.tiers import (
     TierSet,
     ada_tiers,
     default_tiers,
+    fast_tiers,
     kv_tiers,
     scalar_tiers,
 )
@@ -254,6 +257,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr-ada", ladder=ada_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-scalar", ladder=scalar_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-kv", ladder=kv_tiers, observation=64, floor=0.5, relative=True),
+    Method("rdr-fast", ladder=fast_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
