@@ -1,10 +1,11 @@
-"""2- and 4-bit codes to fp16 levels in registers by PTX (GPU only: inline assembly).
+"""2-, 3- and 4-bit codes to fp16 levels in registers by PTX (GPU only: inline assembly).
 
 ``tl.gather`` of the 16 Lloyd–Max levels costs more than the rest of a 4-bit decode
 (docs/experiments.md). Here a ``prmt`` reads four bytes of an 8-byte table in one
 instruction, with a selector of four 3-bit nibbles, which the codes nearly are. Evenly spaced
 levels need no table: the code moved into an fp16 mantissa is the level up to an affine map
-(:func:`uniform_levels_asm`).
+(:func:`uniform_levels_asm`). 3-bit codes come in two planes (2-bit and 1-bit) that are joined
+in registers before an 8-entry lookup (:func:`prmt_planes_asm`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["even_odd_levels", "prmt_enabled", "prmt_lookup_asm", "quarter_levels",
-           "uniform_levels_asm"]
+__all__ = ["even_odd_levels", "plane_levels", "prmt_enabled", "prmt_lookup_asm",
+           "prmt_planes_asm", "quarter_levels", "uniform_levels_asm"]
 
 
 def prmt_enabled(device: torch.device) -> bool:
@@ -152,23 +153,21 @@ def uniform_levels_asm(bits: int) -> str:
     ``2c − (2^bits − 1)`` = ``2 (c − (2^bits − 1)/2)``, exact in fp16, so the level is that
     times half the codec's step. Bytes 0, 1 and bytes 2, 3 of the input are first spread to
     the two half-words of a register (``prmt``); per pair of codes then one shift, one
-    ``lop3`` (and, or) and one ``sub.f16x2``, against eight ``prmt`` per four codes for a
-    16-level lookup."""
+    ``lop3`` (and, or) and one ``sub.f16x2``, against about eight ``prmt`` per four codes for
+    a 16-level lookup."""
     if bits not in (2, 4):
         raise ValueError(f"bits must be 2 or 4, got {bits}")
-    spread = ("prmt.b32 y0, $IN, zr, 0x4140;\nprmt.b32 y1, $IN, zr, 0x4342;\n")
-    body = ""
+    word = "$4" if bits == 4 else "$8"
+    body = f"prmt.b32 y0, {word}, zr, 0x4140;\nprmt.b32 y1, {word}, zr, 0x4342;\n"
     if bits == 4:  # low nibbles → $0 (bytes 0, 1), $1 (bytes 2, 3); high nibbles → $2, $3
         for half, shift in ((0, 0), (2, 4)):
             for j in range(2):
                 body += _magic(f"y{j}", shift, 0x001E001E, 15, f"${half + j}")
-        spread = spread.replace("$IN", "$4")
     else:  # field f (bits 2f, 2f + 1) → $2f (bytes 0, 1), $2f+1 (bytes 2, 3)
         for f in range(4):
             for j in range(2):
                 body += _magic(f"y{j}", 2 * f, 0x00060006, 3, f"${2 * f + j}")
-        spread = spread.replace("$IN", "$8")
-    return ("{\n.reg .b32 zr, y0, y1, u, k;\nmov.b32 zr, 0;\n" + spread + body + "}")
+    return "{\n.reg .b32 zr, y0, y1, u, k;\nmov.b32 zr, 0;\n" + body + "}"
 
 
 @triton.jit
