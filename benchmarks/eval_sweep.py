@@ -25,8 +25,8 @@ from benchmarks.common import RESULTS_DIR, environment, format_table
 
 #: every method of the comparison; ``none`` is the uncompressed baseline
 METHODS = ("none", "rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-fast", "rdr-kv-ea",
-           "streamingllm", "snapkv", "h2o", "keydiff", "manifoldkv", "manifoldkv-windowed", "kivi",
-           "turboquant", "polarquant", "fibquant")
+           "rdr-kv-1bit", "streamingllm", "snapkv", "h2o", "keydiff", "manifoldkv",
+           "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
 #: fractions of the fp16 cache
 BUDGETS = (1 / 16, 1 / 8, 1 / 4)
 #: the full grid, per text: perplexity at N ∈ {1k, 2k, 4k} scoring M = 256; fidelity at

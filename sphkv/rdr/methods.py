@@ -40,6 +40,7 @@ estimator asks for every prefill query (:attr:`~sphkv.rdr.utility.Estimator.all_
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ import torch
 from sphkv.codec import FibQuantCodec, KiviCodec, PolarQuantCodec
 from sphkv.rdr.distortion import layer_distortion
 from sphkv.rdr.tiers import (
+    KV_PAIRS,
     Tier,
     TierSet,
     ada_tiers,
@@ -260,6 +262,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr-fast", ladder=fast_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
+    Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
+           observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
     Method("snapkv", tiers=("fp16",), estimator="snapkv"),
     Method("h2o", tiers=("fp16",), estimator="h2o"),
