@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         env = environment()
         rows = module.run(args)
         if not rows:  # a run that only exercised the op (e.g. for a profiler) writes nothing
+            print(f"{known.op}: no rows, nothing written")
             return
     print(f"# {known.op} — {env['date']} — commit {env['commit']} — {env['device']}")
     print(format_table(rows))
