@@ -16,8 +16,9 @@ accuracy for ``|x| ≳ 1e-3``, below which ``x_lo`` turns subnormal). z does not
 ``z = √D y'/‖y'‖``; ``n = ‖y'‖ / √D``.
 
 Packing: ``CODES = 8 / gcd(bits, 8)`` consecutive codes fill ``GROUP = bits·CODES/8`` whole
-bytes (8 codes → 3 bytes at 3 bits), so every bit depth 1–8 is one int64 word per group, split
-into bytes; no code is assembled across groups.
+bytes (8 codes → 5 bytes at 5 bits), so every bit depth is one int64 word per group, split
+into bytes; no code is assembled across groups. 3-bit codes are the codec's two planes
+instead: their low two bits four to a byte, then their high bits eight to a byte.
 """
 
 from __future__ import annotations
