@@ -136,9 +136,10 @@ def fast_tiers(d: int = 64) -> TierSet:
 
     Same bytes per token-head; the decode kernel turns their codes into levels without a lookup
     (``sphkv.kernels.ada_decode``), at the price of more error per coordinate than Lloyd–Max
-    levels (about 1% at 2 bits, 20% at 4; ``docs/kernels.md``). 3 bits keeps Lloyd–Max
-    (no fast decode either way). At equal bytes the allocator would always prefer the
-    Lloyd–Max rung, so the two are not offered side by side.
+    levels (about 1% at 2 bits, 20% at 4; ``docs/codecs.md``). 3 bits keep Lloyd–Max levels
+    (read by a register lookup at d ≥ 128; no decode without a lookup was built for 3 bits).
+    At equal bytes the allocator would always prefer the Lloyd–Max rung, so the two are not
+    offered side by side.
     """
     def uniform(bits: int) -> Tier:
         codec = TurboQuantCodec(d=d, bits=bits, levels="uniform")
