@@ -95,6 +95,8 @@ KEY_FAMILIES = {
                                         for r in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)],
     "hyperspherical": lambda d: [HypersphericalCodec(d=d, bits=b) for b in (2, 3, 4, 5, 6)],
     "TurboQuant": lambda d: [TurboQuantCodec(d=d, bits=b) for b in (1, 2, 3, 4, 5, 6)],
+    "TurboQuant, uniform levels": lambda d: [TurboQuantCodec(d=d, bits=b, levels="uniform")
+                                             for b in (2, 3, 4)],
     "PolarQuant (RoPE pairs)": lambda d: [PolarQuantCodec(d=d, radius_bits=r, angle_bits=a)
                                           for r, a in ((1, 2), (2, 3), (3, 4), (4, 4), (4, 5),
                                                        (5, 6))],

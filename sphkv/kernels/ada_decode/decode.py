@@ -57,8 +57,7 @@ MAX_ROWS = 128  # G·M query rows per kv head the kernel holds in registers
 _PROGRAMS_PER_SM = 16
 # registers per thread at 4 warps: four programs resident per multiprocessor (65536 registers)
 # instead of two. The kernel holds every segment, and left alone the allocator takes more than
-# the largest one needs (168 for the default ladder at d = 128, sm_90); ADA keys need more and
-# are left uncapped (capped at 128 they spill about 1 KB per thread)
+# the largest one needs; ADA keys need more and are left uncapped (capped, they spill)
 _MAX_REGISTERS = 128
 
 

@@ -97,13 +97,13 @@ def prmt_lookup_asm(levels: torch.Tensor) -> str:
     return asm(tuple(bits.tolist()))
 
 
-def _magic(t: str, shift: int, mask: int, centre: int, out: str) -> str:
+def _magic(t: str, shift: int, mask: int, out: str) -> str:
     """fp16 pairs ``2c − centre`` of the two codes at bits ``shift`` … of ``t``'s two
     half-words: each code moved to mantissa bits 1 … under the exponent of 1024 (fp16 bits
-    ``0x6400 | 2c`` are ``1024 + 2c``), then ``1024 + centre`` subtracted, exactly."""
+    ``0x6400 | 2c`` are ``1024 + 2c``), then ``k`` (``1024 + centre``, twice) subtracted,
+    exactly."""
     move = f"shl.b32 u, {t}, 1;\n" if shift == 0 else f"shr.b32 u, {t}, {shift - 1};\n"
     return (move + f"and.b32 u, u, 0x{mask:08X};\nor.b32 u, u, 0x64006400;\n"
-            f"mov.b32 k, 0x{0x6400 + centre:04X}{0x6400 + centre:04X};\n"
             f"sub.f16x2 {out}, u, k;\n")
 
 
@@ -158,15 +158,17 @@ def uniform_levels_asm(bits: int) -> str:
     if bits not in (2, 4):
         raise ValueError(f"bits must be 2 or 4, got {bits}")
     word = "$4" if bits == 4 else "$8"
-    body = f"prmt.b32 y0, {word}, zr, 0x4140;\nprmt.b32 y1, {word}, zr, 0x4342;\n"
+    centre = 0x6400 + 2**bits - 1  # the fp16 1024 + 2^bits − 1
+    body = (f"prmt.b32 y0, {word}, zr, 0x4140;\nprmt.b32 y1, {word}, zr, 0x4342;\n"
+            f"mov.b32 k, 0x{centre:04X}{centre:04X};\n")
     if bits == 4:  # low nibbles → $0 (bytes 0, 1), $1 (bytes 2, 3); high nibbles → $2, $3
         for half, shift in ((0, 0), (2, 4)):
             for j in range(2):
-                body += _magic(f"y{j}", shift, 0x001E001E, 15, f"${half + j}")
+                body += _magic(f"y{j}", shift, 0x001E001E, f"${half + j}")
     else:  # field f (bits 2f, 2f + 1) → $2f (bytes 0, 1), $2f+1 (bytes 2, 3)
         for f in range(4):
             for j in range(2):
-                body += _magic(f"y{j}", 2 * f, 0x00060006, 3, f"${2 * f + j}")
+                body += _magic(f"y{j}", 2 * f, 0x00060006, f"${2 * f + j}")
     return "{\n.reg .b32 zr, y0, y1, u, k;\nmov.b32 zr, 0;\n" + body + "}"
 
 
