@@ -7,7 +7,8 @@ per group ``--admissions`` times, as a decode does every W steps. Keys and value
 fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4 tokens of each
 group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16 store, so the store
 fills and admissions demote (``overflowed``: how many solved for demotions rather than fitting at
-the price).
+the price). Runs are unordered, as a full-attention layer's are (``--ordered``: sorted by
+position, as a sliding layer's, so that every run an admission touches is rewritten).
 
 Per row: ``items`` kept after the prefill, ``prefill_s``, the median and largest admission
 (``admit_ms``, ``admit_max_ms``), the median time to read every tier's runs of every group
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=0.25,
                         help="budget as a share of the all-fp16 store")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ordered", action="store_true",
+                        help="keep every run sorted by position, as a sliding layer's groups "
+                             "are (default: unordered, as a full-attention layer's)")
 
 
 def _tokens(groups: int, lo: int, hi: int, device: torch.device,
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             rng = np.random.default_rng(groups + tokens)
             total = tokens + args.admissions * _W
             budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
-            alloc = OnlineAllocator(tiers, groups, budget, 16, device=device)
+            alloc = OnlineAllocator(tiers, groups, budget, 16, device=device,
+                                    ordered=args.ordered)
             prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
                              a.prefill(_tokens(g, 0, n, device, r)), device)
             admits, reads, overflowed = [], [], 0
@@ -95,5 +100,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                              prefill_s=prefill, admit_ms=float(np.median(ms)),
                              admit_max_ms=float(ms.max()),
                              runs_ms=float(np.median(reads) * 1e3), overflowed=overflowed,
-                             store_bytes=alloc.nbytes(), budget_bytes=int(budget)))
+                             store_bytes=alloc.nbytes(), budget_bytes=int(budget),
+                             ordered=args.ordered))
     return rows

@@ -129,6 +129,10 @@ class OnlineAllocator:
     encode : callable, optional
         ``encode(codec, x [n, d]) -> Codes``: how new vectors are encoded (a device kernel);
         ``codec.encode`` by default.
+    ordered : bool or array of bool
+        Per group (or for all): whether the store keeps its runs in position order
+        (:class:`~sphkv.rdr.pages.PagedStore`); unordered runs make admissions cost in
+        proportion to the tokens they move.
 
     Attributes
     ----------
@@ -140,13 +144,14 @@ class OnlineAllocator:
 
     def __init__(self, tiers: TierSet, groups: int, budget: float, page_size: int = 16,
                  decay: float = 0.8, device: torch.device | str = "cpu",
-                 encode: Callable[[Codec, torch.Tensor], Codes] | None = None):
+                 encode: Callable[[Codec, torch.Tensor], Codes] | None = None,
+                 ordered=True):
         if not budget >= 0:
             raise ValueError(f"budget must be >= 0 bytes, got {budget}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.tiers, self.budget, self.decay = tiers, float(budget), decay
-        self.store = PagedStore(tiers, groups, page_size, device=device)
+        self.store = PagedStore(tiers, groups, page_size, device=device, ordered=ordered)
         self.encode = encode or (lambda codec, x: codec.encode(x))
         self.price = 0.0
         self.writes: list[int] = []

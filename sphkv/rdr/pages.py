@@ -5,18 +5,21 @@ pool of pages with fixed page bytes; slot s of page p is row ``p·P + s`` of the
 the key codes, the value codes (payload and side information, as the tier's codecs produce
 them) and a 16-bit position offset. A page table per group lists its pages as
 :data:`~sphkv.rdr.distortion.PAGE_TABLE_ENTRY` rows (page id, first position, valid count,
-tier). Within a (group, tier) the kept tokens are sorted by position and packed densely, so only
-the last page of a run is partial, and token j of a page sits at position
-``first_position + offset[slot]``: every kept (token, head) is in exactly one slot, with its
-position recoverable. The entries are held per tier, one array for all groups in (group,
-position) order: a group's run at a tier is the block ``starts[g] … starts[g + 1]`` of it, the
+tier). Within a (group, tier) the kept tokens are packed densely, so only the last page of a
+run is partial, and token j of a page sits at position ``first_position + offset[slot]`` (the
+page's least position plus a 16-bit offset): every kept (token, head) is in exactly one slot,
+with its position recoverable. A group's runs are sorted by position where a reader needs it
+(``ordered``: a sliding layer's kernel path bounds them by position); elsewhere they are in
+no order, so that taking tokens out moves only as many of the run's last tokens into the
+holes, not the whole run. The entries are held per tier, one array for all groups in (group,
+run) order: a group's run at a tier is the block ``starts[g] … starts[g + 1]`` of it, the
 starts being the cumulative pages ``ceil(count / P)`` of the groups before, so that readers
 of a tier (the decode kernels, for every group at once) and writers (one splice per tier
 write) work on one array instead of one per group.
 
 The store is written a tier at a time: :meth:`PagedStore.add` appends tokens behind their runs
 (into each run's last partial page, then new pages at the pool's end), :meth:`PagedStore.remove`
-takes tokens out and :meth:`PagedStore.update` does both, rewriting only the runs it touches.
+takes tokens out and :meth:`PagedStore.update` does both, writing only the runs it touches.
 Pools hold exactly their pages and the accounted bytes — ``pages · P · (codes + side +
 offset)`` per tier plus one entry per page — equal the bytes of the tensors the store really
 holds (:meth:`PagedStore.held_bytes`); :attr:`PagedStore.counts` keeps the items per (group,
@@ -81,6 +84,18 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """The indices ``lo[i] … hi[i] − 1`` of every range, end to end."""
     n = hi - lo
     return np.repeat(lo - (np.cumsum(n) - n), n) + np.arange(n.sum())
+
+
+def _select(new: tuple | None, mask: np.ndarray) -> tuple | None:
+    """The rows ``mask`` of :meth:`PagedStore.add`'s arguments (None if none)."""
+    if new is None or not mask.any():
+        return None
+    group, positions, key, value, distortion, pinned = new
+    index = torch.from_numpy(np.flatnonzero(mask))
+    on = index.to(value.payload.device)
+    return (np.asarray(group)[mask], positions[index.to(positions.device)],
+            key[on] if isinstance(key, torch.Tensor) else key.rows(on), value.rows(on),
+            distortion[index.to(distortion.device)], pinned[index.to(pinned.device)])
 
 
 def _entries(page_id: np.ndarray, first: np.ndarray, valid: np.ndarray,
@@ -202,14 +217,23 @@ class PagedStore:
         Slots per page, P.
     device : torch.device or str
         Where the pools live (the page tables stay on the host).
+    ordered : bool or array of bool
+        Per group (or for all): whether its runs stay sorted by position. A reader that bounds
+        a run by position (a sliding layer's kernel path) needs it; an unordered run is packed
+        as densely and its writes cost in proportion to the tokens they move, not the run.
     """
 
     def __init__(self, tiers: TierSet, groups: int, page_size: int = 16,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", ordered=True):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        ordered = np.asarray(ordered)
+        if ordered.dtype != bool or ordered.shape not in ((), (groups,)):
+            raise ValueError(f"ordered must be a bool or a bool array of {groups} (groups), got "
+                             f"dtype {ordered.dtype}, shape {ordered.shape}")
+        self.ordered = np.broadcast_to(ordered, (groups,)).copy()
         self.tiers, self.page_size, self.d = tiers, page_size, tiers.d
         self.device = torch.device(device)
         self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device)
@@ -249,7 +273,7 @@ class PagedStore:
     # --- reading -----------------------------------------------------------------------------
     def _slots(self, group: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot rows ``[n]`` (on the store's device) and positions ``[n]`` (on the CPU) of the
-        tokens of ``group`` at ``tier``."""
+        tokens of ``group`` at ``tier``, by position."""
         (lo, hi), = self._blocks(np.array([group]), tier)
         entries = self.entries[tier][lo:hi]
         if not len(entries):
@@ -261,7 +285,9 @@ class PagedStore:
         slots = np.repeat(entries["page_id"].astype(np.int64) * self.page_size, valid) + within
         slots = torch.from_numpy(slots).to(self.device)
         first = torch.from_numpy(np.repeat(entries["first_position"].astype(np.int64), valid))
-        return slots, first + self.pools[tier].offset[slots].long().cpu() + _OFFSET_SHIFT
+        positions = first + self.pools[tier].offset[slots].long().cpu() + _OFFSET_SHIFT
+        order = torch.argsort(positions)
+        return slots[order.to(self.device)], positions[order]
 
     def count(self, group: int, tier: int) -> int:
         return int(self.counts[group, tier])
@@ -425,10 +451,13 @@ class PagedStore:
         has = blocks[:, 1] > blocks[:, 0]
         last = np.zeros(len(touched), PAGE_TABLE_ENTRY)
         last[has] = self.entries[tier][blocks[has, 1] - 1]
+        # the position of each ordered run's last token (-1 if none)
         end = torch.full((len(touched),), -1, dtype=torch.long)
-        if has.any():
-            tail = (last["page_id"][has].astype(np.int64) * p + last["valid"][has] - 1)
-            end[torch.from_numpy(has)] = pool.position[torch.from_numpy(tail).to(self.device)].cpu()
+        read = has & self.ordered[touched]
+        if read.any():
+            tail = torch.from_numpy(last["page_id"][read].astype(np.int64) * p
+                                    + last["valid"][read] - 1)
+            end[torch.from_numpy(read)] = pool.position[tail.to(self.device)].cpu()
         room = np.where(has, p - last["valid"], 0)  # free slots of the run's last page
         rank = np.arange(len(group)) - np.repeat(start, n_new)
         run = np.repeat(np.arange(len(touched)), n_new)
@@ -442,7 +471,9 @@ class PagedStore:
         first = last["first_position"][run].astype(np.int64)
         first[fresh] = pos[lead][np.cumsum(lead)[fresh] - 1]
         span = pos - first
-        if (pos[start] <= end.numpy()).any() or (len(span) and span.max() >= _MAX_SPAN):
+        # an ordered run takes only positions behind its last; any run, only spans that fit
+        behind = (pos[start] > end.numpy()) | ~self.ordered[touched]
+        if not behind.all() or (len(span) and (span.min() < 0 or span.max() >= _MAX_SPAN)):
             self.update(tier, new=arrivals)
             return
         slots = np.where(fresh, page * p + q % p, page * p + last["valid"][run] + rank)
@@ -470,13 +501,158 @@ class PagedStore:
     def update(self, tier: int, gone: torch.Tensor | None = None,
                new: tuple | None = None) -> None:
         """Take the items of slots ``gone`` out of ``tier``'s pool and put the items ``new``
-        (:meth:`add`'s arguments) in, rewriting only the runs they touch: each touched run's
-        remaining items and arrivals sorted by position and packed into the run's own pages,
-        then pages other runs freed, then new pages at the pool's end. Pages left free are
-        filled by moving the pool's last pages into them, so the pool holds exactly its pages.
-        A tier whose keys are quantized per page quantizes each rewritten page again."""
+        (:meth:`add`'s arguments) in, touching only the runs they belong to.
+
+        An ordered run is rewritten: its remaining items and arrivals sorted by position and
+        packed into the run's own pages, then pages other runs freed, then new pages at the
+        pool's end. An unordered run moves only what it must: arrivals and then its last items
+        fill the holes ``gone`` leaves, further arrivals go behind it (:meth:`_fill`). Pages
+        left free are filled by moving the pool's last pages into them, so the pool holds
+        exactly its pages. A tier whose keys are quantized per page rewrites its runs and
+        quantizes each rewritten page again.
+
+        Raises
+        ------
+        ValueError
+            A page would span 2^16 positions or more (offsets are 16-bit); nothing is written
+            (in a store of both kinds of run, the ordered ones may already be).
+        """
         pool, p, dev = self.pools[tier], self.page_size, self.device
-        gone = torch.zeros(0, dtype=torch.long, device=dev) if gone is None else gone.to(dev)
+        gone = (torch.zeros(0, dtype=torch.long, device=dev) if gone is None
+                else torch.unique(gone.to(dev).long()))
+        new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
+        gone_group = pool.owner[gone.cpu().numpy() // p]
+        fill = np.zeros(self.groups, dtype=bool) if pool.paged_keys else ~self.ordered
+        # each kind of run written apart (first the one that may refuse), the pages they free
+        # compacted once (slots stay put until then)
+        holes = []
+        for f, write in ((False, self._rewrite), (True, self._fill)):
+            mine_gone, mine_new = fill[gone_group] == f, fill[new_group] == f
+            if mine_gone.any() or mine_new.any():
+                holes.append(write(tier, gone[torch.from_numpy(mine_gone).to(dev)],
+                                   _select(new, mine_new)))
+        self._compact(pool, tier, np.sort(np.concatenate(holes)) if holes
+                      else np.zeros(0, np.int64))
+
+    def _fill(self, tier: int, gone: torch.Tensor, new: tuple | None) -> np.ndarray:
+        """:meth:`update` of unordered runs. In run order (page by page along the run's block
+        of entries, slot by slot) a run of n items with h of them ``gone`` and a arrivals holds
+        m = n − h + a items at indices 0 … m − 1 after the write: the holes below m and the
+        indices n … m − 1 (when it grows) are filled, arrivals first, then the items at
+        indices m … n − 1 that stay. Each page written gets the least position of its items
+        as its first, and its offsets again; pages past ceil(m / P) are freed, new ones taken
+        from those other runs freed, then from the pool's end. Falls back to
+        :meth:`_rewrite` when a page would span too many positions. Returns the pages left
+        free, for :meth:`_compact`."""
+        pool, p, dev = self.pools[tier], self.page_size, self.device
+        gone_np = gone.cpu().numpy()
+        new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
+        touched = np.unique(np.concatenate([pool.owner[gone_np // p], new_group]))
+        runs, blocks = len(touched), self._blocks(touched, tier)
+        n_old = blocks[:, 1] - blocks[:, 0]  # pages of each run
+        listed = _ranges(blocks[:, 0], blocks[:, 1])
+        old_ids = self.entries[tier]["page_id"][listed].astype(np.int64)
+        k_old = np.arange(len(old_ids)) - np.repeat(np.cumsum(n_old) - n_old, n_old)
+        run_of, rank_of = np.zeros(pool.pages, np.int64), np.zeros(pool.pages, np.int64)
+        run_of[old_ids], rank_of[old_ids] = np.repeat(np.arange(runs), n_old), k_old
+        size = self.counts[touched, tier]
+        # each hole's run and index in it; arrivals' runs; sizes after
+        h_run = run_of[gone_np // p]
+        h_idx = rank_of[gone_np // p] * p + gone_np % p
+        a_run = np.searchsorted(touched, new_group)
+        m = (size - np.bincount(h_run, minlength=runs)
+             + np.bincount(a_run, minlength=runs)).astype(np.int64)
+        # targets: holes below m, then n … m − 1; sources: arrivals, then the staying items
+        # at m … n − 1 (equal counts per run)
+        low = h_idx < m[h_run]
+        grow_run = np.repeat(np.arange(runs), np.maximum(m - size, 0))
+        t_run = np.concatenate([h_run[low], grow_run])
+        t_idx = np.concatenate([h_idx[low], _ranges(size, np.maximum(m, size))])
+        cut = np.minimum(m, size)
+        tail_run = np.repeat(np.arange(runs), size - cut)
+        tail_idx = _ranges(cut, size)
+        staying = ~np.isin(tail_run << 32 | tail_idx, h_run << 32 | h_idx)
+        mv_run, mv_idx = tail_run[staying], tail_idx[staying]
+        t_order = np.argsort(t_run, kind="stable")
+        s_order = np.argsort(np.concatenate([a_run, mv_run]), kind="stable")
+        # pages: a run keeps its first ceil(m / P), frees the rest, takes new ones
+        need = -(-m // p)
+        start_old = np.cumsum(n_old) - n_old
+        freed = np.sort(old_ids[k_old >= np.repeat(need, n_old)])
+        grow = np.maximum(need - n_old, 0)
+        extra = int(grow.sum())
+        before = pool.pages
+        fresh = np.concatenate([freed[:extra], before + np.arange(max(extra - len(freed), 0))])
+        start_new = np.cumsum(grow) - grow
+
+        old_pad, fresh_pad = np.append(old_ids, 0), np.append(fresh, 0)
+
+        def page_id(run, idx):
+            """The page of index ``idx`` of run ``run`` after the write."""
+            k = idx // p
+            own = k < n_old[run]
+            return np.where(own, old_pad[np.where(own, start_old[run] + k, -1)],
+                            fresh_pad[np.where(own, -1, start_new[run] + k - n_old[run])])
+
+        t_page = page_id(t_run, t_idx)[t_order]
+        t_slot = t_page * p + t_idx[t_order] % p
+        mv_slot = torch.from_numpy(page_id(mv_run, mv_idx) * p + mv_idx % p).to(dev)
+        # the sources' data in target order, read before anything is written
+        src = torch.from_numpy(s_order).to(dev)
+        key, value = pool.key.rows(mv_slot), pool.value.rows(mv_slot)
+        pos, dist, pinned = pool.position[mv_slot], pool.distortion[mv_slot], pool.pinned[mv_slot]
+        if new is not None:
+            _, new_pos, new_key, new_value, new_dist, new_pinned = new
+            key, value = Codes.cat([new_key.to(dev), key]), Codes.cat([new_value.to(dev), value])
+            pos = torch.cat([new_pos.long().to(dev), pos])
+            dist = torch.cat([new_dist.float().to(dev), dist])
+            pinned = torch.cat([new_pinned.to(dev), pinned])
+        key, value, pos, dist, pinned = (key.rows(src), value.rows(src), pos[src], dist[src],
+                                         pinned[src])
+        # every page written, with its positions after the write: first and span
+        pages, one = np.unique(t_page, return_index=True)  # a page's targets share run and k
+        holds = np.clip(m[t_run[t_order][one]] - t_idx[t_order][one] // p * p, 0, p)
+        p_dev = torch.from_numpy(pages).to(dev)
+        page_slots = p_dev[:, None] * p + torch.arange(p, device=dev)
+        at = torch.from_numpy(np.searchsorted(pages, t_page) * p + t_slot % p).to(dev)
+        after = torch.zeros(len(pages) * p, dtype=torch.long, device=dev)
+        keep = page_slots < pool.position.numel()
+        after[keep.flatten()] = pool.position[page_slots[keep]]
+        after[at] = pos
+        after = after.view(len(pages), p)
+        live = torch.arange(p, device=dev) < torch.from_numpy(holds).to(dev)[:, None]
+        first = torch.where(live, after, torch.iinfo(torch.int64).max).amin(1)
+        span = torch.where(live, after - first[:, None], 0)
+        if len(pages) and int(span.max()) >= _MAX_SPAN:
+            return self._rewrite(tier, gone, new)
+        # write: the run tails out, the targets in, the written pages' offsets again
+        self._grow(pool, before + max(extra - len(freed), 0))
+        tail_slot = page_id(tail_run, tail_idx) * p + tail_idx % p
+        pool.valid[torch.from_numpy(tail_slot).to(dev)] = False
+        self._write_slots(pool, torch.from_numpy(t_slot).to(dev), None, pos, key, value, dist,
+                          pinned)
+        pool.offset[page_slots.flatten()] = (span - _OFFSET_SHIFT).to(torch.int16).flatten()
+        ids = np.concatenate([old_ids[k_old < np.repeat(need, n_old)], fresh[:extra]])
+        of = np.concatenate([np.repeat(np.arange(runs), n_old)[k_old < np.repeat(need, n_old)],
+                             np.repeat(np.arange(runs), grow)])
+        k = np.concatenate([k_old[k_old < np.repeat(need, n_old)],
+                            n_old[np.repeat(np.arange(runs), grow)]
+                            + np.arange(extra) - np.repeat(start_new, grow)])
+        order = np.lexsort((k, of))
+        ids, of, k = ids[order], of[order], k[order]
+        pool.owner[ids] = touched[of]
+        firsts = np.zeros(pool.pages, np.int64)
+        firsts[old_ids] = self.entries[tier]["first_position"][listed]
+        firsts[pages] = first.cpu().numpy()
+        self.counts[touched, tier] = m
+        self._splice(tier, blocks, _entries(ids, firsts[ids], np.minimum(p, m[of] - p * k), tier),
+                     need)
+        return freed[extra:]
+
+    def _rewrite(self, tier: int, gone: torch.Tensor, new: tuple | None) -> np.ndarray:
+        """:meth:`update` of ordered runs (and of any run of a tier quantizing keys per
+        page). Returns the pages left free, for :meth:`_compact`."""
+        pool, p, dev = self.pools[tier], self.page_size, self.device
         new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
         touched = np.unique(np.concatenate([pool.owner[gone.cpu().numpy() // p], new_group]))
         blocks = self._blocks(touched, tier)
@@ -559,7 +735,7 @@ class PagedStore:
         self._splice(tier, blocks, _entries(ids, first.cpu().numpy(),
                                             np.minimum(p, np.repeat(size, need) - p * k),
                                             tier), need)
-        self._compact(pool, tier, freed[extra:])
+        return freed[extra:]
 
     def _starts(self, tier: int) -> np.ndarray:
         """int64 ``[groups + 1]``: where each group's block starts in ``entries[tier]`` (a run
@@ -629,15 +805,18 @@ class PagedStore:
             for x in (pool.offset, pool.distortion, pool.position, pool.valid, pool.pinned))
         pool.owner = pool.owner[:end].copy()
 
-    def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor,
+    def _write_slots(self, pool: TierPool, slots: torch.Tensor, span: torch.Tensor | None,
                      position: torch.Tensor, key: Codes, value: Codes, distortion: torch.Tensor,
                      pinned: torch.Tensor) -> None:
+        """Write items into ``slots``; their offsets from ``span`` (None: the caller writes
+        them)."""
         self.version += 1
         for dst, src in ((pool.key, key), (pool.value, value)):
             dst.payload[slots] = src.payload
             for k, v in src.side.items():
                 dst.side[k][slots] = v
-        pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16).to(pool.offset.device)
+        if span is not None:
+            pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16).to(pool.offset.device)
         pool.distortion[slots] = distortion
         pool.position[slots] = position.to(pool.position.device)
         pool.valid[slots] = True

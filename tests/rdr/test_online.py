@@ -63,10 +63,11 @@ def test_runs_without_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_budget_held_after_every_write_and_tiers_never_rise(tiers):
+@pytest.mark.parametrize("ordered", [True, False])
+def test_budget_held_after_every_write_and_tiers_never_rise(tiers, ordered):
     fp16 = tiers.costs[-1] + 2
     budget = 0.35 * GROUPS * 200 * fp16
-    alloc = OnlineAllocator(tiers, GROUPS, budget, page_size=P, decay=0.8)
+    alloc = OnlineAllocator(tiers, GROUPS, budget, page_size=P, decay=0.8, ordered=ordered)
     alloc.prefill(_chunk(tiers, 0, 80, seed=0, sinks=(0, 1)))
     before = _tiers_of(alloc)
     demotions = 0
@@ -187,15 +188,19 @@ def _paged_ladder(tiers):
 
 def _state(alloc):
     """``{(group, position): (tier, key codes, value codes)}`` of everything kept, codes as
-    byte strings; checks the store's layout and bookkeeping on the way: runs dense and sorted,
-    page ids each listed once, counts, positions, validity and accounted bytes exact."""
+    byte strings; checks the store's layout and bookkeeping on the way: runs dense (and sorted
+    where the store keeps them ordered), page ids each listed once, counts, positions, validity
+    and accounted bytes exact."""
     store, out = alloc.store, {}
     groups = list(range(len(store.tables)))
     for t, pool in store.pools.items():
         runs = store.runs(t, groups, positions=True)  # raises on a partial page before the last
         for g in groups:
             pos = runs.positions[g, :runs.lengths[g]]
-            assert (pos[1:] > pos[:-1]).all(), f"run ({g}, {t}) is not sorted"
+            if store.ordered[g]:
+                assert (pos[1:] > pos[:-1]).all(), f"run ({g}, {t}) is not sorted"
+            else:
+                assert len(pos.unique()) == len(pos), f"run ({g}, {t}) repeats a position"
         assert (runs.lengths == store.counts[:, t]).all()
         ids = np.sort(np.concatenate([tb["page_id"][tb["tier"] == t] for tb in store.tables]))
         assert ids.tolist() == list(range(pool.pages))
@@ -245,8 +250,9 @@ def _encoded(tiers, t_from, t_to, codes):
     return tuple(out)
 
 
+@pytest.mark.parametrize("ordered", [True, False, "mixed"])
 @pytest.mark.parametrize("ladder", ["default", "paged-keys"])
-def test_admissions_and_evictions_keep_every_invariant(tiers, ladder):
+def test_admissions_and_evictions_keep_every_invariant(tiers, ladder, ordered):
     """Against the previous state after every step: each kept item in one slot of a dense,
     sorted run; bookkeeping exact; no write passes max(before, after); tiers never rise;
     pinned items never move; an item that stayed keeps its codes and a demoted one holds its
@@ -255,7 +261,9 @@ def test_admissions_and_evictions_keep_every_invariant(tiers, ladder):
     ladder = tiers if ladder == "default" else _paged_ladder(tiers)
     fp16 = ladder.costs[-1] + 2
     budget = 0.3 * GROUPS * 150 * fp16
-    alloc = OnlineAllocator(ladder, GROUPS, budget, page_size=P, decay=0.8)
+    if ordered == "mixed":
+        ordered = np.arange(GROUPS) % 2 == 0
+    alloc = OnlineAllocator(ladder, GROUPS, budget, page_size=P, decay=0.8, ordered=ordered)
     alloc.prefill(_chunk(ladder, 0, 60, seed=0, sinks=(0, 1)))
     before, overflowed, start = _state(alloc), 0, 60
     for step in range(14):

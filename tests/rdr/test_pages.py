@@ -139,9 +139,15 @@ def test_gather_pads_and_masks(tiers):
     assert torch.allclose(tiers[int8].key.decode(key)[1, 0], keys[6], atol=0.05)
 
 
-def test_random_operations_keep_invariants(tiers):
+#: runs kept in position order: all, none, or groups 0 and 2
+ORDERED = {"ordered": True, "unordered": False,
+           "mixed": np.array([True, False, True, False])}
+
+
+@pytest.mark.parametrize("ordered", ORDERED)
+def test_random_operations_keep_invariants(tiers, ordered):
     gen = np.random.default_rng(0)
-    store = PagedStore(tiers, groups=4, page_size=P)
+    store = PagedStore(tiers, groups=4, page_size=P, ordered=ORDERED[ordered])
     kept: dict[int, dict[int, list[int]]] = {g: {} for g in range(4)}
     next_pos = 0
     free = []  # positions taken out earlier: putting them back lands inside a run
@@ -239,15 +245,16 @@ def _kivi_tiers():
                                        KiviCodec(d=D, bits=4, group_size=D, axis="token"))))
 
 
+@pytest.mark.parametrize("ordered", ORDERED)
 @pytest.mark.parametrize("ladder", ["default", "paged-keys"])
-def test_add_and_remove_rewrite_only_their_runs(tiers, ladder):
+def test_add_and_remove_rewrite_only_their_runs(tiers, ladder, ordered):
     """Random appends behind runs, insertions inside them and removals (freeing pages that
     other runs reuse or that the pool's last pages fill): every invariant of ``_check``, the
     bookkeeping exact, codes kept (a tier quantizing keys per page: value codes), pinned flags
     kept, and pages of runs nothing touched left where they were."""
     tiers = tiers if ladder == "default" else _kivi_tiers()
     gen = np.random.default_rng(1)
-    store = PagedStore(tiers, groups=4, page_size=P)
+    store = PagedStore(tiers, groups=4, page_size=P, ordered=ORDERED[ordered])
     kept: dict[int, dict[int, list[int]]] = {g: {} for g in range(4)}
     next_pos = {g: 0 for g in range(4)}
     free = {g: [] for g in range(4)}
@@ -302,3 +309,37 @@ def test_add_and_remove_rewrite_only_their_runs(tiers, ladder):
                 assert len(mine) == len(now)
                 assert (mine["first_position"] == now["first_position"]).all()
                 assert (mine["valid"] == now["valid"]).all()
+
+
+def _slot_of(store, tier, group):
+    """{position: slot} of ``group``'s run at ``tier``."""
+    slots, valid, positions = store.gather(tier, [group])
+    return dict(zip(positions[valid].tolist(), slots[valid].tolist(), strict=True))
+
+
+def test_unordered_runs_move_only_what_they_must(tiers):
+    """Taking h tokens out of an unordered run moves at most h of the others (its last ones
+    into the holes), and arrivals fill holes before going behind the run; the ordered run of
+    the same store is rewritten in position order."""
+    store = PagedStore(tiers, groups=2, page_size=P, ordered=np.array([False, True]))
+    t = tiers.index("int8")
+    _write(store, t, {0: list(range(0, 80, 2)), 1: list(range(0, 80, 2))})
+    before = _slot_of(store, t, 0)
+    gone = [10, 30, 50]
+    _remove(store, t, 0, gone)
+    _remove(store, t, 1, gone)
+    after = _slot_of(store, t, 0)
+    moved = [q for q in after if after[q] != before[q]]
+    assert len(moved) <= len(gone) and all(q >= 74 for q in moved)  # the run's last tokens
+    kept = sorted(set(range(0, 80, 2)) - set(gone))
+    _check(store, {0: {t: kept}, 1: {t: kept}})
+    ordered = _slot_of(store, t, 1)
+    assert [q for q, _ in sorted(ordered.items(), key=lambda kv: kv[1])] == kept
+    # arrivals, older than the run's last token, take the holes' slots first
+    holes = {before[q] for q in gone} | {before[q] for q in moved}
+    _add(store, t, {0: [1, 3]}, seed=5)
+    arrived = _slot_of(store, t, 0)
+    assert {arrived[1], arrived[3]} <= holes | set(after.values()) | {max(after.values()) + 1,
+                                                                       max(after.values()) + 2}
+    _check(store, {0: {t: sorted(kept + [1, 3])}, 1: {t: kept}})
+    assert store.nbytes() == store.held_bytes()

@@ -561,9 +561,12 @@ class SphkvCache(Cache):
         reserve = self.reserved_bytes(batch)
         if self.budget < self.minimum_bytes(batch):
             raise InfeasibleBudgetError(self.budget, self.minimum_bytes(batch))
+        # a sliding or chunked layer's kernel path bounds its runs by position
+        sliding = np.array([not layer.attention.is_full for layer in self.layers])
         self.allocator = OnlineAllocator(
             self.tiers, batch * self.n_layers * self.kv_heads, self.budget - reserve,
-            self.page_size, self.decay, device=first.keys.device, encode=_encode)
+            self.page_size, self.decay, device=first.keys.device, encode=_encode,
+            ordered=np.tile(np.repeat(sliding, self.kv_heads), batch))
         old = self.length - self.window
         tokens = None
         if old > 0:
