@@ -571,7 +571,10 @@ class PagedStore:
         cut = np.minimum(m, size)
         tail_run = np.repeat(np.arange(runs), size - cut)
         tail_idx = _ranges(cut, size)
-        staying = ~np.isin(tail_run << 32 | tail_idx, h_run << 32 | h_idx)
+        staying = np.ones(len(tail_idx), dtype=bool)
+        high = ~low  # holes at m … n − 1, in the tail
+        staying[(np.cumsum(size - cut) - (size - cut))[h_run[high]] + h_idx[high]
+                - cut[h_run[high]]] = False
         mv_run, mv_idx = tail_run[staying], tail_idx[staying]
         t_order = np.argsort(t_run, kind="stable")
         s_order = np.argsort(np.concatenate([a_run, mv_run]), kind="stable")
@@ -615,11 +618,11 @@ class PagedStore:
         p_dev = torch.from_numpy(pages).to(dev)
         page_slots = p_dev[:, None] * p + torch.arange(p, device=dev)
         at = torch.from_numpy(np.searchsorted(pages, t_page) * p + t_slot % p).to(dev)
-        after = torch.zeros(len(pages) * p, dtype=torch.long, device=dev)
-        keep = page_slots < pool.position.numel()
-        after[keep.flatten()] = pool.position[page_slots[keep]]
-        after[at] = pos
-        after = after.view(len(pages), p)
+        # (slots of pages not yet grown read any row: they are all targets or not live)
+        rows = pool.position.numel()
+        after = (pool.position[page_slots.clamp(max=rows - 1)] if rows
+                 else torch.zeros_like(page_slots))
+        after.view(-1)[at] = pos
         live = torch.arange(p, device=dev) < torch.from_numpy(holds).to(dev)[:, None]
         first = torch.where(live, after, torch.iinfo(torch.int64).max).amin(1)
         span = torch.where(live, after - first[:, None], 0)
@@ -632,20 +635,25 @@ class PagedStore:
         self._write_slots(pool, torch.from_numpy(t_slot).to(dev), None, pos, key, value, dist,
                           pinned)
         pool.offset[page_slots.flatten()] = (span - _OFFSET_SHIFT).to(torch.int16).flatten()
-        ids = np.concatenate([old_ids[k_old < np.repeat(need, n_old)], fresh[:extra]])
-        of = np.concatenate([np.repeat(np.arange(runs), n_old)[k_old < np.repeat(need, n_old)],
-                             np.repeat(np.arange(runs), grow)])
-        k = np.concatenate([k_old[k_old < np.repeat(need, n_old)],
-                            n_old[np.repeat(np.arange(runs), grow)]
-                            + np.arange(extra) - np.repeat(start_new, grow)])
-        order = np.lexsort((k, of))
-        ids, of, k = ids[order], of[order], k[order]
+        # each run's new block: its first ceil(m / P) old pages, then its new ones
+        out_start = np.cumsum(need) - need
+        of = np.repeat(np.arange(runs), need)
+        k = np.arange(len(of)) - np.repeat(out_start, need)
+        ids = np.empty(len(of), np.int64)
+        firsts = np.empty(len(of), np.int64)
+        stays = k_old < np.repeat(need, n_old)
+        at = (np.repeat(out_start, n_old) + k_old)[stays]
+        ids[at] = old_ids[stays]
+        firsts[at] = self.entries[tier]["first_position"][listed][stays]
+        ids[np.repeat(out_start + n_old, grow) + np.arange(extra)
+            - np.repeat(start_new, grow)] = fresh[:extra]
+        # the written pages' firsts: ids of written pages are distinct and sorted in ``pages``
+        written = np.searchsorted(pages, ids).clip(max=max(len(pages) - 1, 0))
+        hit = pages[written] == ids if len(pages) else np.zeros(len(ids), dtype=bool)
+        firsts[hit] = first.cpu().numpy()[written[hit]]
         pool.owner[ids] = touched[of]
-        firsts = np.zeros(pool.pages, np.int64)
-        firsts[old_ids] = self.entries[tier]["first_position"][listed]
-        firsts[pages] = first.cpu().numpy()
         self.counts[touched, tier] = m
-        self._splice(tier, blocks, _entries(ids, firsts[ids], np.minimum(p, m[of] - p * k), tier),
+        self._splice(tier, blocks, _entries(ids, firsts, np.minimum(p, m[of] - p * k), tier),
                      need)
         return freed[extra:]
 

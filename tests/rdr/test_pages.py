@@ -343,3 +343,10 @@ def test_unordered_runs_move_only_what_they_must(tiers):
                                                                        max(after.values()) + 2}
     _check(store, {0: {t: sorted(kept + [1, 3])}, 1: {t: kept}})
     assert store.nbytes() == store.held_bytes()
+
+
+def test_unordered_update_into_an_empty_pool(tiers):
+    store = PagedStore(tiers, groups=2, page_size=P, ordered=False)
+    t = tiers.index("turbo3")
+    _write(store, t, {0: [5, 1, 3], 1: list(range(9))})
+    _check(store, {0: {t: [1, 3, 5]}, 1: {t: list(range(9))}})
