@@ -541,64 +541,62 @@ class PagedStore:
         indices n … m − 1 (when it grows) are filled, arrivals first, then the items at
         indices m … n − 1 that stay. Each page written gets the least position of its items
         as its first, and its offsets again; pages past ceil(m / P) are freed, new ones taken
-        from those other runs freed, then from the pool's end. Falls back to
-        :meth:`_rewrite` when a page would span too many positions. Returns the pages left
-        free, for :meth:`_compact`."""
+        from those other runs freed, then from the pool's end. The work is in proportion to
+        the items moved, but for two passes over the tier's entries (the page of each entry,
+        and the splice when a run's page count changes). Falls back to :meth:`_rewrite` when a
+        page would span too many positions. Returns the pages left free, for
+        :meth:`_compact`."""
         pool, p, dev = self.pools[tier], self.page_size, self.device
+        entries = self.entries[tier]
         gone_np = gone.cpu().numpy()
         new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
         touched = np.unique(np.concatenate([pool.owner[gone_np // p], new_group]))
         runs, blocks = len(touched), self._blocks(touched, tier)
-        n_old = blocks[:, 1] - blocks[:, 0]  # pages of each run
-        listed = _ranges(blocks[:, 0], blocks[:, 1])
-        old_ids = self.entries[tier]["page_id"][listed].astype(np.int64)
-        k_old = np.arange(len(old_ids)) - np.repeat(np.cumsum(n_old) - n_old, n_old)
-        run_of, rank_of = np.zeros(pool.pages, np.int64), np.zeros(pool.pages, np.int64)
-        run_of[old_ids], rank_of[old_ids] = np.repeat(np.arange(runs), n_old), k_old
+        lo, n_old = blocks[:, 0], blocks[:, 1] - blocks[:, 0]  # each run's entries
         size = self.counts[touched, tier]
+        entry_of = np.zeros(pool.pages, np.int64)
+        entry_of[entries["page_id"]] = np.arange(len(entries))
         # each hole's run and index in it; arrivals' runs; sizes after
-        h_run = run_of[gone_np // p]
-        h_idx = rank_of[gone_np // p] * p + gone_np % p
+        h_run = np.searchsorted(touched, pool.owner[gone_np // p])
+        h_idx = (entry_of[gone_np // p] - lo[h_run]) * p + gone_np % p
         a_run = np.searchsorted(touched, new_group)
         m = (size - np.bincount(h_run, minlength=runs)
              + np.bincount(a_run, minlength=runs)).astype(np.int64)
         # targets: holes below m, then n … m − 1; sources: arrivals, then the staying items
         # at m … n − 1 (equal counts per run)
         low = h_idx < m[h_run]
-        grow_run = np.repeat(np.arange(runs), np.maximum(m - size, 0))
-        t_run = np.concatenate([h_run[low], grow_run])
+        t_run = np.concatenate([h_run[low], np.repeat(np.arange(runs), np.maximum(m - size, 0))])
         t_idx = np.concatenate([h_idx[low], _ranges(size, np.maximum(m, size))])
         cut = np.minimum(m, size)
-        tail_run = np.repeat(np.arange(runs), size - cut)
-        tail_idx = _ranges(cut, size)
+        tail_run, tail_idx = np.repeat(np.arange(runs), size - cut), _ranges(cut, size)
         staying = np.ones(len(tail_idx), dtype=bool)
         high = ~low  # holes at m … n − 1, in the tail
         staying[(np.cumsum(size - cut) - (size - cut))[h_run[high]] + h_idx[high]
                 - cut[h_run[high]]] = False
         mv_run, mv_idx = tail_run[staying], tail_idx[staying]
         t_order = np.argsort(t_run, kind="stable")
+        t_run, t_idx = t_run[t_order], t_idx[t_order]
         s_order = np.argsort(np.concatenate([a_run, mv_run]), kind="stable")
         # pages: a run keeps its first ceil(m / P), frees the rest, takes new ones
         need = -(-m // p)
-        start_old = np.cumsum(n_old) - n_old
-        freed = np.sort(old_ids[k_old >= np.repeat(need, n_old)])
-        grow = np.maximum(need - n_old, 0)
-        extra = int(grow.sum())
-        before = pool.pages
+        keep = np.minimum(need, n_old)
+        freed = np.sort(entries["page_id"][_ranges(lo + keep, lo + n_old)].astype(np.int64))
+        grow = need - keep
+        extra, before = int(grow.sum()), pool.pages
         fresh = np.concatenate([freed[:extra], before + np.arange(max(extra - len(freed), 0))])
         start_new = np.cumsum(grow) - grow
-
-        old_pad, fresh_pad = np.append(old_ids, 0), np.append(fresh, 0)
+        old_ids = (entries["page_id"] if len(entries) else np.zeros(1, np.uint32)).astype(np.int64)
+        fresh_pad = np.append(fresh, 0)
 
         def page_id(run, idx):
             """The page of index ``idx`` of run ``run`` after the write."""
             k = idx // p
             own = k < n_old[run]
-            return np.where(own, old_pad[np.where(own, start_old[run] + k, -1)],
+            return np.where(own, old_ids[np.where(own, lo[run] + k, 0)],
                             fresh_pad[np.where(own, -1, start_new[run] + k - n_old[run])])
 
-        t_page = page_id(t_run, t_idx)[t_order]
-        t_slot = t_page * p + t_idx[t_order] % p
+        t_page = page_id(t_run, t_idx)
+        t_slot = t_page * p + t_idx % p
         mv_slot = torch.from_numpy(page_id(mv_run, mv_idx) * p + mv_idx % p).to(dev)
         # the sources' data in target order, read before anything is written
         src = torch.from_numpy(s_order).to(dev)
@@ -612,17 +610,17 @@ class PagedStore:
             pinned = torch.cat([new_pinned.to(dev), pinned])
         key, value, pos, dist, pinned = (key.rows(src), value.rows(src), pos[src], dist[src],
                                          pinned[src])
-        # every page written, with its positions after the write: first and span
-        pages, one = np.unique(t_page, return_index=True)  # a page's targets share run and k
-        holds = np.clip(m[t_run[t_order][one]] - t_idx[t_order][one] // p * p, 0, p)
-        p_dev = torch.from_numpy(pages).to(dev)
-        page_slots = p_dev[:, None] * p + torch.arange(p, device=dev)
-        at = torch.from_numpy(np.searchsorted(pages, t_page) * p + t_slot % p).to(dev)
-        # (slots of pages not yet grown read any row: they are all targets or not live)
+        # every page written (its targets share run and rank), with its positions after the
+        # write: first and span
+        pages, one, inverse = np.unique(t_page, return_index=True, return_inverse=True)
+        w_run, w_k = t_run[one], t_idx[one] // p
+        holds = np.clip(m[w_run] - w_k * p, 0, p)  # valid slots of each page after
+        page_slots = torch.from_numpy(pages).to(dev)[:, None] * p + torch.arange(p, device=dev)
         rows = pool.position.numel()
+        # (slots of pages not yet grown read any row: they are all targets or not live)
         after = (pool.position[page_slots.clamp(max=rows - 1)] if rows
                  else torch.zeros_like(page_slots))
-        after.view(-1)[at] = pos
+        after.view(-1)[torch.from_numpy(inverse.reshape(-1) * p + t_slot % p).to(dev)] = pos
         live = torch.arange(p, device=dev) < torch.from_numpy(holds).to(dev)[:, None]
         first = torch.where(live, after, torch.iinfo(torch.int64).max).amin(1)
         span = torch.where(live, after - first[:, None], 0)
@@ -635,26 +633,24 @@ class PagedStore:
         self._write_slots(pool, torch.from_numpy(t_slot).to(dev), None, pos, key, value, dist,
                           pinned)
         pool.offset[page_slots.flatten()] = (span - _OFFSET_SHIFT).to(torch.int16).flatten()
-        # each run's new block: its first ceil(m / P) old pages, then its new ones
-        out_start = np.cumsum(need) - need
-        of = np.repeat(np.arange(runs), need)
-        k = np.arange(len(of)) - np.repeat(out_start, need)
-        ids = np.empty(len(of), np.int64)
-        firsts = np.empty(len(of), np.int64)
-        stays = k_old < np.repeat(need, n_old)
-        at = (np.repeat(out_start, n_old) + k_old)[stays]
-        ids[at] = old_ids[stays]
-        firsts[at] = self.entries[tier]["first_position"][listed][stays]
-        ids[np.repeat(out_start + n_old, grow) + np.arange(extra)
-            - np.repeat(start_new, grow)] = fresh[:extra]
-        # the written pages' firsts: ids of written pages are distinct and sorted in ``pages``
-        written = np.searchsorted(pages, ids).clip(max=max(len(pages) - 1, 0))
-        hit = pages[written] == ids if len(pages) else np.zeros(len(ids), dtype=bool)
-        firsts[hit] = first.cpu().numpy()[written[hit]]
+        # page table: the kept entries in place (firsts of written pages, the valid counts of
+        # a run's old and new last page), then each run's end spliced (entries of new pages
+        # in, of freed ones out)
+        first = first.cpu().numpy()
+        own = w_k < n_old[w_run]
+        entries["first_position"][lo[w_run[own]] + w_k[own]] = first[own]
+        for rank in (n_old - 1, keep - 1):
+            at = (rank >= 0) & (rank < keep)
+            entries["valid"][lo[at] + rank[at]] = np.minimum(p, m[at] - p * rank[at])
+        of = np.repeat(np.arange(runs), grow)
+        k = n_old[of] + np.arange(extra) - start_new[of]
+        ids = fresh[:extra]
         pool.owner[ids] = touched[of]
         self.counts[touched, tier] = m
-        self._splice(tier, blocks, _entries(ids, firsts, np.minimum(p, m[of] - p * k), tier),
-                     need)
+        if (need != n_old).any():
+            added = _entries(ids, first[np.searchsorted(pages, ids)], np.minimum(p, m[of] - p * k),
+                             tier)
+            self._splice(tier, np.stack([lo + keep, lo + n_old], axis=1), added, grow)
         return freed[extra:]
 
     def _rewrite(self, tier: int, gone: torch.Tensor, new: tuple | None) -> np.ndarray:
@@ -759,17 +755,23 @@ class PagedStore:
     def _splice(self, tier: int, blocks: np.ndarray, entries: np.ndarray,
                 sizes: np.ndarray) -> None:
         """Put the next ``sizes[i]`` of ``entries`` in place of the block ``blocks[i]`` of
-        ``entries[tier]`` (blocks ascending and disjoint): one gather from the old entries
-        and the new, the kept stretches and the new blocks alternating."""
+        ``entries[tier]`` (blocks ascending and disjoint): the kept stretches and the new
+        blocks copied alternately into one new array, a slice each (blocks that neither hold
+        nor receive entries skipped)."""
         old = self.entries[tier]
         lo, hi = blocks[:, 0], blocks[:, 1]
-        new_lo = len(old) + np.cumsum(sizes) - sizes
-        # stretch 2i: old entries before block i; 2i + 1: block i's new entries
-        starts = np.stack([np.concatenate([[0], hi])[:-1], new_lo], axis=1).ravel()
-        ends = np.stack([lo, new_lo + sizes], axis=1).ravel()
-        index = np.concatenate([_ranges(starts, ends), np.arange(hi[-1] if len(hi) else 0,
-                                                                 len(old))])
-        self.entries[tier] = np.concatenate([old, entries])[index]
+        at = np.cumsum(sizes) - sizes  # each block's first in ``entries``
+        change = (hi > lo) | (sizes > 0)
+        out = np.empty(len(old) - int((hi - lo).sum()) + int(sizes.sum()), old.dtype)
+        src = dst = 0
+        for a, b, first, n in zip(lo[change].tolist(), hi[change].tolist(),
+                                  at[change].tolist(), sizes[change].tolist(), strict=True):
+            out[dst:dst + a - src] = old[src:a]
+            dst += a - src
+            out[dst:dst + n] = entries[first:first + n]
+            dst, src = dst + n, b
+        out[dst:] = old[src:]
+        self.entries[tier] = out
 
     def _grow(self, pool: TierPool, pages: int) -> None:
         """Zeroed pages at the end of ``pool`` up to ``pages``."""
