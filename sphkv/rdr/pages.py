@@ -190,10 +190,11 @@ class Runs:
 
     Attributes
     ----------
-    pages : numpy.ndarray
-        int32 ``[groups, max_pages]``: page ids of each run in position order (0 past it).
-    lengths : numpy.ndarray
-        int32 ``[groups]``: tokens of each run.
+    pages : numpy.ndarray or torch.Tensor
+        int32 ``[groups, max_pages]``: page ids of each run in its order (0 past it); a tensor
+        on the store's device from :meth:`PagedStore.block_tables`.
+    lengths : numpy.ndarray or torch.Tensor
+        int32 ``[groups]``: tokens of each run (as ``pages``).
     positions : torch.Tensor or None
         int64 ``[groups, max_pages · P]`` on the store's device: each run token's position,
         ascending, the largest int64 past the run.
@@ -330,20 +331,51 @@ class PagedStore:
                               minlength=len(groups)).astype(np.int32)
         out = Runs(pages, lengths, None)
         if positions:
-            p, dev = self.page_size, self.device
-            if not lengths.any():  # the pool may have no rows to index
-                out.positions = torch.full((len(groups), width * p), torch.iinfo(torch.int64).max,
-                                           device=dev)
-                return out
             first = np.zeros((len(groups), width), dtype=np.int64)
             first[owner, rank] = table["first_position"]
-            slots = (torch.from_numpy(pages).to(dev).long()[..., None] * p
-                     + torch.arange(p, device=dev))
-            pos = (torch.from_numpy(first).to(dev)[..., None]
-                   + self.pools[tier].offset[slots].long() + _OFFSET_SHIFT).flatten(1)
-            past = torch.arange(width * p, device=dev) >= torch.from_numpy(lengths).to(dev)[:, None]
-            out.positions = pos.masked_fill_(past, torch.iinfo(torch.int64).max)
+            dev = self.device
+            out.positions = self._run_positions(tier, torch.from_numpy(pages).to(dev),
+                                                torch.from_numpy(first).to(dev),
+                                                torch.from_numpy(lengths).to(dev))
         return out
+
+    def block_tables(self, tier: int, positions: bool = False) -> Runs:
+        """Every group's run at ``tier`` as :meth:`runs` gives it (without its check), built on
+        the store's device from one transfer of the tier's page ids: ``pages`` and ``lengths``
+        are int32 tensors there. What the decode kernels read after each write."""
+        p, dev, entries = self.page_size, self.device, self.entries[tier]
+        count = self.counts[:, tier]
+        n = -(-count // p)  # pages of each group's run, its block of entries
+        width = max(int(n.max(initial=0)), 1)
+        owner = torch.repeat_interleave(torch.arange(self.groups, device=dev),
+                                        torch.from_numpy(n).to(dev), output_size=len(entries))
+        rank = (torch.arange(len(entries), device=dev)
+                - torch.from_numpy(np.cumsum(n) - n).to(dev)[owner])
+        pages = torch.zeros(self.groups, width, dtype=torch.int32, device=dev)
+        pages[owner, rank] = torch.from_numpy(entries["page_id"].astype(np.int32)).to(dev)
+        lengths = torch.from_numpy(count.astype(np.int32)).to(dev)
+        out = Runs(pages, lengths, None)
+        if positions:
+            first = torch.zeros(self.groups, width, dtype=torch.long, device=dev)
+            first[owner, rank] = torch.from_numpy(
+                entries["first_position"].astype(np.int64)).to(dev)
+            out.positions = self._run_positions(tier, pages, first, lengths)
+        return out
+
+    def _run_positions(self, tier: int, pages: torch.Tensor, first: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """int64 ``[groups, width · P]``: each run token's position from its page's first and
+        its offset, the largest int64 past the run (``pages``, ``first`` ``[groups, width]``
+        and ``lengths`` on the store's device)."""
+        p, dev = self.page_size, self.device
+        width = pages.shape[1]
+        if not self.pools[tier].offset.numel():  # the pool has no rows to index
+            return torch.full((len(pages), width * p), torch.iinfo(torch.int64).max,
+                              device=dev)
+        slots = pages.long()[..., None] * p + torch.arange(p, device=dev)
+        pos = (first[..., None] + self.pools[tier].offset[slots].long() + _OFFSET_SHIFT).flatten(1)
+        past = torch.arange(width * p, device=dev) >= lengths.to(dev)[:, None]
+        return pos.masked_fill_(past, torch.iinfo(torch.int64).max)
 
     def gather(self, tier: int, groups: list[int]):
         """The slots of several groups' runs at ``tier``, padded to the longest

@@ -1,8 +1,8 @@
 """The kernel path of the compressed cache's attention against ``CompressedLayer.attend``, step
 by step through a generation of the tiny model: mixed tiers, left padding, GQA.
 
-The model and its cache run on the CPU; the kernel path gets the query on ``DEVICE`` (the GPU
-where there is one, else the CPU under the Triton interpreter) and reads the pools from there.
+The model and its cache run on ``DEVICE`` (the GPU where there is one, else the CPU under the
+Triton interpreter); the reference is the torch path of the same cache (``cache.kernel`` off).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def _mistral():
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 @pytest.mark.parametrize("method", ["rdr", "rdr-ada"])
 def test_kernel_attend_matches_attend(monkeypatch, method, name):
-    model = tiny_model() if name == "llama" else _mistral()
+    model = (tiny_model() if name == "llama" else _mistral()).to(DEVICE)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=gen)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=gen).to(DEVICE)
     # sequence 1 is left-padded by 5 tokens
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -40,11 +40,12 @@ def test_kernel_attend_matches_attend(monkeypatch, method, name):
     budget = (0.6 if name == "llama" else 0.8) * fp16_cache_bytes(tiny_model().config, 2,
                                                                   32 + new)
     cache = SphkvCache(model.config, budget, method, window=8, page_size=4)
+    cache.kernel = False  # attend() computes the reference in torch, on any device
     attend, seen, tables, reused = CompressedLayer.attend, [], {}, []
 
     def both(layer, query, attention_mask, scaling):
         ref = attend(layer, query, attention_mask, scaling)
-        out = kernel_attend(layer, query.to(DEVICE), scaling).cpu()
+        out = kernel_attend(layer, query, scaling)
         tiers = {layer.cache.tiers[t].name for t, p in layer.cache.store.pools.items()
                  if p.pages} if layer.cache.store is not None else set()
         seen.append((query.shape[2], tiers))

@@ -294,6 +294,11 @@ def test_add_and_remove_rewrite_only_their_runs(tiers, ladder, ordered):
         slots, valid, positions = store.gather(tier, list(range(4)))
         assert int(pool.valid.sum()) == int(valid.sum()) and pool.valid[slots[valid]].all()
         assert torch.equal(pool.position[slots[valid]], positions[valid])
+        # the kernels' block tables, built on the device, are the runs
+        read, built = store.runs(tier, list(range(4)), True), store.block_tables(tier, True)
+        assert np.array_equal(built.pages.cpu().numpy(), read.pages)
+        assert np.array_equal(built.lengths.cpu().numpy(), read.lengths)
+        assert torch.equal(built.positions, read.positions)
         group = np.repeat(np.arange(4), valid.sum(1).numpy())
         assert [bool(b) for b in pool.pinned[slots[valid]]] == [
             (int(g), q) in pinned for g, q in zip(group, positions[valid].tolist(), strict=True)]

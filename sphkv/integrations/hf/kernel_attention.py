@@ -26,7 +26,6 @@ from sphkv.kernels.ada_decode import (
     Window,
     ada_decode_naive,
 )
-from sphkv.rdr.pages import Runs
 
 __all__ = ["kernel_attend", "kernel_reads", "layer_pages"]
 
@@ -56,38 +55,30 @@ def layer_pages(cache, layer, batch: int, heads: int,
     version = (store.version, batch, heads, device)
     if layer._runs is not None and layer._runs[0] == version:
         return layer._runs[1]
-    # every layer's runs in one pass per tier, made by the first layer to need them
+    # every layer's runs in one pass per tier on the store's device, made by the first layer
+    # to need them (groups are (sequence, layer, kv-head) in that order: all of them)
     if cache._runs is None or cache._runs[0] != version:
-        groups = [cache.group(b, i, h) for b in range(batch) for i in range(cache.n_layers)
-                  for h in range(heads)]
         sliding = not all(a.is_full for a in cache.layout)
-        cache._runs = (version, {t: store.runs(t, groups, positions=sliding)
+        cache._runs = (version, {t: store.block_tables(t, positions=sliding)
                                  for t in store.pools})
-    rows = (np.arange(batch)[:, None] * cache.n_layers + layer.index) * heads + np.arange(heads)
+    rows = ((np.arange(batch)[:, None] * cache.n_layers + layer.index) * heads
+            + np.arange(heads)).flatten()
+    on = torch.from_numpy(rows).to(store.device)
     out = []
     for t, pool in store.pools.items():
-        runs = _layer_runs(cache._runs[1][t], rows.flatten(), store.page_size,
-                           not layer.attention.is_full)
+        runs = cache._runs[1][t]
+        # as wide as the layer's longest run
+        width = max(-(-int(store.counts[rows, t].max(initial=0)) // store.page_size), 1)
         tier = store.tiers[t]
-        table = torch.from_numpy(runs.pages).view(batch, heads, -1).to(device)
-        lengths = torch.from_numpy(runs.lengths).view(batch, heads).to(device)
-        positions = None if runs.positions is None else \
-            runs.positions.view(batch, heads, -1).to(device)
+        table = runs.pages[on, :width].view(batch, heads, -1).to(device)
+        lengths = runs.lengths[on].view(batch, heads).to(device)
+        positions = None if layer.attention.is_full else \
+            runs.positions[on, :width * store.page_size].view(batch, heads, -1).to(device)
         key, value = (c.to(device) for c in pool.readable())
         out.append((TierPages(tier.key, tier.value, key, value, table, lengths,
                               store.page_size), positions))
     layer._runs = (version, out)
     return out
-
-
-def _layer_runs(runs: Runs, rows: np.ndarray, page_size: int, positions: bool) -> Runs:
-    """The runs of some groups out of the runs of all (:meth:`PagedStore.runs`), as wide as
-    their longest run: what ``runs`` of those groups alone gives."""
-    lengths = runs.lengths[rows]
-    width = max(-(-int(lengths.max(initial=0)) // page_size), 1)
-    return Runs(runs.pages[rows, :width], lengths,
-                runs.positions[torch.from_numpy(rows).to(runs.positions.device),
-                               :width * page_size] if positions else None)
 
 
 def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
