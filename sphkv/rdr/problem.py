@@ -338,12 +338,15 @@ class AllocationProblem:
         flat = np.arange(self.n_items, dtype=np.int64) * self.n_tiers + tiers
         return float(self.distortion.reshape(-1)[flat].sum())
 
-    def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9) -> bool:
+    def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9,
+                    cost: float | None = None) -> bool:
+        """Whether ``tiers`` keeps the forced tiers and the ceilings and fits the budget
+        (``cost``: its :meth:`cost_of`, when already measured)."""
         tiers = self._check_tiers(tiers)
-        free = self.forced < 0
-        if np.any(tiers[~free] != self.forced[~free]) or np.any(tiers > self._ceiling):
+        fixed = self.forced >= 0
+        if np.any(tiers[fixed] != self.forced[fixed]) or np.any(tiers > self._ceiling):
             return False
-        return self.cost_of(tiers) <= self.budget * (1 + rtol) + 1e-9
+        return (self.cost_of(tiers) if cost is None else cost) <= self.budget * (1 + rtol) + 1e-9
 
     def _check_tiers(self, tiers) -> np.ndarray:
         tiers = np.asarray(tiers)

@@ -40,15 +40,17 @@ class Solver:
             # so tolerances are relative; reported in the caller's units.
             scale = _unit(problem)
             alloc = self._solve(_scaled(problem, scale), time_limit)
-            alloc.distortion = problem.distortion_of(alloc.tiers)
+            # exact: every entry and partial sum was divided by a power of two
+            alloc.distortion *= scale
             alloc.lower_bound = min(alloc.lower_bound * scale, alloc.distortion)
             if alloc.price is not None:  # distortion per byte
                 alloc.price *= scale
         alloc.seconds = time.perf_counter() - start
         alloc.method = self.NAME
         alloc.budget = problem.budget
-        # Every solver's answer is checked here, not trusted.
-        if not problem.is_feasible(alloc.tiers):
+        # Every solver's answer is checked here, not trusted (its cost was measured on the
+        # problem by ``finish``).
+        if not problem.is_feasible(alloc.tiers, cost=alloc.cost):
             raise RuntimeError(f"solver {self.NAME} returned an infeasible allocation "
                                f"(cost {alloc.cost} > budget {problem.budget}); this is a bug")
         return alloc
