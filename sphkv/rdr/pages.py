@@ -552,6 +552,7 @@ class PagedStore:
         pool, p, dev = self.pools[tier], self.page_size, self.device
         gone = (torch.zeros(0, dtype=torch.long, device=dev) if gone is None
                 else torch.unique(gone.to(dev).long()))
+        gone = gone[pool.valid[gone]]  # slots that hold nothing have nothing to take out
         new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
         gone_group = pool.owner[gone.cpu().numpy() // p]
         fill = np.zeros(self.groups, dtype=bool) if pool.paged_keys else ~self.ordered

@@ -355,3 +355,15 @@ def test_unordered_update_into_an_empty_pool(tiers):
     t = tiers.index("turbo3")
     _write(store, t, {0: [5, 1, 3], 1: list(range(9))})
     _check(store, {0: {t: [1, 3, 5]}, 1: {t: list(range(9))}})
+
+
+@pytest.mark.parametrize("ordered", ORDERED)
+def test_removing_repeated_or_empty_slots_removes_each_item_once(tiers, ordered):
+    store = PagedStore(tiers, groups=4, page_size=P, ordered=ORDERED[ordered])
+    t = tiers.index("int8")
+    _write(store, t, {0: list(range(10)), 3: list(range(7))})
+    slots, valid, positions = store.gather(t, [0])
+    empty = torch.nonzero(~store.pools[t].valid).flatten()  # the partial pages' free slots
+    assert len(empty)
+    store.remove(t, torch.cat([slots[0, :3], slots[0, :3], empty]))
+    _check(store, {0: {t: list(range(3, 10))}, 3: {t: list(range(7))}})
