@@ -196,8 +196,8 @@ class Runs:
     lengths : numpy.ndarray or torch.Tensor
         int32 ``[groups]``: tokens of each run (as ``pages``).
     positions : torch.Tensor or None
-        int64 ``[groups, max_pages · P]`` on the store's device: each run token's position,
-        ascending, the largest int64 past the run.
+        int64 ``[groups, max_pages · P]`` on the store's device: each run token's position in
+        run order (ascending in an ordered group), the largest int64 past the run.
     """
 
     pages: np.ndarray

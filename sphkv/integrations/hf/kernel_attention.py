@@ -4,10 +4,11 @@
 new queries over the layer's pages (every tier, from the codes) and its fp16 window, with GQA,
 causality, left padding and the layer's attention layout — with
 :func:`sphkv.kernels.ada_decode` reading the store's pools and page tables directly. A sliding
-or chunked layer's hidden tokens are a prefix of each tier's run (runs are sorted by position),
-passed as the kernel's per-query lower bounds. The prefill (no pages yet, the whole prompt in the
-window) goes through SDPA. A ladder with a tier the kernel does not read (:func:`kernel_reads`:
-KIVI, PolarQuant, FibQuant, int2/int4 scalar) attends in torch on the GPU instead.
+or chunked layer's hidden tokens are a prefix of each tier's run (its runs are kept sorted by
+position), passed as the kernel's per-query lower bounds. The prefill (no pages yet, the whole
+prompt in the window) goes through SDPA. A ladder with a tier the kernel does not read
+(:func:`kernel_reads`: KIVI, PolarQuant, FibQuant, int2/int4 scalar) attends in torch on the GPU
+instead.
 """
 
 from __future__ import annotations
