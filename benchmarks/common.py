@@ -51,10 +51,11 @@ def environment() -> dict:
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A markdown table of ``rows``; floats get 4 significant digits."""
+    """A markdown table of ``rows``; floats get 4 significant digits; fields holding lists (a
+    series per row) stay in the JSON only."""
     if not rows:
         return "(no rows)"
-    columns = columns or list(rows[0])
+    columns = columns or [k for k, v in rows[0].items() if not isinstance(v, list)]
 
     def cell(v) -> str:
         if isinstance(v, float):

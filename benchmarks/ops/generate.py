@@ -11,9 +11,10 @@ compilations of its kernels are not counted in any row.
 
 Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefill excluded),
 ``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
-``p99_ms``: every W-th step admits W tokens), ``prefill_s`` (the prompt's forward and, for the
-cache, its allocation), ``allocator_share`` (seconds in admissions over decode seconds),
-``admit_ms`` (median admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
+``p99_ms``: every W-th step admits W tokens; ``steps_ms``: every step, in order),
+``prefill_s`` (the prompt's forward and, for the cache, its allocation),
+``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
+admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
 ``--no-graphs`` runs every step eagerly), ``peak_kv_bytes`` (the cache's accounted peak over
 every pool write; plain: its KV tensors at the end) against ``budget_bytes``. Plain generation
 runs eagerly, as ``model.generate`` does with a ``DynamicCache``. Steps are timed by a
@@ -194,6 +195,7 @@ def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, a
     return dict(model=model, method=method, context=context, batch=batch, budget=fraction,
                 tok_s=tok_s, vs_plain=None if plain_tok_s is None else tok_s / plain_tok_s,
                 step_ms=float(np.median(ms)), p99_ms=float(np.percentile(ms, 99)),
+                steps_ms=[round(float(x), 3) for x in ms],
                 prefill_s=prefill,
                 allocator_share=sum(admits) / sum(steps) if budget is not None else None,
                 admit_ms=float(np.median(admits) * 1e3) if admits else None,
