@@ -10,3 +10,11 @@ def test_commit_from_the_checkout_unless_set(monkeypatch):
     header = environment()
     assert header["commit"] == "abc1234" != checkout
     assert {"date", "device", "python"} <= set(header)
+
+
+def test_printed_tables_leave_series_to_the_json():
+    from benchmarks.common import format_table
+
+    table = format_table([{"method": "rdr", "tok_s": 12.3456, "steps_ms": [1.0, 2.0]}])
+    assert table.splitlines()[0] == "| method | tok_s |"
+    assert "12.35" in table and "steps_ms" not in table
