@@ -19,6 +19,7 @@ from sphkv.codec.base import (
     Codes,
     KernelKind,
     check_bits,
+    check_vectors,
     to_fp16,
 )
 from sphkv.codec.lloyd_max import sphere_coordinate_quantizer, sphere_coordinate_uniform_quantizer
@@ -232,14 +233,23 @@ class TurboQuantCodec(Codec):
         delta = np.max(np.maximum(q.levels - edges[:-1], edges[1:] - q.levels))
         return FP16_EPS + (1 + FP16_EPS) * math.sqrt(delta**2 + 1) + NUMERIC_SLACK
 
-    def _encode(self, x: torch.Tensor) -> Codes:
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level index of every rotated coordinate ``[..., d]`` and the fp16 norm
+        ``[...]``."""
         y = self.rotation.forward(x)
         norm = y.norm(dim=-1, keepdim=True)
         # z = sqrt(d) y / ‖y‖ has coordinates of unit variance
         z = y / torch.where(norm > 0, norm, 1) * math.sqrt(self.d)
-        c = self.quantizer.quantize(z)
+        return self.quantizer.quantize(z), to_fp16("x", norm.squeeze(-1))
+
+    def _dequantize(self, c: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """``R x̂`` from level indices and the fp16 norm."""
+        return self.quantizer.dequantize(c) * (norm.float().unsqueeze(-1) / math.sqrt(self.d))
+
+    def _encode(self, x: torch.Tensor) -> Codes:
+        c, norm = self._quantize(x)
         payload = pack([c & 3, c >> 2], [2, 1]) if self.bits == 3 else pack([c], [self.bits])
-        return Codes(payload, {"norm": to_fp16("x", norm.squeeze(-1))}, x.shape)
+        return Codes(payload, {"norm": norm}, x.shape)
 
     def decode_rotated(self, codes: Codes) -> torch.Tensor:
         """``R x̂`` ``[..., d]``: the reconstruction in the rotated domain."""
@@ -248,8 +258,13 @@ class TurboQuantCodec(Codec):
             c = low | high << 2
         else:
             c = unpack(codes.payload, [(self.d, self.bits)])[0]
-        z = self.quantizer.dequantize(c)
-        return z * (codes.side["norm"].float().unsqueeze(-1) / math.sqrt(self.d))
+        return self._dequantize(c, codes.side["norm"])
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))`` without packing the codes (the distortion rows reconstruct
+        every prompt token at every tier)."""
+        return self.rotation.inverse(self._dequantize(*self._quantize(
+            check_vectors("x", x, self.d))))
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return self.rotation.inverse(self.decode_rotated(codes))

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from sphkv.codec import Codes, HypersphericalCodec, KiviCodec, SphericalCodec, get_codec
+from sphkv.codec import (
+    Codes,
+    HypersphericalCodec,
+    KiviCodec,
+    SphericalCodec,
+    TurboQuantCodec,
+    get_codec,
+)
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
@@ -46,6 +53,22 @@ def test_decode_within_stated_bound(codec):
     assert x_hat.shape == x.shape and x_hat.dtype == torch.float32
     rel = ((x - x_hat).norm(dim=-1) / x.norm(dim=-1)).max().item()
     assert rel <= codec.error_bound(), f"relative error {rel} above bound {codec.error_bound()}"
+
+
+def test_reconstruct_is_decode_of_encode(codec):
+    # KIVI's per-channel groups: 96 tokens are whole groups; 3-bit TurboQuant is a case below
+    x = keys((*SHAPE, codec.d), seed=2)
+    assert torch.equal(codec.reconstruct(x), codec.decode(codec.encode(x)))
+
+
+@pytest.mark.parametrize("levels", ["lloyd-max", "uniform"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_turbo_reconstruct_skips_packing_exactly(bits, levels):
+    codec = TurboQuantCodec(d=64, bits=bits, levels=levels)
+    x = keys((5, 7, 64), seed=bits)
+    assert torch.equal(codec.reconstruct(x), codec.decode(codec.encode(x)))
+    with pytest.raises(ValueError, match="finite"):
+        codec.reconstruct(torch.full((2, 64), float("nan")))
 
 
 def test_kivi_channel_error_within_half_a_step():
@@ -173,8 +196,6 @@ def test_codes_on_other_dtypes():
 def test_turbo_three_bits_in_two_planes():
     """3-bit TurboQuant codes: byte i holds the low two bits of codes 4i … 4i + 3 (code 4i + f
     at bits 2f, 2f + 1), byte d/4 + j the high bits of codes 8j … 8j + 7 (code 8j + k at bit k)."""
-    from sphkv.codec import TurboQuantCodec
-
     codec = TurboQuantCodec(d=32, bits=3)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
     y = codec.rotation.forward(x)
