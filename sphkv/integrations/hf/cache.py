@@ -372,8 +372,10 @@ class SphkvCache(Cache):
         self.static = None
         #: the decode steps as CUDA graphs (graph.py), made at the first decode step on a GPU
         self.decode_graph = None
-        # the kernel path's runs of every group per tier, made once per store write
+        # the kernel path's runs of every group per tier, made once per store write; the torch
+        # path's (with every token's position), the same
         self._runs: tuple | None = None
+        self._tables: tuple | None = None
         # the prefill's items per method (its repr names every field), shared by the copies
         # :meth:`compress` makes: they do not depend on the budget
         self._prefill_items: dict[str, Tokens] = {}
@@ -453,15 +455,27 @@ class SphkvCache(Cache):
         ``[B, H_kv, n]`` padded to the longest run: the pool's slots (padding repeats slot 0,
         :meth:`~sphkv.rdr.pages.PagedStore.codes` reads them), ``valid`` bool and ``positions``
         int64 (on the CPU, -1 at padding)."""
-        if self.store is None:
+        store = self.store
+        if store is None:
             return
-        groups = [self.group(b, layer, h) for b in range(batch) for h in range(heads)]
-        for t in self.store.pools:
-            slots, valid, positions = self.store.gather(t, groups)
-            if not valid.any():
+        # every group's runs, built once per store write (one pass per tier) and sliced here
+        if self._tables is None or self._tables[0] != store.version:
+            self._tables = (store.version, {t: store.block_tables(t, positions=True)
+                                            for t in store.pools})
+        groups = np.array([self.group(b, layer, h) for b in range(batch) for h in range(heads)])
+        rows, p = torch.from_numpy(groups).to(store.device), store.page_size
+        for t, runs in self._tables[1].items():
+            n = int(store.counts[groups, t].max(initial=0))
+            if not n:
                 continue
-            shape = (batch, heads, valid.shape[-1])
-            yield t, slots.view(shape), valid.view(shape), positions.view(shape)
+            lengths = runs.lengths[rows]
+            slots = (runs.pages[rows, :-(-n // p)].long()[..., None] * p
+                     + torch.arange(p, device=store.device)).flatten(1)[:, :n]
+            valid = torch.arange(n, device=store.device) < lengths[:, None]
+            positions = runs.positions[rows, :n].cpu().masked_fill(~valid.cpu(), -1)
+            shape = (batch, heads, n)
+            yield (t, slots.masked_fill(~valid, 0).view(shape), valid.view(shape),
+                   positions.view(shape))
 
     def pad_on(self, device: torch.device) -> torch.Tensor:
         """The left padding per sequence ``[B]`` on ``device`` (copied there once)."""
