@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +97,18 @@ def test_uniform_step_matches_max_table_for_the_gaussian():
     for bits, step in ((2, 0.9957), (3, 0.5860)):
         q = uniform_step(lambda x: -x * x / 2, -12.0, 12.0, bits)
         assert q.levels[1] - q.levels[0] == pytest.approx(step, abs=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantize_counts_the_thresholds_below_like_bucketize(bits, dtype):
+    q = sphere_coordinate_quantizer(64, bits)
+    thresholds = torch.as_tensor(q.thresholds, dtype=dtype)
+    # values on every threshold, just beside them, far outside, and random
+    x = torch.cat([thresholds, thresholds.nextafter(torch.tensor(-math.inf, dtype=dtype)),
+                   thresholds.nextafter(torch.tensor(math.inf, dtype=dtype)),
+                   torch.tensor([-1e9, 1e9, 0.0], dtype=dtype),
+                   torch.randn(1000, generator=torch.Generator().manual_seed(bits)).to(dtype)])
+    codes = q.quantize(x.view(-1, 1))
+    assert codes.dtype == torch.int64 and codes.shape == (len(x), 1)
+    assert torch.equal(codes.view(-1), torch.bucketize(x, thresholds))
