@@ -33,6 +33,49 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
     torch.Tensor
         uint8 ``[..., packed_bytes(layout)]``.
     """
+    if _byte_aligned([(c.shape[-1], b) for c, b in zip(fields, bits, strict=True)]):
+        parts = [_pack_whole_bytes(c, b) for c, b in zip(fields, bits, strict=True) if b]
+        if parts:
+            return torch.cat(parts, -1)
+    return _pack_bits(fields, bits)
+
+
+def unpack(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack`: ``payload`` uint8 ``[..., nbytes]`` -> int64 ``[..., m_k]`` each."""
+    if not _byte_aligned(layout):
+        return _unpack_bits(payload, layout)
+    out, start = [], 0
+    for m, b in layout:
+        if b == 0:
+            out.append(torch.zeros(*payload.shape[:-1], m, dtype=torch.int64,
+                                   device=payload.device))
+            continue
+        # code r of a byte sits at bits r b … r b + b − 1
+        field = payload[..., start:start + m * b // 8]
+        out.append(torch.stack([(field >> r * b) & (2**b - 1) for r in range(8 // b)],
+                               -1).flatten(-2).long())
+        start += m * b // 8
+    return out
+
+
+def _byte_aligned(layout: list[tuple[int, int]]) -> bool:
+    """Whether every field is whole bytes of codes that divide a byte (1, 2, 4 or 8 bits): then
+    each byte holds 8 / b codes of one field, and packing is shifts within bytes."""
+    return all(b in (0, 1, 2, 4, 8) and m * b % 8 == 0 for m, b in layout)
+
+
+def _pack_whole_bytes(codes: torch.Tensor, b: int) -> torch.Tensor:
+    """One byte-aligned field (:func:`_byte_aligned`): code r of each group of 8 / b at bits
+    r b and up of its byte — what the bit stream gives."""
+    c = codes.to(torch.uint8).unflatten(-1, (-1, 8 // b))
+    out = c[..., 0].clone()
+    for r in range(1, 8 // b):
+        out |= c[..., r] << r * b
+    return out
+
+
+def _pack_bits(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
+    """:func:`pack` of any layout, through the stream of bits."""
     planes = []
     for codes, b in zip(fields, bits, strict=True):
         if b == 0:
@@ -53,8 +96,8 @@ def pack(fields: list[torch.Tensor], bits: list[int]) -> torch.Tensor:
     return out
 
 
-def unpack(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Inverse of :func:`pack`: ``payload`` uint8 ``[..., nbytes]`` -> int64 ``[..., m_k]`` each."""
+def _unpack_bits(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """:func:`unpack` of any layout, through the stream of bits."""
     # bit j of byte i is bit 8 i + j of the stream
     stream = torch.stack([(payload >> j) & 1 for j in range(8)], -1).flatten(-2)
     out, start = [], 0

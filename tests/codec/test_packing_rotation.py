@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphkv.codec import RandomizedHadamard, fwht
-from sphkv.codec.packing import pack, packed_bytes, unpack
+from sphkv.codec.packing import _pack_bits, _unpack_bits, pack, packed_bytes, unpack
 
 
 @given(layout=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 16)), min_size=1,
@@ -24,6 +24,22 @@ def test_pack_unpack_round_trip(layout, n, seed):
     assert payload.dtype == torch.uint8
     assert payload.shape == (n, packed_bytes(layout))
     for got, want in zip(unpack(payload, layout), fields, strict=True):
+        assert torch.equal(got, want)
+
+
+@given(layout=st.lists(st.tuples(st.integers(1, 12), st.sampled_from([0, 1, 2, 4, 8])),
+                       min_size=1, max_size=4),
+       n=st.integers(1, 5), seed=st.integers(0, 2**16))
+@settings(max_examples=50, deadline=None)
+def test_byte_aligned_layouts_pack_as_the_bit_stream(layout, n, seed):
+    # whole bytes per field: packed by shifts within bytes, the same bytes as the bit stream
+    layout = [(8 * m, b) for m, b in layout]
+    gen = torch.Generator().manual_seed(seed)
+    fields = [torch.randint(0, 2**b, (n, m), generator=gen) for m, b in layout]
+    bits = [b for _, b in layout]
+    payload = pack(fields, bits)
+    assert torch.equal(payload, _pack_bits(fields, bits))
+    for got, want in zip(unpack(payload, layout), _unpack_bits(payload, layout), strict=True):
         assert torch.equal(got, want)
 
 
