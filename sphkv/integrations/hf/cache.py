@@ -192,49 +192,13 @@ class CompressedLayer(CacheLayerMixin):
         padding; None without pages. ``q·k̂`` equals the logits the key codes give, to rounding
         (:meth:`~sphkv.codec.Codec.logits`).
 
-        Made again after each write of the store, decoding only what the write encoded: a token
-        that stayed in its tier kept its codes (the store moves codes, it does not re-encode
-        them; a tier quantizing keys per page is decoded whole)."""
+        Made again after each write of the store, for every layer at once
+        (:meth:`SphkvCache.decode_pages`)."""
         store = self.cache.store
         version = store.version if store is not None else -1
-        if self._decoded is not None and self._decoded[0] == version:
-            return self._decoded[1]
-        previous = {} if self._decoded is None else self._decoded[2]
-        runs, kept = [], {}
-        for t, slots, valid, positions in self.cache.pages(self.index, b, h):
-            group = torch.tensor([[self.cache.group(i, self.index, j) for j in range(h)]
-                                  for i in range(b)])
-            ident = (group[..., None] << 32 | positions).flatten()  # one int64 per token
-            flat = valid.cpu().flatten()
-            k_hat = torch.zeros(*ident.shape, store.d, device=valid.device)
-            v_hat = torch.zeros_like(k_hat)
-            todo = flat.clone()
-            if t in previous and not store.pools[t].paged_keys:
-                old_ident, old_k, old_v = previous[t]
-                at = torch.searchsorted(old_ident, ident).clamp(max=max(len(old_ident) - 1, 0))
-                hit = flat & (old_ident[at] == ident) if len(old_ident) else flat & False
-                on = hit.to(k_hat.device)
-                k_hat[on], v_hat[on] = old_k[at[hit].to(k_hat.device)], \
-                    old_v[at[hit].to(k_hat.device)]
-                todo &= ~hit
-            if todo.any():
-                on = todo.to(k_hat.device)
-                tier = self.cache.tiers[t]
-                key, value = store.codes(t, slots.flatten()[on])  # only what is new here
-                k_hat[on] = tier.key.decode(key).float()
-                v_hat[on] = tier.value.decode(value).float()
-            order = torch.argsort(torch.where(flat, ident, torch.iinfo(torch.int64).max))
-            keep = order[:int(flat.sum())]
-            kept[t] = (ident[keep], k_hat[keep.to(k_hat.device)], v_hat[keep.to(k_hat.device)])
-            shape = (*valid.shape, -1)
-            runs.append((k_hat.view(shape), v_hat.view(shape), valid, positions))
-        merged = None
-        if runs:
-            keys, values, valid, positions = (torch.cat(x, dim=2) for x in zip(*runs))
-            bias = torch.zeros(valid.shape).masked_fill_(~valid.cpu(), -math.inf)
-            merged = (keys, values, bias.to(keys.device)[:, :, None, None], positions)
-        self._decoded = (version, merged, kept)
-        return merged
+        if self._decoded is None or self._decoded[0] != version:
+            self.cache.decode_pages(b, h)
+        return self._decoded[1]
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float) -> torch.Tensor:
@@ -476,6 +440,67 @@ class SphkvCache(Cache):
             shape = (batch, heads, n)
             yield (t, slots.masked_fill(~valid, 0).view(shape), valid.view(shape),
                    positions.view(shape))
+
+    def decode_pages(self, batch: int, heads: int) -> None:
+        """Every layer's pages decoded (:meth:`CompressedLayer._decoded_pages`), decoding only
+        what the store's writes encoded since each layer's last decode: a token that stayed in
+        its tier kept its codes (the store moves codes, it does not re-encode them; a tier
+        quantizing keys per page is decoded whole). The new tokens of every layer are decoded
+        together, one codec call per tier."""
+        store = self.store
+        version = store.version if store is not None else -1
+        layers = [layer for layer in self.layers
+                  if layer._decoded is None or layer._decoded[0] != version]
+        # per (layer, tier): its run's identities, its decodes reused, what is left to decode
+        jobs = []
+        for layer in layers:
+            previous = {} if layer._decoded is None else layer._decoded[2]
+            group = torch.tensor([[self.group(i, layer.index, j) for j in range(heads)]
+                                  for i in range(batch)])
+            for t, slots, valid, positions in self.pages(layer.index, batch, heads):
+                ident = (group[..., None] << 32 | positions).flatten()  # one int64 per token
+                flat = valid.cpu().flatten()
+                k_hat = torch.zeros(*ident.shape, store.d, device=valid.device)
+                v_hat = torch.zeros_like(k_hat)
+                todo = flat.clone()
+                if t in previous and not store.pools[t].paged_keys:
+                    old_ident, old_k, old_v = previous[t]
+                    at = torch.searchsorted(old_ident, ident).clamp(
+                        max=max(len(old_ident) - 1, 0))
+                    hit = flat & (old_ident[at] == ident) if len(old_ident) else flat & False
+                    on = hit.to(k_hat.device)
+                    k_hat[on] = old_k[at[hit].to(k_hat.device)]
+                    v_hat[on] = old_v[at[hit].to(k_hat.device)]
+                    todo &= ~hit
+                jobs.append((layer, t, slots, valid, positions, ident, flat, k_hat, v_hat,
+                             todo.to(k_hat.device)))
+        # the new tokens of every layer, one decode per tier
+        for t in {job[1] for job in jobs}:
+            mine = [job for job in jobs if job[1] == t and bool(job[9].any())]
+            if not mine:
+                continue
+            key, value = store.codes(t, torch.cat([job[2].flatten()[job[9]] for job in mine]))
+            tier = self.tiers[t]
+            sizes = [int(job[9].sum()) for job in mine]
+            for job, k, v in zip(mine, tier.key.decode(key).float().split(sizes),
+                                 tier.value.decode(value).float().split(sizes), strict=True):
+                job[7][job[9]], job[8][job[9]] = k, v
+        # each layer's tiers side by side, and what it keeps for the next decode
+        for layer in layers:
+            runs, kept = [], {}
+            for _, t, _, valid, positions, ident, flat, k_hat, v_hat, _ in (
+                    job for job in jobs if job[0] is layer):
+                order = torch.argsort(torch.where(flat, ident, torch.iinfo(torch.int64).max))
+                keep = order[:int(flat.sum())].to(k_hat.device)
+                kept[t] = (ident[keep.cpu()], k_hat[keep], v_hat[keep])
+                shape = (*valid.shape, -1)
+                runs.append((k_hat.view(shape), v_hat.view(shape), valid, positions))
+            merged = None
+            if runs:
+                keys, values, valid, positions = (torch.cat(x, dim=2) for x in zip(*runs))
+                bias = torch.zeros(valid.shape).masked_fill_(~valid.cpu(), -math.inf)
+                merged = (keys, values, bias.to(keys.device)[:, :, None, None], positions)
+            layer._decoded = (version, merged, kept)
 
     def pad_on(self, device: torch.device) -> torch.Tensor:
         """The left padding per sequence ``[B]`` on ``device`` (copied there once)."""
