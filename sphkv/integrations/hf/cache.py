@@ -464,13 +464,12 @@ class SphkvCache(Cache):
                 v_hat = torch.zeros_like(k_hat)
                 todo = flat.clone()
                 if t in previous and not store.pools[t].paged_keys:
-                    old_ident, old_k, old_v = previous[t]
+                    old_ident, old_row, old_k, old_v = previous[t]
                     at = torch.searchsorted(old_ident, ident).clamp(
                         max=max(len(old_ident) - 1, 0))
                     hit = flat & (old_ident[at] == ident) if len(old_ident) else flat & False
-                    on = hit.to(k_hat.device)
-                    k_hat[on] = old_k[at[hit].to(k_hat.device)]
-                    v_hat[on] = old_v[at[hit].to(k_hat.device)]
+                    on, rows = hit.to(k_hat.device), old_row[at[hit].to(k_hat.device)]
+                    k_hat[on], v_hat[on] = old_k[rows], old_v[rows]
                     todo &= ~hit
                 jobs.append((layer, t, slots, valid, positions, ident, flat, k_hat, v_hat,
                              todo.to(k_hat.device)))
@@ -490,9 +489,10 @@ class SphkvCache(Cache):
             runs, kept = [], {}
             for _, t, _, valid, positions, ident, flat, k_hat, v_hat, _ in (
                     job for job in jobs if job[0] is layer):
+                # the kept tokens' identities sorted, with their rows of k̂ and v̂
                 order = torch.argsort(torch.where(flat, ident, torch.iinfo(torch.int64).max))
-                keep = order[:int(flat.sum())].to(k_hat.device)
-                kept[t] = (ident[keep.cpu()], k_hat[keep], v_hat[keep])
+                keep = order[:int(flat.sum())]
+                kept[t] = (ident[keep], keep.to(k_hat.device), k_hat, v_hat)
                 shape = (*valid.shape, -1)
                 runs.append((k_hat.view(shape), v_hat.view(shape), valid, positions))
             merged = None
