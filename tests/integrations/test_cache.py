@@ -133,6 +133,15 @@ def test_budget_held_at_every_step_of_a_long_generation(model):
     assert cache.get_seq_length() == 64 + new - 1
 
 
+def test_decodes_in_small_calls_equal_fresh_ones(model, monkeypatch):
+    # a store write's new tokens decoded a few vectors per codec call, across layers and tiers
+    import sphkv.integrations.hf.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_DECODE_ROWS", 7)
+    ids, new = _ids(48, seed=5, batch=2), 24
+    _generate(model, ids, 0.4 * fp16_cache_bytes(model.config, 2, 48 + new), new=new)
+
+
 def test_batch_with_left_padding(model):
     a, b = _ids(30, seed=3)[0], _ids(22, seed=4)[0]
     ids = torch.stack([a, torch.cat([torch.zeros(8, dtype=torch.long), b])])

@@ -58,6 +58,8 @@ __all__ = ["ATTENTION_NAME", "METHODS", "CompressedLayer", "Method", "SphkvCache
            "get_method", "register_attention", "sphkv_attention"]
 
 ATTENTION_NAME = "sphkv"
+#: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
+_DECODE_ROWS = 1 << 15
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -473,17 +475,26 @@ class SphkvCache(Cache):
                     todo &= ~hit
                 jobs.append((layer, t, slots, valid, positions, ident, flat, k_hat, v_hat,
                              todo.to(k_hat.device)))
-        # the new tokens of every layer, one decode per tier
+        # the new tokens of every layer, decoded together per tier in calls of about
+        # _DECODE_ROWS vectors (the prefill's first decode has every token: its temporaries
+        # stay small)
         for t in {job[1] for job in jobs}:
-            mine = [job for job in jobs if job[1] == t and bool(job[9].any())]
-            if not mine:
-                continue
-            key, value = store.codes(t, torch.cat([job[2].flatten()[job[9]] for job in mine]))
-            tier = self.tiers[t]
-            sizes = [int(job[9].sum()) for job in mine]
-            for job, k, v in zip(mine, tier.key.decode(key).float().split(sizes),
-                                 tier.value.decode(value).float().split(sizes), strict=True):
-                job[7][job[9]], job[8][job[9]] = k, v
+            mine = [(job, int(job[9].sum())) for job in jobs if job[1] == t]
+            while mine:
+                take, rows = [], 0
+                while mine and (not take or rows + mine[0][1] <= _DECODE_ROWS):
+                    take.append(mine.pop(0))
+                    rows += take[-1][1]
+                take = [(job, n) for job, n in take if n]
+                if not take:
+                    continue
+                key, value = store.codes(
+                    t, torch.cat([job[2].flatten()[job[9]] for job, _ in take]))
+                tier, sizes = self.tiers[t], [n for _, n in take]
+                for (job, _), k, v in zip(take, tier.key.decode(key).float().split(sizes),
+                                          tier.value.decode(value).float().split(sizes),
+                                          strict=True):
+                    job[7][job[9]], job[8][job[9]] = k, v
         # each layer's tiers side by side, and what it keeps for the next decode
         for layer in layers:
             runs, kept = [], {}
