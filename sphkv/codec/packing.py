@@ -47,8 +47,7 @@ def unpack(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.T
     out, start = [], 0
     for m, b in layout:
         if b == 0:
-            out.append(torch.zeros(*payload.shape[:-1], m, dtype=torch.int64,
-                                   device=payload.device))
+            out.append(_no_codes(payload, m))
             continue
         # code r of a byte sits at bits r b … r b + b − 1
         field = payload[..., start:start + m * b // 8]
@@ -56,6 +55,11 @@ def unpack(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[torch.T
                                -1).flatten(-2).long())
         start += m * b // 8
     return out
+
+
+def _no_codes(payload: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m`` codes of a 0-bit field: zeros, int64 ``[..., m]``."""
+    return torch.zeros(*payload.shape[:-1], m, dtype=torch.int64, device=payload.device)
 
 
 def _byte_aligned(layout: list[tuple[int, int]]) -> bool:
@@ -103,8 +107,7 @@ def _unpack_bits(payload: torch.Tensor, layout: list[tuple[int, int]]) -> list[t
     out, start = [], 0
     for m, b in layout:
         if b == 0:
-            out.append(torch.zeros(*payload.shape[:-1], m, dtype=torch.int64,
-                                   device=payload.device))
+            out.append(_no_codes(payload, m))
             continue
         plane = stream[..., start:start + m * b].unflatten(-1, (m, b)).to(torch.int32)
         code = plane[..., 0].clone()
