@@ -13,7 +13,10 @@ at a new size also pays for faulting fresh memory in (kernel time, counted in ``
 ``gap`` is the distortion above the greedy's own proven lower bound. The ilp rows give the wall
 time of ``solve(method="ilp", time_limit=L)`` and the target ``1.1 L + 2 s``.
 Torch rows run on the CPU, and on CUDA with ``--device cuda`` (the default ``auto``: when there is
-one), timed between ``torch.cuda.synchronize()`` calls after one untimed warm-up solve.
+one), timed between ``torch.cuda.synchronize()`` calls after one untimed warm-up solve. The
+``cuda-resident`` rows solve the problem moved to the GPU beforehand (``AllocationProblem.to``,
+not timed), as a caller whose distortion rows are computed there would hold it; the other CUDA
+rows start from the host problem and include its transfer.
 
 Run on one core: ``OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.run --op solvers``.
 """
@@ -31,7 +34,9 @@ from sphkv.solvers import solve
 
 _SHAPES = {90: (30, 3), 4096: (128, 32)}  # groups: (layers, kv_heads)
 _BACKENDS = {"numpy": {}, "torch-cpu": {"backend": "torch"},
-             "torch-cuda": {"backend": "torch", "device": "cuda"}}
+             "torch-cuda": {"backend": "torch", "device": "cuda"},
+             "cuda-resident": {}}  # the problem on the GPU before the clock starts
+_CUDA = ("torch-cuda", "cuda-resident")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the torch rows on CUDA (auto: when available)")
     parser.add_argument("--backends", nargs="+", choices=list(_BACKENDS),
                         default=list(_BACKENDS),
-                        help="greedy backends to time (torch-cuda only where --device allows)")
+                        help="greedy backends to time (torch-cuda and cuda-resident only where "
+                             "--device allows)")
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of each greedy row and its argsort; the fastest is kept")
 
@@ -69,9 +75,8 @@ def _argsort_seconds(n: int) -> float:
     return time.perf_counter() - start
 
 
-def _timed(problem, **options):
+def _timed(problem, cuda: bool, **options):
     """The greedy's allocation, its wall and CPU seconds (CUDA: after a warm-up, synchronised)."""
-    cuda = options.get("device", "cpu") != "cpu"
     if cuda:
         solve(problem, "greedy", **options)
         torch.cuda.synchronize()
@@ -86,9 +91,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     backends = [(name, _BACKENDS[name]) for name in args.backends
-                if name != "torch-cuda" or cuda]
+                if name not in _CUDA or cuda]
     if not backends:
-        raise SystemExit("--backends torch-cuda needs --device cuda (or auto with a GPU)")
+        raise SystemExit(f"--backends {' '.join(args.backends)} need --device cuda (or auto "
+                         "with a GPU)")
     rows = []
     for items in args.sizes:
         for groups in args.groups:
@@ -99,9 +105,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                         continue
                     sort_s = min(_argsort_seconds(problem.n_items * (problem.n_tiers - 1))
                                  for _ in range(args.repeat))
-                    alloc, seconds, cpu_s = min((_timed(problem, **options)
+                    placed = problem.to("cuda") if name == "cuda-resident" else problem
+                    alloc, seconds, cpu_s = min((_timed(placed, name in _CUDA, **options)
                                                  for _ in range(args.repeat)),
                                                 key=lambda run: run[1])
+                    del placed
                     rows.append({
                         "solver": "greedy", "backend": name, "items": problem.n_items,
                         "groups": problem.n_groups, "pages": 16 if paged else None,

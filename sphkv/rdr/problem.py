@@ -18,6 +18,7 @@ Long-Context Inference", arXiv 2605.18856.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,12 @@ def _int_array(name: str, value, n: int) -> np.ndarray:
     return arr
 
 
+def _torch_where(condition, a, b):
+    import torch
+
+    return torch.where(condition, a, b)
+
+
 def _is_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -136,7 +143,8 @@ class AllocationProblem:
         ``forced[i] <= ceiling[i]`` where both are set.
 
     Arrays are copied at construction and kept read-only, so later writes to the caller's
-    arrays do not reach the problem.
+    arrays do not reach the problem. :meth:`to` moves the per-item arrays to a torch device
+    (the greedy solver then runs there with nothing to transfer); :meth:`host` moves them back.
     """
 
     distortion: np.ndarray
@@ -244,6 +252,58 @@ class AllocationProblem:
         if self.budget < min_cost * (1 - 1e-12) - 1e-9:
             raise InfeasibleBudgetError(self.budget, min_cost)
 
+    # --- where the arrays live ---------------------------------------------------------
+    # [N] and [N, T] arrays; [G, T] and [T] ones (per group, per tier) always stay numpy.
+    _ITEM_ARRAYS = ("distortion", "cost", "groups", "forced", "ceiling", "_ceiling",
+                    "_group_index")
+
+    @property
+    def device(self):
+        """The torch device of the per-item arrays, or None when they are numpy arrays."""
+        return None if isinstance(self.distortion, np.ndarray) else self.distortion.device
+
+    def to(self, device) -> AllocationProblem:
+        """This problem with its per-item arrays (``distortion``, ``groups``, ``forced``,
+        ``ceiling``, a per-item ``cost``) copied to torch tensors on ``device``; per-group and
+        per-tier arrays stay numpy. Nothing is checked again: the problem was checked on the
+        host. Evaluations (:meth:`counts`, :meth:`distortion_of`, :meth:`is_feasible`, …) then
+        run on that device, and the greedy solver solves it there."""
+        import torch
+
+        device = torch.device(device)
+        moved = copy.copy(self.host())
+        for name in self._ITEM_ARRAYS:
+            value = getattr(moved, name)
+            if value is not None and (name != "cost" or value.ndim == 2):
+                setattr(moved, name, torch.tensor(value, device=device))
+        return moved
+
+    def host(self) -> AllocationProblem:
+        """This problem with numpy per-item arrays (itself when they are)."""
+        if self.device is None:
+            return self
+        back = copy.copy(self)
+        for name in self._ITEM_ARRAYS:
+            value = getattr(back, name)
+            if value is not None and not isinstance(value, np.ndarray):
+                value = value.cpu().numpy()
+                value.flags.writeable = False
+                setattr(back, name, value)
+        return back
+
+    def asarray(self, a):
+        """``a`` (numpy or torch) beside the per-item arrays: numpy, or on :attr:`device`."""
+        if self.device is None:
+            return a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)
+        import torch
+
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            a = a.copy()  # a tensor may not share a read-only array
+        return torch.as_tensor(a, device=self.device)
+
+    def _arange(self, n: int):
+        return self.asarray(np.arange(n, dtype=np.int64))
+
     # --- shape ---------------------------------------------------------------------------
     @property
     def n_items(self) -> int:
@@ -269,7 +329,7 @@ class AllocationProblem:
 
     def allowed(self, items=slice(None)) -> np.ndarray:
         """[n, T] bool: whether each of ``items`` may take tier t (``t <= ceiling``)."""
-        return np.arange(self.n_tiers)[None, :] <= self._ceiling[items, None]
+        return self._arange(self.n_tiers)[None, :] <= self._ceiling[items, None]
 
     @property
     def group_index(self) -> np.ndarray:
@@ -297,27 +357,31 @@ class AllocationProblem:
         """
         if self.page_size is None:
             return self.cost
-        return np.where(self.cost > 0, self.cost + self.page_overhead / self.page_size, 0.0)
+        where = np.where if isinstance(self.cost, np.ndarray) else _torch_where
+        return where(self.cost > 0, self.cost + self.page_overhead / self.page_size, 0.0)
 
     # --- evaluation ----------------------------------------------------------------------
     def counts(self, tiers: np.ndarray) -> np.ndarray:
-        """Items per (group, tier), [G, T]; items whose tier is -1 are not counted."""
-        tiers = np.asarray(tiers)
-        if tiers.size and tiers.min() < 0:
+        """Items per (group, tier), [G, T] (numpy); items whose tier is -1 are not counted."""
+        tiers = self.asarray(tiers)
+        if tiers.shape[0] and int(tiers.min()) < 0:
             keep = tiers >= 0
             flat = self._group_index[keep] * self.n_tiers + tiers[keep]
         else:
             flat = self._group_index * self.n_tiers + tiers
-        return np.bincount(flat, minlength=self.n_groups * self.n_tiers).reshape(
-            self.n_groups, self.n_tiers
-        )
+        return self._bincount(flat)
 
     def forced_counts(self) -> np.ndarray:
-        """Forced items per (group, tier), [G, T]."""
-        fixed = np.flatnonzero(self.forced >= 0)
-        flat = self._group_index[fixed] * self.n_tiers + self.forced[fixed]
-        return np.bincount(flat, minlength=self.n_groups * self.n_tiers).reshape(
-            self.n_groups, self.n_tiers)
+        """Forced items per (group, tier), [G, T] (numpy)."""
+        fixed = self.forced >= 0
+        return self._bincount(self._group_index[fixed] * self.n_tiers + self.forced[fixed])
+
+    def _bincount(self, flat) -> np.ndarray:
+        """Occurrences of each flat (group, tier) index ``g T + t``, as numpy [G, T]."""
+        size = self.n_groups * self.n_tiers
+        counts = (np.bincount(flat, minlength=size) if isinstance(flat, np.ndarray)
+                  else flat.bincount(minlength=size).cpu().numpy())
+        return counts.reshape(self.n_groups, self.n_tiers)
 
     def page_cost(self, counts: np.ndarray) -> float:
         """Bytes of whole pages holding ``counts`` [G, T] items per (group, tier)."""
@@ -328,14 +392,14 @@ class AllocationProblem:
         tiers = self._check_tiers(tiers)
         if self.page_size is None:
             if self.cost.ndim == 1:
-                return float(self.cost[tiers].sum())
-            return float(self.cost[np.arange(self.n_items), tiers].sum())
+                return float(self.asarray(self.cost)[tiers].sum())
+            return float(self.cost[self._arange(self.n_items), tiers].sum())
         return self.page_cost(self.counts(tiers))
 
     def distortion_of(self, tiers: np.ndarray) -> float:
         tiers = self._check_tiers(tiers)
         # a gather from the flat table: several times faster than take_along_axis at 10^7 items
-        flat = np.arange(self.n_items, dtype=np.int64) * self.n_tiers + tiers
+        flat = self._arange(self.n_items) * self.n_tiers + tiers
         return float(self.distortion.reshape(-1)[flat].sum())
 
     def is_feasible(self, tiers: np.ndarray, rtol: float = 1e-9,
@@ -344,21 +408,26 @@ class AllocationProblem:
         (``cost``: its :meth:`cost_of`, when already measured)."""
         tiers = self._check_tiers(tiers)
         fixed = self.forced >= 0
-        if np.any(tiers[fixed] != self.forced[fixed]) or np.any(tiers > self._ceiling):
+        if bool((tiers[fixed] != self.forced[fixed]).any()) or bool(
+                (tiers > self._ceiling).any()):
             return False
         return (self.cost_of(tiers) if cost is None else cost) <= self.budget * (1 + rtol) + 1e-9
 
     def _check_tiers(self, tiers) -> np.ndarray:
-        tiers = np.asarray(tiers)
-        if tiers.shape != (self.n_items,):
-            raise ValueError(f"tiers must have shape ({self.n_items},), got {tiers.shape}")
-        if tiers.size and (tiers.min() < 0 or tiers.max() >= self.n_tiers):
+        """``tiers`` as int64 beside the per-item arrays, checked in shape and range."""
+        tiers = self.asarray(tiers)
+        if tuple(tiers.shape) != (self.n_items,):
+            raise ValueError(f"tiers must have shape ({self.n_items},), got "
+                             f"{tuple(tiers.shape)}")
+        if tiers.shape[0] and (int(tiers.min()) < 0 or int(tiers.max()) >= self.n_tiers):
             raise ValueError(f"tiers must lie in [0, {self.n_tiers - 1}]")
-        return np.asarray(tiers, dtype=np.int64)
+        return np.asarray(tiers, dtype=np.int64) if self.device is None else tiers.long()
 
     def full_cost(self, tier: int = -1) -> float:
         """Bytes when every item takes ``tier`` (the last, fp16, by default) or its ceiling if
         lower; forced kept."""
+        if self.device is not None:
+            return self.host().full_cost(tier)
         t = np.minimum(np.full(self.n_items, tier % self.n_tiers), self._ceiling)
         t[self.forced >= 0] = self.forced[self.forced >= 0]
         return self.cost_of(t)
@@ -371,6 +440,8 @@ class AllocationProblem:
         item within its ceiling; free items fill those slots in order of ceiling, then of
         distortion at tier 0, so items that lose most when dropped get the dearer slots.
         """
+        if self.device is not None:
+            return self.asarray(self.host().min_cost_tiers())
         n, t = self.distortion.shape
         free = self.forced < 0
         if self.page_size is None or n == 0:
@@ -427,6 +498,8 @@ class AllocationProblem:
 
     def min_cost(self) -> float:
         """Least bytes of any feasible assignment (exact, pages and ceilings included)."""
+        if self.device is not None:
+            return self.host().min_cost()
         if self.n_items == 0:
             return 0.0
         if self.page_size is None:
@@ -435,14 +508,20 @@ class AllocationProblem:
 
     def max_useful_cost(self) -> float:
         """Bytes of the least-distortion assignment; any budget above it changes nothing."""
+        if self.device is not None:
+            return self.host().max_useful_cost()
         return self.cost_of(self.best_distortion_tiers())
 
     def best_distortion_tiers(self) -> np.ndarray:
+        if self.device is not None:
+            return self.asarray(self.host().best_distortion_tiers())
         d = np.where(self.allowed(), self.distortion, np.inf)
         order = np.lexsort((self.item_cost, d), axis=1)[:, 0]
         return np.where(self.forced >= 0, self.forced, order).astype(np.int64)
 
     def with_budget(self, budget: float) -> AllocationProblem:
+        if self.device is not None:
+            return self.host().with_budget(budget).to(self.device)
         return AllocationProblem(
             distortion=self.distortion, cost=self.cost, budget=budget, groups=self.groups,
             page_size=self.page_size, page_overhead=self.page_overhead, forced=self.forced,
@@ -452,6 +531,8 @@ class AllocationProblem:
     # --- file layout ---------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the problem as a ``.npz`` file (see ``load`` for the layout)."""
+        if self.device is not None:
+            return self.host().save(path)
         meta = {"format": "sphkv.AllocationProblem", "version": FILE_FORMAT_VERSION,
                 "page_size": self.page_size, "page_overhead": self.page_overhead,
                 "tier_names": self.tier_names}

@@ -28,11 +28,19 @@ class Solver:
     EXACT: ClassVar[bool]  # proves optimality (given time)
     REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ()
     PAGES: ClassVar[str]  # how page-granular cost is handled: "exact" | "repair"
+    # whether it solves a problem whose arrays are on a torch device (AllocationProblem.to)
+    # there; other solvers solve its host copy
+    DEVICE: ClassVar[bool] = False
 
     def solve(self, problem: AllocationProblem, time_limit: float | None = None) -> Allocation:
+        """The allocation of ``problem``; its ``tiers`` lie where the problem's arrays do
+        (numpy, or on the problem's torch device)."""
         if time_limit is not None and not time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit}")
         start = time.perf_counter()
+        caller = problem
+        if not self.DEVICE:
+            problem = problem.host()
         if problem.n_items == 0:  # nothing to choose: the empty assignment is optimal
             alloc = finish(problem, np.zeros(0, dtype=np.int64), 0.0, "optimal")
         else:
@@ -45,12 +53,13 @@ class Solver:
             alloc.lower_bound = min(alloc.lower_bound * scale, alloc.distortion)
             if alloc.price is not None:  # distortion per byte
                 alloc.price *= scale
+        alloc.tiers = caller.asarray(alloc.tiers)
         alloc.seconds = time.perf_counter() - start
         alloc.method = self.NAME
         alloc.budget = problem.budget
         # Every solver's answer is checked here, not trusted (its cost was measured on the
         # problem by ``finish``).
-        if not problem.is_feasible(alloc.tiers, cost=alloc.cost):
+        if not caller.is_feasible(alloc.tiers, cost=alloc.cost):
             raise RuntimeError(f"solver {self.NAME} returned an infeasible allocation "
                                f"(cost {alloc.cost} > budget {problem.budget}); this is a bug")
         return alloc
@@ -81,7 +90,8 @@ def _scaled(problem: AllocationProblem, scale: float) -> AllocationProblem:
         return problem
     scaled = copy.copy(problem)
     scaled.distortion = problem.distortion * (1.0 / scale)
-    scaled.distortion.flags.writeable = False
+    if problem.device is None:
+        scaled.distortion.flags.writeable = False
     return scaled
 
 
@@ -130,13 +140,14 @@ def solve(problem: AllocationProblem, method: str = "greedy", time_limit: float 
 def finish(problem: AllocationProblem, tiers: np.ndarray, lower_bound: float, status: str,
            price: float | None = None) -> Allocation:
     """Build an Allocation from tiers, with cost and distortion measured on the problem."""
-    tiers = np.asarray(tiers, dtype=np.int64)
+    tiers = problem._check_tiers(tiers)
     distortion = problem.distortion_of(tiers)
     lower_bound = max(float(lower_bound), 0.0)  # distortion is never negative
     if lower_bound > distortion:
         # Above the distortion by float noise only; anything more is a bug, not a bound. Sums
         # over N items of size up to max|D| carry rounding up to about N·ε·max|D|.
-        noise = 1e-12 * problem.n_items * float(np.abs(problem.distortion).max(initial=0.0))
+        top = float(abs(problem.distortion).max()) if problem.n_items else 0.0
+        noise = 1e-12 * problem.n_items * top
         if lower_bound - distortion > 1e-6 * max(abs(distortion), 1.0) + noise:
             raise RuntimeError(f"lower bound {lower_bound} exceeds the distortion {distortion} "
                                "of a feasible allocation; this is a bug")

@@ -439,10 +439,12 @@ class GreedySolver(Solver):
 
     Parameters
     ----------
-    backend : {"numpy", "torch"}
-        Where hulls and the sort run; both give the same allocation.
-    device : str
-        Torch device for ``backend="torch"`` (``"cpu"``, ``"cuda"``).
+    backend : {"numpy", "torch"}, optional
+        Where hulls and the sort run; both give the same allocation. By default torch for a
+        problem whose arrays are on a torch device (:meth:`AllocationProblem.to`), else numpy.
+    device : str, optional
+        Torch device for ``backend="torch"``; by default the problem's device, else the CPU.
+        A problem elsewhere is copied there for the solve.
     repair : bool
         With pages: round the greedy allocation to whole pages (:func:`round_by_pages`; with
         ceilings or more than 7 tiers :func:`round_pages`: partial pages rounded at the greedy
@@ -467,34 +469,58 @@ class GreedySolver(Solver):
     EXACT: ClassVar[bool] = False
     REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ("numpy",)
     PAGES: ClassVar[str] = "repair"
+    DEVICE: ClassVar[bool] = True
 
-    backend: str = "numpy"
-    device: str = "cpu"
+    backend: str | None = None
+    device: str | None = None
     repair: bool = True
     polish: bool = True
     bound: bool = True
 
     def __post_init__(self):
-        if self.backend not in ("numpy", "torch"):
+        if self.backend not in (None, "numpy", "torch"):
             raise ValueError(f"backend must be 'numpy' or 'torch', got {self.backend!r}")
 
+    def _placed(self, problem: AllocationProblem) -> AllocationProblem:
+        """The problem where this solve runs: on the host for numpy, else on a torch device."""
+        backend = self.backend or ("numpy" if problem.device is None else "torch")
+        if backend == "numpy":
+            return problem.host()
+        import torch
+
+        device = torch.device(self.device or problem.device or "cpu")
+        if device.type == "cuda" and device.index is None:  # "cuda": the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        return problem if problem.device == device else problem.to(device)
+
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
+        problem = self._placed(problem)
+        xp = array_api_compat.array_namespace(problem.distortion)
+        dev = array_api_compat.device(problem.distortion)
+
+        def on(a):  # a small numpy array (per tier), copied beside the problem's
+            return xp.asarray(np.array(a), device=dev)
+
         # Forced items have one point and no segments; the hull runs on the free ones.
         free = problem.forced < 0
-        tiers = problem.forced.copy()
-        amortized = problem.amortized_cost()
-        fixed = np.flatnonzero(~free)
-        per_item = np.broadcast_to(amortized, problem.distortion.shape)
-        forced_cost = per_item[fixed, tiers[fixed]].sum()
+        tiers = xp.asarray(problem.forced, copy=True)
+        fixed = xp.nonzero(~free)[0]
+        at = problem.forced[fixed]
+        amortized = problem.amortized_cost()  # [T] numpy, or [N, T] beside the problem's
+        if amortized.ndim == 1:
+            amortized = on(amortized)
+            forced_cost = float(xp.sum(amortized[at]))
+        else:
+            forced_cost = float(xp.sum(amortized[fixed, at]))
         allowed = problem.allowed(free) if problem.has_ceiling else None
         if allowed is not None:
             cost = amortized if amortized.ndim == 1 else amortized[free]
-            base_cost = np.where(allowed, cost, np.inf).min(axis=1).sum()
+            base_cost = float(xp.sum(xp.min(xp.where(allowed, cost, xp.inf), axis=1)))
         elif amortized.ndim == 1:
-            cost, base_cost = amortized, amortized.min() * free.sum()
+            cost, base_cost = amortized, float(xp.min(amortized)) * int(xp.sum(free))
         else:
             cost = amortized[free]
-            base_cost = cost.min(axis=1).sum()
+            base_cost = float(xp.sum(xp.min(cost, axis=1)))
         distortion = problem.distortion[free]
         # The bound's room counts forced items at amortized cost, a relaxation; the allocation's
         # room counts their whole pages, whose free slots the page repair then fills for free.
@@ -502,18 +528,9 @@ class GreedySolver(Solver):
         room = bound_room
         if problem.page_size is not None:
             room = problem.budget - problem.page_cost(problem.forced_counts()) - base_cost
-        xp = None
-        if self.backend == "torch":
-            import torch
-
-            xp = array_api_compat.array_namespace(torch.empty(0))
-            distortion = torch.as_tensor(distortion, device=self.device)
-            cost = torch.tensor(cost, device=self.device)  # a copy: the problem's is read-only
-            if allowed is not None:
-                allowed = torch.as_tensor(allowed, device=self.device)
         hull = HullSegments(distortion, cost, xp, allowed)
         bound, price = hull.lp_bound(bound_room)
-        constant = float(problem.distortion[fixed, tiers[fixed]].sum())
+        constant = float(xp.sum(problem.distortion[fixed, at]))
         bound += constant
         if problem.page_size is not None and self.repair:
             # Rounded from the allocation whose forced pages are counted whole (their empty
@@ -521,9 +538,9 @@ class GreedySolver(Solver):
             tiers, paged_bound = self._round(problem, hull, hull.d, hull.allowed, free, room,
                                              price, constant)
             return finish(problem, tiers, max(bound, paged_bound), "feasible", price)
-        tiers[free] = hull.allocate(room)
+        tiers[free] = xp.astype(hull.tiers(hull.positions(room)), xp.int64)
         if problem.page_size is not None:
-            tiers = _fit_pages(problem, hull, tiers, room)
+            tiers = problem.asarray(_fit_pages(problem.host(), hull, _np(tiers), room))
         return finish(problem, tiers, bound, "feasible", price)
 
     def _round(self, problem: AllocationProblem, hull: HullSegments, distortion, allowed,
@@ -542,7 +559,7 @@ class GreedySolver(Solver):
                                 group_cost + problem.page_overhead / problem.page_size, 0.0))
         forced_counts = problem.forced_counts()
         slots = np.where(problem.page_bytes > 0, (-forced_counts) % problem.page_size, 0)
-        group = on(problem.group_index[free])
+        group = problem.group_index[free]
         pos = None
         if allowed is None and problem.n_tiers <= _MAX_OPTION_TIERS:
             at = hull.positions(room)
@@ -561,15 +578,15 @@ class GreedySolver(Solver):
         if pos is None:
             tiers = problem.min_cost_tiers()
         else:
-            tiers = problem.forced.copy()
-            tiers[free] = _np(pos)
+            tiers = xp.asarray(problem.forced, copy=True)
+            tiers[free] = xp.astype(pos, xp.int64)
         if self.polish and problem.n_items <= _POLISH_ITEMS and (
                 problem.n_groups <= _POLISH_GROUPS):
             # Small enough for the local-move repair and min-cost-flow reassignment to be cheap;
-            # the better of the two allocations is kept.
-            polished = repair_pages(problem, tiers)
+            # the better of the two allocations is kept (both on the host).
+            polished = repair_pages(problem.host(), _np(tiers))
             if problem.distortion_of(polished) < problem.distortion_of(tiers):
-                tiers = polished
+                tiers = problem.asarray(polished)
         if not self.bound:
             return tiers, -np.inf
         # The dual is maximised over λ where that is cheap, else taken near the greedy price.
@@ -585,9 +602,10 @@ class GreedySolver(Solver):
             # the slot dual's best price on small problems, taken there alone on large ones),
             # and exchanges along cycles of tiers fill the pages with the items best in them.
             small = self.polish and problem.n_items <= 50_000
-            bound = max(bound, whole_page_bound(problem, bound_price,
+            host = problem.host()
+            bound = max(bound, whole_page_bound(host, bound_price,
                                                 evaluations=8 if small else 1))
-            tiers = exchange_tiers(problem, tiers)
+            tiers = problem.asarray(exchange_tiers(host, _np(tiers)))
         return tiers, bound
 
 
