@@ -36,14 +36,18 @@ from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.common import write_json
 
-#: layer shapes of real models (random weights); vocabularies cut to 32k where larger
+#: layer shapes and position ranges of real models (random weights); vocabularies cut to 32k
+#: where larger (a range of 2^16 positions or more gives the cache 32-bit position offsets)
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                     max_position_embeddings=131072),
     "llama-8b-layers": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
-                            num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                            max_position_embeddings=131072),
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64),
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    max_position_embeddings=8192),
 }
 
 
@@ -90,8 +94,7 @@ def _model(shape: str | None, name: str | None, device: torch.device):
 
         return load_model(name, dtype=dtype)[0].to(device), name
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], vocab_size=32000, max_position_embeddings=1 << 18,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(**SHAPES[shape], vocab_size=32000, attn_implementation="sdpa")
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), shape
 
 

@@ -38,7 +38,7 @@ import torch
 
 from sphkv.codec import Codec, Codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
-from sphkv.rdr.pages import PagedStore
+from sphkv.rdr.pages import OFFSET_BYTES, PagedStore
 from sphkv.rdr.problem import AllocationProblem, InfeasibleBudgetError
 from sphkv.rdr.tiers import TierSet
 from sphkv.solvers import solve
@@ -133,6 +133,9 @@ class OnlineAllocator:
         Per group (or for all): whether the store keeps its runs in position order
         (:class:`~sphkv.rdr.pages.PagedStore`); unordered runs make admissions cost in
         proportion to the tokens they move.
+    offset_bytes : {2, 4}
+        Width of each slot's position offset (the store's): 4 where positions may reach
+        2^16.
 
     Attributes
     ----------
@@ -145,13 +148,14 @@ class OnlineAllocator:
     def __init__(self, tiers: TierSet, groups: int, budget: float, page_size: int = 16,
                  decay: float = 0.8, device: torch.device | str = "cpu",
                  encode: Callable[[Codec, torch.Tensor], Codes] | None = None,
-                 ordered=True):
+                 ordered=True, offset_bytes: int = OFFSET_BYTES):
         if not budget >= 0:
             raise ValueError(f"budget must be >= 0 bytes, got {budget}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.tiers, self.budget, self.decay = tiers, float(budget), decay
-        self.store = PagedStore(tiers, groups, page_size, device=device, ordered=ordered)
+        self.store = PagedStore(tiers, groups, page_size, device=device, ordered=ordered,
+                                offset_bytes=offset_bytes)
         self.encode = encode or (lambda codec, x: codec.encode(x))
         self.price = 0.0
         self.writes: list[int] = []

@@ -3,11 +3,12 @@
 A page holds P slots of one group (a sequence, layer and kv-head) and one tier. Each tier has a
 pool of pages with fixed page bytes; slot s of page p is row ``p·P + s`` of the pool's tensors:
 the key codes, the value codes (payload and side information, as the tier's codecs produce
-them) and a 16-bit position offset. A page table per group lists its pages as
+them) and a position offset (16 bits, or 32 where positions reach 2^16). A page table per
+group lists its pages as
 :data:`~sphkv.rdr.distortion.PAGE_TABLE_ENTRY` rows (page id, first position, valid count,
 tier). Within a (group, tier) the kept tokens are packed densely, so only the last page of a
 run is partial, and token j of a page sits at position ``first_position + offset[slot]`` (the
-page's least position plus a 16-bit offset): every kept (token, head) is in exactly one slot,
+page's least position plus the offset): every kept (token, head) is in exactly one slot,
 with its position recoverable. A group's runs are sorted by position where a reader needs it
 (``ordered``: a sliding layer's kernel path bounds them by position); elsewhere they are in
 no order, so that taking tokens out moves only as many of the run's last tokens into the
@@ -44,17 +45,19 @@ from sphkv.rdr.tiers import Tier, TierSet
 
 __all__ = ["OFFSET_BYTES", "PagedStore", "Runs", "TierPool", "slot_bytes"]
 
-#: bytes of the per-slot position offset from the page's first position
+#: bytes of the per-slot position offset from the page's first position, by default: 16 bits
+#: serve pages that span fewer than 2^16 positions; a store whose positions may reach 2^16 needs
+#: 32-bit offsets, since a page of a sparse tier can span the whole context
 OFFSET_BYTES = 2
-_MAX_SPAN = 2**16
-# offsets 0 … 2^16-1 are stored as int16 minus 2^15 (torch indexes int16, not uint16)
-_OFFSET_SHIFT = 2**15
+# per width: the offset dtype, the shift subtracted before storing (torch has no uint16: offsets
+# 0 … 2^16-1 are stored as int16 minus 2^15), and the span a page must stay below
+_OFFSET_FORMATS = {2: (torch.int16, 2**15, 2**16), 4: (torch.int32, 0, 2**31)}
 
 
-def slot_bytes(tier: Tier) -> int:
-    """Bytes of one slot of ``tier``: key and value codes with side information, and the offset;
-    0 for ``drop``."""
-    return 0 if tier.is_drop else int(tier.bytes_per_token_head) + OFFSET_BYTES
+def slot_bytes(tier: Tier, offset_bytes: int = OFFSET_BYTES) -> int:
+    """Bytes of one slot of ``tier``: key and value codes with side information, and the offset
+    (``offset_bytes``: 2 or 4); 0 for ``drop``."""
+    return 0 if tier.is_drop else int(tier.bytes_per_token_head) + offset_bytes
 
 
 def _paged_keys(tier: Tier) -> bool:
@@ -116,8 +119,8 @@ class TierPool:
     key, value : Codes
         Flat codes of ``[pages · P]`` vectors.
     offset : torch.Tensor
-        int16 ``[pages · P]``: position of the slot's token minus its page's first position,
-        minus 2^15.
+        int16 or int32 ``[pages · P]``: position of the slot's token minus its page's first
+        position, minus ``shift`` (2^15 for int16).
     distortion : torch.Tensor
         float32 ``[pages · P, T]``: the distortion row of the slot's item (bookkeeping).
     position : torch.Tensor
@@ -129,8 +132,10 @@ class TierPool:
     """
 
     def __init__(self, tier: Tier, index: int, page_size: int, n_tiers: int,
-                 device: torch.device):
+                 device: torch.device, offset_bytes: int = OFFSET_BYTES):
         self.tier, self.index, self.page_size = tier, index, page_size
+        self.offset_bytes = offset_bytes
+        dtype, self.shift, self.max_span = _OFFSET_FORMATS[offset_bytes]
         self.paged_keys = _paged_keys(tier)
         key = tier.key
         if self.paged_keys and (key.group_size != page_size or key.d % page_size):
@@ -145,7 +150,7 @@ class TierPool:
         self.templates = tuple(c.to(device) for c in
                                (key_template, tier.value.encode(torch.zeros(1, key.d))))
         self.key, self.value = (_empty(t, 0) for t in self.templates)
-        self.offset = torch.zeros(0, dtype=torch.int16, device=device)
+        self.offset = torch.zeros(0, dtype=dtype, device=device)
         self.distortion = torch.zeros(0, n_tiers, device=device)
         self.position = torch.zeros(0, dtype=torch.long, device=device)
         self.valid = torch.zeros(0, dtype=torch.bool, device=device)
@@ -158,11 +163,11 @@ class TierPool:
 
     @property
     def page_bytes(self) -> int:
-        return self.page_size * slot_bytes(self.tier)
+        return self.page_size * slot_bytes(self.tier, self.offset_bytes)
 
     def held_bytes(self) -> int:
         """Bytes of the tensors that make up the pages (codes, side information, offsets)."""
-        return self.key.nbytes + self.value.nbytes + self.offset.numel() * 2
+        return self.key.nbytes + self.value.nbytes + self.offset.numel() * self.offset_bytes
 
     def readable(self) -> tuple[Codes, Codes]:
         """The key and value codes for a reader that needs rows to point at: an empty pool's
@@ -222,14 +227,22 @@ class PagedStore:
         Per group (or for all): whether its runs stay sorted by position. A reader that bounds
         a run by position (a sliding layer's kernel path) needs it; an unordered run is packed
         as densely and its writes cost in proportion to the tokens they move, not the run.
+    offset_bytes : {2, 4}
+        Width of the per-slot position offsets: 2 serves positions below 2^16 (a page must
+        span fewer than 2^16 positions, and a page of a sparse tier can span the context);
+        4 any position.
     """
 
     def __init__(self, tiers: TierSet, groups: int, page_size: int = 16,
-                 device: torch.device | str = "cpu", ordered=True):
+                 device: torch.device | str = "cpu", ordered=True,
+                 offset_bytes: int = OFFSET_BYTES):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if offset_bytes not in _OFFSET_FORMATS or isinstance(offset_bytes, bool):
+            raise ValueError(f"offset_bytes must be 2 or 4, got {offset_bytes!r}")
+        self.offset_bytes = offset_bytes
         ordered = np.asarray(ordered)
         if ordered.dtype != bool or ordered.shape not in ((), (groups,)):
             raise ValueError(f"ordered must be a bool or a bool array of {groups} (groups), got "
@@ -237,7 +250,7 @@ class PagedStore:
         self.ordered = np.broadcast_to(ordered, (groups,)).copy()
         self.tiers, self.page_size, self.d = tiers, page_size, tiers.d
         self.device = torch.device(device)
-        self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device)
+        self.pools = {t: TierPool(tier, t, page_size, len(tiers), self.device, offset_bytes)
                       for t, tier in enumerate(tiers) if not tier.is_drop}
         self.groups = groups
         #: page-table entries per tier, every group's run in (group, position) order
@@ -251,7 +264,8 @@ class PagedStore:
     @property
     def slot_costs(self) -> np.ndarray:
         """Bytes per slot of each tier, ``[T]`` (0 for drop): the item cost of allocations."""
-        return np.array([slot_bytes(t) for t in self.tiers], dtype=np.float64)
+        return np.array([slot_bytes(t, self.offset_bytes) for t in self.tiers],
+                        dtype=np.float64)
 
     def nbytes(self) -> int:
         """Accounted bytes: whole pages (partial ones included) and one page-table entry each
@@ -286,7 +300,8 @@ class PagedStore:
         slots = np.repeat(entries["page_id"].astype(np.int64) * self.page_size, valid) + within
         slots = torch.from_numpy(slots).to(self.device)
         first = torch.from_numpy(np.repeat(entries["first_position"].astype(np.int64), valid))
-        positions = first + self.pools[tier].offset[slots].long().cpu() + _OFFSET_SHIFT
+        pool = self.pools[tier]
+        positions = first + pool.offset[slots].long().cpu() + pool.shift
         order = torch.argsort(positions)
         return slots[order.to(self.device)], positions[order]
 
@@ -373,7 +388,8 @@ class PagedStore:
             return torch.full((len(pages), width * p), torch.iinfo(torch.int64).max,
                               device=dev)
         slots = pages.long()[..., None] * p + torch.arange(p, device=dev)
-        pos = (first[..., None] + self.pools[tier].offset[slots].long() + _OFFSET_SHIFT).flatten(1)
+        pool = self.pools[tier]
+        pos = (first[..., None] + pool.offset[slots].long() + pool.shift).flatten(1)
         past = torch.arange(width * p, device=dev) >= lengths.to(dev)[:, None]
         return pos.masked_fill_(past, torch.iinfo(torch.int64).max)
 
@@ -427,7 +443,7 @@ class PagedStore:
         within = np.arange(len(page)) - np.repeat(np.cumsum(valid) - valid, valid)
         slots = torch.from_numpy(page * p + within).to(self.device)
         positions = (torch.from_numpy(first[page]) + pool.offset[slots].long().cpu()
-                     + _OFFSET_SHIFT)
+                     + pool.shift)
         return (np.asarray(pool.owner, dtype=np.int64)[page], positions,
                 pool.key_rows(slots), pool.value.rows(slots),
                 pool.distortion[slots])
@@ -461,7 +477,7 @@ class PagedStore:
         Raises
         ------
         ValueError
-            A page would span 2^16 positions or more (offsets are 16-bit); nothing is written.
+            A page would span 2^16 positions or more with 16-bit offsets; nothing is written.
         """
         pool, p = self.pools[tier], self.page_size
         arrivals = (group, positions, key, value, distortion, pinned)
@@ -505,7 +521,7 @@ class PagedStore:
         span = pos - first
         # an ordered run takes only positions behind its last; any run, only spans that fit
         behind = (pos[start] > end.numpy()) | ~self.ordered[touched]
-        if not behind.all() or (len(span) and (span.min() < 0 or span.max() >= _MAX_SPAN)):
+        if not behind.all() or (len(span) and (span.min() < 0 or span.max() >= pool.max_span)):
             self.update(tier, new=arrivals)
             return
         slots = np.where(fresh, page * p + q % p, page * p + last["valid"][run] + rank)
@@ -546,7 +562,7 @@ class PagedStore:
         Raises
         ------
         ValueError
-            A page would span 2^16 positions or more (offsets are 16-bit); nothing is written
+            A page would span 2^16 positions or more with 16-bit offsets; nothing is written
             (in a store of both kinds of run, the ordered ones may already be).
         """
         pool, p, dev = self.pools[tier], self.page_size, self.device
@@ -657,7 +673,7 @@ class PagedStore:
         live = torch.arange(p, device=dev) < torch.from_numpy(holds).to(dev)[:, None]
         first = torch.where(live, after, torch.iinfo(torch.int64).max).amin(1)
         span = torch.where(live, after - first[:, None], 0)
-        if len(pages) and int(span.max()) >= _MAX_SPAN:
+        if len(pages) and int(span.max()) >= pool.max_span:
             return self._rewrite(tier, gone, new)
         # write: the run tails out, the targets in, the written pages' offsets again
         self._grow(pool, before + max(extra - len(freed), 0))
@@ -665,7 +681,7 @@ class PagedStore:
         pool.valid[torch.from_numpy(tail_slot).to(dev)] = False
         self._write_slots(pool, torch.from_numpy(t_slot).to(dev), None, pos, key, value, dist,
                           pinned)
-        pool.offset[page_slots.flatten()] = (span - _OFFSET_SHIFT).to(torch.int16).flatten()
+        pool.offset[page_slots.flatten()] = (span - pool.shift).to(pool.offset.dtype).flatten()
         # page table: the kept entries in place (firsts of written pages, the valid counts of
         # a run's old and new last page), then each run's end spliced (entries of new pages
         # in, of freed ones out)
@@ -742,9 +758,11 @@ class PagedStore:
         lead = rank % p == 0
         first = pos[lead]
         span = pos - first[page]
-        if len(span) and int(span.max()) >= _MAX_SPAN:
+        if len(span) and int(span.max()) >= pool.max_span:
             raise ValueError(f"a page of tier {tier} would span {int(span.max()) + 1} positions;"
-                             f" offsets are 16-bit, so pages must span fewer than {_MAX_SPAN}")
+                             f" offsets are {8 * pool.offset_bytes}-bit, so pages must span "
+                             f"fewer than {pool.max_span} (a store whose positions reach 2^16 "
+                             "needs offset_bytes=4)")
         ids_t = torch.from_numpy(ids).to(dev)
         slots = ids_t[page] * p + rank % p
         self._grow(pool, before + max(extra - len(freed), 0))
@@ -859,7 +877,7 @@ class PagedStore:
             for k, v in src.side.items():
                 dst.side[k][slots] = v
         if span is not None:
-            pool.offset[slots] = (span - _OFFSET_SHIFT).to(torch.int16).to(pool.offset.device)
+            pool.offset[slots] = (span - pool.shift).to(pool.offset.dtype).to(pool.offset.device)
         pool.distortion[slots] = distortion
         pool.position[slots] = position.to(pool.position.device)
         pool.valid[slots] = True

@@ -52,8 +52,10 @@ class _Check(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def _generate(model, ids, budget, method="rdr", new=40, mask=None, window=8, page_size=4):
-    cache = SphkvCache(model.config, budget, method, window=window, page_size=page_size)
+def _generate(model, ids, budget, method="rdr", new=40, mask=None, window=8, page_size=4,
+              **options):
+    cache = SphkvCache(model.config, budget, method, window=window, page_size=page_size,
+                       **options)
     check = _Check(cache)
     model.set_attn_implementation(register_attention())
     try:
@@ -180,6 +182,25 @@ def test_every_method_at_equal_bytes(model, method):
 def test_budget_below_the_window_is_refused(model):
     with pytest.raises(InfeasibleBudgetError, match="at least"):
         _generate(model, _ids(40), 1000.0)
+
+
+def test_position_offsets_widen_with_the_models_positions(model):
+    from transformers import LlamaConfig
+
+    long = LlamaConfig(**(TINY | {"max_position_embeddings": 1 << 17}))
+    short, wide = SphkvCache(model.config, 1e6), SphkvCache(long, 1e6)
+    assert (short.offset_bytes, wide.offset_bytes) == (2, 4)
+    assert SphkvCache(long, 1e6, offset_bytes=2).offset_bytes == 2
+    # the sinks' pages (4 slots of 16 each) cost 2 more bytes a slot
+    assert wide.minimum_bytes(1) - short.minimum_bytes(1) == 2 * 16 * 2 * 2
+    for bad in (3, True):
+        with pytest.raises(ValueError, match="offset_bytes must be 2, 4 or None"):
+            SphkvCache(long, 1e6, offset_bytes=bad)
+    # what the store holds is counted with the wider offsets, within the budget at every step
+    budget = 0.5 * fp16_cache_bytes(model.config, 1, 60)
+    _, cache = _generate(model, _ids(40, seed=6), budget, new=20, offset_bytes=4)
+    assert cache.allocator.store.offset_bytes == 4
+    assert cache.allocator.nbytes() == cache.allocator.store.held_bytes()
 
 
 def test_compressed_generate_helper(model):

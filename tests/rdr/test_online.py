@@ -353,3 +353,25 @@ def test_incremental_demotion_solve_matches_the_whole_cache_one(tiers, seed):
         if method == "ilp":
             assert a.distortion + stay == pytest.approx(b.distortion, rel=1e-9)
             assert a.status == b.status == "optimal"
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_positions_past_two_to_the_sixteen(tiers, ordered):
+    """At 128k tokens the fp16 run holds the sinks and tokens 10^5 positions later: 16-bit
+    offsets cannot place them in one page, 32-bit ones can, within the budget."""
+    fp16 = tiers.costs[-1] + 2
+    prefill = Tokens.cat([_chunk(tiers, 0, 40, seed=1, sinks=(0, 1)),
+                          _chunk(tiers, 131_000, 40, seed=2)])
+    narrow = OnlineAllocator(tiers, GROUPS, 0.4 * GROUPS * 100 * fp16, page_size=P,
+                             ordered=ordered)
+    with pytest.raises(ValueError, match="offset_bytes=4"):
+        narrow.prefill(prefill)
+    alloc = OnlineAllocator(tiers, GROUPS, 0.4 * GROUPS * 100 * fp16, page_size=P,
+                            ordered=ordered, offset_bytes=4)
+    alloc.prefill(prefill)
+    for i in range(3):
+        alloc.admit(_chunk(tiers, 140_000 + 4 * i, 4, seed=10 + i))
+    kept = _tiers_of(alloc)
+    assert all(kept[g, p] == len(tiers) - 1 for g in range(GROUPS) for p in (0, 1))
+    assert any(p >= 131_000 for _, p in kept) and max(alloc.writes) <= alloc.budget
+    assert alloc.nbytes() == alloc.store.held_bytes()

@@ -6,7 +6,7 @@ import torch
 
 from sphkv.rdr import default_tiers
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
-from sphkv.rdr.pages import OFFSET_BYTES, PagedStore
+from sphkv.rdr.pages import PagedStore
 
 D, P = 16, 4
 
@@ -99,8 +99,8 @@ def _check(store, expected):
         assert len(set(pairs)) == len(pairs)
         assert sorted(pairs) == sorted((g, p) for g, per_tier in expected.items()
                                        for p in per_tier.get(t, []))
-    accounted = sum(pages[t] * P * (int(store.tiers[t].bytes_per_token_head) + OFFSET_BYTES)
-                    for t in store.pools)
+    accounted = sum(pages[t] * P * (int(store.tiers[t].bytes_per_token_head)
+                                    + store.offset_bytes) for t in store.pools)
     accounted += sum(pages.values()) * PAGE_TABLE_ENTRY.itemsize
     assert store.nbytes() == accounted == store.held_bytes()
 
@@ -189,6 +189,36 @@ def test_page_span_limit(tiers):
     _write(store, 1, {0: [0, 1, 2, 3, 70_000]})
     _check(store, {0: {1: [0, 1, 2, 3, 70_000]}})
     assert len(store.tables[0]) == 2
+
+
+@pytest.mark.parametrize("ordered", ["ordered", "unordered"])
+def test_wide_offsets_serve_pages_of_any_span(tiers, ordered):
+    # a sparse tier of a long context: sinks at 0 … 3 and the odd token 100k or more later
+    store = PagedStore(tiers, groups=2, page_size=P, ordered=ORDERED[ordered], offset_bytes=4)
+    assert store.slot_costs[1] == tiers[1].bytes_per_token_head + 4
+    kept = {0: {1: [0, 1, 2, 3, 70_000, 131_000]}, 1: {1: [5, 200_000]}}
+    _write(store, 1, {g: per[1] for g, per in kept.items()})
+    _check(store, kept)
+    gen = np.random.default_rng(1)
+    for step in range(30):  # tokens in and out anywhere in 0 … 2^20
+        group = int(gen.integers(2))
+        have = kept[group][1]
+        if gen.random() < 0.6 or not have:
+            pos = [int(p) for p in gen.choice(1 << 20, size=3, replace=False)
+                   if p not in have]
+            _add(store, 1, {group: pos}, seed=step)
+            have.extend(pos)
+        else:
+            out = have[:int(gen.integers(1, len(have) + 1))]
+            _remove(store, 1, group, out)
+            kept[group][1] = have[len(out):]
+        _check(store, kept)
+
+
+def test_offsets_are_2_or_4_bytes(tiers):
+    for bad in (3, True, None):
+        with pytest.raises(ValueError, match="offset_bytes must be 2 or 4"):
+            PagedStore(tiers, groups=1, offset_bytes=bad)
 
 
 def test_contents_after_removals_and_emptying(tiers):

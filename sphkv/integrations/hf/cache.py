@@ -286,6 +286,10 @@ class SphkvCache(Cache):
     observation : int, optional
         Prompt queries (the last ones) whose attention weighs the prefill allocation; the
         method's :attr:`~Method.observation`, else W, by default.
+    offset_bytes : {2, 4}, optional
+        Width of each slot's position offset from its page's first position. 16 bits serve
+        positions below 2^16 (a page of a sparse tier can span the whole context); by default
+        4 where the config's ``max_position_embeddings`` reaches 2^16, else 2.
 
     Attributes
     ----------
@@ -300,7 +304,7 @@ class SphkvCache(Cache):
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
                  window: int = 16, sinks: int = 4, page_size: int = 16, decay: float = 0.8,
-                 observation: int | None = None):
+                 observation: int | None = None, offset_bytes: int | None = None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -312,6 +316,11 @@ class SphkvCache(Cache):
         if budget is not None and not budget > 0:
             raise ValueError(f"budget must be > 0 bytes or None, got {budget!r}")
         text = config.get_text_config(decoder=True)
+        if offset_bytes not in (None, 2, 4) or isinstance(offset_bytes, bool):
+            raise ValueError(f"offset_bytes must be 2, 4 or None, got {offset_bytes!r}")
+        #: bytes of each slot's position offset: 4 where the model's positions reach 2^16
+        self.offset_bytes = offset_bytes or (
+            4 if getattr(text, "max_position_embeddings", 0) >= 2**16 else 2)
         self.layout = attention_layout(config)
         self.n_layers = text.num_hidden_layers
         super().__init__(layers=[CompressedLayer(self, i, a) for i, a in enumerate(self.layout)])
@@ -393,7 +402,8 @@ class SphkvCache(Cache):
         """The smallest budget accepted: the reserve and, in every (sequence, layer, kv-head),
         the pages of the sinks at the dearest tier."""
         pages = -(-self.sinks // self.page_size)
-        sink = pages * (self.page_size * slot_bytes(self.tiers[len(self.tiers) - 1])
+        fp16 = slot_bytes(self.tiers[len(self.tiers) - 1], self.offset_bytes)
+        sink = pages * (self.page_size * fp16
                         + PAGE_TABLE_ENTRY.itemsize)
         return self.reserved_bytes(batch) + sink * batch * self.n_layers * self.kv_heads
 
@@ -561,7 +571,7 @@ class SphkvCache(Cache):
             raise ValueError("compress() needs the prefill to have run through the cache")
         out = SphkvCache(self.config, budget, method, window=self.window, sinks=self.sinks,
                          page_size=self.page_size, decay=self.decay,
-                         observation=self._observation)
+                         observation=self._observation, offset_bytes=self.offset_bytes)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
             theirs.is_initialized = True
@@ -616,7 +626,8 @@ class SphkvCache(Cache):
         self.allocator = OnlineAllocator(
             self.tiers, batch * self.n_layers * self.kv_heads, self.budget - reserve,
             self.page_size, self.decay, device=first.keys.device, encode=_encode,
-            ordered=np.tile(np.repeat(sliding, self.kv_heads), batch))
+            ordered=np.tile(np.repeat(sliding, self.kv_heads), batch),
+            offset_bytes=self.offset_bytes)
         old = self.length - self.window
         tokens = None
         if old > 0:
