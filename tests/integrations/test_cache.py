@@ -203,6 +203,24 @@ def test_position_offsets_widen_with_the_models_positions(model):
     assert cache.allocator.nbytes() == cache.allocator.store.held_bytes()
 
 
+def test_kept_queries_hold_only_what_the_next_step_reads(model):
+    # a view of the prefill's queries would hold all of them (at 128k tokens and a batch of 8,
+    # 8.6 GB of float32 per layer)
+    cache = SphkvCache(model.config, 0.5 * fp16_cache_bytes(model.config, 1, 120), "rdr",
+                       window=8, page_size=4)
+    model.set_attn_implementation(register_attention())
+    try:
+        with torch.no_grad():
+            model(_ids(100), **{cache_argument(model): cache}, use_cache=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert cache.allocator is not None and len(cache._queries) == model.config.num_hidden_layers
+    kept = max(2 * cache.window, cache.observation)  # 64 of the 100 prompt queries
+    for q in cache._queries.values():
+        b, h, _, d = q.shape
+        assert q.untyped_storage().nbytes() <= b * h * kept * d * q.element_size()
+
+
 def test_compressed_generate_helper(model):
     out, cache = compressed_generate(model, _ids(40, seed=6), fraction=0.5, method="snapkv",
                                      max_new_tokens=20, window=8, page_size=4)

@@ -539,9 +539,13 @@ class SphkvCache(Cache):
                 self._step()
             return
         prev = self._queries.get(layer)
-        q = query.detach().float()
-        q = q if prev is None else torch.cat([prev, q], dim=2)
         keep_all = self.allocator is None and (self.budget is None or self.method.all_queries)
+        q = query.detach()
+        if not keep_all:
+            # sliced before the copy: a view of the whole prefill's queries would hold them all
+            q = q[:, :, -self._kept_queries():]
+        q = q.to(torch.float32, copy=True)
+        q = q if prev is None else torch.cat([prev, q], dim=2)
         self._queries[layer] = q if keep_all else q[:, :, -self._kept_queries():]
         if layer == self.n_layers - 1 and self.budget is not None:
             self._step()
