@@ -175,8 +175,12 @@ class OnlineAllocator:
         return self.store.nbytes()
 
     # --- the three steps -----------------------------------------------------------------
-    def prefill(self, tokens: Tokens) -> None:
+    def prefill(self, tokens: Tokens | list[Tokens]) -> None:
         """Place the first items by one greedy solve within the budget; λ is its price.
+
+        ``tokens`` may come in parts (a cache's layers, say), solved as one problem and
+        written part by part: their vectors are never concatenated, so a long prompt's keys
+        and values are not copied once more.
 
         Raises
         ------
@@ -185,11 +189,16 @@ class OnlineAllocator:
         """
         if self.store.nbytes():
             raise ValueError("prefill() places the first items; the store already holds some")
-        if not len(tokens):
+        parts = [p for p in ([tokens] if isinstance(tokens, Tokens) else tokens) if len(p)]
+        if not parts:
             return
-        alloc = self._solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None))
+        alloc = self._solve(self._problem(*(np.concatenate([getattr(p, name) for p in parts])
+                                            for name in ("distortion", "forced", "group")),
+                                          None))
         self.price = float(alloc.price or 0.0)
-        self._arrive([_arrivals(tokens, alloc.tiers)])
+        ends = np.cumsum([len(p) for p in parts])
+        self._arrive([_arrivals(p, alloc.tiers[end - len(p):end])
+                      for p, end in zip(parts, ends, strict=True)])
 
     def admit(self, tokens: Tokens) -> None:
         """Add items at the price λ, demoting kept ones first when they would not fit."""

@@ -17,6 +17,7 @@ from sphkv.integrations.hf.cache import (
 )
 from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import compressed_generate, fp16_cache_bytes
+from sphkv.rdr.online import Tokens
 from sphkv.rdr.problem import InfeasibleBudgetError
 
 from .fixtures import AUSTEN, TINY, tiny_model
@@ -332,7 +333,7 @@ def test_items_of_a_sequence_do_not_depend_on_its_batch(model, method):
                       **{cache_argument(model): cache})
         finally:
             model.set_attn_implementation("sdpa")
-        return cache, cache._prefill_items[repr(cache.method)]
+        return cache, Tokens.cat(cache._prefill_items[repr(cache.method)])
 
     rows = [_ids(40, seed=6)[0], _ids(34, seed=7)[0], _ids(34, seed=8)[0]]
     pads = [40 - len(r) for r in rows]

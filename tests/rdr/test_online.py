@@ -375,3 +375,18 @@ def test_positions_past_two_to_the_sixteen(tiers, ordered):
     assert all(kept[g, p] == len(tiers) - 1 for g in range(GROUPS) for p in (0, 1))
     assert any(p >= 131_000 for _, p in kept) and max(alloc.writes) <= alloc.budget
     assert alloc.nbytes() == alloc.store.held_bytes()
+
+
+def test_prefill_in_parts_equals_the_prefill_of_their_concatenation(tiers):
+    parts = [_chunk(tiers, 0, 30, seed=3, sinks=(0, 1)), _chunk(tiers, 30, 25, seed=4),
+             _chunk(tiers, 55, 0, seed=5), _chunk(tiers, 55, 20, seed=6)]
+    budget = 0.3 * GROUPS * 75 * (tiers.costs[-1] + 2)
+    whole, split = (OnlineAllocator(tiers, GROUPS, budget, page_size=P) for _ in range(2))
+    whole.prefill(Tokens.cat(parts))
+    split.prefill(parts)
+    assert split.price == whole.price and split.nbytes() == whole.nbytes()
+    assert _tiers_of(split) == _tiers_of(whole)
+    for t in whole.store.pools:  # the same codes for every kept token
+        a, b = whole.store.contents(t), split.store.contents(t)
+        order_a, order_b = (np.lexsort((x[1].numpy(), x[0])) for x in (a, b))
+        assert torch.equal(a[2].payload[order_a], b[2].payload[order_b])

@@ -353,7 +353,7 @@ class SphkvCache(Cache):
         self._tables: tuple | None = None
         # the prefill's items per method (its repr names every field), shared by the copies
         # :meth:`compress` makes: they do not depend on the budget
-        self._prefill_items: dict[str, Tokens] = {}
+        self._prefill_items: dict[str, list[Tokens]] = {}
 
     # --- accounting --------------------------------------------------------------------------
     @property
@@ -656,7 +656,7 @@ class SphkvCache(Cache):
         end = self.admitted + self.window
         if not all(a.is_full for a in self.layout):
             self._record(lambda: self.allocator.evict(self._first_kept()))
-        tokens = self._tokens(self.admitted, end)
+        tokens = Tokens.cat(self._tokens(self.admitted, end))
         self.admitted = end
         for layer in self.layers:
             layer.trim(end)
@@ -678,13 +678,15 @@ class SphkvCache(Cache):
         # [B, L] → [B, L, H] in group order
         return first[:, :, None].expand(batch, self.n_layers, self.kv_heads).reshape(-1).numpy()
 
-    def _tokens(self, lo: int, hi: int) -> Tokens:
+    def _tokens(self, lo: int, hi: int) -> list[Tokens]:
         """The allocator's items for positions ``lo … hi-1`` of every (sequence, layer, kv-head):
         real tokens the next query can still see, with the method's distortion rows, measured
         with the layer's attention pattern over the window's tokens. Sequences with the same
         left padding see the same positions: each layer's are one job, their heads stacked
         (sequence-major); jobs whose inputs have the same shapes and pattern are computed in
-        one call."""
+        one call. One part per job, holding the job's copy of its keys and values (a prefill's
+        parts are not concatenated: at 128k tokens each copy of the prompt's KV is tens of
+        GB)."""
         jobs = []  # (layer, sequences, kept positions, their rows, k, v, q, first, q_all)
         nxt = torch.tensor([self.length])
         for index, layer in enumerate(self.layers):
@@ -723,24 +725,28 @@ class SphkvCache(Cache):
                                  first, q_seq[:, :, -n_q:].flatten(0, 1)))
         rows = self._distortion_rows(jobs)
         parts = []
-        for (index, seqs, p, take, k, v, *_), d in zip(jobs, rows, strict=True):
+        for i, d in enumerate(rows):
+            index, seqs, p, take, k, v, *_ = jobs[i]
+            jobs[i] = None  # its vectors live on in its part only
             h = self.kv_heads
-            on = torch.from_numpy(take).to(k.device)
+            if not take.all():
+                on = torch.from_numpy(take).to(k.device)
+                k, v = k[:, on], v[:, on]
             sink = (p - self.pad[seqs[0]] < self.sinks).numpy()
             parts.append(Tokens(
                 group=np.repeat([self.group(b, index, j) for b in seqs for j in range(h)],
                                 len(p)),
                 positions=p.repeat(len(seqs) * h),  # as the rows of k [B_job · H, n, d]
-                keys=k[:, on].reshape(-1, k.shape[-1]),
-                values=v[:, on].reshape(-1, v.shape[-1]),
+                keys=k.reshape(-1, k.shape[-1]),
+                values=v.reshape(-1, v.shape[-1]),
                 distortion=d[:, take].reshape(-1, d.shape[-1]),
                 forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), len(seqs) * h)))
         if not parts:
             d = self.head_dim
             empty = torch.zeros(0, d, dtype=torch.float16, device=self.layers[0].keys.device)
-            return Tokens(np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long), empty, empty,
-                          np.zeros((0, len(self.tiers))))
-        return Tokens.cat(parts)
+            return [Tokens(np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long), empty,
+                           empty, np.zeros((0, len(self.tiers))))]
+        return parts
 
     def _distortion_rows(self, jobs: list[tuple]) -> list[np.ndarray]:
         """The method's rows ``[B_job · H_kv, n, T]`` of each job: jobs with equal shapes and
