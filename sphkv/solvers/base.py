@@ -28,9 +28,6 @@ class Solver:
     EXACT: ClassVar[bool]  # proves optimality (given time)
     REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ()
     PAGES: ClassVar[str]  # how page-granular cost is handled: "exact" | "repair"
-    # whether it solves a problem whose arrays are on a torch device (AllocationProblem.to)
-    # there; other solvers solve its host copy
-    DEVICE: ClassVar[bool] = False
 
     def solve(self, problem: AllocationProblem, time_limit: float | None = None) -> Allocation:
         """The allocation of ``problem``; its ``tiers`` lie where the problem's arrays do
@@ -38,9 +35,7 @@ class Solver:
         if time_limit is not None and not time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit}")
         start = time.perf_counter()
-        caller = problem
-        if not self.DEVICE:
-            problem = problem.host()
+        caller, problem = problem, self._placed(problem)
         if problem.n_items == 0:  # nothing to choose: the empty assignment is optimal
             alloc = finish(problem, np.zeros(0, dtype=np.int64), 0.0, "optimal")
         else:
@@ -63,6 +58,11 @@ class Solver:
             raise RuntimeError(f"solver {self.NAME} returned an infeasible allocation "
                                f"(cost {alloc.cost} > budget {problem.budget}); this is a bug")
         return alloc
+
+    def _placed(self, problem: AllocationProblem) -> AllocationProblem:
+        """The problem where this solver works (before the scaling, which runs there too): its
+        host copy, unless the solver solves on a torch device (``AllocationProblem.to``)."""
+        return problem.host()
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
         raise NotImplementedError

@@ -469,7 +469,6 @@ class GreedySolver(Solver):
     EXACT: ClassVar[bool] = False
     REQUIRED_MODULES: ClassVar[tuple[str, ...]] = ("numpy",)
     PAGES: ClassVar[str] = "repair"
-    DEVICE: ClassVar[bool] = True
 
     backend: str | None = None
     device: str | None = None
@@ -494,7 +493,6 @@ class GreedySolver(Solver):
         return problem if problem.device == device else problem.to(device)
 
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
-        problem = self._placed(problem)
         xp = array_api_compat.array_namespace(problem.distortion)
         dev = array_api_compat.device(problem.distortion)
 
