@@ -16,7 +16,9 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
 admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
 ``--no-graphs`` runs every step eagerly), ``peak_kv_bytes`` (the cache's accounted peak over
-every pool write; plain: its KV tensors at the end) against ``budget_bytes``. Plain generation
+every pool write; plain: its KV tensors at the end) against ``budget_bytes``, and
+``peak_device_bytes``, the most device memory allocated during the generation, weights
+included (a GPU only: where the prefill's transients show). Plain generation
 runs eagerly, as ``model.generate`` does with a ``DynamicCache``. Steps are timed by a
 streamer that synchronizes the device after each token. The JSON is written after every row.
 
@@ -98,31 +100,35 @@ def _model(shape: str | None, name: str | None, device: torch.device):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), shape
 
 
-def _run_once(model, ids, new: int, device, cache=None) -> tuple[list[float], float]:
-    """Decode step seconds and prefill seconds of one greedy generation."""
+def _run_once(model, ids, new: int, device, cache=None) -> tuple[list[float], float, int | None]:
+    """Decode step seconds, prefill seconds and the peak of the device memory allocated (the
+    model's weights included; None on the CPU) of one greedy generation."""
     from sphkv.integrations.hf import cache_argument
 
     clock = _Clock(device)
     kwargs = {} if cache is None else {cache_argument(model): cache}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        streamer=clock, pad_token_id=0, **kwargs)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     # times[0]: the prompt (before the prefill), times[1]: the first new token
-    return list(np.diff(clock.times[1:])), clock.times[1] - start
+    return list(np.diff(clock.times[1:])), clock.times[1] - start, peak
 
 
-def _plain(model, ids, new, device) -> tuple[list[float], float, int]:
+def _plain(model, ids, new, device) -> tuple[list[float], float, int, int | None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     cache = DynamicCache(config=model.config)
     with sdpa_kernel(backends):
-        steps, prefill = _run_once(model, ids, new, device, cache)
+        steps, prefill, peak = _run_once(model, ids, new, device, cache)
     kv = sum(t.numel() * t.element_size() for layer in cache.layers
              for t in (layer.keys, layer.values))
-    return steps, prefill, kv
+    return steps, prefill, kv, peak
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -144,7 +150,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 ids = torch.randint(1, model.config.vocab_size, (batch, context),
                                     generator=gen).to(device)
                 try:
-                    steps, prefill, kv = _plain(model, ids, args.new_tokens, device)
+                    steps, prefill, kv, peak = _plain(model, ids, args.new_tokens, device)
                 except torch.OutOfMemoryError:
                     add(dict(model=label, method="none", context=context, batch=batch,
                              budget=1.0, tok_s=None, note="out of memory"))
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if steps is not None:
                     plain_tok_s = batch * len(steps) / sum(steps)
                     add(_row(label, "none", context, batch, 1.0, steps, prefill, plain_tok_s,
-                             [], kv, None))
+                             [], kv, None) | {"peak_device_bytes": peak})
                 gc.collect()
                 for method in args.methods:
                     if (label, method) not in warm:
@@ -164,13 +170,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                                              fraction)
                         cache = SphkvCache(model.config, limit, method)
                         with compressed_attention(model, graphs=args.graphs):
-                            steps, prefill = _run_once(model, ids, args.new_tokens, device,
-                                                       cache)
+                            steps, prefill, peak = _run_once(model, ids, args.new_tokens,
+                                                             device, cache)
                         admits = [s for kind, s in cache.timings if kind == "admit"]
                         row = _row(label, method, context, batch, fraction, steps, prefill,
                                    plain_tok_s, admits, cache.peak_bytes, limit)
                         graph = cache.decode_graph
                         row["graph_steps"] = graph.steps["replayed"] if graph else 0
+                        row["peak_device_bytes"] = peak
                         add(row)
                         del cache
                         gc.collect()
