@@ -222,6 +222,14 @@ def test_kept_queries_hold_only_what_the_next_step_reads(model):
         assert q.untyped_storage().nbytes() <= b * h * kept * d * q.element_size()
 
 
+def test_a_cache_keeps_no_copy_of_its_prompt(model):
+    # the prefill's items hold every prompt token's key and value: only the compressed copies
+    # of a deferred cache keep them, for their siblings
+    _, cache = _generate(model, _ids(40, seed=6), 0.5 * fp16_cache_bytes(model.config, 1, 60),
+                         new=4)
+    assert cache._prefill_items is None
+
+
 def test_compressed_generate_helper(model):
     out, cache = compressed_generate(model, _ids(40, seed=6), fraction=0.5, method="snapkv",
                                      max_new_tokens=20, window=8, page_size=4)
@@ -323,17 +331,19 @@ def test_items_of_a_sequence_do_not_depend_on_its_batch(model, method):
     batch — three sequences, two of them sharing their left padding — equal those of the
     sequence prefilled alone."""
     def items(ids, mask):
-        cache = SphkvCache(model.config, 1e9, method, window=8, page_size=4)
+        # a deferred cache's compressed copies share their prefill's items
+        shared = SphkvCache(model.config, None, method, window=8, page_size=4)
         model.set_attn_implementation(register_attention())
         try:
             with torch.no_grad():
                 # positions counted from each sequence's first real token, as generate does
                 real = torch.ones_like(ids) if mask is None else mask
                 model(ids, attention_mask=mask, position_ids=(real.cumsum(-1) - 1).clamp(min=0),
-                      **{cache_argument(model): cache})
+                      **{cache_argument(model): shared})
         finally:
             model.set_attn_implementation("sdpa")
-        return cache, Tokens.cat(cache._prefill_items[repr(cache.method)])
+        cache = shared.compress(method, 1e9)
+        return cache, Tokens.cat(shared._prefill_items[repr(cache.method)])
 
     rows = [_ids(40, seed=6)[0], _ids(34, seed=7)[0], _ids(34, seed=8)[0]]
     pads = [40 - len(r) for r in rows]

@@ -352,8 +352,9 @@ class SphkvCache(Cache):
         self._runs: tuple | None = None
         self._tables: tuple | None = None
         # the prefill's items per method (its repr names every field), shared by the copies
-        # :meth:`compress` makes: they do not depend on the budget
-        self._prefill_items: dict[str, list[Tokens]] = {}
+        # :meth:`compress` makes (they do not depend on the budget); None in a cache that
+        # prefilled itself, which must not keep a copy of its prompt's keys and values
+        self._prefill_items: dict[str, list[Tokens]] | None = None
 
     # --- accounting --------------------------------------------------------------------------
     @property
@@ -581,6 +582,8 @@ class SphkvCache(Cache):
             theirs.is_initialized = True
             mine.buffer = None  # this cache too copies the shared window before writing
         out.pad = self.pad
+        if self._prefill_items is None:
+            self._prefill_items = {}
         out._prefill_items = self._prefill_items
         out._queries = {i: q if out.method.all_queries else q[:, :, -out._kept_queries():]
                         for i, q in self._queries.items()}
@@ -635,10 +638,13 @@ class SphkvCache(Cache):
         old = self.length - self.window
         tokens = None
         if old > 0:
-            key = repr(self.method)
-            if key not in self._prefill_items:
-                self._prefill_items[key] = self._tokens(0, old)
-            tokens, self.admitted = self._prefill_items[key], old
+            shared, key = self._prefill_items, repr(self.method)
+            tokens = None if shared is None else shared.get(key)
+            if tokens is None:
+                tokens = self._tokens(0, old)
+                if shared is not None:
+                    shared[key] = tokens
+            self.admitted = old
         # the old tokens leave the windows (the allocator holds them) before any write
         for layer in self.layers:
             layer.trim(self.admitted)
