@@ -385,6 +385,12 @@ def greedy_tiers(distortion, cost, room: float, xp=None):
     return (hull.allocate(room), *hull.lp_bound(room))
 
 
+def _beside(xp, dev, a):
+    """A small numpy array (per tier or per group) copied to ``xp`` on ``dev`` (a copy: the
+    problem's arrays are read-only, which a CPU tensor may not share)."""
+    return xp.asarray(np.array(a), device=dev)
+
+
 def _np(x) -> np.ndarray:
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
@@ -495,10 +501,6 @@ class GreedySolver(Solver):
     def _solve(self, problem: AllocationProblem, time_limit: float | None) -> Allocation:
         xp = array_api_compat.array_namespace(problem.distortion)
         dev = array_api_compat.device(problem.distortion)
-
-        def on(a):  # a small numpy array (per tier), copied beside the problem's
-            return xp.asarray(np.array(a), device=dev)
-
         # Forced items have one point and no segments; the hull runs on the free ones.
         free = problem.forced < 0
         tiers = xp.asarray(problem.forced, copy=True)
@@ -506,7 +508,7 @@ class GreedySolver(Solver):
         at = problem.forced[fixed]
         amortized = problem.amortized_cost()  # [T] numpy, or [N, T] beside the problem's
         if amortized.ndim == 1:
-            amortized = on(amortized)
+            amortized = _beside(xp, dev, amortized)
             forced_cost = float(xp.sum(amortized[at]))
         else:
             forced_cost = float(xp.sum(amortized[fixed, at]))
@@ -550,7 +552,7 @@ class GreedySolver(Solver):
         xp = hull.xp
 
         def on(a):
-            return xp.asarray(np.ascontiguousarray(a), device=hull.dev)
+            return _beside(xp, hull.dev, a)
 
         group_cost = problem._group_cost
         amortized = on(np.where(group_cost > 0,
