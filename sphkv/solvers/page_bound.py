@@ -96,14 +96,13 @@ def _smallest(table, k: int, cap):
     values at or above ``cap`` [g] count as the cap, inf where the row has fewer finite
     values."""
     rows, m = table.shape
-    available = np.isfinite(table).sum(axis=1)
-    table = np.minimum(table, cap[:, None])
     if k < m:
         table = np.partition(table, k - 1, axis=1)[:, :k]
     table = np.sort(table, axis=1)
     if table.shape[1] < k:
         table = np.concatenate([table, np.full((rows, k - table.shape[1]), np.inf)], axis=1)
-    table = np.where(np.arange(k)[None, :] < available[:, None], table, np.inf)
+    # The cap commutes with taking the k smallest; a missing value (inf) stays inf.
+    table = np.where(table < np.inf, np.minimum(table, cap[:, None]), np.inf)
     return np.concatenate([np.zeros((rows, 1)), np.cumsum(table, axis=1)], axis=1)
 
 
@@ -187,16 +186,23 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
     for k in range(t - 1):
         # j jumps out of rank k: m = ρ - j mod P is its net inflow from below.
         inflow = np.full_like(dp, np.inf)
+        twice = np.concatenate([dp, dp], axis=1)  # twice[:, ρ + j] = dp[:, (ρ + j) mod P]
         for j in range(max_jumps + 1):
             if j and not np.isfinite(jumps[:, k, j]).any():
                 break  # (the j-th cheapest jumps of a rank are finite only if the (j-1)-th are)
-            moved = np.roll(dp[:, :, :max_jumps + 1 - j] + jumps[:, k, j][:, None, None], -j,
-                            axis=1)
+            moved = twice[:, j % p:j % p + p, :max_jumps + 1 - j] + jumps[:, k, j][:, None, None]
             np.minimum(inflow[:, :, j:], moved, out=inflow[:, :, j:])
-        # n_k = n⁰_k + m - ρ_k, [G, m, ρ_k].
-        count = counts[:, k][:, None, None] + rho[None, :, None] - rho[None, None, :]
-        dp = (np.min(inflow[:, :, None, :] + empty_cost(k, count)[:, :, :, None], axis=1)
-              + cross[:, k][:, :, None])
+        # n_k = n⁰_k + m - ρ_k leaves e = (v - m) mod P empty slots, v = (ρ_k - n⁰_k) mod P:
+        # min_m inflow[m] + s e = s v + min(min_{m <= v} h[m], s P + min_{m > v} h[m]) with
+        # h[m] = inflow[m] - s m, a prefix and a suffix minimum rather than all P² pairs.
+        s = slot_price[:, k][:, None, None]
+        h = inflow - s * rho[None, :, None]
+        upto = np.minimum.accumulate(h, axis=1)
+        above = np.full_like(h, np.inf)
+        above[:, :-1] = np.minimum.accumulate(h[:, :0:-1], axis=1)[:, ::-1]
+        at_v = s * rho[None, :, None] + np.minimum(upto, s * p + above)
+        v = (rho[None, :] - counts[:, k][:, None]) % p  # [G, ρ_k]
+        dp = np.take_along_axis(at_v, v[:, :, None], axis=1) + cross[:, k][:, :, None]
     count = (counts[:, top][:, None, None] + rho[None, :, None]
              + np.arange(max_jumps + 1)[None, None, :])
     w = np.minimum(np.min((dp + empty_cost(top, count)).reshape(g_count, -1), axis=1), beyond)

@@ -505,14 +505,12 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
         # where j > k (the positions before it move up), else in the order by loss down.
         a_k = xp.flip(xp.cumulative_sum(xp.flip(n_lp, axis=1), axis=1), axis=1) - n_lp
         e_k = a_k + n_lp
-        by_up = []
-        for x, j in ((bound, 0), (upper, 1)):
-            # Position y = B - 1 lies in block k = the number of ranks with a_k > y (a_k falls
-            # with the rank; an empty block shares its start with the next rank down).
-            y = x[:, :, :, None] - 1  # [G, C, T(boundary), 1] against blocks [G, 1, 1, T]
-            k = xp.sum(xp.astype(a_k[:, None, None, :] > y, xp.int8), axis=3, dtype=xp.int64)
-            by_up.append(xp.reshape(xp.arange(t, device=dev) + j > k, (-1,)))
-        by_up = xp.concat(by_up)
+        # Position y = B - 1 lies in block k = the number of ranks with a_k > y (a_k falls
+        # with the rank; an empty block shares its start with the next rank down), so
+        # boundary i is past it, i > k, iff a_{i-1} <= y (never for i = 0: a_{-1} = n_free).
+        a_before = xp.concat([n_free[:, None], a_k], axis=1)
+        by_up = xp.concat([xp.reshape(a_before[:, None, j:j + t] <= x - 1, (-1,))
+                           for x, j in ((bound, 0), (upper, 1))])
         sums = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
         for order, pick in ((orders[0], xp.nonzero(by_up)[0]),
                             (orders[1], xp.nonzero(~by_up)[0])):
@@ -556,11 +554,13 @@ def _prefix_sums(xp, distortion, order, rows, cols):
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
     step = _block(xp, distortion)
-    by_row = xp.argsort(rows, stable=True)
+    # Queries by block (-1: rows < 0, left at 0); within a block in any order. They come
+    # nearly in block order, which a stable sort finds in one pass.
+    block_of = rows // step
+    by_row = xp.argsort(block_of, stable=True)
     r, c = rows[by_row], cols[by_row]
-    ends = [int(v) for v in xp.searchsorted(r, xp.asarray(
-        [-1] + list(range(step - 1, n - 1, step)) + [n - 1], dtype=r.dtype, device=dev),
-        side="right")]
+    ends = [int(v) for v in xp.searchsorted(block_of[by_row], xp.arange(
+        (n + step - 1) // step + 1, dtype=block_of.dtype, device=dev))]
     out = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
     carry = xp.zeros((t, 1), dtype=distortion.dtype, device=dev)
     for b, s in enumerate(range(0, n, step)):
