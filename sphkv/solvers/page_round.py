@@ -492,10 +492,16 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
     pages = xp.where(paged[:, None, :], (count + f[:, None, :] + p - 1) // p, 0)
     option_bytes = xp.sum(xp.astype(pages, pb.dtype) * pb[:, None, :], axis=2)
     # Distortion: ranks r take positions [B[r+1], B[r]) of their group, at tier tier_order[r]:
-    # a difference of prefix sums of the sorted distortions at that tier.
-    col = xp.reshape(xp.broadcast_to(tier_order[:, None, :], bound.shape), (-1,))
-    cols = xp.concat([col, col])
-    rows = xp.concat([xp.reshape(start[:-1, None, None] + x - 1, (-1,)) for x in (bound, upper)])
+    # a difference of prefix sums of the sorted distortions at that tier. B[i] (B[T] = 0)
+    # depends only on the options' bits of ranks >= i, so each of its values is asked once:
+    # at every every[i]-th option (those whose lower bits are 0).
+    edges = xp.concat([bound, xp.zeros_like(bound[:, :, :1])], axis=2)  # B[i], [G, C, T + 1]
+    every = [n_opt if i in (0, t) else 1 << (i - 1) for i in range(t + 1)]
+    asked = [(r, r + j) for r in range(t) for j in (0, 1)]  # (rank, boundary)
+    b_asked = [edges[:, ::every[i], i] for _, i in asked]  # [G, C / every[i]]
+    rows = xp.concat([xp.reshape(start[:-1, None] + b - 1, (-1,)) for b in b_asked])
+    cols = xp.concat([xp.reshape(xp.broadcast_to(tier_order[:, r:r + 1], b.shape), (-1,))
+                      for b, (r, _) in zip(b_asked, asked)])
     if directed:
         # The greedy's block of rank k holds positions [a_k, a_k + n_k) of its group (in both
         # orders); an option moves its first B[k+1] - a_k items up and its last
@@ -509,17 +515,24 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
         # with the rank; an empty block shares its start with the next rank down), so
         # boundary i is past it, i > k, iff a_{i-1} <= y (never for i = 0: a_{-1} = n_free).
         a_before = xp.concat([n_free[:, None], a_k], axis=1)
-        by_up = xp.concat([xp.reshape(a_before[:, None, j:j + t] <= x - 1, (-1,))
-                           for x, j in ((bound, 0), (upper, 1))])
+        by_up = xp.concat([xp.reshape(a_before[:, i:i + 1] <= b - 1, (-1,))
+                           for b, (_, i) in zip(b_asked, asked)])
         sums = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
         for order, pick in ((orders[0], xp.nonzero(by_up)[0]),
                             (orders[1], xp.nonzero(~by_up)[0])):
             sums[pick] = _prefix_sums(xp, distortion, order, xp.take(rows, pick),
                                       xp.take(cols, pick))
-        sums = xp.reshape(sums, (2, -1))
     else:
-        sums = xp.reshape(_prefix_sums(xp, distortion, orders[0], rows, cols), (2, -1))
-    option_d = xp.sum(xp.reshape(sums[0] - sums[1], bound.shape), axis=2)
+        sums = _prefix_sums(xp, distortion, orders[0], rows, cols)
+    # Each option's sums: at boundary i, the value asked for option c // every[i].
+    option = xp.arange(n_opt, device=dev)
+    at_option, start_of = [], 0
+    for b, (_, i) in zip(b_asked, asked):
+        asked_here = xp.reshape(sums[start_of:start_of + b.shape[0] * b.shape[1]], b.shape)
+        at_option.append(xp.take(asked_here, option // every[i], axis=1))
+        start_of += b.shape[0] * b.shape[1]
+    option_d = xp.sum(xp.stack([at_option[2 * r] - at_option[2 * r + 1] for r in range(t)],
+                               axis=2), axis=2)
     cheapest = float(xp.sum(xp.min(option_bytes, axis=1)))
     if cheapest > budget:
         return None
@@ -645,6 +658,8 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
 
         if shared:
             c_tensor = xp.asarray(c_row, dtype=distortion.dtype, device=dev)
+    # numpy reads tier rows [T, N], transposed once for every evaluation.
+    by_tier = None if torch_lib is not None else rank_major(xp, distortion)
     slot_rows = {tier: slots[:, tier] for tier in tiers}
     # Per slot tier, items whose gains bound each group's s-th largest from below: those
     # credited at the last λ, at first every k-th item (k to sample about 16 s per group).
@@ -672,7 +687,7 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                 gain = best - block[:, tier]
                 gains[tier] = gain if ok is None else xp.where(ok[:, tier], gain, 0.0)
             return best, paid, gains
-        rows = rank_major(xp, distortion[items])
+        rows = by_tier[:, items]
         cost = None if shared else rank_major(xp, xp.take(amortized, group[items], axis=0))
         ok = None if allowed is None else rank_major(xp, allowed[items])
         best = paid = None
