@@ -64,14 +64,16 @@ class _Groups:
         self.real = np.zeros(self.g_count * self.m, dtype=bool)
         self.real[slot] = True
         items = np.flatnonzero(free)[by_group]
-        tiers = self.order[group[by_group]]  # [n, T]: tier of each rank
-        d = np.take_along_axis(problem.distortion[items], tiers, axis=1)
-        if problem.has_ceiling:
-            ok = np.take_along_axis(problem.allowed(items), tiers, axis=1)
-            d = np.where(ok, d, np.inf)
+        # Tier of each rank per item, [n, T], or [1, T] where every group orders them alike.
+        same_order = bool(np.all(self.order == self.order[:1]))
+        tiers = self.order[:1] if same_order else self.order[group[by_group]]
+        ok = problem.allowed(items) if problem.has_ceiling else None
         self.rows = np.full((self.t, self.g_count * self.m), np.inf)
         self.rows[0] = 0.0
-        self.rows[:, slot] = d.T
+        for r in range(self.t):
+            d = problem.distortion[items, tiers[:, r]]
+            self.rows[r, slot] = d if ok is None else np.where(
+                ok[np.arange(items.size), tiers[:, r]], d, np.inf)
         fixed = ~free
         self.constant = float(problem.distortion[fixed, problem.forced[fixed]].sum())
         self.n, self.p, self.budget = int(free.sum()), p, problem.budget
@@ -177,35 +179,35 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
     cap = np.minimum(empty0, slot_price.max(axis=1) * 2 * (p - 1))
     beyond = _smallest(jump.reshape(g_count, m), max_jumps + 1, cap)[:, -1]
 
-    def empty_cost(rank: int, count):
-        return slot_price[:, rank].reshape((-1,) + (1,) * (count.ndim - 1)) * ((-count) % p)
-
-    # dp[g, ρ, J]: least cost of the ranks below the current one, ρ = Φ mod P, J jumps so far.
-    dp = np.full((g_count, p, max_jumps + 1), np.inf)
-    dp[:, 0, 0] = 0.0
+    # dp[ρ, J, g]: least cost of the ranks below the current one, ρ = Φ mod P, J jumps so far
+    # (groups last, so that every step runs along whole rows of groups).
+    n_j = max_jumps + 1
+    dp = np.full((p, n_j, g_count), np.inf)
+    dp[0, 0] = 0.0
     for k in range(t - 1):
         # j jumps out of rank k: m = ρ - j mod P is its net inflow from below.
         inflow = np.full_like(dp, np.inf)
-        twice = np.concatenate([dp, dp], axis=1)  # twice[:, ρ + j] = dp[:, (ρ + j) mod P]
-        for j in range(max_jumps + 1):
+        twice = np.concatenate([dp, dp])  # twice[ρ + j] = dp[(ρ + j) mod P]
+        for j in range(n_j):
             if j and not np.isfinite(jumps[:, k, j]).any():
                 break  # (the j-th cheapest jumps of a rank are finite only if the (j-1)-th are)
-            moved = twice[:, j % p:j % p + p, :max_jumps + 1 - j] + jumps[:, k, j][:, None, None]
-            np.minimum(inflow[:, :, j:], moved, out=inflow[:, :, j:])
+            moved = twice[j % p:j % p + p, :n_j - j] + jumps[:, k, j]
+            np.minimum(inflow[:, j:], moved, out=inflow[:, j:])
         # n_k = n⁰_k + m - ρ_k leaves e = (v - m) mod P empty slots, v = (ρ_k - n⁰_k) mod P:
         # min_m inflow[m] + s e = s v + min(min_{m <= v} h[m], s P + min_{m > v} h[m]) with
         # h[m] = inflow[m] - s m, a prefix and a suffix minimum rather than all P² pairs.
-        s = slot_price[:, k][:, None, None]
-        h = inflow - s * rho[None, :, None]
-        upto = np.minimum.accumulate(h, axis=1)
-        above = np.full_like(h, np.inf)
-        above[:, :-1] = np.minimum.accumulate(h[:, :0:-1], axis=1)[:, ::-1]
-        at_v = s * rho[None, :, None] + np.minimum(upto, s * p + above)
-        v = (rho[None, :] - counts[:, k][:, None]) % p  # [G, ρ_k]
-        dp = np.take_along_axis(at_v, v[:, :, None], axis=1) + cross[:, k][:, :, None]
-    count = (counts[:, top][:, None, None] + rho[None, :, None]
-             + np.arange(max_jumps + 1)[None, None, :])
-    w = np.minimum(np.min((dp + empty_cost(top, count)).reshape(g_count, -1), axis=1), beyond)
+        s = slot_price[:, k]
+        h = inflow - s * rho[:, None, None]
+        upto, above = h.copy(), np.full_like(h, np.inf)
+        for q in range(1, p):  # upto[v] = min_{m <= v} h[m]
+            np.minimum(upto[q], upto[q - 1], out=upto[q])
+        for q in range(p - 1, 0, -1):  # above[v] = min_{m > v} h[m]
+            np.minimum(above[q], h[q], out=above[q - 1])
+        at_v = s * rho[:, None, None] + np.minimum(upto, s * p + above)
+        v = (rho[:, None] - counts[:, k]) % p  # [ρ_k, G]
+        dp = np.take_along_axis(at_v, v[:, None, :], axis=0) + cross[:, k].T[:, None, :]
+    count = counts[:, top] + rho[:, None, None] + np.arange(n_j)[:, None]
+    w = np.minimum(np.min(dp + slot_price[:, top] * ((-count) % p), axis=(0, 1)), beyond)
     best = best[real]
     return float(best.sum()), float(np.abs(best).sum()), float(w.sum())
 
