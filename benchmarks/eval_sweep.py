@@ -169,10 +169,10 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
 
 
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
-             window: int = 16, observation: int | None = None) -> list[dict]:
+             window: int | None = 16, observation: int | None = None) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
-    caches' W; ``observation``: the prompt queries perplexity's caches observe (None: each
-    method's own)."""
+    caches' W (None: each cache's budget chooses it); ``observation``: the prompt queries
+    perplexity's caches observe (None: each method's own)."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
     model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
@@ -373,7 +373,7 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
              f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); window W = "
-             f"{header.get('window', 16)}"
+             f"{header.get('window', 16) or 'chosen by the budget (8 or 16)'}"
              + (f"; perplexity's caches observe {header['observation']} prompt queries"
                 if header.get("observation") else "") + "; pass key: "
              f"trials per cell in its table; "
@@ -452,6 +452,15 @@ def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, {"model": args.model, "ranking_window": RANK_WINDOW}
 
 
+def _window(text: str) -> int | None:
+    """``--window``: a positive number of tokens, or ``budget`` (None)."""
+    if text == "budget":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'budget', got {text!r}")
+    return int(text)
+
+
 def _choices() -> tuple[str, ...]:
     """``none``, the compared methods, then any other method of the registry (variants)."""
     from sphkv.rdr import METHODS as REGISTRY
@@ -484,9 +493,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=16,
                         help="perplexity: tokens per teacher-forced forward")
-    parser.add_argument("--window", type=int, default=16,
+    parser.add_argument("--window", type=_window, default=16,
                         help="the caches' window W: between W and 2W recent tokens kept at fp16 "
-                             "(reserved from the budget); keep --chunk at most W")
+                             "(reserved from the budget); 'budget': each cache chooses 16, or 8 "
+                             "where 16's reserve would take more than a sixth of its budget. "
+                             "Keep --chunk at most W (at most 8 with 'budget')")
     parser.add_argument("--observation", type=int, metavar="QUERIES",
                         help="perplexity: the caches observe the prompt's last QUERIES queries "
                              "for the distortion rows (default: each method's own, 256 for the "
@@ -509,9 +520,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.observation is not None and args.observation < 1:
         parser.error(f"--observation must be at least 1 query, got {args.observation}")
-    if not 1 <= args.chunk <= args.window:
-        parser.error(f"--chunk must be between 1 and --window ({args.window}), got {args.chunk}:"
-                     f" a longer chunk's queries see its tokens at fp16 beyond the window")
+    shortest, label = args.window, args.window
+    if args.window is None:
+        from sphkv.integrations.hf.cache import WINDOW_SHORT
+
+        shortest, label = WINDOW_SHORT, f"budget, as short as {WINDOW_SHORT}"
+    if not 1 <= args.chunk <= shortest:
+        parser.error(f"--chunk must be between 1 and --window ({label}), got {args.chunk}: a "
+                     f"longer chunk's queries see its tokens at fp16 beyond the window")
     name = args.name = args.name or ("eval_quick" if args.quick else "eval")
     if args.ranking:
         rows, header = ranking(args)

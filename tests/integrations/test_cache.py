@@ -343,7 +343,7 @@ def test_items_of_a_sequence_do_not_depend_on_its_batch(model, method):
         finally:
             model.set_attn_implementation("sdpa")
         cache = shared.compress(method, 1e9)
-        return cache, Tokens.cat(shared._prefill_items[repr(cache.method)])
+        return cache, Tokens.cat(shared._prefill_items[repr(cache.method), cache.window])
 
     rows = [_ids(40, seed=6)[0], _ids(34, seed=7)[0], _ids(34, seed=8)[0]]
     pads = [40 - len(r) for r in rows]

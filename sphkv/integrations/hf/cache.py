@@ -9,7 +9,8 @@ window and returns the layer itself as a handle; the attention function register
 the window, and handles GQA, causality, left padding and the layer's attention layout. Positions
 continue as if nothing were dropped: the cache reports every token it has seen as its length.
 
-What the adapter does, with W the window:
+What the adapter does, with W the window (given, or chosen from the budget at the first
+forward: :meth:`SphkvCache.budget_window`):
 
 - the **layout** of each layer from the config
   (:func:`~sphkv.integrations.hf.config.attention_layout`): full, sliding or chunked; a
@@ -58,6 +59,9 @@ __all__ = ["ATTENTION_NAME", "METHODS", "CompressedLayer", "Method", "SphkvCache
            "get_method", "register_attention", "sphkv_attention"]
 
 ATTENTION_NAME = "sphkv"
+#: the windows a budget chooses from (``window=None``): the long one, unless its reserve of 2W
+#: fp16 tokens per layer and kv-head would take more than WINDOW_SHARE of the budget
+WINDOW_LONG, WINDOW_SHORT, WINDOW_SHARE = 16, 8, 1 / 6
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
 _DECODE_ROWS = 1 << 15
 
@@ -96,6 +100,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape
+        self.cache.choose_window(b)
         self.keys = torch.zeros(b, h, 0, d, dtype=torch.float16, device=key_states.device)
         self.values = torch.zeros_like(self.keys)
         self.is_initialized = True
@@ -274,9 +279,11 @@ class SphkvCache(Cache):
         and budgets.
     method : Method or str
         What to store and how to weigh it (:data:`METHODS`).
-    window : int
+    window : int or None
         W: tokens kept dense (between W and 2W), observation queries of each admission, and
-        admission chunk.
+        admission chunk. None chooses it from the budget at the first forward
+        (:meth:`budget_window`): 16, or 8 where the 16-token window's reserve would take more
+        than a sixth of the budget.
     sinks : int
         The first ``sinks`` real tokens of each sequence take the method's dearest tier.
     page_size : int
@@ -307,8 +314,11 @@ class SphkvCache(Cache):
                  observation: int | None = None, offset_bytes: int | None = None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
+            if name == "window" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= {low}"
+                                 f"{' or None' if name == 'window' else ''}, got {value!r}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
         if observation is not None and observation < 1:
@@ -332,9 +342,11 @@ class SphkvCache(Cache):
         self.kernel = kernel_reads(self.tiers)
         self.config = config
         self.budget = None if budget is None else float(budget)
-        self.window, self.sinks = window, sinks
+        self._window = window  # as given: compress() passes it on
+        #: W; a window chosen by the budget is set at the first forward (:meth:`choose_window`)
+        self.window: int | None = window
+        self.sinks = sinks
         self._observation = observation  # as given: compress() passes it on
-        self.observation = observation or self.method.observation or window
         self.page_size, self.decay = page_size, decay
         self.allocator: OnlineAllocator | None = None
         self.admitted = 0  # positions below this are in pages (or dropped)
@@ -351,10 +363,11 @@ class SphkvCache(Cache):
         # path's (with every token's position), the same
         self._runs: tuple | None = None
         self._tables: tuple | None = None
-        # the prefill's items per method (its repr names every field), shared by the copies
-        # :meth:`compress` makes (they do not depend on the budget); None in a cache that
-        # prefilled itself, which must not keep a copy of its prompt's keys and values
-        self._prefill_items: dict[str, list[Tokens]] | None = None
+        # the prefill's items per method (its repr names every field) and window, shared by
+        # the copies :meth:`compress` makes (they depend on the budget only through a window
+        # it chooses); None in a cache that prefilled itself, which must not keep a copy of its
+        # prompt's keys and values
+        self._prefill_items: dict[tuple[str, int], list[Tokens]] | None = None
 
     # --- accounting --------------------------------------------------------------------------
     @property
@@ -392,12 +405,37 @@ class SphkvCache(Cache):
     def peak_bytes(self) -> int:
         return max(self.history, default=0)
 
-    def reserved_bytes(self, batch: int) -> int:
+    def reserved_bytes(self, batch: int, window: int | None = None) -> int:
         """Bytes set aside from the budget for what the allocator does not place: every window
         at its largest (2W tokens, or a sliding or chunked layer's size if smaller) and the
-        padding offsets."""
+        padding offsets; W is ``window``, by default this cache's (or the one its budget
+        chooses for ``batch`` sequences)."""
+        window = window or self.window or self.budget_window(batch)
         per_token = batch * self.kv_heads * 4 * self.head_dim
-        return sum(per_token * a.held_tokens(2 * self.window) for a in self.layout) + batch * 8
+        return sum(per_token * a.held_tokens(2 * window) for a in self.layout) + batch * 8
+
+    def budget_window(self, batch: int) -> int:
+        """The window the budget chooses for ``batch`` sequences: :data:`WINDOW_LONG`, or
+        :data:`WINDOW_SHORT` where the long window's reserve would take more than
+        :data:`WINDOW_SHARE` of the budget. At 1/8 of the fp16 bytes of N tokens the long
+        reserve takes 2·16·8/N of it: a fifth at N = 1280, a ninth at 2304. A deferred cache
+        (no budget) holds its whole prompt; its copies choose their own."""
+        if self.budget is None:
+            return WINDOW_LONG
+        long_share = self.reserved_bytes(batch, WINDOW_LONG) / self.budget
+        return WINDOW_LONG if long_share <= WINDOW_SHARE else WINDOW_SHORT
+
+    def choose_window(self, batch: int) -> None:
+        """Set W, if the cache was not given one, from the budget of ``batch`` sequences (at
+        the first forward, or when :meth:`compress` makes the cache)."""
+        if self.window is None:
+            self.window = self.budget_window(batch)
+
+    @property
+    def observation(self) -> int | None:
+        """Prompt queries (the last ones) weighing the prefill allocation: as given, else the
+        method's, else W (None before a window chosen by the budget is set)."""
+        return self._observation or self.method.observation or self.window
 
     def minimum_bytes(self, batch: int) -> int:
         """The smallest budget accepted: the reserve and, in every (sequence, layer, kv-head),
@@ -574,7 +612,7 @@ class SphkvCache(Cache):
                              "prefill; this cache already has a budget")
         if self.pad is None:
             raise ValueError("compress() needs the prefill to have run through the cache")
-        out = SphkvCache(self.config, budget, method, window=self.window, sinks=self.sinks,
+        out = SphkvCache(self.config, budget, method, window=self._window, sinks=self.sinks,
                          page_size=self.page_size, decay=self.decay,
                          observation=self._observation, offset_bytes=self.offset_bytes)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
@@ -582,6 +620,7 @@ class SphkvCache(Cache):
             theirs.is_initialized = True
             mine.buffer = None  # this cache too copies the shared window before writing
         out.pad = self.pad
+        out.choose_window(self.pad.shape[0])
         if self._prefill_items is None:
             self._prefill_items = {}
         out._prefill_items = self._prefill_items
@@ -638,7 +677,7 @@ class SphkvCache(Cache):
         old = self.length - self.window
         tokens = None
         if old > 0:
-            shared, key = self._prefill_items, repr(self.method)
+            shared, key = self._prefill_items, (repr(self.method), self.window)
             tokens = None if shared is None else shared.get(key)
             if tokens is None:
                 tokens = self._tokens(0, old)

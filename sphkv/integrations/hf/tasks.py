@@ -61,7 +61,7 @@ def budget_bytes(model, budget: float, tokens: int) -> float:
     return budget_to_bytes(budget, fp16_cache_bytes(model.config, 1, tokens))
 
 
-def make_cache(model, method: str, budget: float, window: int = 16, sinks: int = 4,
+def make_cache(model, method: str, budget: float, window: int | None = 16, sinks: int = 4,
                page_size: int = 16):
     """A fresh cache: ``DynamicCache`` for ``none``, else a :class:`SphkvCache` of ``budget``
     bytes."""
@@ -126,7 +126,7 @@ class PerplexityResult:
 
 
 def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: float = 0.125,
-               method: str = "rdr", chunk: int = 16, window: int = 16, sinks: int = 4,
+               method: str = "rdr", chunk: int = 16, window: int | None = 16, sinks: int = 4,
                page_size: int = 16) -> PerplexityResult:
     """Perplexity of ``scored`` tokens read through a cache compressed after ``context`` tokens.
 
@@ -164,7 +164,7 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
 
 
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
-                    runs: list[tuple[str, float]], chunk: int = 16, window: int = 16,
+                    runs: list[tuple[str, float]], chunk: int = 16, window: int | None = 16,
                     sinks: int = 4, page_size: int = 16,
                     observation: int | None = None) -> list[PerplexityResult]:
     """:func:`perplexity` for several ``(method, budget)`` runs on one context, sharing the
@@ -244,7 +244,8 @@ class FidelityResult:
 
 
 def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, float]],
-                  window: int = 16, sinks: int = 4, page_size: int = 16) -> list[FidelityResult]:
+                  window: int | None = 16, sinks: int = 4,
+                  page_size: int = 16) -> list[FidelityResult]:
     """Per-layer attention-output relative error of each ``(method, budget)`` run after
     compressing a ``context``-token prefill (shared, see :func:`perplexity_runs`); a budget in
     (0, 1] is a fraction of the fp16 cache of the context. ``none`` has error 0 by definition.
@@ -260,8 +261,8 @@ def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, 
         model(ids[None, :context], **{cache_argument(model): shared}, use_cache=True)
     scaling = shared.head_dim ** -0.5
     # the window's queries [B, H_q, W, d] of every layer (as the cache kept them, after RoPE),
-    # and their outputs over the fp16 cache
-    queries = {i: q[:, :, -window:] for i, q in shared._queries.items()}
+    # and their outputs over the fp16 cache; a window chosen by the budget: the long one's
+    queries = {i: q[:, :, -shared.window:] for i, q in shared._queries.items()}
     reference = {i: shared.layers[i].attend(q, None, scaling) for i, q in queries.items()}
     fp16 = fp16_cache_bytes(model.config, 1, context)
     out = []
@@ -431,7 +432,7 @@ class PasskeyResult:
 def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
             method: str = "rdr", setting: str = "query-agnostic", trials: int = 4,
             depth: float | None = None, max_new_tokens: int = 20, seed: int = 0,
-            question: str = QUESTION, window: int = 16, sinks: int = 4,
+            question: str = QUESTION, window: int | None = 16, sinks: int = 4,
             page_size: int = 16) -> PasskeyResult:
     """Pass-key retrieval accuracy through a compressed cache.
 
@@ -473,7 +474,8 @@ def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
 def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str, float]],
                  setting: str = "query-agnostic", trials: int = 4, depth: float | None = None,
                  max_new_tokens: int = 20, seed: int = 0, question: str = QUESTION,
-                 window: int = 16, sinks: int = 4, page_size: int = 16) -> list[PasskeyResult]:
+                 window: int | None = 16, sinks: int = 4,
+                 page_size: int = 16) -> list[PasskeyResult]:
     """:func:`passkey` for several ``(method, budget)`` runs on the same trials, sharing each
     trial's prefill among the compressed methods (see :func:`perplexity_runs`)."""
     for method, _ in runs:
