@@ -41,9 +41,10 @@ __all__ = ["whole_page_bound"]
 
 
 class _Groups:
-    """The free items laid out group-major, each group padded to the largest: rows [T, G·M] of
-    distortions in rank order (a padding slot has distortion 0 at rank 0 and no other tier, and
-    is neither counted nor summed), so a per-group selection is a partition along M."""
+    """The free items laid out group-major, each group padded to the largest: slot j of group g
+    holds item ``item[g·M + j]`` (-1: padding), so a per-group selection is a partition along
+    M. :meth:`rows` gives a block of groups' distortions in rank order (a padding slot has
+    distortion 0 at rank 0 and no other tier, and is neither counted nor summed)."""
 
     def __init__(self, problem: AllocationProblem):
         p = problem.page_size
@@ -52,6 +53,7 @@ class _Groups:
         self.g_count, self.t = problem._group_cost.shape
         group_cost = problem._group_cost
         self.order = np.argsort(group_cost, axis=1, kind="stable")  # rank -> tier
+        self.same_order = bool(np.all(self.order == self.order[:1]))
         amortized = np.where(group_cost > 0, group_cost + problem.page_overhead / p, 0.0)
         self.c_rank = np.take_along_axis(amortized, self.order, axis=1)
         self.f_rank = np.take_along_axis(problem.forced_counts(), self.order, axis=1)
@@ -61,22 +63,30 @@ class _Groups:
         by_group = np.argsort(group, kind="stable")
         slot = (group[by_group] * self.m
                 + np.arange(by_group.size) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-        self.real = np.zeros(self.g_count * self.m, dtype=bool)
-        self.real[slot] = True
-        items = np.flatnonzero(free)[by_group]
-        # Tier of each rank per item, [n, T], or [1, T] where every group orders them alike.
-        same_order = bool(np.all(self.order == self.order[:1]))
-        tiers = self.order[:1] if same_order else self.order[group[by_group]]
-        ok = problem.allowed(items) if problem.has_ceiling else None
-        self.rows = np.full((self.t, self.g_count * self.m), np.inf)
-        self.rows[0] = 0.0
-        for r in range(self.t):
-            d = problem.distortion[items, tiers[:, r]]
-            self.rows[r, slot] = d if ok is None else np.where(
-                ok[np.arange(items.size), tiers[:, r]], d, np.inf)
+        self.item = np.full(self.g_count * self.m, -1, dtype=np.int64)
+        self.item[slot] = np.flatnonzero(free)[by_group]
+        self.real = self.item >= 0
+        self.distortion = problem.distortion
+        self.ceiling = problem.ceiling_tier if problem.has_ceiling else None
         fixed = ~free
         self.constant = float(problem.distortion[fixed, problem.forced[fixed]].sum())
         self.n, self.p, self.budget = int(free.sum()), p, problem.budget
+
+    def rows(self, lo: int, hi: int):
+        """Distortions of the slots of groups ``lo:hi`` in rank order, [T, (hi - lo)·M] (inf
+        above an item's ceiling)."""
+        m = self.m
+        real = self.real[lo * m:hi * m]
+        item = np.where(real, self.item[lo * m:hi * m], 0)
+        rows = np.empty((self.t, item.size))
+        for r in range(self.t):
+            tier = self.order[0, r] if self.same_order else np.repeat(self.order[lo:hi, r], m)
+            rows[r] = self.distortion[item, tier]
+            if self.ceiling is not None:
+                rows[r][self.ceiling[item] < tier] = np.inf
+        rows[:, ~real] = np.inf
+        rows[0, ~real] = 0.0
+        return rows
 
 
 # Items per block of groups (whole groups; at least one). The program's many small operations per
@@ -130,7 +140,7 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
     """Σ best_i, Σ |best_i| and Σ W of the groups ``lo:hi`` at price ``lam``."""
     g_count, t, p, m = hi - lo, groups.t, groups.p, groups.m
     c_rank = groups.c_rank[lo:hi]
-    rows = groups.rows[:, lo * m:hi * m]
+    rows = groups.rows(lo, hi)
     real = groups.real[lo * m:hi * m]
     # value[k] = D at rank k + λ c'_k, per padded slot.
     if groups.shared:
