@@ -77,10 +77,11 @@ def test_matches_reference(nan_empty, B, Hq, Hkv, D, L, P, names, W, M):
                  3e-3)
 
 
-@pytest.mark.parametrize("D", [64, 128], ids=["D64", "D128"])
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 256], ids=["D16", "D32", "D64", "D128", "D256"])
 def test_ada_keys(nan_empty, D):
     """ADA keys (radius + per-level angle codes, rotated) beside TurboQuant values, mixed with
-    int8 pages and the window."""
+    int8 pages and the window: per coordinate below D = 64, in half (D = 64) and quarter
+    field tiles above."""
     ref, out = run(2, 6, 2, D, 29, 16, ("ada2", "ada4", "int8"), 4, 1, seed=D,
                    ladder=ada_tiers)
     assert_close(f"ada2+ada4+int8-D{D}", ref, out, 3e-3)

@@ -11,7 +11,10 @@ bit depth 1–8 (codes may straddle bytes), int8 with a per-vector scale, fp16, 
     int8         x̂ = s · c
     fp16         x̂ = x
     ADA          x̂ = Rᵀ r u,  u_j = Π_ℓ (cos θ_ℓ,j>>ℓ  or  sin θ_ℓ,j>>ℓ as bit ℓ−1 of j is 0 or 1),
-                 built top-down, each angle decoded once per row
+                 each angle decoded once per row: the top levels' product built top-down,
+                 the last two levels (one at D = 64) multiplied into quarter (half) field
+                 tiles, no interleave; (cos, sin) as one fp16 pair per code, gathered in
+                 registers where a level's codes fill whole words
 
 so q is rotated once per key rotation, and value sums are kept in two domains (plain and
 rotated), each rotated back once per output row.
@@ -73,7 +76,119 @@ def _code(p_rows, bitpos, mask, NBYTES: tl.constexpr, STRADDLE: tl.constexpr):
 
 
 @triton.jit
-def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.constexpr,
+def _cos_sin(t):
+    """(cos θ, sin θ) float32 from the angle table's entries: fp16 cos in the low half-word,
+    fp16 sin in the high one."""
+    b_cos = (t & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    b_sin = ((t >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    return b_cos.to(tl.float32), b_sin.to(tl.float32)
+
+
+@triton.jit
+def _ada_words(p_rows, OFF: tl.constexpr, BITS: tl.constexpr, NODES: tl.constexpr,
+               CODES: tl.constexpr):
+    """The ``NODES`` ``BITS``-bit codes of a level that start at bit ``OFF`` (a whole byte), as
+    words of ``CODES`` codes in ``BITS·CODES/8`` whole bytes: ``[BLOCK_N, NODES/CODES]``, one
+    byte load per byte instead of two per code."""
+    GROUP: tl.constexpr = BITS * CODES // 8
+    WORD: tl.constexpr = tl.int32 if GROUP <= 3 else tl.int64
+    o_g = OFF // 8 + tl.arange(0, NODES // CODES) * GROUP
+    b_w = tl.load(p_rows + o_g[None, :]).to(WORD)
+    for j in tl.static_range(1, GROUP):
+        b_w = b_w | (tl.load(p_rows + (o_g + j)[None, :]).to(WORD) << (8 * j))
+    return b_w
+
+
+@triton.jit
+def _word_angles(b_w, ada_trig, LEVEL: tl.constexpr, BITS: tl.constexpr, CODES: tl.constexpr,
+                 STEP: tl.constexpr, PARITY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(cos θ, sin θ) float32 of the nodes ``STEP·i + PARITY`` of ``LEVEL`` from its words
+    (:func:`_ada_words`): ``[BLOCK_N, nodes / STEP]``, the level's table gathered in
+    registers."""
+    NL: tl.constexpr = 1 << BITS
+    o_k = tl.arange(0, CODES // STEP) * STEP + PARITY
+    b_c = ((b_w[:, :, None] >> (o_k * BITS)[None, None, :]) & (NL - 1)).to(tl.int32)
+    b_c = tl.reshape(b_c, [BLOCK_N, b_w.shape[1] * (CODES // STEP)])
+    b_tab = tl.load(ada_trig + (LEVEL - 1) * 256 + tl.arange(0, NL))
+    return _cos_sin(tl.gather(tl.broadcast_to(b_tab[None, :], [BLOCK_N, NL]), b_c, 1))
+
+
+@triton.jit
+def _ada_split(b_u, p_rows, ada_trig, I: tl.constexpr, BITS: tl.constexpr,
+               NBYTES: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One level down the top-down product: the weights ``b_u [BLOCK_N, 2^I]`` of level
+    ``LOG2D − I``'s nodes, each split into (u cos θ, u sin θ) by its angle: ``[BLOCK_N,
+    2^(I+1)]``. ``BITS``: level ℓ's bits in nibble ℓ − 1; level ℓ's codes follow those of the
+    levels below it (D ≤ 256: at most 7 below)."""
+    LV: tl.constexpr = LOG2D - I
+    B: tl.constexpr = (BITS >> (4 * (LV - 1))) & 15
+    OFF: tl.constexpr = ((D >> 1) * (BITS & 15) * (LV > 1)
+                         + (D >> 2) * ((BITS >> 4) & 15) * (LV > 2)
+                         + (D >> 3) * ((BITS >> 8) & 15) * (LV > 3)
+                         + (D >> 4) * ((BITS >> 12) & 15) * (LV > 4)
+                         + (D >> 5) * ((BITS >> 16) & 15) * (LV > 5)
+                         + (D >> 6) * ((BITS >> 20) & 15) * (LV > 6)
+                         + (D >> 7) * ((BITS >> 24) & 15) * (LV > 7))
+    CODES: tl.constexpr = 8 // (B & (-B))  # 8 / gcd(bits, 8)
+    if (OFF % 8 == 0) and ((1 << I) >= CODES):
+        b_cos, b_sin = _word_angles(_ada_words(p_rows, OFF, B, 1 << I, CODES), ada_trig, LV, B,
+                                    CODES, 1, 0, BLOCK_N)
+    else:  # a few codes: each from its (one or two) bytes, its entry from the table
+        b_c = _code(p_rows, (OFF + tl.arange(0, 1 << I) * B)[None, :], (1 << B) - 1, NBYTES,
+                    True)
+        b_cos, b_sin = _cos_sin(tl.load(ada_trig + (LV - 1) * 256 + b_c))
+    return tl.reshape(tl.join(b_u * b_cos, b_u * b_sin), [BLOCK_N, 2 << I])
+
+
+@triton.jit
+def _ada_top(p_rows, ada_trig, BITS: tl.constexpr, LEVELS: tl.constexpr,
+             NBYTES: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The product of the top ``LEVELS`` levels' factors of ADA keys, top-down: float32
+    ``[BLOCK_N, 2^LEVELS]``, entry i the weight of node i of level ``LOG2D − LEVELS`` (1 at
+    the root); each angle decoded once (:func:`_ada_split`)."""
+    b_u = tl.full([BLOCK_N, 1], 1.0, dtype=tl.float32)
+    for i in tl.static_range(LEVELS):
+        b_u = _ada_split(b_u, p_rows, ada_trig, i, BITS, NBYTES, D, LOG2D, BLOCK_N)
+    return b_u
+
+
+@triton.jit
+def _ada_fields(p_rows, ada_trig, NF: tl.constexpr, BITS: tl.constexpr,
+                NBYTES: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """ADA keys' u as NF = 2 or 4 fp16 field tiles ``[BLOCK_N, D/NF]`` (field f holds
+    coordinates NF·i + f), so the last levels need no interleave (``BITS`` as
+    :func:`_ada_top`; D ≥ 64). NF = 2: u_2i+α = W_i · (cos, sin)(θ¹_i)[α], W the top levels'
+    product over the level-1 nodes. NF = 4: with W over the level-2 nodes,
+    (a, b) = W · (cos, sin)(θ²_i), u_4i+2β+α = (a, b)[β] · (cos, sin)(θ¹_2i+β)[α]."""
+    B1: tl.constexpr = BITS & 15
+    ONE: tl.constexpr = 8 // (B1 & (-B1))
+    C1: tl.constexpr = 2 if ONE == 1 else ONE  # at least two: even and odd nodes of one word
+    b_w1 = _ada_words(p_rows, 0, B1, D // 2, C1)
+    if NF == 2:
+        b_w = _ada_top(p_rows, ada_trig, BITS, LOG2D - 1, NBYTES, D, LOG2D, BLOCK_N)
+        b_cos, b_sin = _word_angles(b_w1, ada_trig, 1, B1, C1, 1, 0, BLOCK_N)
+        # (the last two tiles only fill the return's shape: NF = 2 reads two)
+        return ((b_w * b_cos).to(tl.float16), (b_w * b_sin).to(tl.float16),
+                b_w.to(tl.float16), b_w.to(tl.float16))
+    else:
+        B2: tl.constexpr = (BITS >> 4) & 15
+        C2: tl.constexpr = 8 // (B2 & (-B2))
+        b_w = _ada_top(p_rows, ada_trig, BITS, LOG2D - 2, NBYTES, D, LOG2D, BLOCK_N)
+        # level 2's codes start after level 1's D/2 codes: a whole byte for D ≥ 16
+        b_cos, b_sin = _word_angles(_ada_words(p_rows, D // 2 * B1, B2, D // 4, C2), ada_trig,
+                                    2, B2, C2, 1, 0, BLOCK_N)
+        b_a, b_b = b_w * b_cos, b_w * b_sin
+        b_cos, b_sin = _word_angles(b_w1, ada_trig, 1, B1, C1, 2, 0, BLOCK_N)
+        b_cos1, b_sin1 = _word_angles(b_w1, ada_trig, 1, B1, C1, 2, 1, BLOCK_N)
+        return ((b_a * b_cos).to(tl.float16), (b_a * b_sin).to(tl.float16),
+                (b_b * b_cos1).to(tl.float16), (b_b * b_sin1).to(tl.float16))
+
+
+@triton.jit
+def _tile(p_rows, levels, ada_trig, KIND: tl.constexpr, BITS: tl.constexpr,
           CODES: tl.constexpr, GROUP: tl.constexpr, NBYTES: tl.constexpr, D: tl.constexpr,
           LOG2D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The rows' vectors in their codec's domain, unscaled: fp16 [BLOCK_N, D]."""
@@ -108,33 +223,23 @@ def _tile(p_rows, levels, ada_meta, ada_trig, KIND: tl.constexpr, BITS: tl.const
             b_c = tl.reshape(b_c, [BLOCK_N, D])
         b_lev = tl.load(levels + tl.arange(0, NL)).to(tl.float16)
         b_x = tl.gather(tl.broadcast_to(b_lev[None, :], [BLOCK_N, NL]), b_c, 1)
-    elif D >= 64:  # ADA, top-down: a node's weight u splits into (u cos θ, u sin θ)
-        b_u = tl.full([BLOCK_N, 1], 1.0, dtype=tl.float32)
-        for i in tl.static_range(LOG2D):
-            # level LOG2D − i holds 2^i angles, each decoded once per row
-            off = tl.load(ada_meta + 2 * (LOG2D - i - 1))
-            bits = tl.load(ada_meta + 2 * (LOG2D - i - 1) + 1)
-            b_c = _code(p_rows, (off + tl.arange(0, 1 << i) * bits)[None, :], (1 << bits) - 1,
-                        NBYTES, True)
-            p_t = ada_trig + ((LOG2D - i - 1) * 256 + b_c) * 2
-            b_u = tl.reshape(tl.join(b_u * tl.load(p_t), b_u * tl.load(p_t + 1)),
-                             [BLOCK_N, 2 << i])
-        b_x = b_u.to(tl.float16)
-    else:  # ADA, small D (the join/reshape path gave wrong results at D = 16 on the H100):
-        # u_j = Π_ℓ trig[ℓ, c_ℓ(j >> ℓ), bit ℓ−1 of j], every angle decoded per coordinate
+    else:  # ADA at D < 64 (D ≥ 64 reads field tiles, _ada_fields; the join/reshape path
+        # gave wrong results at D = 16 on the H100): u_j = Π_ℓ trig[ℓ, c_ℓ(j >> ℓ), bit ℓ−1
+        # of j], every angle decoded per coordinate (BITS as _ada_top)
         b_u = tl.full([BLOCK_N, D], 1.0, dtype=tl.float32)
+        OFF = 0
         for lv in tl.static_range(1, LOG2D + 1):
-            off = tl.load(ada_meta + 2 * (lv - 1))
-            bits = tl.load(ada_meta + 2 * (lv - 1) + 1)
-            b_c = _code(p_rows, (off + (o_d >> lv) * bits)[None, :], (1 << bits) - 1, NBYTES,
-                        True)
-            b_u *= tl.load(ada_trig + ((lv - 1) * 256 + b_c) * 2 + ((o_d >> (lv - 1)) & 1)[None, :])
+            B = (BITS >> (4 * (lv - 1))) & 15
+            b_c = _code(p_rows, (OFF + (o_d >> lv) * B)[None, :], (1 << B) - 1, NBYTES, True)
+            b_cos, b_sin = _cos_sin(tl.load(ada_trig + (lv - 1) * 256 + b_c))
+            b_u *= tl.where(((o_d >> (lv - 1)) & 1)[None, :] == 0, b_cos, b_sin)
+            OFF += (D >> lv) * B
         b_x = b_u.to(tl.float16)
     return b_x
 
 
 @triton.jit
-def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
+def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_trig,
              block_table, lengths, first, o_part, lse_part, i_bh, i_s,
              qk_scale, k_mult, v_mult, split_len, split_base, num_splits,
              stride_btb, stride_bth, stride_wb, stride_wh, stride_wn,
@@ -212,7 +317,16 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             else:
                 b_vs = tl.load(v_side + b_row).to(tl.float32)
         # s = q·k̂ · scale · log2 e, the per-row factor (norm/√D, scale, radius) applied after
-        if K_NF == 2:
+        if K_KIND == 3 and K_NF == 2:  # KernelKind.ADA in field tiles
+            b_k0, b_k1, _, _ = _ada_fields(p_k, ada_trig, 2, K_BITS, K_BYTES, D,
+                                           LOG2D, BLOCK_N)
+            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1))
+        elif K_KIND == 3 and K_NF == 4:
+            b_k0, b_k1, b_k2, b_k3 = _ada_fields(p_k, ada_trig, 4, K_BITS, K_BYTES,
+                                                 D, LOG2D, BLOCK_N)
+            b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
+                tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
+        elif K_NF == 2:
             b_k0, b_k1 = even_odd_levels(p_k, o_kw, m_n, K_ASM)
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1))
         elif K_NF == 4:
@@ -223,7 +337,7 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_s = tl.dot(b_q0, tl.trans(b_k0)) + tl.dot(b_q1, tl.trans(b_k1)) + \
                 tl.dot(b_q2, tl.trans(b_k2)) + tl.dot(b_q3, tl.trans(b_k3))
         else:
-            b_k = _tile(p_k, k_levels, ada_meta, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
+            b_k = _tile(p_k, k_levels, ada_trig, K_KIND, K_BITS, K_CODES, K_GROUP,
                         K_BYTES, D, LOG2D, BLOCK_N)
             b_s = tl.dot(b_q0, tl.trans(b_k))
         b_s = b_s * (b_ks * (k_mult * qk_scale))[None, :]
@@ -255,7 +369,7 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
             b_acc2 = b_acc2 * b_alpha + tl.dot(b_pv, b_v2)
             b_acc3 = b_acc3 * b_alpha + tl.dot(b_pv, b_v3)
         else:
-            b_v = _tile(p_v, v_levels, ada_meta, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
+            b_v = _tile(p_v, v_levels, ada_trig, V_KIND, V_BITS, V_CODES, V_GROUP,
                         V_BYTES, D, LOG2D, BLOCK_N)
             b_acc0 = b_acc0 * b_alpha + tl.dot(b_pv, b_v)
         b_m = b_m_new
@@ -282,7 +396,7 @@ def _segment(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ad
 # the kernel again after admissions, up to a minute each; the per-segment integers come in
 # device tensors (the docstring says why)
 @triton.jit(do_not_specialize=["split_len", "num_splits"])
-def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada_trig,
+def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_trig,
             block_table, lengths, first, k_mult, v_mult, split_base, strides,
             o_part, lse_part, qk_scale, split_len, num_splits,
             NSEG: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
@@ -310,7 +424,7 @@ def _kernel(q, k_rows, k_side, v_rows, v_side, k_levels, v_levels, ada_meta, ada
         lo = tl.load(split_base + t)
         if (i_x >= lo) & (i_x < tl.load(split_base + t + 1)):
             _segment(q[t], k_rows[t], k_side[t], v_rows[t], v_side[t], k_levels[t],
-                     v_levels[t], ada_meta[t], ada_trig[t], block_table[t], lengths[t],
+                     v_levels[t], ada_trig[t], block_table[t], lengths[t],
                      first[t], o_part, lse_part, i_bh, i_x - lo, qk_scale,
                      k_mult[t], v_mult[t], split_len, lo, num_splits,
                      tl.load(strides + 5 * t), tl.load(strides + 5 * t + 1),
@@ -341,18 +455,16 @@ def _levels(d: int, bits: int, levels: str, device: torch.device) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _ada_tables(d: int, bits: tuple[int, ...], device: torch.device):
-    """Per level of the ADA codec (d, bits): (bit offset of its field, bits) int32 [L, 2], and
-    (cos, sin) of each code's angle float32 [L, 256, 2]."""
+def _ada_trig(d: int, bits: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Each code's angle of each level of the ADA codec (d, bits) as int32 [L, 256]: fp16
+    cos θ in the low half-word, fp16 sin θ in the high one (one load or register gather gives
+    both)."""
     codec = SphericalCodec(d=d, bits=bits, rotate=False)
-    meta, trig, offset = [], np.zeros((len(codec.bits), 256, 2)), 0
-    for i, ((m, b), quant) in enumerate(zip(codec.layout, codec.quantizers, strict=True)):
-        meta.append((offset, b))
-        offset += m * b
+    trig = np.zeros((len(codec.bits), 256, 2), np.float16)
+    for i, quant in enumerate(codec.quantizers):
         lev = np.asarray(quant.levels, dtype=np.float64)
         trig[i, :len(lev), 0], trig[i, :len(lev), 1] = np.cos(lev), np.sin(lev)
-    return (torch.tensor(meta, dtype=torch.int32, device=device),
-            torch.as_tensor(trig, dtype=torch.float32, device=device))
+    return torch.from_numpy(trig.view(np.int32)[..., 0].copy()).to(device)
 
 
 def _bounds(first: torch.Tensor, shape: tuple[int, ...], M: int,
@@ -369,15 +481,15 @@ class _Side:
     Attributes: ``kind`` (:class:`~sphkv.codec.KernelKind`), ``bits``, ``rows`` (payload or
     fp16 rows), ``side`` (the per-row factor: norm, scale or radius; None for fp16), ``mult``
     (the factor's constant, 1/√D for TurboQuant), ``seed`` (the rotation of its domain, or
-    None), ``levels`` (the TurboQuant codebook), ``ada_meta`` and ``ada_trig`` (ADA keys' level
-    layout and angle tables), ``codes`` and ``group`` (TurboQuant packing: ``codes`` codes
-    fill ``group`` bytes), ``asm`` and ``fields`` (the register lookup of 2- and 4-bit
-    levels and its field tiles; ``""`` and 1 without it). A table the kind does not read is
-    None.
+    None), ``levels`` (the TurboQuant codebook), ``ada_trig`` (ADA keys' angle tables; their
+    levels' bits are ``bits``, a nibble per level), ``codes`` and ``group`` (TurboQuant
+    packing: ``codes`` codes fill ``group`` bytes), ``asm`` (the register lookup of 2- and
+    4-bit levels; ``""`` without it) and ``fields`` (the field tiles a key or value tile comes
+    in: the lookup's, ADA keys' at D ≥ 64, else 1). A table the kind does not read is None.
     """
 
     def __init__(self, codec, codes, d: int, device: torch.device, role: str, rows=None):
-        self.levels = self.ada_meta = self.ada_trig = None
+        self.levels = self.ada_trig = None
         self.seed, self.mult, self.bits = None, 1.0, 0
         self.asm = ""  # the register lookup of 2- and 4-bit levels (lookup.py)
         self.side = None if codes is None else next(iter(codes.side.values()), None)
@@ -411,11 +523,16 @@ class _Side:
         elif kind == ADA and role == "key":
             self.kind, rows = ADA, payload
             self.seed = codec.seed if codec.rotate else None
-            self.ada_meta, self.ada_trig = _ada_tables(d, codec.bits, device)
+            self.ada_trig = _ada_trig(d, codec.bits, device)
+            self.bits = sum(b << 4 * i for i, b in enumerate(codec.bits))
+            # D ≥ 64: the last two levels (one at D = 64) into field tiles of D/4 (D/2)
+            # coordinates, by register gathers, no interleave
+            self.fields = 4 if d >= 128 else 2 if d >= 64 else 1
         else:
             raise ValueError(f"{role} codec {type(codec).__name__} has no kernel (fp16, int8, "
                              f"TurboQuant, and SphericalCodec keys do)")
-        self.fields = {2: 4, 3: 4, 4: 2}[self.bits] if self.asm else 1
+        if self.kind != ADA:
+            self.fields = {2: 4, 3: 4, 4: 2}[self.bits] if self.asm else 1
         # TurboQuant packing: CODES consecutive codes fill GROUP whole bytes
         self.codes = 8 // math.gcd(self.bits, 8) if self.kind == TURBO else 1
         self.group = self.bits * self.codes // 8 if self.kind == TURBO else 1
@@ -436,8 +553,7 @@ class _SegmentArgs(NamedTuple):
     v_side: torch.Tensor
     k_levels: torch.Tensor  # TurboQuant codebook of the keys [2^bits]
     v_levels: torch.Tensor
-    ada_meta: torch.Tensor  # ADA keys: (bit offset, bits) of each level's field [L, 2]
-    ada_trig: torch.Tensor  # ADA keys: (cos, sin) of each level's angle codes [L, 256, 2]
+    ada_trig: torch.Tensor  # ADA keys: each level's codes' fp16 (cos, sin), int32 [L, 256]
     block_table: torch.Tensor  # int32 [B, Hkv, max_pages]; unread by the window
     lengths: torch.Tensor  # int32 [B, Hkv]: tokens of each run (the window: W)
     first: torch.Tensor  # int32 [B, Hkv, M]: first visible token per query row; read if BOUND
@@ -502,7 +618,6 @@ def _slot(key: _Side, value: _Side, *, block_table, lengths, first, capacity: in
         q=None, k_rows=key.rows, k_side=or_placeholder(key.side), v_rows=value.rows,
         v_side=or_placeholder(value.side), k_levels=or_placeholder(key.levels),
         v_levels=or_placeholder(value.levels),
-        ada_meta=dummy.int() if key.ada_meta is None else key.ada_meta,
         ada_trig=or_placeholder(key.ada_trig), block_table=block_table, lengths=lengths,
         first=lengths if first is None else first, k_mult=key.mult, v_mult=value.mult)
     consts = _SegmentConsts(
