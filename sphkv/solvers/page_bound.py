@@ -104,18 +104,19 @@ def _padded_size(problem: AllocationProblem) -> int:
 
 
 def _smallest(table, k: int, cap):
-    """Per row of ``table`` [g, M]: prefix sums of its ``k`` smallest finite values, [g, k + 1];
-    values at or above ``cap`` [g] count as the cap, inf where the row has fewer finite
-    values."""
-    rows, m = table.shape
+    """Per row of ``table`` [..., M]: prefix sums of its ``k`` smallest finite values,
+    [..., k + 1]; values at or above ``cap`` [...] count as the cap, inf where the row has
+    fewer finite values."""
+    m = table.shape[-1]
     if k < m:
-        table = np.partition(table, k - 1, axis=1)[:, :k]
-    table = np.sort(table, axis=1)
-    if table.shape[1] < k:
-        table = np.concatenate([table, np.full((rows, k - table.shape[1]), np.inf)], axis=1)
+        table = np.partition(table, k - 1, axis=-1)[..., :k]
+    table = np.sort(table, axis=-1)
+    if table.shape[-1] < k:
+        table = np.concatenate([table, np.full(table.shape[:-1] + (k - m,), np.inf)], axis=-1)
     # The cap commutes with taking the k smallest; a missing value (inf) stays inf.
-    table = np.where(table < np.inf, np.minimum(table, cap[:, None]), np.inf)
-    return np.concatenate([np.zeros((rows, 1)), np.cumsum(table, axis=1)], axis=1)
+    table = np.where(table < np.inf, np.minimum(table, cap[..., None]), np.inf)
+    return np.concatenate([np.zeros(table.shape[:-1] + (1,)), np.cumsum(table, axis=-1)],
+                          axis=-1)
 
 
 def _at_price(groups: _Groups, lam: float, max_jumps: int) -> float:
@@ -147,20 +148,22 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
         value = rows + lam * c_rank[0][:, None]
     else:
         value = rows + lam * np.repeat(c_rank.T, m, axis=1)
-    a = np.argmin(value, axis=0)  # rank of the best tier
     best = np.min(value, axis=0)
+    a = np.zeros(best.shape, dtype=np.int64)  # rank of the best tier (the first, on ties)
+    for r in range(t - 1, 0, -1):
+        a[value[r] == best] = r
     regret = value - best
     del value
     top = t - 1
     # Crossing costs, up: min over destinations b > k of regret_b / (b - a), for a <= k; into
     # the top only from the rank just below it (from further down it is a jump, counted whole).
-    up = [None] * max(t - 1, 0)
+    up = np.full((max(t - 1, 0), a.size), np.inf)
     lowest = np.full(a.shape, np.inf)
     for b in range(top, 0, -1):
         into = a < b if b < top else a == top - 1
         lowest = np.minimum(lowest, np.where(into, regret[b] / np.maximum(b - a, 1), np.inf))
         up[b - 1] = np.where(a <= b - 1, lowest, np.inf)
-    down = [None] * max(t - 1, 0)
+    down = np.full((max(t - 1, 0), a.size), np.inf)
     lowest = np.full(a.shape, np.inf)
     for b in range(top):
         lowest = np.minimum(lowest, np.where(a > b, regret[b] / np.maximum(a - b, 1), np.inf))
@@ -172,20 +175,19 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
     rho = np.arange(p)
     # Per boundary k (ranks k | k + 1), the cheapest net flow of each residue ρ: ρ up or
     # P - ρ down. A flow costing more than the two ranks' empty slots could save never pays.
+    cap = np.minimum(empty0[:, None], (slot_price[:, :-1] + slot_price[:, 1:]) * (p - 1)).T
+    ups = _smallest(up.reshape(-1, g_count, m), p - 1, cap)  # [T - 1, G, P]
+    downs = _smallest(down.reshape(-1, g_count, m), p - 1, cap)
     cross = np.zeros((g_count, max(t - 1, 0), p))
-    for k in range(t - 1):
-        cap = np.minimum(empty0, (slot_price[:, k] + slot_price[:, k + 1]) * (p - 1))
-        ups = _smallest(up[k].reshape(g_count, m), p - 1, cap)
-        downs = _smallest(down[k].reshape(g_count, m), p - 1, cap)
-        cross[:, k, 1:] = np.minimum(ups[:, rho[1:]], downs[:, p - rho[1:]])
+    cross[:, :, 1:] = np.minimum(ups[..., 1:], downs[..., :0:-1]).transpose(1, 0, 2)
     # Jumps into the top from ranks <= top - 2, their regrets whole.
     jump = np.where(a <= top - 2, regret[top], np.inf)
     jumps = np.full((g_count, t, max_jumps + 1), np.inf)
     jumps[:, :, 0] = 0.0
-    for r in range(top - 1):
-        cap = np.minimum(empty0, (slot_price[:, r] + slot_price[:, top]) * (p - 1))
-        jumps[:, r] = _smallest(np.where(a == r, jump, np.inf).reshape(g_count, m), max_jumps,
-                               cap)
+    sources = np.arange(max(top - 1, 0))
+    cap = np.minimum(empty0[:, None], (slot_price[:, sources] + slot_price[:, top:]) * (p - 1)).T
+    from_rank = np.where(a == sources[:, None], jump, np.inf).reshape(-1, g_count, m)
+    jumps[:, sources] = _smallest(from_rank, max_jumps, cap).transpose(1, 0, 2)
     cap = np.minimum(empty0, slot_price.max(axis=1) * 2 * (p - 1))
     beyond = _smallest(jump.reshape(g_count, m), max_jumps + 1, cap)[:, -1]
 
