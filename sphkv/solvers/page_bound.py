@@ -150,7 +150,7 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
         value = rows + lam * np.repeat(c_rank.T, m, axis=1)
     best = np.min(value, axis=0)
     a = np.zeros(best.shape, dtype=np.int64)  # rank of the best tier (the first, on ties)
-    for r in range(t - 1, 0, -1):
+    for r in range(t - 1, -1, -1):
         a[value[r] == best] = r
     regret = value - best
     del value
