@@ -148,10 +148,8 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
         value = rows + lam * c_rank[0][:, None]
     else:
         value = rows + lam * np.repeat(c_rank.T, m, axis=1)
+    a = np.argmin(value, axis=0)  # rank of the best tier
     best = np.min(value, axis=0)
-    a = np.zeros(best.shape, dtype=np.int64)  # rank of the best tier (the first, on ties)
-    for r in range(t - 1, -1, -1):
-        a[value[r] == best] = r
     regret = value - best
     del value
     top = t - 1
