@@ -658,8 +658,6 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
 
         if shared:
             c_tensor = xp.asarray(c_row, dtype=distortion.dtype, device=dev)
-    # numpy reads tier rows [T, N], transposed once for every evaluation.
-    by_tier = None if torch_lib is not None else rank_major(xp, distortion)
     slot_rows = {tier: slots[:, tier] for tier in tiers}
     # Per slot tier, items whose gains bound each group's s-th largest from below: those
     # credited at the last λ, at first every k-th item (k to sample about 16 s per group).
@@ -687,7 +685,7 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                 gain = best - block[:, tier]
                 gains[tier] = gain if ok is None else xp.where(ok[:, tier], gain, 0.0)
             return best, paid, gains
-        rows = by_tier[:, items]
+        rows = rank_major(xp, distortion[items])
         cost = None if shared else rank_major(xp, xp.take(amortized, group[items], axis=0))
         ok = None if allowed is None else rank_major(xp, allowed[items])
         best = paid = None
