@@ -15,7 +15,8 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``prefill_s`` (the prompt's forward and, for the cache, its allocation),
 ``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
 admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
-``--no-graphs`` runs every step eagerly), ``peak_kv_bytes`` (the cache's accounted peak over
+``--no-graphs`` runs every step eagerly), ``window`` (W: the cache's choice, or each of
+``--windows``), ``peak_kv_bytes`` (the cache's accounted peak over
 every pool write; plain: its KV tensors at the end) against ``budget_bytes``, and
 ``peak_device_bytes``, the most device memory allocated during the generation, weights
 included (a GPU only: where the prefill's transients show). Plain generation
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import time
 
 import numpy as np
@@ -68,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125],
                         help="budgets as shares of the fp16 cache")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--windows", type=int, nargs="+", default=None,
+                        help="the cache's window W (tokens kept fp16, admitted W at a time); "
+                             "default: chosen by the cache from the budget")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="decode steps between admissions as CUDA graphs (GPU only)")
 
@@ -161,41 +166,45 @@ def run(args: argparse.Namespace) -> list[dict]:
                     add(_row(label, "none", context, batch, 1.0, steps, prefill, plain_tok_s,
                              [], kv, None) | {"peak_device_bytes": peak})
                 gc.collect()
-                for method in args.methods:
-                    if (label, method) not in warm:
-                        _warm_up(model, method, device, args.graphs)
-                        warm.add((label, method))
-                    for fraction in args.fractions:
-                        limit = budget_bytes(model.config, batch, context + args.new_tokens,
-                                             fraction)
-                        cache = SphkvCache(model.config, limit, method)
-                        with compressed_attention(model, graphs=args.graphs):
-                            steps, prefill, peak = _run_once(model, ids, args.new_tokens,
-                                                             device, cache)
-                        admits = [s for kind, s in cache.timings if kind == "admit"]
-                        row = _row(label, method, context, batch, fraction, steps, prefill,
-                                   plain_tok_s, admits, cache.peak_bytes, limit)
-                        graph = cache.decode_graph
-                        row["graph_steps"] = graph.steps["replayed"] if graph else 0
-                        row["peak_device_bytes"] = peak
-                        add(row)
-                        del cache
-                        gc.collect()
+                for method, window, fraction in itertools.product(
+                        args.methods, args.windows or [None], args.fractions):
+                    if (label, method, window) not in warm:
+                        _warm_up(model, method, window, device, args.graphs)
+                        warm.add((label, method, window))
+                    limit = budget_bytes(model.config, batch, context + args.new_tokens,
+                                         fraction)
+                    cache = SphkvCache(model.config, limit, method, window=window)
+                    with compressed_attention(model, graphs=args.graphs):
+                        steps, prefill, peak = _run_once(model, ids, args.new_tokens,
+                                                         device, cache)
+                    admits = [s for kind, s in cache.timings if kind == "admit"]
+                    row = _row(label, method, context, batch, fraction, steps, prefill,
+                               plain_tok_s, admits, cache.peak_bytes, limit)
+                    graph = cache.decode_graph
+                    row["graph_steps"] = graph.steps["replayed"] if graph else 0
+                    row["window"] = cache.window
+                    row["peak_device_bytes"] = peak
+                    add(row)
+                    del cache
+                    gc.collect()
         del model
         gc.collect()
     return rows
 
 
-def _warm_up(model, method: str, device: torch.device, graphs: bool) -> None:
+def _warm_up(model, method: str, window: int | None, device: torch.device,
+             graphs: bool) -> None:
     """One untimed generation through ``method``'s cache: a 1,024-token prompt, then three
     admissions."""
     from sphkv.integrations.hf import SphkvCache, compressed_attention
     from sphkv.integrations.hf.generate import budget_bytes
 
     ids = torch.randint(1, model.config.vocab_size, (1, 1024)).to(device)
-    cache = SphkvCache(model.config, budget_bytes(model.config, 1, 1024 + 48, 0.25), method)
+    new = 3 * (window or 16)
+    cache = SphkvCache(model.config, budget_bytes(model.config, 1, 1024 + new, 0.25), method,
+                       window=window)
     with compressed_attention(model, graphs=graphs):
-        _run_once(model, ids, 48, device, cache)
+        _run_once(model, ids, new, device, cache)
 
 
 def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, admits,
