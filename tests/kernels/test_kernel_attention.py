@@ -70,3 +70,32 @@ def test_kernel_attend_matches_attend(monkeypatch, method, name):
     assert seen[0][0] == 32 and all(m == 1 for m, _ in seen[2:])
     assert max(len(t) for _, t in seen) >= 2, seen
     assert reused
+
+
+@pytest.mark.parametrize("method", ["rdr", "rdr-ada"])
+def test_kernel_attend_many_queries_over_pages(monkeypatch, method):
+    """A prompt fed in two forwards: the second's 72 queries (G·m = 144 rows, more than one
+    launch holds) attend over the first's pages in blocks of 64 and 8."""
+    model = tiny_model().to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 40 + 72), generator=gen).to(DEVICE)
+    budget = 0.6 * fp16_cache_bytes(model.config, 2, ids.shape[1])
+    cache = SphkvCache(model.config, budget, method, window=8, page_size=4)
+    cache.kernel = False
+    attend, blocked = CompressedLayer.attend, []
+
+    def both(layer, query, attention_mask, scaling):
+        ref = attend(layer, query, attention_mask, scaling)
+        if query.shape[2] == 72:
+            assert layer.cache.store is not None
+            assert_close(f"layer {layer.index}, 72 queries over pages", ref.float(),
+                         kernel_attend(layer, query, scaling).float(), 3e-3)
+            blocked.append(layer.index)
+        return ref
+
+    monkeypatch.setattr(CompressedLayer, "attend", both)
+    model.set_attn_implementation(register_attention())
+    with torch.no_grad():
+        model(ids[:, :40], **{cache_argument(model): cache}, use_cache=True)
+        model(ids[:, 40:], **{cache_argument(model): cache}, use_cache=True)
+    assert blocked == [0, 1]

@@ -6,9 +6,10 @@ causality, left padding and the layer's attention layout — with
 :func:`sphkv.kernels.ada_decode` reading the store's pools and page tables directly. A sliding
 or chunked layer's hidden tokens are a prefix of each tier's run (its runs are kept sorted by
 position), passed as the kernel's per-query lower bounds. The prefill (no pages yet, the whole
-prompt in the window) goes through SDPA. A ladder with a tier the kernel does not read
-(:func:`kernel_reads`: KIVI, PolarQuant, FibQuant, int2/int4 scalar) attends in torch on the GPU
-instead.
+prompt in the window) goes through SDPA; more new queries than one launch holds, over pages (a
+prompt fed in chunks, a question), through the kernel in blocks of queries. A ladder with a
+tier the kernel does not read (:func:`kernel_reads`: KIVI, PolarQuant, FibQuant, int2/int4
+scalar) attends in torch on the GPU instead.
 """
 
 from __future__ import annotations
@@ -20,13 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sphkv.codec import KernelKind
-from sphkv.kernels.ada_decode import (
-    MAX_ROWS,
-    AdaDecodePlan,
-    TierPages,
-    Window,
-    ada_decode_naive,
-)
+from sphkv.kernels.ada_decode import MAX_ROWS, AdaDecodePlan, TierPages, Window
 
 __all__ = ["kernel_attend", "kernel_reads", "layer_pages"]
 
@@ -124,11 +119,10 @@ def kernel_attend(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     # window token n is at position start + n
     window_first, n = first - layer.start, layer.keys.shape[2]
     if hq // h * m > MAX_ROWS:
-        window = Window(layer.keys.to(dev), layer.values.to(dev), window_first)
-        pages = [dataclasses.replace(p, first=f) for p, f in zip(pages, bounds, strict=True)]
-        out = ada_decode_naive(query, pages, window, scale=scaling) if pages else \
-            _dense(query, window, scaling)
-        return out.transpose(1, 2)
+        if pages:
+            return _blocks(layer, pages, bounds, query, window_first, scaling).transpose(1, 2)
+        return _dense(query, Window(layer.keys.to(dev), layer.values.to(dev), window_first),
+                      scaling).transpose(1, 2)
     plan = _decode_plan(layer, pages, bounds, query)
     # a step captured in a CUDA graph reads the window's length from the device
     plan.set_bounds(bounds, window_first, n if cache.static is None else cache.static.window_length)
@@ -153,6 +147,32 @@ def _decode_plan(layer, pages: list[TierPages], bounds: list,
              for p, f in zip(pages, bounds, strict=True)]
     layer._plan = (key, AdaDecodePlan(pages, window, hq, m, d, device=query.device))
     return layer._plan[1]
+
+
+def _blocks(layer, pages: list[TierPages], bounds: list, query: torch.Tensor,
+            window_first: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of more new queries than one launch holds (a prompt fed after the cache has
+    pages: a chunk of a chunked prefill, a question), ``[B, H_q, m, d]``: the kernel over
+    blocks of ``MAX_ROWS // G`` queries, each block the last queries of the window cut at its
+    end (its queries see the window up to themselves); one plan per block size, each block's
+    bounds and window length written into it."""
+    b, hq, m, d = query.shape
+    h, n = layer.keys.shape[1], layer.keys.shape[2]
+    rows = MAX_ROWS // (hq // h)
+    window = Window(layer.keys, layer.values,
+                    torch.zeros(b, dtype=torch.int32, device=query.device), length=n)
+    out, plans = torch.empty_like(query), {}
+    for lo in range(0, m, rows):
+        hi = min(lo + rows, m)
+        if hi - lo not in plans:
+            planned = [p if f is None else dataclasses.replace(p, first=f[:, :, lo:hi])
+                       for p, f in zip(pages, bounds, strict=True)]
+            plans[hi - lo] = AdaDecodePlan(planned, window, hq, hi - lo, d, device=query.device)
+        plan = plans[hi - lo]
+        plan.set_bounds([None if f is None else f[:, :, lo:hi] for f in bounds],
+                        window_first[:, lo:hi], n - m + hi)
+        out[:, :, lo:hi] = plan.run(query[:, :, lo:hi].contiguous(), scaling)
+    return out
 
 
 def _dense(query: torch.Tensor, window: Window, scaling: float) -> torch.Tensor:
