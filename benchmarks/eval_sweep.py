@@ -169,7 +169,7 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
 
 
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
-             window: int | None = 16, observation: int | None = None) -> list[dict]:
+             window: int | None = None, observation: int | None = None) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
     caches' W (None: each cache's budget chooses it); ``observation``: the prompt queries
     perplexity's caches observe (None: each method's own)."""
@@ -491,16 +491,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="perplexity: scored tokens (default: the grid's)")
     parser.add_argument("--passkey-trials", type=int,
                         help="pass key: trials per cell (default: the grid's)")
-    parser.add_argument("--chunk", type=int, default=16,
+    parser.add_argument("--chunk", type=int, default=8,
                         help="perplexity: tokens per teacher-forced forward")
-    parser.add_argument("--window", type=_window, default=16,
+    parser.add_argument("--window", type=_window, default=None,
                         help="the caches' window W: between W and 2W recent tokens kept at fp16 "
-                             "(reserved from the budget); 'budget': each cache chooses 16, or 8 "
-                             "where 16's reserve would take more than a sixth of its budget. "
-                             "Keep --chunk at most W (at most 8 with 'budget')")
+                             "(reserved from the budget); 'budget' (default): each cache chooses "
+                             "16, or 8 where 16's reserve would take more than a sixth of its "
+                             "budget. Keep --chunk at most W (at most 8 with 'budget')")
     parser.add_argument("--observation", type=int, metavar="QUERIES",
                         help="perplexity: the caches observe the prompt's last QUERIES queries "
-                             "for the distortion rows (default: each method's own, 256 for the "
+                             "for the distortion rows (default: each method's own, 64 for the "
                              "RDR methods)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes (each loads the model; the cores are shared)")

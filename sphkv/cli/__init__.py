@@ -467,7 +467,9 @@ def generate(
              "or bytes with a unit (3e6B, 2.5MiB).")] = "0.25",
     method: Annotated[str, typer.Option(help=f"One of {', '.join(METHOD_NAMES)}.")] = "rdr",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
-    window: Annotated[int, typer.Option(help="Recent tokens kept fp16 (W to 2W).")] = 16,
+    window: Annotated[int | None, typer.Option(
+        help="Recent tokens kept fp16 (W to 2W); default: chosen by the budget (16, or 8 "
+             "where 16's reserve would take more than a sixth of it).")] = None,
     compare: Annotated[bool, typer.Option(
         help="Also generate with the model's own fp16 cache and print both texts.")] = False,
     json_output: Annotated[bool, typer.Option(
@@ -478,7 +480,8 @@ def generate(
 
     check_choice(method, METHOD_NAMES, "--method")
     check_positive(max_new_tokens, "--max-new-tokens")
-    check_positive(window, "--window")
+    if window is not None:
+        check_positive(window, "--window")
     spec = budget_spec(budget)
     try:
         with (gzip.open if prompt_file.suffix == ".gz" else open)(
@@ -517,8 +520,12 @@ def evaluate(
     setting: Annotated[str, typer.Option(help=f"passkey: {' or '.join(SETTINGS)}.")]
     = "query-agnostic",
     scored: Annotated[int, typer.Option(help="ppl: M, tokens scored after the context.")] = 256,
-    chunk: Annotated[int, typer.Option(help="ppl: tokens per teacher-forced forward.")] = 16,
-    window: Annotated[int, typer.Option(help="Recent tokens kept fp16 (W to 2W).")] = 16,
+    chunk: Annotated[int, typer.Option(help="ppl: tokens per teacher-forced forward (at most "
+                                            "W; 8 is the shortest window the budget "
+                                            "chooses).")] = 8,
+    window: Annotated[int | None, typer.Option(
+        help="Recent tokens kept fp16 (W to 2W); default: chosen by the budget (16, or 8 "
+             "where 16's reserve would take more than a sixth of it).")] = None,
     seed: Annotated[int, typer.Option(help="passkey: seed of the keys.")] = 0,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print exactly one JSON object on stdout, nothing else.")] = False,
@@ -531,7 +538,8 @@ def evaluate(
     check_positive(context, "--context")
     for value, hint in ((trials, "--trials"), (scored, "--scored"), (chunk, "--chunk"),
                         (window, "--window")):
-        check_positive(value, hint)
+        if value is not None:
+            check_positive(value, hint)
     if depth is not None and not 0 <= depth <= 1:
         raise typer.BadParameter(f"{depth}: the depth is in [0, 1]", param_hint="--depth")
     kind, value = budget_spec(budget)

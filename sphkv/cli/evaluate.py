@@ -12,7 +12,8 @@ __all__ = ["run_eval"]
 
 def run_eval(task: str, model: str, text: Path, context: int, budget: tuple[str, float],
              budget_text: str, method: str, trials: int, depth: float | None, setting: str,
-             scored: int, chunk: int, window: int, seed: int, json_output: bool) -> None:
+             scored: int, chunk: int, window: int | None, seed: int,
+             json_output: bool) -> None:
     """The body of ``sphkv eval`` (arguments checked by :mod:`sphkv.cli`): perplexity or
     pass-key accuracy through the compressed KV cache of a method at a budget."""
     from sphkv.cli import budget_error, err, fail, load_model_or_fail

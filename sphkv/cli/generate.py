@@ -17,7 +17,8 @@ __all__ = ["generate_command"]
 
 
 def generate_command(model: str, prompt: str, budget: tuple[str, float], method: str,
-                     max_new_tokens: int, window: int, compare: bool, json_output: bool) -> None:
+                     max_new_tokens: int, window: int | None, compare: bool,
+                     json_output: bool) -> None:
     """The body of ``sphkv generate`` (arguments checked by :mod:`sphkv.cli`): generate
     greedily with the compressed KV cache; report its bytes against fp16."""
     lm, tok = load_model_or_fail(model)

@@ -279,9 +279,9 @@ class SphkvCache(Cache):
         and budgets.
     method : Method or str
         What to store and how to weigh it (:data:`METHODS`).
-    window : int or None
+    window : int, optional
         W: tokens kept dense (between W and 2W), observation queries of each admission, and
-        admission chunk. None chooses it from the budget at the first forward
+        admission chunk. By default the budget chooses it at the first forward
         (:meth:`budget_window`): 16, or 8 where the 16-token window's reserve would take more
         than a sixth of the budget.
     sinks : int
@@ -310,8 +310,9 @@ class SphkvCache(Cache):
     """
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
-                 window: int = 16, sinks: int = 4, page_size: int = 16, decay: float = 0.8,
-                 observation: int | None = None, offset_bytes: int | None = None):
+                 window: int | None = None, sinks: int = 4, page_size: int = 16,
+                 decay: float = 0.8, observation: int | None = None,
+                 offset_bytes: int | None = None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
             if name == "window" and value is None:

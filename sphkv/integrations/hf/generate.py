@@ -70,7 +70,7 @@ def budget_bytes(config, batch: int, tokens: int, fraction: float | None = None,
 def compressed_generate(model, input_ids: torch.Tensor, *, fraction: float | None = None,
                         bytes: float | None = None, method: str = "rdr",
                         max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
-                        window: int = 16, sinks: int = 4, page_size: int = 16,
+                        window: int | None = None, sinks: int = 4, page_size: int = 16,
                         **generate_kwargs) -> tuple[torch.Tensor, SphkvCache]:
     """Greedy ``model.generate`` through a :class:`SphkvCache` within a budget.
 
@@ -144,7 +144,8 @@ class compress:
     """
 
     def __init__(self, model, *, fraction: float | None = None, bytes: float | None = None,
-                 method: str = "rdr", window: int = 16, sinks: int = 4, page_size: int = 16):
+                 method: str = "rdr", window: int | None = None, sinks: int = 4,
+                 page_size: int = 16):
         budget_bytes(model.config, 1, 1, fraction, bytes)  # checks the budget's arguments now
         self.model, self.fraction, self.bytes = model, fraction, bytes
         self.options = {"method": method, "window": window, "sinks": sinks,

@@ -61,7 +61,7 @@ def budget_bytes(model, budget: float, tokens: int) -> float:
     return budget_to_bytes(budget, fp16_cache_bytes(model.config, 1, tokens))
 
 
-def make_cache(model, method: str, budget: float, window: int | None = 16, sinks: int = 4,
+def make_cache(model, method: str, budget: float, window: int | None = None, sinks: int = 4,
                page_size: int = 16):
     """A fresh cache: ``DynamicCache`` for ``none``, else a :class:`SphkvCache` of ``budget``
     bytes."""
@@ -126,7 +126,7 @@ class PerplexityResult:
 
 
 def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: float = 0.125,
-               method: str = "rdr", chunk: int = 16, window: int | None = 16, sinks: int = 4,
+               method: str = "rdr", chunk: int = 8, window: int | None = None, sinks: int = 4,
                page_size: int = 16) -> PerplexityResult:
     """Perplexity of ``scored`` tokens read through a cache compressed after ``context`` tokens.
 
@@ -155,7 +155,8 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
     method : str
         ``none`` or a key of :data:`sphkv.integrations.hf.methods.METHODS`.
     chunk : int
-        Tokens per teacher-forced forward after the prefill.
+        Tokens per teacher-forced forward after the prefill: by default 8, the shortest window
+        the budget chooses.
     window, sinks, page_size
         See :class:`SphkvCache`.
     """
@@ -164,7 +165,7 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
 
 
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
-                    runs: list[tuple[str, float]], chunk: int = 16, window: int | None = 16,
+                    runs: list[tuple[str, float]], chunk: int = 8, window: int | None = None,
                     sinks: int = 4, page_size: int = 16,
                     observation: int | None = None) -> list[PerplexityResult]:
     """:func:`perplexity` for several ``(method, budget)`` runs on one context, sharing the
@@ -244,7 +245,7 @@ class FidelityResult:
 
 
 def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, float]],
-                  window: int | None = 16, sinks: int = 4,
+                  window: int | None = None, sinks: int = 4,
                   page_size: int = 16) -> list[FidelityResult]:
     """Per-layer attention-output relative error of each ``(method, budget)`` run after
     compressing a ``context``-token prefill (shared, see :func:`perplexity_runs`); a budget in
@@ -432,7 +433,7 @@ class PasskeyResult:
 def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
             method: str = "rdr", setting: str = "query-agnostic", trials: int = 4,
             depth: float | None = None, max_new_tokens: int = 20, seed: int = 0,
-            question: str = QUESTION, window: int | None = 16, sinks: int = 4,
+            question: str = QUESTION, window: int | None = None, sinks: int = 4,
             page_size: int = 16) -> PasskeyResult:
     """Pass-key retrieval accuracy through a compressed cache.
 
@@ -474,7 +475,7 @@ def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
 def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str, float]],
                  setting: str = "query-agnostic", trials: int = 4, depth: float | None = None,
                  max_new_tokens: int = 20, seed: int = 0, question: str = QUESTION,
-                 window: int | None = 16, sinks: int = 4,
+                 window: int | None = None, sinks: int = 4,
                  page_size: int = 16) -> list[PasskeyResult]:
     """:func:`passkey` for several ``(method, budget)`` runs on the same trials, sharing each
     trial's prefill among the compressed methods (see :func:`perplexity_runs`)."""
