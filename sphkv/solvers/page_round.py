@@ -568,7 +568,7 @@ def _prefix_sums(xp, distortion, order, rows, cols):
     n, t = distortion.shape
     step = _block(xp, distortion)
     # Queries by block (-1: rows < 0, left at 0); within a block in any order. They come
-    # nearly in block order, which a stable sort finds in one pass.
+    # nearly in block order (group by group), which keeps that sort cheap.
     block_of = rows // step
     by_row = xp.argsort(block_of, stable=True)
     r, c = rows[by_row], cols[by_row]
