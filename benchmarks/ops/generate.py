@@ -16,7 +16,8 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
 admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
 ``--no-graphs`` runs every step eagerly), ``window`` (W: the cache's choice, or each of
-``--windows``), ``peak_kv_bytes`` (the cache's accounted peak over
+``--windows``), ``prefill_chunk`` (``--prefill-chunk``: the prompt fed in chunks, plainly and
+through the cache), ``peak_kv_bytes`` (the cache's accounted peak over
 every pool write; plain: its KV tensors at the end) against ``budget_bytes``, and
 ``peak_device_bytes``, the most device memory allocated during the generation, weights
 included (a GPU only: where the prefill's transients show). Plain generation
@@ -70,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125],
                         help="budgets as shares of the fp16 cache")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="feed the prompt in chunks of this many tokens (generate's "
+                             "prefill_chunk_size), plainly and through the cache; default: at "
+                             "once")
     parser.add_argument("--windows", type=int, nargs="+", default=None,
                         help="the cache's window W (tokens kept fp16, admitted W at a time); "
                              "default: chosen by the cache from the budget")
@@ -105,13 +110,17 @@ def _model(shape: str | None, name: str | None, device: torch.device):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), shape
 
 
-def _run_once(model, ids, new: int, device, cache=None) -> tuple[list[float], float, int | None]:
+def _run_once(model, ids, new: int, device, cache=None,
+              chunk: int | None = None) -> tuple[list[float], float, int | None]:
     """Decode step seconds, prefill seconds and the peak of the device memory allocated (the
-    model's weights included; None on the CPU) of one greedy generation."""
+    model's weights included; None on the CPU) of one greedy generation, the prompt fed in
+    chunks of ``chunk`` tokens if given."""
     from sphkv.integrations.hf import cache_argument
 
     clock = _Clock(device)
     kwargs = {} if cache is None else {cache_argument(model): cache}
+    if chunk is not None:
+        kwargs["prefill_chunk_size"] = chunk
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -123,14 +132,14 @@ def _run_once(model, ids, new: int, device, cache=None) -> tuple[list[float], fl
     return list(np.diff(clock.times[1:])), clock.times[1] - start, peak
 
 
-def _plain(model, ids, new, device) -> tuple[list[float], float, int, int | None]:
+def _plain(model, ids, new, device, chunk) -> tuple[list[float], float, int, int | None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     cache = DynamicCache(config=model.config)
     with sdpa_kernel(backends):
-        steps, prefill, peak = _run_once(model, ids, new, device, cache)
+        steps, prefill, peak = _run_once(model, ids, new, device, cache, chunk)
     kv = sum(t.numel() * t.element_size() for layer in cache.layers
              for t in (layer.keys, layer.values))
     return steps, prefill, kv, peak
@@ -155,16 +164,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                 ids = torch.randint(1, model.config.vocab_size, (batch, context),
                                     generator=gen).to(device)
                 try:
-                    steps, prefill, kv, peak = _plain(model, ids, args.new_tokens, device)
+                    steps, prefill, kv, peak = _plain(model, ids, args.new_tokens, device,
+                                                      args.prefill_chunk)
                 except torch.OutOfMemoryError:
                     add(dict(model=label, method="none", context=context, batch=batch,
                              budget=1.0, tok_s=None, note="out of memory"))
                     steps = None
+                    torch.cuda.empty_cache()
                 plain_tok_s = None
                 if steps is not None:
                     plain_tok_s = batch * len(steps) / sum(steps)
                     add(_row(label, "none", context, batch, 1.0, steps, prefill, plain_tok_s,
-                             [], kv, None) | {"peak_device_bytes": peak})
+                             [], kv, None) | {"peak_device_bytes": peak,
+                                              "prefill_chunk": args.prefill_chunk})
                 gc.collect()
                 for method, window, fraction in itertools.product(
                         args.methods, args.windows or [None], args.fractions):
@@ -174,15 +186,24 @@ def run(args: argparse.Namespace) -> list[dict]:
                     limit = budget_bytes(model.config, batch, context + args.new_tokens,
                                          fraction)
                     cache = SphkvCache(model.config, limit, method, window=window)
-                    with compressed_attention(model, graphs=args.graphs):
-                        steps, prefill, peak = _run_once(model, ids, args.new_tokens,
-                                                         device, cache)
+                    try:
+                        with compressed_attention(model, graphs=args.graphs):
+                            steps, prefill, peak = _run_once(model, ids, args.new_tokens,
+                                                             device, cache, args.prefill_chunk)
+                    except torch.OutOfMemoryError:
+                        add(dict(model=label, method=method, context=context, batch=batch,
+                                 budget=fraction, tok_s=None, note="out of memory"))
+                        del cache
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
                     admits = [s for kind, s in cache.timings if kind == "admit"]
                     row = _row(label, method, context, batch, fraction, steps, prefill,
                                plain_tok_s, admits, cache.peak_bytes, limit)
                     graph = cache.decode_graph
                     row["graph_steps"] = graph.steps["replayed"] if graph else 0
                     row["window"] = cache.window
+                    row["prefill_chunk"] = args.prefill_chunk
                     row["peak_device_bytes"] = peak
                     add(row)
                     del cache

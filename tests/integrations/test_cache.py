@@ -230,6 +230,42 @@ def test_a_cache_keeps_no_copy_of_its_prompt(model):
     assert cache._prefill_items is None
 
 
+def test_prompt_fed_in_chunks(model):
+    """A prompt fed in chunks (generate's ``prefill_chunk_size``): at full budget plain
+    generation's tokens; within a budget, the prefill of the first chunk, then one admission
+    per chunk (not one per W tokens), the budget held after every step."""
+    ids, new = _ids(90, seed=3), 20
+    model.set_attn_implementation(register_attention())
+
+    def run(budget):
+        cache = SphkvCache(model.config, budget, "rdr", window=8, page_size=4)
+        check = _Check(cache)
+        with torch.no_grad():
+            out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=new,
+                                 do_sample=False, prefill_chunk_size=32,
+                                 stopping_criteria=StoppingCriteriaList([check]))
+        assert check.steps == new
+        return out, cache
+
+    try:
+        full, _ = run(1e9)
+        budget = 0.3 * fp16_cache_bytes(model.config, 1, 90 + new)
+        _, cache = run(budget)
+    finally:
+        model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.equal(full, model.generate(ids, max_new_tokens=new, do_sample=False))
+    # chunks of 32, 32 and 26 tokens: each after the first admitted at once, all but the last
+    # W = 8; then the decode steps admit 8 at a time
+    kinds = [kind for kind, _ in cache.timings]
+    assert kinds[:3] == ["prefill", "admit", "admit"]
+    assert len(kinds) == 3 + (8 + new - 1) // 8 - 1
+    assert cache.peak_bytes <= budget
+    # a chunk's admission reads the observation's queries, as the prefill does; a decode
+    # step's the window's 2W
+    assert cache._kept_queries(32) == max(16, cache.observation) > cache._kept_queries(1) == 16
+
+
 def test_compressed_generate_helper(model):
     out, cache = compressed_generate(model, _ids(40, seed=6), fraction=0.5, method="snapkv",
                                      max_new_tokens=20, window=8, page_size=4)

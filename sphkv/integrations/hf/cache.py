@@ -24,7 +24,10 @@ forward: :meth:`SphkvCache.budget_window`):
 - **steps**: after the prefill forward, every token but the last W goes to
   :meth:`~sphkv.rdr.online.OnlineAllocator.prefill`; when the window holds 2W tokens, the oldest
   W are admitted (:meth:`~sphkv.rdr.online.OnlineAllocator.admit`), after the tokens that fell out
-  of a layer's view have been evicted.
+  of a layer's view have been evicted. A forward of more tokens after the prefill (a prompt fed
+  in chunks: ``generate``'s ``prefill_chunk_size``; a question) admits all but the newest W in
+  one admission, its distortion rows weighed by its last ``observation`` queries, as the
+  prefill's are.
 
 Bytes: the pages and their page tables, the windows and the per-sequence padding offsets
 (:meth:`SphkvCache.nbytes`). The windows at their largest (2W tokens per layer and kv head, or a
@@ -32,7 +35,7 @@ sliding layer's window if smaller) are reserved from the budget; the allocator's
 rest and never exceeds it, at any pool write. A budget below the reserve plus the sinks' pages
 (:meth:`SphkvCache.minimum_bytes`) is refused when the first forward ends. A forward of several
 new tokens (the prefill, a question fed at once) holds them at fp16 while it runs: attention over
-them needs them.
+them needs them; a long prompt fed in chunks holds one chunk at a time.
 """
 
 from __future__ import annotations
@@ -580,13 +583,14 @@ class SphkvCache(Cache):
             return
         prev = self._queries.get(layer)
         keep_all = self.allocator is None and (self.budget is None or self.method.all_queries)
+        keep = self._kept_queries(query.shape[2])
         q = query.detach()
         if not keep_all:
             # sliced before the copy: a view of the whole prefill's queries would hold them all
-            q = q[:, :, -self._kept_queries():]
+            q = q[:, :, -keep:]
         q = q.to(torch.float32, copy=True)
         q = q if prev is None else torch.cat([prev, q], dim=2)
-        self._queries[layer] = q if keep_all else q[:, :, -self._kept_queries():]
+        self._queries[layer] = q if keep_all else q[:, :, -keep:]
         if layer == self.n_layers - 1 and self.budget is not None:
             self._step()
 
@@ -596,10 +600,12 @@ class SphkvCache(Cache):
         end = static.count + 1
         self._queries[layer] = static.queries[layer][:, :, max(end - self._kept_queries(), 0):end]
 
-    def _kept_queries(self) -> int:
-        """Queries the next allocator step reads: the prefill's observation (and the window),
-        then an admission's, those of the window's 2W positions at most."""
-        if self.allocator is not None:
+    def _kept_queries(self, new: int = 1) -> int:
+        """Queries the next allocator step reads after a forward of ``new`` tokens: the
+        prefill's observation (and the window); then an admission's, those of the window's 2W
+        positions at most, or, after a forward of more tokens than that (a prompt fed in
+        chunks), the observation, as for the prefill."""
+        if self.allocator is not None and new <= 2 * self.window:
             return 2 * self.window
         return max(2 * self.window, self.observation)
 
@@ -698,8 +704,10 @@ class SphkvCache(Cache):
         self._queries = {i: q[:, :, -self.window:] for i, q in self._queries.items()}
 
     def _admit(self) -> None:
-        """Evict what fell out of view, then admit the window's W oldest positions."""
-        end = self.admitted + self.window
+        """Evict what fell out of view, then admit every position but the window's newest W:
+        the W oldest at a decode step; after a forward of many tokens (a prompt fed in chunks,
+        a question) all of them in one admission."""
+        end = self.length - self.window
         if not all(a.is_full for a in self.layout):
             self._record(lambda: self.allocator.evict(self._first_kept()))
         tokens = Tokens.cat(self._tokens(self.admitted, end))
