@@ -108,3 +108,28 @@ def test_gpu_generation_equals_cpu(method):
           f"{cache.peak_bytes} / budget {budget:.0f} bytes")
     assert err < 1e-2
     assert torch.equal(out, ref), (out[0, 48:] != ref[0, 48:]).nonzero().flatten().tolist()
+
+
+def test_gpu_prompt_in_chunks_at_full_budget():
+    """A prompt fed in chunks through the kernels (each chunk's queries in blocks over the
+    pages, one admission per chunk) at a budget that keeps every token at fp16: plain fp16
+    generation's tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=8192, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).cuda().half().eval()
+    ids = torch.randint(1, 512, (2, 1500), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        cache = SphkvCache(config, 1e12, "rdr")
+        model.set_attn_implementation(register_attention())
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                             prefill_chunk_size=512, **{cache_argument(model): cache})
+    assert cache.kernel
+    # chunks of 512, 512 and 476 tokens: the prefill, one admission per later chunk, then the
+    # decode steps' (W = 16)
+    assert [kind for kind, _ in cache.timings] == ["prefill", "admit", "admit", "admit"]
+    assert torch.equal(out, ref)
