@@ -496,8 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=_window, default=None,
                         help="the caches' window W: between W and 2W recent tokens kept at fp16 "
                              "(reserved from the budget); 'budget' (default): each cache chooses "
-                             "16, or 8 where 16's reserve would take more than a sixth of its "
-                             "budget. Keep --chunk at most W (at most 8 with 'budget')")
+                             "16; 8 where 16's reserve would take more than a sixth of its "
+                             "budget; 32 or 64 where theirs takes at most a sixteenth. Keep "
+                             "--chunk at most W (at most 8 with 'budget')")
     parser.add_argument("--observation", type=int, metavar="QUERIES",
                         help="perplexity: the caches observe the prompt's last QUERIES queries "
                              "for the distortion rows (default: each method's own, 64 for the "

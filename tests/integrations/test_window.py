@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from sphkv.integrations.hf.cache import (
+    WINDOW_GROW_SHARE,
     WINDOW_LONG,
+    WINDOW_MAX,
     WINDOW_SHARE,
     WINDOW_SHORT,
     SphkvCache,
@@ -24,18 +26,18 @@ def model():
     return tiny_model()
 
 
-def _long_reserve(batch: int) -> int:
-    """2·16 fp16 tokens (keys and values) per layer and kv-head, and 8 bytes of padding offset
+def _reserve(batch: int, window: int) -> int:
+    """2W fp16 tokens (keys and values) per layer and kv-head, and 8 bytes of padding offset
     per sequence."""
     per_token = TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * 4 * TINY["head_dim"]
-    return batch * (2 * WINDOW_LONG * per_token + 8)
+    return batch * (2 * window * per_token + 8)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_budget_chooses_the_short_window_where_the_long_ones_reserve_is_dear(model, batch):
-    edge = _long_reserve(batch) / WINDOW_SHARE  # the long reserve is then a sixth of it
+    edge = _reserve(batch, WINDOW_LONG) / WINDOW_SHARE  # the long reserve is then a sixth of it
     for budget, window in ((edge, WINDOW_LONG), (edge - 1, WINDOW_SHORT),
-                           (10 * edge, WINDOW_LONG), (edge / 3, WINDOW_SHORT)):
+                           (2 * edge, WINDOW_LONG), (edge / 3, WINDOW_SHORT)):
         cache = SphkvCache(model.config, budget, window=None)
         assert cache.window is None
         assert cache.budget_window(batch) == window
@@ -44,8 +46,17 @@ def test_the_budget_chooses_the_short_window_where_the_long_ones_reserve_is_dear
     assert SphkvCache(model.config, None, window=None).budget_window(batch) == WINDOW_LONG
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_budget_doubles_the_window_where_the_reserve_is_cheap(model, batch):
+    # 32 from where its reserve is a sixteenth of the budget, 64 from where 64's is, no more
+    edge32, edge64 = (_reserve(batch, w) / WINDOW_GROW_SHARE for w in (32, WINDOW_MAX))
+    for budget, window in ((edge32 - 1, WINDOW_LONG), (edge32, 32), (edge64 - 1, 32),
+                           (edge64, WINDOW_MAX), (1000 * edge64, WINDOW_MAX)):
+        assert SphkvCache(model.config, budget, window=None).budget_window(batch) == window
+
+
 def test_a_given_window_is_honoured_whatever_the_budget(model):
-    edge = _long_reserve(1) / WINDOW_SHARE
+    edge = _reserve(1, WINDOW_LONG) / WINDOW_SHARE
     for window in (4, 8, 16, 32):
         for budget in (edge / 3, 10 * edge):
             assert SphkvCache(model.config, budget, window=window).window == window

@@ -63,8 +63,12 @@ __all__ = ["ATTENTION_NAME", "METHODS", "CompressedLayer", "Method", "SphkvCache
 
 ATTENTION_NAME = "sphkv"
 #: the windows a budget chooses from (``window=None``): the long one, unless its reserve of 2W
-#: fp16 tokens per layer and kv-head would take more than WINDOW_SHARE of the budget
+#: fp16 tokens per layer and kv-head would take more than WINDOW_SHARE of the budget; doubled,
+#: up to WINDOW_MAX, while the doubled window's reserve takes at most WINDOW_GROW_SHARE of it
+#: (fewer admissions of more tokens at long contexts: an admission on a GPU costs about the
+#: same whatever it admits)
 WINDOW_LONG, WINDOW_SHORT, WINDOW_SHARE = 16, 8, 1 / 6
+WINDOW_MAX, WINDOW_GROW_SHARE = 64, 1 / 16
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
 _DECODE_ROWS = 1 << 15
 
@@ -286,7 +290,8 @@ class SphkvCache(Cache):
         W: tokens kept dense (between W and 2W), observation queries of each admission, and
         admission chunk. By default the budget chooses it at the first forward
         (:meth:`budget_window`): 16, or 8 where the 16-token window's reserve would take more
-        than a sixth of the budget.
+        than a sixth of the budget, and 32 or 64 where their reserve takes at most a
+        sixteenth of it (long contexts).
     sinks : int
         The first ``sinks`` real tokens of each sequence take the method's dearest tier.
     page_size : int
@@ -419,15 +424,24 @@ class SphkvCache(Cache):
         return sum(per_token * a.held_tokens(2 * window) for a in self.layout) + batch * 8
 
     def budget_window(self, batch: int) -> int:
-        """The window the budget chooses for ``batch`` sequences: :data:`WINDOW_LONG`, or
-        :data:`WINDOW_SHORT` where the long window's reserve would take more than
-        :data:`WINDOW_SHARE` of the budget. At 1/8 of the fp16 bytes of N tokens the long
-        reserve takes 2·16·8/N of it: a fifth at N = 1280, a ninth at 2304. A deferred cache
-        (no budget) holds its whole prompt; its copies choose their own."""
+        """The window the budget chooses for ``batch`` sequences: :data:`WINDOW_SHORT` where
+        the long window's reserve would take more than :data:`WINDOW_SHARE` of the budget, else
+        :data:`WINDOW_LONG` doubled while the doubled window's reserve takes at most
+        :data:`WINDOW_GROW_SHARE` of it, up to :data:`WINDOW_MAX`. At 1/8 of the fp16 bytes of
+        N tokens a window's reserve takes 2W·8/N of it: 16 takes a fifth at N = 1280, a
+        ninth at 2304; 32 a sixteenth at N = 8192, 64 at 16,384. A deferred cache (no
+        budget) holds its whole prompt; its copies choose their own."""
         if self.budget is None:
             return WINDOW_LONG
-        long_share = self.reserved_bytes(batch, WINDOW_LONG) / self.budget
-        return WINDOW_LONG if long_share <= WINDOW_SHARE else WINDOW_SHORT
+        def share(window: int) -> float:
+            return self.reserved_bytes(batch, window) / self.budget
+
+        if share(WINDOW_LONG) > WINDOW_SHARE:
+            return WINDOW_SHORT
+        window = WINDOW_LONG
+        while window < WINDOW_MAX and share(2 * window) <= WINDOW_GROW_SHARE:
+            window *= 2
+        return window
 
     def choose_window(self, batch: int) -> None:
         """Set W, if the cache was not given one, from the budget of ``batch`` sequences (at
