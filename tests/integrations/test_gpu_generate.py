@@ -124,7 +124,7 @@ def test_gpu_prompt_in_chunks_at_full_budget():
     ids = torch.randint(1, 512, (2, 1500), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
-        cache = SphkvCache(config, 1e12, "rdr")
+        cache = SphkvCache(config, 1e12, "rdr", window=16)
         model.set_attn_implementation(register_attention())
         out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0,
                              prefill_chunk_size=512, **{cache_argument(model): cache})
