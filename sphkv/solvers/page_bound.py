@@ -80,12 +80,18 @@ class _Groups:
         m = self.m
         real = self.real[lo * m:hi * m]
         item = np.where(real, self.item[lo * m:hi * m], 0)
-        rows = np.empty((self.t, item.size))
-        for r in range(self.t):
-            tier = self.order[0, r] if self.same_order else np.repeat(self.order[lo:hi, r], m)
-            rows[r] = self.distortion[item, tier]
-            if self.ceiling is not None:
-                rows[r][self.ceiling[item] < tier] = np.inf
+        # One gather of whole rows [n, T] (48 contiguous bytes per item at T = 6), then its
+        # columns in rank order.
+        block = np.take(self.distortion, item, axis=0)
+        if self.same_order:
+            rows = np.ascontiguousarray(block[:, self.order[0]].T)
+        else:
+            rank_tier = np.repeat(self.order[lo:hi], m, axis=0).T  # [T, n]
+            rows = np.take_along_axis(block.T, rank_tier, axis=0)
+        if self.ceiling is not None:
+            tiers = (np.broadcast_to(self.order[0][:, None], rows.shape) if self.same_order
+                     else rank_tier)
+            rows[self.ceiling[item][None, :] < tiers] = np.inf
         rows[:, ~real] = np.inf
         rows[0, ~real] = 0.0
         return rows
@@ -151,24 +157,35 @@ def _block_at_price(groups: _Groups, lo: int, hi: int, lam: float, max_jumps: in
         value = rows + lam * c_rank[0][:, None]
     else:
         value = rows + lam * np.repeat(c_rank.T, m, axis=1)
-    a = np.argmin(value, axis=0)  # rank of the best tier
-    best = np.min(value, axis=0)
-    regret = value - best
-    del value
+    # Rank of the best tier (the first least value, as argmin, in passes along whole rows).
+    a = np.zeros(value.shape[1], dtype=np.int8 if t < 128 else np.int64)
+    best = value[0].copy()
+    for k in range(1, t):
+        a[value[k] < best] = k
+        np.minimum(best, value[k], out=best)
+    regret = np.subtract(value, best, out=value)
     top = t - 1
     # Crossing costs, up: min over destinations b > k of regret_b / (b - a), for a <= k; into
     # the top only from the rank just below it (from further down it is a jump, counted whole).
+    # Divisions only where they count (``where=``), into rows filled with inf.
+    ranks = a.astype(np.float64)
+    part = np.empty(a.size)
     up = np.full((max(t - 1, 0), a.size), np.inf)
     lowest = np.full(a.shape, np.inf)
     for b in range(top, 0, -1):
         into = a < b if b < top else a == top - 1
-        lowest = np.minimum(lowest, np.where(into, regret[b] / np.maximum(b - a, 1), np.inf))
-        up[b - 1] = np.where(a <= b - 1, lowest, np.inf)
+        part.fill(np.inf)
+        np.divide(regret[b], b - ranks, out=part, where=into)
+        np.minimum(lowest, part, out=lowest)
+        np.copyto(up[b - 1], lowest, where=a <= b - 1)
     down = np.full((max(t - 1, 0), a.size), np.inf)
-    lowest = np.full(a.shape, np.inf)
+    lowest.fill(np.inf)
     for b in range(top):
-        lowest = np.minimum(lowest, np.where(a > b, regret[b] / np.maximum(a - b, 1), np.inf))
-        down[b] = np.where(a > b, lowest, np.inf)
+        above = a > b
+        part.fill(np.inf)
+        np.divide(regret[b], ranks - b, out=part, where=above)
+        np.minimum(lowest, part, out=lowest)
+        np.copyto(down[b], lowest, where=above)
     flat = (np.arange(g_count).repeat(m) * t + a)[real]
     counts = np.bincount(flat, minlength=g_count * t).reshape(g_count, t) + groups.f_rank[lo:hi]
     slot_price = lam * c_rank  # [G, T]: one empty slot

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sphkv.rdr.problem import AllocationProblem
+from sphkv.solvers.page_round import rank_major
 
 __all__ = ["exchange_tiers", "paged_dual_bound", "reassign", "repair_pages"]
 
@@ -344,14 +345,15 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     item = np.maximum(index, 0)
     movable = (index >= 0) & (problem.forced[item] < 0)
     ceiling = np.where(movable, problem.ceiling_tier[item], -1) if problem.has_ceiling else None
-    d = np.ascontiguousarray(problem.distortion.T)  # [T, N]
+    d = rank_major(np, problem.distortion)  # [T, N]
+    n = problem.n_items
     now = np.where(movable, tiers[item], -1).astype(np.int16)  # (sorted by radix sort)
     counts = problem.counts(tiers)
     # Empty slots of each (group, tier); unpaged tiers take any number.
     spare = np.where(problem.page_bytes > 0, (-counts) % problem.page_size, 1 << 40)
     # A cycle counts as negative below -1e-12 of its group's distortion.
-    tolerance = 1e-12 * np.bincount(group, weights=np.abs(np.take_along_axis(
-        problem.distortion, tiers[:, None], axis=1)[:, 0]), minlength=g_count)
+    tolerance = 1e-12 * np.where(index >= 0, np.abs(np.take(d, tiers[item] * n + item)),
+                                 0.0).sum(axis=1)
     src, dst = _cycles(t + 1, min(longest, t + 1))
     rows = np.arange(g_count)
     for _ in range(rounds):
@@ -364,7 +366,7 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
         by_tier = np.argsort(at, axis=1, kind="stable")
         at = np.take_along_axis(at, by_tier, axis=1)
         idx = np.take_along_axis(item[rows], by_tier, axis=1)
-        cur = np.take(problem.distortion, idx * t + np.maximum(at, 0))
+        cur = np.take(d, np.maximum(at, 0).astype(np.int64) * n + idx)
         limit = None if ceiling is None else np.take_along_axis(ceiling[rows], by_tier, axis=1)
         segment = (r[:, None] * (t + 1) + at + 1).ravel()
         starts = np.searchsorted(segment, np.arange(rows.size * (t + 1) + 1))
@@ -389,7 +391,7 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
             u, v = src[best, j], dst[best, j]
             step = (u != v) & (u < t) & (v < t)
             k, u, v = r[step], u[step], v[step]
-            gain = d[v[:, None], idx[k]] - cur[k]
+            gain = np.take(d, v[:, None] * n + idx[k]) - cur[k]
             ok = at[k] == u[:, None]
             if limit is not None:
                 ok &= limit[k] >= v[:, None]

@@ -147,12 +147,16 @@ def _combined_key(xp, segment, key, n_segments: int):
 
 
 def rank_major(xp, a):
-    """``a`` [N, T] as a contiguous [T, N] array: its rows are then read at unit stride."""
+    """``a`` [N, T] as a contiguous [T, N] array: its rows are then read at unit stride (numpy:
+    copied by blocks of rows, which keeps both sides of each block's copy in cache)."""
     if array_api_compat.is_torch_namespace(xp):
         return a.T.contiguous()
     import numpy as np
 
-    return np.ascontiguousarray(a.T)
+    out = np.empty(a.shape[::-1], dtype=a.dtype)
+    for s in range(0, a.shape[0], _CPU_BLOCK):
+        out[:, s:s + _CPU_BLOCK] = a[s:s + _CPU_BLOCK].T
+    return out
 
 
 def _ranked(xp, items, segment, key, n_segments: int):
@@ -685,26 +689,30 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
                 gain = best - block[:, tier]
                 gains[tier] = gain if ok is None else xp.where(ok[:, tier], gain, 0.0)
             return best, paid, gains
-        rows = rank_major(xp, distortion[items])
-        cost = None if shared else rank_major(xp, xp.take(amortized, group[items], axis=0))
-        ok = None if allowed is None else rank_major(xp, allowed[items])
+        # numpy: the columns of the rows [n, T], read at stride T (a transposing copy costs
+        # more), each tier's pass in place.
+        rows = distortion[items]
+        cost = None if shared else xp.take(amortized, group[items], axis=0)
+        ok = None if allowed is None else allowed[items]
+        value = np.empty(rows.shape[0], dtype=rows.dtype)
+        better = np.empty(rows.shape[0], dtype=bool)
         best = paid = None
         for j in range(t):
-            c_j = c_row[j] if shared else cost[j]
-            value = rows[j] + lam * c_j
+            c_j = c_row[j] if shared else cost[:, j]
+            np.add(rows[:, j], lam * c_j, out=value)
             if ok is not None:
-                value = xp.where(ok[j], value, float("inf"))
+                np.copyto(value, np.inf, where=~ok[:, j])
             if best is None:
-                best = value
-                paid = xp.zeros(rows.shape[1], dtype=rows.dtype, device=dev) + c_j
+                best, value = value, np.empty_like(value)
+                paid = np.zeros(rows.shape[0], dtype=rows.dtype) + c_j
             else:
-                better = value < best
-                best = xp.where(better, value, best)
-                paid = xp.where(better, c_j, paid)
+                np.less(value, best, out=better)
+                np.minimum(best, value, out=best)
+                np.copyto(paid, c_j, where=better)
         gains = {}
         for tier in tiers:
-            gain = best - rows[tier]
-            gains[tier] = gain if ok is None else xp.where(ok[tier], gain, 0.0)
+            gain = best - rows[:, tier]
+            gains[tier] = gain if ok is None else xp.where(ok[:, tier], gain, 0.0)
         return best, paid, gains
 
     def dual(lam: float) -> tuple[float, float]:
@@ -721,9 +729,10 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
             at = rank == xp.take(s_t, seg) - 1
             floor[seg[at]] = gain[order][at]
             # Less a margin: sort keys drop the float's last ``shift`` bits, so the item at
-            # rank s - 1 may be up to 2^(shift - 52) above the s-th largest (relative).
-            floors[tier] = xp.where(count < s_t, 0.0,
-                                    floor - xp.abs(floor) * 2.0 ** (shift - 50))
+            # rank s - 1 may be up to 2^(shift - 52) above the s-th largest (relative). A group
+            # without slots keeps no item: its floor is inf.
+            floors[tier] = xp.where(s_t == 0, float("inf"), xp.where(
+                count < s_t, 0.0, floor - xp.abs(floor) * 2.0 ** (shift - 50)))
         total = magnitude = paid_bytes = 0.0
         found = {tier: ([], [], []) for tier in tiers}
         for s in range(0, n, step):
@@ -735,8 +744,7 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
             g = group[part]
             for tier in tiers:
                 gain = gains[tier]
-                keep = ((gain > 0) & (xp.take(slot_rows[tier], g) > 0)
-                        & (gain >= xp.take(floors[tier], g)))
+                keep = (gain > 0) & (gain >= xp.take(floors[tier], g))
                 at = xp.nonzero(keep)[0]
                 found[tier][0].append(at + s)
                 found[tier][1].append(gain[at])
