@@ -2,16 +2,17 @@
 
 An :class:`~sphkv.rdr.online.OnlineAllocator` over the default ladder (d = 64, pages of 16) is
 prefilled with ``--tokens`` tokens in each of ``--groups`` groups (groups are (sequence, layer,
-kv-head): 1,024 is a batch of 8 on a Llama-3.2-1B-shaped model), then admits W = 16 new tokens
-per group ``--admissions`` times, as a decode does every W steps. Keys and values are random
+kv-head): 1,024 is a batch of 8 on a Llama-3.2-1B-shaped model), then admits W = ``--window``
+new tokens per group ``--admissions`` times, as a decode does every W steps. Keys and values are random
 fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4 tokens of each
 group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16 store, so the store
 fills and admissions demote (``overflowed``: how many solved for demotions rather than fitting at
-the price). Runs are unordered, as a full-attention layer's are (``--ordered``: sorted by
+the price; ``--slack``: the share of the budget each such solve leaves free, so that the
+admissions after it fit, one row per value). Runs are unordered, as a full-attention layer's are (``--ordered``: sorted by
 position, as a sliding layer's, so that every run an admission touches is rewritten).
 
-Per row: ``items`` kept after the prefill, ``prefill_s``, the median and largest admission
-(``admit_ms``, ``admit_max_ms``), the median time to read every tier's runs of every group
+Per row: ``items`` kept after the prefill, ``prefill_s``, the median, mean and largest
+admission (``admit_ms``, ``admit_mean_ms``, ``admit_max_ms``), the median time to read every tier's runs of every group
 after an admission (``runs_ms``: the page tables the decode kernels are given, rebuilt after
 each write), and the store's bytes against its budget at the end. Timed on ``--device``
 (synchronised after each step on a GPU).
@@ -22,6 +23,7 @@ each write), and the store's bytes against its budget at the end. Timed on ``--d
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -31,7 +33,7 @@ from sphkv.rdr.online import OnlineAllocator, Tokens
 from sphkv.rdr.pages import slot_bytes
 from sphkv.rdr.tiers import default_tiers
 
-_W, _D, _SINKS = 16, 64, 4
+_D, _SINKS = 64, 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=0.25,
                         help="budget as a share of the all-fp16 store")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--window", type=int, default=16,
+                        help="W: new tokens per group at each admission")
+    parser.add_argument("--slack", type=float, nargs="+", default=[0.0],
+                        help="shares of the budget a demotion solve leaves free (a row each)")
     parser.add_argument("--ordered", action="store_true",
                         help="keep every run sorted by position, as a sliding layer's groups "
                              "are (default: unordered, as a full-attention layer's)")
@@ -75,31 +81,29 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     tiers = default_tiers(_D)
     rows = []
-    for groups in args.groups:
-        for tokens in args.tokens:
-            rng = np.random.default_rng(groups + tokens)
-            total = tokens + args.admissions * _W
-            budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
-            alloc = OnlineAllocator(tiers, groups, budget, 16, device=device,
-                                    ordered=args.ordered)
-            prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
-                             a.prefill(_tokens(g, 0, n, device, r)), device)
-            admits, reads, overflowed = [], [], 0
-            everyone = list(range(groups))
-            for i in range(args.admissions):
-                new = _tokens(groups, tokens + i * _W, tokens + (i + 1) * _W, device, rng)
-                price = alloc.price
-                admits.append(_timed(lambda a=alloc, new=new: a.admit(new), device))
-                # an admission that fits multiplies λ by the decay; a demotion solve sets it
-                overflowed += alloc.price != price * alloc.decay
-                reads.append(_timed(lambda s=alloc.store, g=everyone: [s.runs(t, g)
-                                                                       for t in s.pools],
-                                    device))
-            ms = np.asarray(admits) * 1e3
-            rows.append(dict(groups=groups, tokens=tokens, items=groups * tokens,
-                             prefill_s=prefill, admit_ms=float(np.median(ms)),
-                             admit_max_ms=float(ms.max()),
-                             runs_ms=float(np.median(reads) * 1e3), overflowed=overflowed,
-                             store_bytes=alloc.nbytes(), budget_bytes=int(budget),
-                             ordered=args.ordered))
+    w = args.window
+    for groups, tokens, slack in itertools.product(args.groups, args.tokens, args.slack):
+        rng = np.random.default_rng(groups + tokens)
+        total = tokens + args.admissions * w
+        budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
+        alloc = OnlineAllocator(tiers, groups, budget, 16, device=device, ordered=args.ordered,
+                                slack=slack)
+        prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
+                         a.prefill(_tokens(g, 0, n, device, r)), device)
+        admits, reads = [], []
+        everyone = list(range(groups))
+        for i in range(args.admissions):
+            new = _tokens(groups, tokens + i * w, tokens + (i + 1) * w, device, rng)
+            admits.append(_timed(lambda a=alloc, new=new: a.admit(new), device))
+            reads.append(_timed(lambda s=alloc.store, g=everyone: [s.runs(t, g)
+                                                                   for t in s.pools],
+                                device))
+        ms = np.asarray(admits) * 1e3
+        rows.append(dict(groups=groups, tokens=tokens, window=w, slack=slack,
+                         items=groups * tokens, prefill_s=prefill,
+                         admit_ms=float(np.median(ms)), admit_mean_ms=float(ms.mean()),
+                         admit_max_ms=float(ms.max()),
+                         runs_ms=float(np.median(reads) * 1e3),
+                         overflowed=alloc.demotion_solves, store_bytes=alloc.nbytes(),
+                         budget_bytes=int(budget), ordered=args.ordered))
     return rows

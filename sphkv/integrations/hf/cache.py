@@ -69,6 +69,8 @@ ATTENTION_NAME = "sphkv"
 #: same whatever it admits)
 WINDOW_LONG, WINDOW_SHORT, WINDOW_SHARE = 16, 8, 1 / 6
 WINDOW_MAX, WINDOW_GROW_SHARE = 64, 1 / 16
+#: share of the budget a demotion solve leaves free for the admissions after it
+SLACK = 0.02
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
 _DECODE_ROWS = 1 << 15
 
@@ -298,6 +300,10 @@ class SphkvCache(Cache):
         Slots per page.
     decay : float
         λ is multiplied by it after an admission that fits.
+    slack : float
+        Share of the budget an admission that must demote leaves free beyond its own needs,
+        so that the next admissions fit without a demotion solve
+        (:class:`~sphkv.rdr.online.OnlineAllocator`); the budget holds whatever it is.
     observation : int, optional
         Prompt queries (the last ones) whose attention weighs the prefill allocation; the
         method's :attr:`~Method.observation`, else W, by default.
@@ -319,7 +325,7 @@ class SphkvCache(Cache):
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
                  window: int | None = None, sinks: int = 4, page_size: int = 16,
-                 decay: float = 0.8, observation: int | None = None,
+                 decay: float = 0.8, slack: float = SLACK, observation: int | None = None,
                  offset_bytes: int | None = None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
@@ -330,6 +336,8 @@ class SphkvCache(Cache):
                                  f"{' or None' if name == 'window' else ''}, got {value!r}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        if not 0 <= slack < 1:
+            raise ValueError(f"slack must be a share of the budget in [0, 1), got {slack!r}")
         if observation is not None and observation < 1:
             raise ValueError(f"observation must be >= 1 queries or None, got {observation}")
         if budget is not None and not budget > 0:
@@ -356,7 +364,7 @@ class SphkvCache(Cache):
         self.window: int | None = window
         self.sinks = sinks
         self._observation = observation  # as given: compress() passes it on
-        self.page_size, self.decay = page_size, decay
+        self.page_size, self.decay, self.slack = page_size, decay, slack
         self.allocator: OnlineAllocator | None = None
         self.admitted = 0  # positions below this are in pages (or dropped)
         self.history: list[int] = []
@@ -634,7 +642,7 @@ class SphkvCache(Cache):
         if self.pad is None:
             raise ValueError("compress() needs the prefill to have run through the cache")
         out = SphkvCache(self.config, budget, method, window=self._window, sinks=self.sinks,
-                         page_size=self.page_size, decay=self.decay,
+                         page_size=self.page_size, decay=self.decay, slack=self.slack,
                          observation=self._observation, offset_bytes=self.offset_bytes)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
@@ -694,7 +702,7 @@ class SphkvCache(Cache):
             self.tiers, batch * self.n_layers * self.kv_heads, self.budget - reserve,
             self.page_size, self.decay, device=first.keys.device, encode=_encode,
             ordered=np.tile(np.repeat(sliding, self.kv_heads), batch),
-            offset_bytes=self.offset_bytes)
+            offset_bytes=self.offset_bytes, slack=self.slack)
         old = self.length - self.window
         tokens = None
         if old > 0:
