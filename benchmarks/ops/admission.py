@@ -3,19 +3,20 @@
 An :class:`~sphkv.rdr.online.OnlineAllocator` over the default ladder (d = 64, pages of 16) is
 prefilled with ``--tokens`` tokens in each of ``--groups`` groups (groups are (sequence, layer,
 kv-head): 1,024 is a batch of 8 on a Llama-3.2-1B-shaped model), then admits W = ``--window``
-new tokens per group ``--admissions`` times, as a decode does every W steps. Keys and values are random
-fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4 tokens of each
-group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16 store, so the store
-fills and admissions demote (``overflowed``: how many solved for demotions rather than fitting at
-the price; ``--slack``: the share of the budget each such solve leaves free, so that the
-admissions after it fit, one row per value). Runs are unordered, as a full-attention layer's are (``--ordered``: sorted by
-position, as a sliding layer's, so that every run an admission touches is rewritten).
+new tokens per group ``--admissions`` times, as a decode does every W steps. Keys and values
+are random fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4
+tokens of each group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16
+store, so the store fills and admissions demote (``overflowed``: how many solved for demotions
+rather than fitting at the price; ``--slack``: the share of the budget each such solve leaves
+free, so that the admissions after it fit, one row per value). Runs are unordered, as a
+full-attention layer's are (``--ordered``: sorted by position, as a sliding layer's, so that
+every run an admission touches is rewritten).
 
 Per row: ``items`` kept after the prefill, ``prefill_s``, the median, mean and largest
-admission (``admit_ms``, ``admit_mean_ms``, ``admit_max_ms``), the median time to read every tier's runs of every group
-after an admission (``runs_ms``: the page tables the decode kernels are given, rebuilt after
-each write), and the store's bytes against its budget at the end. Timed on ``--device``
-(synchronised after each step on a GPU).
+admission (``admit_ms``, ``admit_mean_ms``, ``admit_max_ms``), the median time to read every
+tier's runs of every group after an admission (``runs_ms``: the page tables the decode kernels
+are given, rebuilt after each write), and the store's bytes against its budget at the end.
+Timed on ``--device`` (synchronised after each step on a GPU).
 
 ``OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.run --op admission``
 """

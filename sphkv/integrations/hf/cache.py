@@ -73,6 +73,10 @@ WINDOW_MAX, WINDOW_GROW_SHARE = 64, 1 / 16
 SLACK = 0.02
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
 _DECODE_ROWS = 1 << 15
+#: (query, token) pairs per call of a method's distortion rows, per device type: on a CPU
+#: larger calls measured slower (float64 intermediates of gigabytes); on a GPU each call is
+#: hundreds of launches, so an admission's layers go in as few as its memory allows
+_DISTORTION_PAIRS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -789,9 +793,10 @@ class SphkvCache(Cache):
                     continue
                 on = sel.to(layer.keys.device)
                 first = None if layer.attention.is_full else (q_first[-n_q:] - base).clamp_min(0)
-                # sequences per job: about 2^22 (query, token) pairs at most, as per call below
+                # sequences per job: the pairs of one call at most (below)
                 pairs = queries.shape[1] * min(q.shape[1], n_q) * len(p)
-                for chunk in seqs.split(max(1, 2**22 // max(pairs, 1))):
+                limit = _DISTORTION_PAIRS.get(layer.keys.device.type, 1 << 22)
+                for chunk in seqs.split(max(1, limit // max(pairs, 1))):
                     on_seq = chunk.to(layer.keys.device)
                     k, v = (x[on_seq][:, :, on].flatten(0, 1)
                             for x in (layer.keys, layer.values))
@@ -836,11 +841,11 @@ class SphkvCache(Cache):
         rows: list[np.ndarray | None] = [None] * len(jobs)
         chunks = []
         for key, members in buckets.items():
-            # at most about 2^22 (query, token) pairs per call: stacking spares launches and
-            # calls where layers are small (admissions); a prefill's layer is one call (larger
-            # float64 intermediates measured slower on a CPU)
+            # at most _DISTORTION_PAIRS (query, token) pairs per call: stacking spares launches
+            # and calls where layers are small (admissions); a prefill's layer is one call
             n, (hq, w, _) = key[0][1], key[1]
-            per_call = max(1, 2**22 // max(hq * w * n, 1))
+            limit = _DISTORTION_PAIRS.get(jobs[members[0]][4].device.type, 1 << 22)
+            per_call = max(1, limit // max(hq * w * n, 1))
             chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
         for members in chunks:
             k, v, q, first, q_all = (
