@@ -75,7 +75,7 @@ def _gather(xp, table, index):
     return xp.take_along_axis(table, index[:, None], axis=1)[:, 0]
 
 
-def _hull(xp, distortion, cost, allowed=None):
+def _hull(xp, distortion, cost, allowed=None, out=None):
     """Lower convex hull of each item's (cost, distortion) points, one vectorised pass per pair
     of tiers.
 
@@ -91,6 +91,7 @@ def _hull(xp, distortion, cost, allowed=None):
     Returns rank-major arrays [T, N]: ``tier`` (tier index of rank k; [T, 1] for a shared cost
     row), ``vertex`` (bool), ``dc`` (cost of the segment into vertex k, 0 off the hull and at the
     base), ``eff`` (its efficiency, 0 where no segment), and ``base`` [N] (tier of the base).
+    ``out``: arrays ``(dc, eff)`` [T, N] to write those into.
     """
     n, t = distortion.shape
     dev = array_api_compat.device(distortion)
@@ -99,10 +100,14 @@ def _hull(xp, distortion, cost, allowed=None):
         row = _np(cost)  # one transfer: the costs become Python floats
         order = np.argsort(row, kind="stable")
         c = [float(row[j]) for j in order]
-        index = xp.asarray(order, dtype=xp.int64, device=dev)
-        d = list(rank_major(xp, xp.take(distortion, index, axis=1)))
-        ok = None if allowed is None else list(rank_major(xp, xp.take(allowed, index, axis=1)))
-        tier = xp.reshape(index, (t, 1))
+        # Rank k's rows are rows of the rank-major copies (views, no gather of columns).
+        rows = rank_major(xp, distortion)
+        d = [rows[j] for j in order]
+        ok = None
+        if allowed is not None:
+            allowed_rows = rank_major(xp, allowed)
+            ok = [allowed_rows[j] for j in order]
+        tier = xp.reshape(xp.asarray(order, dtype=xp.int64, device=dev), (t, 1))
     else:
         rank = xp.argsort(cost, axis=1, stable=True)
         tier = rank_major(xp, rank)
@@ -145,7 +150,7 @@ def _hull(xp, distortion, cost, allowed=None):
         vertex[k] = alive[k] & (hi[k] > 0) & (lo[k] <= hi[k])
     # Segments: each vertex after the first, from the vertex before it. Their costs and
     # efficiencies overwrite lo and hi row by row (rows k are done with once vertex[k] is).
-    dc, eff = lo, hi
+    dc, eff = (lo, hi) if out is None else out
     started = xp.zeros(n, dtype=xp.bool, device=dev)
     last_c = xp.zeros(n, dtype=xp.float64, device=dev)
     base = xp.zeros(n, dtype=xp.int64, device=dev)
@@ -229,13 +234,15 @@ class HullSegments:
         weight = xp.zeros(1 << (63 - self._SHIFT), dtype=xp.float64, device=dev)
         top, self.max_efficiency = 0, 0.0
         for s, e in _blocks(xp, distortion):
-            tier, _, dc, eff, base = _hull(xp, distortion[s:e], cost if shared else cost[s:e],
-                                           None if allowed is None else allowed[s:e])
+            dc, eff = self.dc[:, s:e], self.eff[:, s:e]
+            tier, _, _, _, base = _hull(xp, distortion[s:e], cost if shared else cost[s:e],
+                                        None if allowed is None else allowed[s:e],
+                                        out=(dc, eff))
             if shared:
                 self.tier = tier
             else:
                 self.tier[:, s:e] = tier
-            self.dc[:, s:e], self.eff[:, s:e], self.base[s:e] = dc, eff, base
+            self.base[s:e] = base
             seg = self.seg[:, s:e]
             seg[...] = dc > 0
             if not bool(xp.any(seg)):
@@ -244,7 +251,8 @@ class HullSegments:
             high = int(xp.max(key))
             low = int(xp.min(xp.where(seg, key, high)))
             weight[low:high + 1] += _bincount(xp, xp.reshape(xp.maximum(key, low) - low, (-1,)),
-                                              weights=xp.reshape(dc, (-1,)),
+                                              weights=xp.reshape(xp.astype(dc, xp.float64),
+                                                                 (-1,)),
                                               minlength=high - low + 1)
             top = max(top, high)
             self.max_efficiency = max(self.max_efficiency, float(xp.max(eff)))

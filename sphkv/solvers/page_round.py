@@ -565,9 +565,11 @@ def round_by_pages(xp, distortion, lp_tiers, group, tier_order, page_bytes, forc
 def _prefix_sums(xp, distortion, order, rows, cols):
     """``Σ_{j <= rows[q]} distortion[order[j], cols[q]]`` for every query q (0 where
     ``rows[q] < 0``): the cumulative sum of each column in ``order``, one block of rows at a time
-    (the previous block's last sums lead the next, so each is one sequential sum). Each block
-    is scanned as ``[T, rows]``, along its last axis: a GPU scans a tall ``[rows, T]`` array
-    along its rows with one thread block per column, orders of magnitude slower."""
+    (the previous block's last sums lead the next, so each is one sequential sum). With torch
+    each block is scanned as ``[T, rows]``, along its last axis: a GPU scans a tall
+    ``[rows, T]`` array along its rows with one thread block per column, orders of magnitude
+    slower. numpy scans the gathered ``[rows, T]`` block in place, with no transposing copy
+    (the same sums)."""
     dev = array_api_compat.device(distortion)
     n, t = distortion.shape
     step = _block(xp, distortion)
@@ -579,6 +581,18 @@ def _prefix_sums(xp, distortion, order, rows, cols):
     ends = [int(v) for v in xp.searchsorted(block_of[by_row], xp.arange(
         (n + step - 1) // step + 1, dtype=block_of.dtype, device=dev))]
     out = xp.zeros(rows.shape[0], dtype=distortion.dtype, device=dev)
+    if not array_api_compat.is_torch_namespace(xp):
+        import numpy as np
+
+        block = np.zeros((step + 1, t), dtype=distortion.dtype)  # row 0: the sums before it
+        for b, s in enumerate(range(0, n, step)):
+            lo, hi, size = ends[b], ends[b + 1], min(step, n - s)
+            np.take(distortion, order[s:s + size], axis=0, out=block[1:size + 1])
+            np.cumsum(block[:size + 1], axis=0, out=block[:size + 1])
+            if hi > lo:
+                out[by_row[lo:hi]] = block.reshape(-1)[(r[lo:hi] - s + 1) * t + c[lo:hi]]
+            block[0] = block[size]
+        return out
     carry = xp.zeros((t, 1), dtype=distortion.dtype, device=dev)
     for b, s in enumerate(range(0, n, step)):
         lo, hi = ends[b], ends[b + 1]
