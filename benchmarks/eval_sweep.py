@@ -182,21 +182,18 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
 
 
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
-             window: int | None = None, observation: int | None = None,
-             slack: float | None = None) -> list[dict]:
+             window: int | None = None, observation: int | None = None) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
     caches' W (None: each cache's budget chooses it); ``observation``: the prompt queries
-    perplexity's caches observe (None: each method's own); ``slack``: the caches' share of the
-    budget left free by a demotion solve (None: the cache's default)."""
+    perplexity's caches observe (None: each method's own)."""
     from sphkv.integrations.hf.tasks import fidelity_runs, passkey_runs, perplexity_runs
 
     model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
     pairs = runs({**grid, "methods": methods})
     n = g["context"]
-    slack = {} if slack is None else {"slack": slack}
     if g["task"] == "ppl":
         results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
-                                  window=window, observation=observation, **slack)
+                                  window=window, observation=observation)
         quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
                     / r.fp16_bytes} for r in results]
     elif g["task"] == "fidelity":
@@ -205,7 +202,7 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
                     "bytes_vs_fp16": r.cache_bytes / r.fp16_bytes} for r in results]
     else:
         results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
-                               trials=grid["passkey"]["trials"], window=window, **slack)
+                               trials=grid["passkey"]["trials"], window=window)
         quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
                     "interval": wilson(r.correct, r.n_trials),
                     "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
@@ -248,7 +245,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = tuple(text_name(p) for p in paths)
     header = {"model": args.model, "texts": list(names), "tuned": list(args.tuned or []),
               "quick": args.quick, "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
-              "window": args.window, "observation": args.observation, "slack": args.slack,
+              "window": args.window, "observation": args.observation,
               "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
     todo = groups(grid, tuple(args.tasks), names)
@@ -268,7 +265,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                      TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval sweep", total=len(work))
         futures = {pool.submit(run_unit, grid, g, methods, args.chunk, args.window,
-                               args.observation, args.slack): (g, methods)
+                               args.observation): (g, methods)
                    for g, methods in work}
         for future in as_completed(futures):
             g, methods = futures[future]
@@ -480,14 +477,6 @@ def _window(text: str) -> int | None:
     return int(text)
 
 
-def _share(text: str) -> float:
-    """``--slack``: a share of the budget in [0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a share of the budget in [0, 1), got {text}")
-    return value
-
-
 def _choices() -> tuple[str, ...]:
     """``none``, the compared methods, then any other method of the registry (variants)."""
     from sphkv.rdr import METHODS as REGISTRY
@@ -496,8 +485,6 @@ def _choices() -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sphkv.integrations.hf.cache import SLACK
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cells at small N")
@@ -527,13 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the caches' window W: between W and 2W recent tokens kept at fp16 "
                              "(reserved from the budget); 'budget' (default): each cache chooses "
                              "16; 8 where 16's reserve would take more than a sixth of its "
-                             "budget; 32 or 64 where theirs takes at most a sixteenth. Keep "
-                             "--chunk at most W (at most 8 with 'budget')")
-    parser.add_argument("--slack", type=_share, default=None, metavar="SHARE",
-                        help="perplexity and pass key: the share of its budget each cache "
-                             "leaves free when an admission must demote, so that the next ones "
-                             "fit without a solve (default: the cache's, "
-                             f"{SLACK})")
+                             "budget; doubled up to 256 while theirs takes at most a "
+                             "sixteenth. Keep --chunk at most W (at most 8 with 'budget')")
     parser.add_argument("--observation", type=int, metavar="QUERIES",
                         help="perplexity: the caches observe the prompt's last QUERIES queries "
                              "for the distortion rows (default: each method's own, 64 for the "

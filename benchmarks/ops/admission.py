@@ -7,8 +7,7 @@ new tokens per group ``--admissions`` times, as a decode does every W steps. Key
 are random fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4
 tokens of each group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16
 store, so the store fills and admissions demote (``overflowed``: how many solved for demotions
-rather than fitting at the price; ``--slack``: the share of the budget each such solve leaves
-free, so that the admissions after it fit, one row per value). Runs are unordered, as a
+rather than fitting at the price). Runs are unordered, as a
 full-attention layer's are (``--ordered``: sorted by position, as a sliding layer's, so that
 every run an admission touches is rewritten).
 
@@ -48,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--window", type=int, default=16,
                         help="W: new tokens per group at each admission")
-    parser.add_argument("--slack", type=float, nargs="+", default=[0.0],
-                        help="shares of the budget a demotion solve leaves free (a row each)")
     parser.add_argument("--ordered", action="store_true",
                         help="keep every run sorted by position, as a sliding layer's groups "
                              "are (default: unordered, as a full-attention layer's)")
@@ -83,12 +80,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     tiers = default_tiers(_D)
     rows = []
     w = args.window
-    for groups, tokens, slack in itertools.product(args.groups, args.tokens, args.slack):
+    for groups, tokens in itertools.product(args.groups, args.tokens):
         rng = np.random.default_rng(groups + tokens)
         total = tokens + args.admissions * w
         budget = args.fraction * groups * total * slot_bytes(tiers[len(tiers) - 1])
-        alloc = OnlineAllocator(tiers, groups, budget, 16, device=device, ordered=args.ordered,
-                                slack=slack)
+        alloc = OnlineAllocator(tiers, groups, budget, 16, device=device, ordered=args.ordered)
         prefill = _timed(lambda a=alloc, g=groups, n=tokens, r=rng:
                          a.prefill(_tokens(g, 0, n, device, r)), device)
         admits, reads = [], []
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                                                    for t in s.pools],
                                 device))
         ms = np.asarray(admits) * 1e3
-        rows.append(dict(groups=groups, tokens=tokens, window=w, slack=slack,
+        rows.append(dict(groups=groups, tokens=tokens, window=w,
                          items=groups * tokens, prefill_s=prefill,
                          admit_ms=float(np.median(ms)), admit_mean_ms=float(ms.mean()),
                          admit_max_ms=float(ms.max()),

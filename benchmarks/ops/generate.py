@@ -16,9 +16,8 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
 admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
 ``--no-graphs`` runs every step eagerly), ``window`` (W: the cache's choice, or each of
-``--windows``), ``slack`` (the share of the budget a demotion solve leaves free: the cache's
-default, or each of ``--slacks``), ``prefill_chunk`` (``--prefill-chunk``: the prompt fed in
-chunks, plainly and through the cache), ``peak_kv_bytes`` (the cache's accounted peak over
+``--windows``), ``prefill_chunk`` (``--prefill-chunk``: the prompt fed in chunks, plainly and
+through the cache), ``peak_kv_bytes`` (the cache's accounted peak over
 every pool write; plain: its KV tensors at the end) against ``budget_bytes``, and
 ``peak_device_bytes``, the most device memory allocated during the generation, weights
 included (a GPU only: where the prefill's transients show). Plain generation
@@ -79,9 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=None,
                         help="the cache's window W (tokens kept fp16, admitted W at a time); "
                              "default: chosen by the cache from the budget")
-    parser.add_argument("--slacks", type=float, nargs="+", default=None,
-                        help="the share of its budget the cache leaves free at each demotion "
-                             "solve (a row each); default: the cache's")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="decode steps between admissions as CUDA graphs (GPU only)")
 
@@ -182,16 +178,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                              [], kv, None) | {"peak_device_bytes": peak,
                                               "prefill_chunk": args.prefill_chunk})
                 gc.collect()
-                for method, window, slack, fraction in itertools.product(
-                        args.methods, args.windows or [None], args.slacks or [None],
-                        args.fractions):
+                for method, window, fraction in itertools.product(
+                        args.methods, args.windows or [None], args.fractions):
                     if (label, method, window) not in warm:
                         _warm_up(model, method, window, device, args.graphs)
                         warm.add((label, method, window))
                     limit = budget_bytes(model.config, batch, context + args.new_tokens,
                                          fraction)
-                    cache = SphkvCache(model.config, limit, method, window=window,
-                                       **({} if slack is None else {"slack": slack}))
+                    cache = SphkvCache(model.config, limit, method, window=window)
                     try:
                         with compressed_attention(model, graphs=args.graphs):
                             steps, prefill, peak = _run_once(model, ids, args.new_tokens,
@@ -209,7 +203,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                     graph = cache.decode_graph
                     row["graph_steps"] = graph.steps["replayed"] if graph else 0
                     row["window"] = cache.window
-                    row["slack"] = cache.slack
                     row["prefill_chunk"] = args.prefill_chunk
                     row["peak_device_bytes"] = peak
                     add(row)

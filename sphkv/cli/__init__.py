@@ -469,8 +469,8 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
     window: Annotated[int | None, typer.Option(
         help="Recent tokens kept fp16 (W to 2W); default: chosen by the budget (16; 8 "
-             "where 16's reserve would take more than a sixth of it; 32 or 64 where theirs "
-             "takes at most a sixteenth).")] = None,
+             "where 16's reserve would take more than a sixth of it; doubled up to 256 "
+             "while theirs takes at most a sixteenth).")] = None,
     compare: Annotated[bool, typer.Option(
         help="Also generate with the model's own fp16 cache and print both texts.")] = False,
     json_output: Annotated[bool, typer.Option(
@@ -526,8 +526,8 @@ def evaluate(
                                             "chooses).")] = 8,
     window: Annotated[int | None, typer.Option(
         help="Recent tokens kept fp16 (W to 2W); default: chosen by the budget (16; 8 "
-             "where 16's reserve would take more than a sixth of it; 32 or 64 where theirs "
-             "takes at most a sixteenth).")] = None,
+             "where 16's reserve would take more than a sixth of it; doubled up to 256 "
+             "while theirs takes at most a sixteenth).")] = None,
     seed: Annotated[int, typer.Option(help="passkey: seed of the keys.")] = 0,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print exactly one JSON object on stdout, nothing else.")] = False,

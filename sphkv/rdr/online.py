@@ -17,9 +17,7 @@ byte (distortion per byte at the margin). Items are (token, group) pairs, a grou
   free enough), each kept item's tier capped at the one it holds (``ceiling``: lost precision
   never comes back), the other kept items where they are — counted as the pages they fill, not
   as items, so the solve's size follows the admission, not the cache; λ becomes that solve's
-  price. The solve leaves a share ``slack`` of the budget free as well, so that the next
-  admissions fit without one (a solve and its rewrites cost several admissions that fit).
-  Otherwise λ decays, so that later items may take the room left.
+  price. Otherwise λ decays, so that later items may take the room left.
 - :meth:`~OnlineAllocator.evict`: tokens no later query can see (sliding and chunked layers) leave
   the store.
 
@@ -138,11 +136,6 @@ class OnlineAllocator:
     offset_bytes : {2, 4}
         Width of each slot's position offset (the store's): 4 where positions may reach
         2^16.
-    slack : float
-        Share of the budget, in [0, 1), that a demotion solve leaves free beyond the room the
-        new items take (given up where the solve's candidates cannot free it): the admissions
-        after it fit at the price until they have used it. The store holds ``budget`` bytes at
-        most whatever the slack; on average about half the slack less.
 
     Attributes
     ----------
@@ -157,14 +150,12 @@ class OnlineAllocator:
     def __init__(self, tiers: TierSet, groups: int, budget: float, page_size: int = 16,
                  decay: float = 0.8, device: torch.device | str = "cpu",
                  encode: Callable[[Codec, torch.Tensor], Codes] | None = None,
-                 ordered=True, offset_bytes: int = OFFSET_BYTES, slack: float = 0.0):
+                 ordered=True, offset_bytes: int = OFFSET_BYTES):
         if not budget >= 0:
             raise ValueError(f"budget must be >= 0 bytes, got {budget}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
-        if not 0 <= slack < 1:
-            raise ValueError(f"slack must be a share of the budget in [0, 1), got {slack!r}")
-        self.tiers, self.budget, self.decay, self.slack = tiers, float(budget), decay, slack
+        self.tiers, self.budget, self.decay = tiers, float(budget), decay
         self.demotion_solves = 0
         self.store = PagedStore(tiers, groups, page_size, device=device, ordered=ordered,
                                 offset_bytes=offset_bytes)
@@ -225,25 +216,21 @@ class OnlineAllocator:
             self.price *= self.decay
             return
         # one solve over the new items and the kept items cheapest to demote, capped at their
-        # tier; the other kept items (and the pinned ones) stay where they are. Where the
-        # candidates cannot free the slack as well, the slack is given up; then candidates grow
+        # tier; the other kept items (and the pinned ones) stay where they are. Candidates grow
         # fourfold while they cannot free enough, up to every kept item.
         slope = self._demotion_slopes()
         movable = int(torch.isfinite(slope).sum())
-        candidates, room = 4 * len(tokens), self.slack * self.budget
+        candidates = 4 * len(tokens)
         while True:
             candidates = min(candidates, movable)
             cand = self._candidates(slope, candidates)
             try:
-                alloc = self._solve(self._demotion_problem(cand, tokens, room), polish=False)
+                alloc = self._solve(self._demotion_problem(cand, tokens), polish=False)
                 break
             except InfeasibleBudgetError:
-                if room:
-                    room = 0.0
-                elif candidates >= movable:
+                if candidates >= movable:
                     raise
-                else:
-                    candidates *= 4
+                candidates *= 4
         self.demotion_solves += 1
         self.price = float(alloc.price or 0.0)
         n = len(cand.tier)
@@ -310,10 +297,8 @@ class OnlineAllocator:
         return _Candidates(np.concatenate(tier), np.concatenate(slot), np.concatenate(group),
                            torch.cat(positions), np.concatenate(d))
 
-    def _demotion_problem(self, cand: _Candidates, tokens: Tokens,
-                          room: float = 0.0) -> AllocationProblem:
-        """The new items and the candidates within the budget less ``room`` bytes, with the
-        rest of the store counted exactly: in a
+    def _demotion_problem(self, cand: _Candidates, tokens: Tokens) -> AllocationProblem:
+        """The new items and the candidates, with the rest of the store counted exactly: in a
         group the problem touches, the f items staying at tier t fill f // P pages that leave
         the budget, and the f % P of a partial page join the problem as items forced at t with
         no distortion, so the solver's rounding ceil((f % P + chosen) / P) adds exactly the
@@ -334,7 +319,7 @@ class OnlineAllocator:
         return self._problem(d, np.concatenate([free, tokens.forced, np.repeat(t, n)]),
                              np.concatenate([cand.group, tokens.group, np.repeat(g, n)]),
                              np.concatenate([cand.tier, np.full(len(tokens) + dummies, -1)]),
-                             fixed + room)
+                             fixed)
 
     def _demote(self, cand: _Candidates, cand_to: np.ndarray, new: Tokens,
                 new_to: np.ndarray) -> None:
@@ -381,10 +366,8 @@ class OnlineAllocator:
                          polish=polish, bound=False)
         return solve(problem, "greedy", polish=polish, bound=False)
 
-    def _problem(self, d, forced, group, ceiling, fixed: float = 0) -> AllocationProblem:
+    def _problem(self, d, forced, group, ceiling, fixed: int = 0) -> AllocationProblem:
         """The problem over these items within the budget less ``fixed`` bytes held apart."""
-        if fixed > self.budget:
-            raise InfeasibleBudgetError(self.budget, fixed)
         try:
             return AllocationProblem(
                 distortion=d, cost=self.store.slot_costs, budget=self.budget - fixed,

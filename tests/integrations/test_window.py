@@ -48,11 +48,17 @@ def test_the_budget_chooses_the_short_window_where_the_long_ones_reserve_is_dear
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_budget_doubles_the_window_where_the_reserve_is_cheap(model, batch):
-    # 32 from where its reserve is a sixteenth of the budget, 64 from where 64's is, no more
-    edge32, edge64 = (_reserve(batch, w) / WINDOW_GROW_SHARE for w in (32, WINDOW_MAX))
-    for budget, window in ((edge32 - 1, WINDOW_LONG), (edge32, 32), (edge64 - 1, 32),
-                           (edge64, WINDOW_MAX), (1000 * edge64, WINDOW_MAX)):
-        assert SphkvCache(model.config, budget, window=None).budget_window(batch) == window
+    # each doubling from where the doubled window's reserve is a sixteenth of the budget, up
+    # to WINDOW_MAX, no more
+    window = WINDOW_LONG
+    while window < WINDOW_MAX:
+        edge = _reserve(batch, 2 * window) / WINDOW_GROW_SHARE
+        for budget, chosen in ((edge - 1, window), (edge, 2 * window)):
+            assert SphkvCache(model.config, budget, window=None).budget_window(batch) == chosen
+        window *= 2
+    assert WINDOW_MAX == 256
+    edge = _reserve(batch, WINDOW_MAX) / WINDOW_GROW_SHARE
+    assert SphkvCache(model.config, 1000 * edge, window=None).budget_window(batch) == WINDOW_MAX
 
 
 def test_a_given_window_is_honoured_whatever_the_budget(model):

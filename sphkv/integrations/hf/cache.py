@@ -68,9 +68,7 @@ ATTENTION_NAME = "sphkv"
 #: (fewer admissions of more tokens at long contexts: an admission on a GPU costs about the
 #: same whatever it admits)
 WINDOW_LONG, WINDOW_SHORT, WINDOW_SHARE = 16, 8, 1 / 6
-WINDOW_MAX, WINDOW_GROW_SHARE = 64, 1 / 16
-#: share of the budget a demotion solve leaves free for the admissions after it
-SLACK = 0.02
+WINDOW_MAX, WINDOW_GROW_SHARE = 256, 1 / 16
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
 _DECODE_ROWS = 1 << 15
 #: (query, token) pairs per call of a method's distortion rows, per device type: on a CPU
@@ -296,18 +294,14 @@ class SphkvCache(Cache):
         W: tokens kept dense (between W and 2W), observation queries of each admission, and
         admission chunk. By default the budget chooses it at the first forward
         (:meth:`budget_window`): 16, or 8 where the 16-token window's reserve would take more
-        than a sixth of the budget, and 32 or 64 where their reserve takes at most a
-        sixteenth of it (long contexts).
+        than a sixth of the budget, and doubled up to 256 while the doubled window's reserve
+        takes at most a sixteenth of it (long contexts).
     sinks : int
         The first ``sinks`` real tokens of each sequence take the method's dearest tier.
     page_size : int
         Slots per page.
     decay : float
         λ is multiplied by it after an admission that fits.
-    slack : float
-        Share of the budget an admission that must demote leaves free beyond its own needs,
-        so that the next admissions fit without a demotion solve
-        (:class:`~sphkv.rdr.online.OnlineAllocator`); the budget holds whatever it is.
     observation : int, optional
         Prompt queries (the last ones) whose attention weighs the prefill allocation; the
         method's :attr:`~Method.observation`, else W, by default.
@@ -329,7 +323,7 @@ class SphkvCache(Cache):
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
                  window: int | None = None, sinks: int = 4, page_size: int = 16,
-                 decay: float = 0.8, slack: float = SLACK, observation: int | None = None,
+                 decay: float = 0.8, observation: int | None = None,
                  offset_bytes: int | None = None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
@@ -340,8 +334,6 @@ class SphkvCache(Cache):
                                  f"{' or None' if name == 'window' else ''}, got {value!r}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
-        if not 0 <= slack < 1:
-            raise ValueError(f"slack must be a share of the budget in [0, 1), got {slack!r}")
         if observation is not None and observation < 1:
             raise ValueError(f"observation must be >= 1 queries or None, got {observation}")
         if budget is not None and not budget > 0:
@@ -368,7 +360,7 @@ class SphkvCache(Cache):
         self.window: int | None = window
         self.sinks = sinks
         self._observation = observation  # as given: compress() passes it on
-        self.page_size, self.decay, self.slack = page_size, decay, slack
+        self.page_size, self.decay = page_size, decay
         self.allocator: OnlineAllocator | None = None
         self.admitted = 0  # positions below this are in pages (or dropped)
         self.history: list[int] = []
@@ -441,8 +433,9 @@ class SphkvCache(Cache):
         :data:`WINDOW_LONG` doubled while the doubled window's reserve takes at most
         :data:`WINDOW_GROW_SHARE` of it, up to :data:`WINDOW_MAX`. At 1/8 of the fp16 bytes of
         N tokens a window's reserve takes 2W·8/N of it: 16 takes a fifth at N = 1280, a
-        ninth at 2304; 32 a sixteenth at N = 8192, 64 at 16,384. A deferred cache (no
-        budget) holds its whole prompt; its copies choose their own."""
+        ninth at 2304; 32 a sixteenth at N = 8192, 64 at 16,384, 128 at 32,768, 256 at
+        65,536. A deferred cache (no budget) holds its whole prompt; its copies choose their
+        own."""
         if self.budget is None:
             return WINDOW_LONG
         def share(window: int) -> float:
@@ -646,7 +639,7 @@ class SphkvCache(Cache):
         if self.pad is None:
             raise ValueError("compress() needs the prefill to have run through the cache")
         out = SphkvCache(self.config, budget, method, window=self._window, sinks=self.sinks,
-                         page_size=self.page_size, decay=self.decay, slack=self.slack,
+                         page_size=self.page_size, decay=self.decay,
                          observation=self._observation, offset_bytes=self.offset_bytes)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
@@ -706,7 +699,7 @@ class SphkvCache(Cache):
             self.tiers, batch * self.n_layers * self.kv_heads, self.budget - reserve,
             self.page_size, self.decay, device=first.keys.device, encode=_encode,
             ordered=np.tile(np.repeat(sliding, self.kv_heads), batch),
-            offset_bytes=self.offset_bytes, slack=self.slack)
+            offset_bytes=self.offset_bytes)
         old = self.length - self.window
         tokens = None
         if old > 0:

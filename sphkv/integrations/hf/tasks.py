@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from sphkv.integrations.hf.cache import SLACK, SphkvCache, get_method
+from sphkv.integrations.hf.cache import SphkvCache, get_method
 from sphkv.integrations.hf.config import cache_argument, fp16_cache_bytes
 from sphkv.integrations.hf.generate import compressed_attention
 from sphkv.rdr import budget_to_bytes
@@ -166,13 +166,13 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
 
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                     runs: list[tuple[str, float]], chunk: int = 8, window: int | None = None,
-                    sinks: int = 4, page_size: int = 16, observation: int | None = None,
-                    slack: float = SLACK) -> list[PerplexityResult]:
+                    sinks: int = 4, page_size: int = 16,
+                    observation: int | None = None) -> list[PerplexityResult]:
     """:func:`perplexity` for several ``(method, budget)`` runs on one context, sharing the
     prefill: compressed methods copy one deferred cache (:meth:`SphkvCache.compress`) that
     prefilled the context once, exactly as each would have after its own prefill. A result's
     ``seconds`` leaves the shared prefill out; ``observation`` overrides every method's
-    observed prompt queries, ``slack`` sets every cache's (:class:`SphkvCache`)."""
+    observed prompt queries (:class:`SphkvCache`)."""
     ids = torch.as_tensor(ids).reshape(-1)
     for method, _ in runs:
         _check_method(method)
@@ -196,8 +196,7 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                 else:
                     if shared is None:
                         shared = SphkvCache(model.config, None, window=window, sinks=sinks,
-                                            page_size=page_size, observation=observation,
-                                            slack=slack)
+                                            page_size=page_size, observation=observation)
                         model(ids[None, :context], **{cache_argument(model): shared},
                               use_cache=True)
                     start = time.perf_counter()
@@ -476,11 +475,10 @@ def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
 def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str, float]],
                  setting: str = "query-agnostic", trials: int = 4, depth: float | None = None,
                  max_new_tokens: int = 20, seed: int = 0, question: str = QUESTION,
-                 window: int | None = None, sinks: int = 4, page_size: int = 16,
-                 slack: float = SLACK) -> list[PasskeyResult]:
+                 window: int | None = None, sinks: int = 4,
+                 page_size: int = 16) -> list[PasskeyResult]:
     """:func:`passkey` for several ``(method, budget)`` runs on the same trials, sharing each
-    trial's prefill among the compressed methods (see :func:`perplexity_runs`); ``slack``:
-    every cache's (:class:`SphkvCache`)."""
+    trial's prefill among the compressed methods (see :func:`perplexity_runs`)."""
     for method, _ in runs:
         _check_method(method)
     if setting not in SETTINGS:
@@ -517,7 +515,7 @@ def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str,
                     else:
                         if shared is None:
                             shared = SphkvCache(model.config, None, window=window, sinks=sinks,
-                                                page_size=page_size, slack=slack)
+                                                page_size=page_size)
                             shared_logits = model(first[None], **{cache_argument(model): shared},
                                                   use_cache=True).logits[0, -1]
                         start = time.perf_counter()
