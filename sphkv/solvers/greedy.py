@@ -529,7 +529,8 @@ class GreedySolver(Solver):
         else:
             cost = amortized[free]
             base_cost = float(xp.sum(xp.min(cost, axis=1)))
-        distortion = problem.distortion[free]
+        # (a gather of the free rows: half the time of a boolean mask over rows)
+        distortion = xp.take(problem.distortion, xp.nonzero(free)[0], axis=0)
         # The bound's room counts forced items at amortized cost, a relaxation; the allocation's
         # room counts their whole pages, whose free slots the page repair then fills for free.
         bound_room = problem.budget - forced_cost - base_cost
