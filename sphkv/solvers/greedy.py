@@ -297,8 +297,12 @@ class HullSegments:
             count = n_taken[s:e]
             for k in range(eff.shape[0]):
                 count += xp.astype(eff[k] >= high, steps)  # eff 0: no segment
-            rank, item = xp.nonzero((eff >= low) & (eff < high) & self.seg[:, s:e])
-            members.append(rank * n + item + s)
+            # (eff >= low > 0 only on segments; a flat nonzero costs less than a 2-d one)
+            inside = (eff >= low) & (eff < high)
+            if low <= 0:
+                inside = inside & self.seg[:, s:e]
+            flat = xp.nonzero(xp.reshape(inside, (-1,)))[0]
+            members.append((flat // (e - s)) * n + flat % (e - s) + s)
         members = xp.sort(xp.concat(members))
         eff, dc = xp.reshape(self.eff, (-1,)), xp.reshape(self.dc, (-1,))
         members = members[xp.argsort(-eff[members], stable=True)]
