@@ -362,12 +362,11 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
         # Each row's slots by tier (padding and forced items, -1, first): the items of tier u
         # of a row are one segment, and an arc's cost a minimum over it.
         r = np.arange(rows.size)
-        at = now[rows]
-        by_tier = np.argsort(at, axis=1, kind="stable")
-        at = np.take_along_axis(at, by_tier, axis=1)
-        idx = np.take_along_axis(item[rows], by_tier, axis=1)
+        by_tier = np.argsort(now[rows], axis=1, kind="stable")
+        sorted_slot = by_tier + (rows * m)[:, None]  # in the [G, M] layout
+        at, idx = np.take(now, sorted_slot), np.take(item, sorted_slot)
         cur = np.take(d, np.maximum(at, 0).astype(np.int64) * n + idx)
-        limit = None if ceiling is None else np.take_along_axis(ceiling[rows], by_tier, axis=1)
+        limit = None if ceiling is None else np.take(ceiling, sorted_slot)
         segment = (r[:, None] * (t + 1) + at + 1).ravel()
         starts = np.searchsorted(segment, np.arange(rows.size * (t + 1) + 1))
         empty = (starts[1:] == starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
@@ -391,12 +390,20 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
             u, v = src[best, j], dst[best, j]
             step = (u != v) & (u < t) & (v < t)
             k, u, v = r[step], u[step], v[step]
-            gain = np.take(d, v[:, None] * n + idx[k]) - cur[k]
-            ok = at[k] == u[:, None]
+            # The arc's item: the first of least D_v - D_u in segment (k, u), gathered alone.
+            first = starts[k * (t + 1) + u + 1]
+            length = starts[k * (t + 1) + u + 2] - first
+            offset = np.cumsum(length) - length
+            at_pos = np.arange(int(length.sum())) + np.repeat(first - offset, length)
+            to = np.repeat(v, length)
+            gain = np.take(d, to * n + idx.reshape(-1)[at_pos]) - cur.reshape(-1)[at_pos]
             if limit is not None:
-                ok &= limit[k] >= v[:, None]
+                gain[limit.reshape(-1)[at_pos] < to] = np.inf
+            least = gain == np.repeat(np.minimum.reduceat(gain, offset), length)
+            hit = np.flatnonzero(least)
+            hit = hit[np.searchsorted(hit, offset)]  # the first in each segment
             g = rows[k]
-            now[g, by_tier[k, np.argmin(np.where(ok, gain, np.inf), axis=1)]] = v
+            now[g, by_tier.reshape(-1)[at_pos[hit]]] = v
             spare[g, u] += 1
             spare[g, v] -= 1
         rows = rows[better]

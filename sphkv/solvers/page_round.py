@@ -606,8 +606,11 @@ def _prefix_sums(xp, distortion, order, rows, cols):
 
 
 def _gather(xp, table, index):
-    """``table[i, index[i]]`` of a table [n, T]."""
-    return xp.take_along_axis(table, index[:, None], axis=1)[:, 0]
+    """``table[i, index[i]]`` of a table [n, T] (int64 ``index``), gathered from the flat table:
+    a fraction of the time of ``take_along_axis``."""
+    n, t = table.shape
+    rows = xp.arange(n, dtype=xp.int64, device=array_api_compat.device(table)) * t
+    return xp.take(xp.reshape(table, (-1,)), rows + index)
 
 
 def _blocks(xp, x):
