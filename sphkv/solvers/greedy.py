@@ -336,20 +336,24 @@ class HullSegments:
         return _np(self.tiers(self.positions(room))).astype(np.int64)
 
     def tiers(self, positions):
-        """Tier of each item at its hull step ``positions`` [N] (arrays of ``xp``; int8 up to
-        127 tiers: fewer bytes to fault in and to write)."""
+        """Tier of each item at its hull step ``positions`` [N] (at most its number of
+        segments; arrays of ``xp``; int8 up to 127 tiers: fewer bytes to fault in and to
+        write). Step p >= 1 ends at the rank of the item's p-th segment, the number of ranks
+        with fewer than p segments up to them."""
         xp, t = self.xp, self.seg.shape[0]
         shared = self.tier.shape[1] == 1
+        tier_row = xp.reshape(self.tier, (-1,)) if shared else None
         out = xp.asarray(self.base, copy=True)
         for s, e in _blocks(xp, self.d):
+            p = xp.astype(positions[s:e], xp.int64)
             steps = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
-            tiers = out[s:e]
-            for k in range(t):
+            rank = xp.zeros(e - s, dtype=xp.int64, device=self.dev)
+            for k in range(t - 1):  # (every step p ends at a rank <= t - 1)
                 steps += xp.astype(self.seg[k, s:e], xp.int64)
-                tier = self.tier[k] if shared else self.tier[k, s:e]
-                here = self.seg[k, s:e] & (steps <= positions[s:e])
-                tiers = xp.where(here, xp.astype(tier, out.dtype), tiers)
-            out[s:e] = tiers
+                rank += xp.astype(steps < p, xp.int64)
+            tier = (xp.take(tier_row, rank) if shared else
+                    xp.take_along_axis(self.tier[:, s:e], rank[None, :], axis=0)[0])
+            out[s:e] = xp.where(p > 0, xp.astype(tier, out.dtype), out[s:e])
         return out
 
     def positions(self, room: float):
