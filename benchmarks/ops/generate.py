@@ -148,6 +148,7 @@ def _plain(model, ids, new, device, chunk) -> tuple[list[float], float, int, int
 def run(args: argparse.Namespace) -> list[dict]:
     from sphkv.integrations.hf import SphkvCache, compressed_attention
     from sphkv.integrations.hf.generate import budget_bytes
+    from sphkv.rdr import InfeasibleBudgetError
 
     device = torch.device(args.device)
     rows, warm = [], set()
@@ -190,9 +191,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                         with compressed_attention(model, graphs=args.graphs):
                             steps, prefill, peak = _run_once(model, ids, args.new_tokens,
                                                              device, cache, args.prefill_chunk)
-                    except torch.OutOfMemoryError:
+                    except (torch.OutOfMemoryError, InfeasibleBudgetError) as exc:
+                        note = ("out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                                else f"budget below the cache's minimum: {exc}")
                         add(dict(model=label, method=method, context=context, batch=batch,
-                                 budget=fraction, tok_s=None, note="out of memory"))
+                                 budget=fraction, window=window, tok_s=None, note=note))
                         del cache
                         gc.collect()
                         torch.cuda.empty_cache()
@@ -215,14 +218,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _warm_up(model, method: str, window: int | None, device: torch.device,
              graphs: bool) -> None:
-    """One untimed generation through ``method``'s cache: a 1,024-token prompt, then three
-    admissions."""
+    """One untimed generation through ``method``'s cache: a prompt of 1,024 tokens (16 W for a
+    larger given window, so that a quarter of its fp16 bytes holds the window's reserve), then
+    three admissions."""
     from sphkv.integrations.hf import SphkvCache, compressed_attention
     from sphkv.integrations.hf.generate import budget_bytes
 
-    ids = torch.randint(1, model.config.vocab_size, (1, 1024)).to(device)
+    prompt = max(1024, 16 * (window or 0))
+    ids = torch.randint(1, model.config.vocab_size, (1, prompt)).to(device)
     new = 3 * (window or 16)
-    cache = SphkvCache(model.config, budget_bytes(model.config, 1, 1024 + new, 0.25), method,
+    cache = SphkvCache(model.config, budget_bytes(model.config, 1, prompt + new, 0.25), method,
                        window=window)
     with compressed_attention(model, graphs=graphs):
         _run_once(model, ids, new, device, cache)
