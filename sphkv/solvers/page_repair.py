@@ -35,6 +35,11 @@ from sphkv.solvers.page_round import rank_major
 
 __all__ = ["exchange_tiers", "paged_dual_bound", "reassign", "repair_pages"]
 
+# Slots per block of groups in a round of exchanges: a block's arrays stay in cache (at 1M
+# items in 4,096 groups, 2^16 took the exchanges from 0.20 s to 0.13 s against one pass over
+# all groups; 2^14 to 2^17 were within 15% of each other).
+_EXCHANGE_SLOTS = 1 << 16
+
 
 class _Group:
     """Items of one page group and their candidate moves."""
@@ -327,7 +332,8 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     slots its pages pay for (:func:`reassign`) visits each tier once, so with ``longest`` the
     number of tiers + 1 and no negative cycle left the assignment is that flow's optimum. All
     groups at once on a group-major layout padded to the largest group, [G, M] (``tiers``
-    unchanged where that would take more than 4 slots per item).
+    unchanged where that would take more than 4 slots per item), a round by blocks of groups
+    (each gathering its own distortions, in cache).
     """
     tiers = np.array(tiers, dtype=np.int64)
     g_count, t = problem.n_groups, problem.n_tiers
@@ -345,70 +351,84 @@ def exchange_tiers(problem: AllocationProblem, tiers: np.ndarray, rounds: int = 
     item = np.maximum(index, 0)
     movable = (index >= 0) & (problem.forced[item] < 0)
     ceiling = np.where(movable, problem.ceiling_tier[item], -1) if problem.has_ceiling else None
-    d = rank_major(np, problem.distortion)  # [T, N]
-    n = problem.n_items
     now = np.where(movable, tiers[item], -1).astype(np.int16)  # (sorted by radix sort)
     counts = problem.counts(tiers)
     # Empty slots of each (group, tier); unpaged tiers take any number.
     spare = np.where(problem.page_bytes > 0, (-counts) % problem.page_size, 1 << 40)
     # A cycle counts as negative below -1e-12 of its group's distortion.
-    tolerance = 1e-12 * np.where(index >= 0, np.abs(np.take(d, tiers[item] * n + item)),
+    tolerance = 1e-12 * np.where(index >= 0, np.abs(np.take(problem.distortion,
+                                                            item * t + tiers[item])),
                                  0.0).sum(axis=1)
     src, dst = _cycles(t + 1, min(longest, t + 1))
     rows = np.arange(g_count)
+    step = max(1, _EXCHANGE_SLOTS // m)  # rows per block
     for _ in range(rounds):
         if not rows.size:
             break
-        # Each row's slots by tier (padding and forced items, -1, first): the items of tier u
-        # of a row are one segment, and an arc's cost a minimum over it.
-        r = np.arange(rows.size)
-        by_tier = np.argsort(now[rows], axis=1, kind="stable")
-        sorted_slot = by_tier + (rows * m)[:, None]  # in the [G, M] layout
-        at, idx = np.take(now, sorted_slot), np.take(item, sorted_slot)
-        cur = np.take(d, np.maximum(at, 0).astype(np.int64) * n + idx)
-        limit = None if ceiling is None else np.take(ceiling, sorted_slot)
-        segment = (r[:, None] * (t + 1) + at + 1).ravel()
-        starts = np.searchsorted(segment, np.arange(rows.size * (t + 1) + 1))
-        empty = (starts[1:] == starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
-        arc = np.zeros((rows.size, t + 1, t + 1))  # node t: S
-        padded = np.full(segment.size + 1, np.inf)  # an end for the empty last segments
-        delta = padded[:-1].reshape(idx.shape)
-        for v in range(t):
-            np.take(d[v], idx, out=delta)
-            delta -= cur
-            if limit is not None:
-                delta[limit < v] = np.inf
-            low = np.minimum.reduceat(padded, starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
-            arc[:, :t, v] = np.where(empty, np.inf, low)
-            arc[:, v, v] = 0.0
-        arc[:, :t, t] = np.where(spare[rows] > 0, 0.0, np.inf)
-        cost = arc[:, src, dst].sum(axis=2)  # [R, cycles]
-        best = np.argmin(cost, axis=1)
-        better = cost[r, best] < -tolerance[rows]
-        r, best = r[better], best[better]
-        for j in range(src.shape[1]):
-            u, v = src[best, j], dst[best, j]
-            step = (u != v) & (u < t) & (v < t)
-            k, u, v = r[step], u[step], v[step]
-            # The arc's item: the first of least D_v - D_u in segment (k, u), gathered alone.
-            first = starts[k * (t + 1) + u + 1]
-            length = starts[k * (t + 1) + u + 2] - first
-            offset = np.cumsum(length) - length
-            at_pos = np.arange(int(length.sum())) + np.repeat(first - offset, length)
-            to = np.repeat(v, length)
-            gain = np.take(d, to * n + idx.reshape(-1)[at_pos]) - cur.reshape(-1)[at_pos]
-            if limit is not None:
-                gain[limit.reshape(-1)[at_pos] < to] = np.inf
-            least = gain == np.repeat(np.minimum.reduceat(gain, offset), length)
-            hit = np.flatnonzero(least)
-            hit = hit[np.searchsorted(hit, offset)]  # the first in each segment
-            g = rows[k]
-            now[g, by_tier.reshape(-1)[at_pos[hit]]] = v
-            spare[g, u] += 1
-            spare[g, v] -= 1
+        better = np.concatenate([
+            _exchange_round(problem.distortion, now, item, ceiling, spare, tolerance, src, dst,
+                            rows[s:s + step]) for s in range(0, rows.size, step)])
         rows = rows[better]
     tiers[index[movable]] = now[movable]
     return tiers
+
+
+def _exchange_round(distortion, now, item, ceiling, spare, tolerance, src, dst, rows):
+    """One round of :func:`exchange_tiers` on the groups ``rows``: each applies its most
+    negative cycle (``now`` [G, M] and ``spare`` updated in place). Returns whether each
+    had one."""
+    t, m = distortion.shape[1], now.shape[1]
+    r = np.arange(rows.size)
+    # Each row's slots by tier (padding and forced items, -1, first): the items of tier u
+    # of a row are one segment, and an arc's cost a minimum over it.
+    by_tier = np.argsort(now[rows], axis=1, kind="stable")
+    sorted_slot = by_tier + (rows * m)[:, None]  # in the [G, M] layout
+    at = np.take(now, sorted_slot)
+    # The block's distortions in that order, rank-major [T, R·M]: one gather of whole rows.
+    d = rank_major(np, np.take(distortion, np.take(item, sorted_slot).reshape(-1), axis=0))
+    width = d.shape[1]
+    cur = np.take(d, np.maximum(at, 0).astype(np.int64) * width
+                  + np.arange(width).reshape(at.shape))
+    limit = None if ceiling is None else np.take(ceiling, sorted_slot)
+    segment = (r[:, None] * (t + 1) + at + 1).ravel()
+    starts = np.searchsorted(segment, np.arange(rows.size * (t + 1) + 1))
+    empty = (starts[1:] == starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
+    arc = np.zeros((rows.size, t + 1, t + 1))  # node t: S
+    padded = np.full(width + 1, np.inf)  # an end for the empty last segments
+    delta = padded[:-1].reshape(at.shape)
+    for v in range(t):
+        np.subtract(d[v].reshape(at.shape), cur, out=delta)
+        if limit is not None:
+            delta[limit < v] = np.inf
+        low = np.minimum.reduceat(padded, starts[:-1]).reshape(rows.size, t + 1)[:, 1:]
+        arc[:, :t, v] = np.where(empty, np.inf, low)
+        arc[:, v, v] = 0.0
+    arc[:, :t, t] = np.where(spare[rows] > 0, 0.0, np.inf)
+    cost = arc[:, src, dst].sum(axis=2)  # [R, cycles]
+    best = np.argmin(cost, axis=1)
+    better = cost[r, best] < -tolerance[rows]
+    r, best = r[better], best[better]
+    for j in range(src.shape[1]):
+        u, v = src[best, j], dst[best, j]
+        step = (u != v) & (u < t) & (v < t)
+        k, u, v = r[step], u[step], v[step]
+        # The arc's item: the first of least D_v - D_u in segment (k, u), gathered alone.
+        first = starts[k * (t + 1) + u + 1]
+        length = starts[k * (t + 1) + u + 2] - first
+        offset = np.cumsum(length) - length
+        at_pos = np.arange(int(length.sum())) + np.repeat(first - offset, length)
+        to = np.repeat(v, length)
+        gain = np.take(d, to * width + at_pos) - cur.reshape(-1)[at_pos]
+        if limit is not None:
+            gain[limit.reshape(-1)[at_pos] < to] = np.inf
+        least = gain == np.repeat(np.minimum.reduceat(gain, offset), length)
+        hit = np.flatnonzero(least)
+        hit = hit[np.searchsorted(hit, offset)]  # the first in each segment
+        g = rows[k]
+        now[g, by_tier.reshape(-1)[at_pos[hit]]] = v
+        spare[g, u] += 1
+        spare[g, v] -= 1
+    return better
 
 
 def _cycles(n: int, longest: int) -> tuple[np.ndarray, np.ndarray]:
