@@ -5,9 +5,10 @@ A model with random weights and real layer shapes (``--shapes``; or a real model
 ``--contexts`` length, for each batch size, once plainly (``DynamicCache``; on a GPU, SDPA
 restricted to its flash and memory-efficient kernels, whose cost does not depend on building a
 plan per KV length) and once per method and budget through :class:`SphkvCache`
-(:func:`~sphkv.integrations.hf.compressed_generate`; the kernel path on a GPU). Each method
-first generates once, untimed, from a short prompt through a few admissions, so that Triton's
-compilations of its kernels are not counted in any row.
+(:func:`~sphkv.integrations.hf.compressed_generate`; the kernel path on a GPU). Before its
+first row of each batch size and window, a method generates once, untimed, from a short
+prompt of that batch through a few admissions at that window, so that Triton's compilations
+of its kernels (specialised on shapes the batch and window change) are not counted in any row.
 
 Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefill excluded),
 ``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
@@ -181,12 +182,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 gc.collect()
                 for method, window, fraction in itertools.product(
                         args.methods, args.windows or [None], args.fractions):
-                    if (label, method, window) not in warm:
-                        _warm_up(model, method, window, device, args.graphs)
-                        warm.add((label, method, window))
                     limit = budget_bytes(model.config, batch, context + args.new_tokens,
                                          fraction)
                     cache = SphkvCache(model.config, limit, method, window=window)
+                    w = window or cache.budget_window(batch)
+                    if (label, method, w, batch) not in warm:
+                        _warm_up(model, method, w, batch, device, args.graphs)
+                        warm.add((label, method, w, batch))
                     try:
                         with compressed_attention(model, graphs=args.graphs):
                             steps, prefill, peak = _run_once(model, ids, args.new_tokens,
@@ -216,19 +218,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _warm_up(model, method: str, window: int | None, device: torch.device,
+def _warm_up(model, method: str, window: int, batch: int, device: torch.device,
              graphs: bool) -> None:
-    """One untimed generation through ``method``'s cache: a prompt of 1,024 tokens (16 W for a
-    larger given window, so that a quarter of its fp16 bytes holds the window's reserve), then
-    three admissions."""
+    """One untimed generation of ``batch`` sequences through ``method``'s cache at W =
+    ``window``: a prompt of 1,024 tokens (16 W for a larger window, so that a quarter of its
+    fp16 bytes holds the window's reserve), then three admissions."""
     from sphkv.integrations.hf import SphkvCache, compressed_attention
     from sphkv.integrations.hf.generate import budget_bytes
 
-    prompt = max(1024, 16 * (window or 0))
-    ids = torch.randint(1, model.config.vocab_size, (1, prompt)).to(device)
-    new = 3 * (window or 16)
-    cache = SphkvCache(model.config, budget_bytes(model.config, 1, prompt + new, 0.25), method,
-                       window=window)
+    prompt = max(1024, 16 * window)
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt)).to(device)
+    new = 3 * window
+    cache = SphkvCache(model.config, budget_bytes(model.config, batch, prompt + new, 0.25),
+                       method, window=window)
     with compressed_attention(model, graphs=graphs):
         _run_once(model, ids, new, device, cache)
 
