@@ -269,6 +269,12 @@ class HullSegments:
         key = self.top - b
         return _float_of(key << self._SHIFT), _float_of((key + 1) << self._SHIFT)
 
+    def price(self, room: float) -> float:
+        """λ within ``room`` bytes above the base: the efficiency of the breaking segment (0
+        when everything fits), as :meth:`lp_bound` gives it, without the bound."""
+        _, brk, _ = self._select(room, counts=False)
+        return 0.0 if brk is None else float(self.xp.reshape(self.eff, (-1,))[brk])
+
     @functools.cached_property
     def hull_tiers(self):
         """Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end)."""
@@ -281,26 +287,25 @@ class HullSegments:
                                 for s in range(1, t)]
         return xp.stack(rows)
 
-    def _select(self, room: float):
+    def _select(self, room: float, counts: bool = True):
         """Segments taken per item [N] by the sorted prefix within ``room`` (a prefix of each
-        hull; int8 up to 127 tiers), the flat index ``rank * N + item`` of the breaking one
-        (None when all fit) and the bytes left."""
+        hull; int8 up to 127 tiers; None without ``counts``), the flat index
+        ``rank * N + item`` of the breaking one (None when all fit) and the bytes left."""
         xp, n = self.xp, self.n
         steps = xp.int8 if self.seg.shape[0] < 128 else xp.int64
         limit = xp.asarray([room * (1 + 1e-12) + 1e-9], dtype=xp.float64, device=self.dev)
         b = int(xp.searchsorted(self.bucket_cum, limit, side="right")[0])
         if b == self.bucket_cum.shape[0] or self.max_efficiency == 0:  # all fit, or no segment
-            return (xp.sum(self.seg, axis=0, dtype=steps), None,
+            return (xp.sum(self.seg, axis=0, dtype=steps) if counts else None, None,
                     room - float(self.bucket_cum[-1]))
         before = float(self.bucket_cum[b - 1]) if b else 0.0
         low, high = self._bucket_range(b)
-        n_taken = xp.zeros(n, dtype=steps, device=self.dev)
+        n_taken = xp.zeros(n, dtype=steps, device=self.dev) if counts else None
         members = []
         for s, e in _blocks(xp, self.d):
             eff = self.eff[:, s:e]
-            count = n_taken[s:e]
-            for k in range(eff.shape[0]):
-                count += xp.astype(eff[k] >= high, steps)  # eff 0: no segment
+            for k in range(eff.shape[0] if counts else 0):
+                n_taken[s:e] += xp.astype(eff[k] >= high, steps)  # eff 0: no segment
             # (eff >= low > 0 only on segments; a flat nonzero costs less than a 2-d one)
             inside = (eff >= low) & (eff < high)
             if low <= 0:
@@ -312,8 +317,9 @@ class HullSegments:
         members = members[xp.argsort(-eff[members], stable=True)]
         cum = before + xp.cumulative_sum(xp.astype(dc[members], xp.float64))
         k = int(xp.searchsorted(cum, limit, side="right")[0])
-        items, counts = xp.unique_counts(members[:k] % n)
-        n_taken[items] += xp.astype(counts, steps)
+        if counts:
+            items, taken = xp.unique_counts(members[:k] % n)
+            n_taken[items] += xp.astype(taken, steps)
         return n_taken, int(members[k]), room - (float(cum[k - 1]) if k else before)
 
     def lp_bound(self, room: float) -> tuple[float, float]:
@@ -557,7 +563,7 @@ class GreedySolver(Solver):
             # Rounded from the allocation whose forced pages are counted whole (their empty
             # slots are filled for free afterwards), at that allocation's own price.
             tiers, paged_bound = self._round(problem, hull, hull.d, hull.allowed, free, room,
-                                             price, constant)
+                                             price, constant, bound_room)
             return finish(problem, tiers, max(bound, paged_bound), "feasible", price)
         tiers[free] = xp.astype(hull.tiers(hull.positions(room)), xp.int64)
         if problem.page_size is not None:
@@ -565,11 +571,13 @@ class GreedySolver(Solver):
         return finish(problem, tiers, bound, "feasible", price)
 
     def _round(self, problem: AllocationProblem, hull: HullSegments, distortion, allowed,
-               free: np.ndarray, room: float, price: float, constant: float):
+               free: np.ndarray, room: float, price: float, constant: float,
+               bound_room: float):
         """Whole pages from the greedy at ``room`` (:func:`round_pages`), and the slot-crediting
-        dual bound from the greedy price, both on the hull's device; where the allocation is
-        more than 0.1% above it, also the whole-page bound (on the host). ``distortion``
-        [N_free, T] and ``allowed`` are arrays of the hull's namespace."""
+        dual bound from the greedy price (the break of ``bound_room``), both on the hull's
+        device; where the allocation is more than 0.1% above it, also the whole-page bound (on
+        the host). ``distortion`` [N_free, T] and ``allowed`` are arrays of the hull's
+        namespace."""
         xp = hull.xp
 
         def on(a):
@@ -615,7 +623,8 @@ class GreedySolver(Solver):
         bound, bound_price = slot_dual_bound(
             xp, distortion, allowed, amortized, group, on(slots), constant,
             problem.page_cost(forced_counts), problem.budget, price, hull.max_efficiency,
-            evaluations=evaluations, return_price=True)
+            evaluations=evaluations, return_price=True,
+            guess=_price_guess(hull, bound_room, price))
         distortion_now = problem.distortion_of(tiers)
         if distortion_now - bound > _WHOLE_PAGE_GAP * distortion_now:
             # Far from the bound: small groups, whose partial pages the slot dual leaves out
@@ -628,6 +637,26 @@ class GreedySolver(Solver):
                                                 evaluations=8 if small else 1))
             tiers = problem.asarray(exchange_tiers(host, _np(tiers)))
         return tiers, bound
+
+
+def _price_guess(hull: HullSegments, room: float, price: float):
+    """The next λ for the slot dual's search (:func:`slot_dual_bound`'s ``guess``). The dual's
+    slope at λ is the bytes of the items' best tiers there — the greedy's within the room
+    whose break is at λ — less the bytes credited to slots and the budget; so where it is σ,
+    the greedy's price for σ bytes less (a sixteenth more than σ, so that the guess tends to
+    land past the maximum and bracket it), the credits taken as they are. Known at the breaks
+    of rooms asked before (at first ``price``, that of ``room``), else None."""
+    rooms = {price: room}
+
+    def guess(lam: float, slope: float) -> float | None:
+        if lam not in rooms:
+            return None
+        target = rooms[lam] - 1.0625 * slope
+        at = hull.price(target)
+        rooms[at] = target
+        return at
+
+    return guess
 
 
 def _fit_pages(problem: AllocationProblem, hull: HullSegments, tiers: np.ndarray,

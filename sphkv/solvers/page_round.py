@@ -629,7 +629,7 @@ def _block(xp, x) -> int:
 
 def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: float,
                     forced_bytes: float, budget: float, price: float, price_max: float,
-                    evaluations: int = 16, return_price: bool = False):
+                    evaluations: int = 16, return_price: bool = False, guess=None):
     """A Lagrangian lower bound on the paged optimum that credits forced pages' empty slots.
 
     Paged cost >= R(x) = F + Σ_{g,t} c'_gt · max(0, n_gt - s_gt), with F the bytes of the forced
@@ -641,7 +641,9 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
     + λ (F - B). L is concave and piecewise linear in λ, with slope
     Σ_i c'(best tier of i) · (1 - number of slots i is credited) + F - B; it is maximised over
     λ in [0, ``price_max``] (beyond the steepest hull slope no upgrade pays) by regula falsi on
-    the slope from ``price``, with at most ``evaluations`` evaluations. Each is T passes over
+    the slope from ``price``, with at most ``evaluations`` evaluations; ``guess(λ, slope)``, if
+    given, proposes the next λ from the last one (None: no proposal), taken where it lies
+    within the bracket. Each is T passes over
     the items, block by block, and per tier with empty slots a sort of the items whose gain is
     at least a floor below each group's s-th largest (the s-th largest gain of the items
     credited at the previous λ; at the first, of every k-th item). Every evaluated L is a
@@ -806,7 +808,14 @@ def slot_dual_bound(xp, distortion, allowed, amortized, group, slots, constant: 
             top = (f_hi - f_lo + g_lo * lo - g_hi * hi) / (g_lo - g_hi)
             if f_lo + g_lo * (top - lo) - best_value <= 1e-6 * abs(best_value):
                 break
-        if hi is None:
+        # The caller's guess from the last point where it has one inside the bracket, else
+        # doubling or halving λ until there is a bracket, then regula falsi.
+        guessed = guess(lam, slope) if guess is not None else None
+        inside = guessed is not None and (lo or 0.0) < guessed < (price_max if hi is None
+                                                                  else hi)
+        if inside:
+            lam = guessed
+        elif hi is None:
             lam = min(2 * lo if lo > 0 else price_max * 1e-6, price_max)
         elif lo is None:
             lam = hi / 2 if hi > price_max * 1e-9 else 0.0
