@@ -7,9 +7,9 @@ new tokens per group ``--admissions`` times, as a decode does every W steps. Key
 are random fp16; distortion rows are random, decreasing with the tier, 0 at fp16; the first 4
 tokens of each group are sinks forced to fp16. The budget is ``--fraction`` of the all-fp16
 store, so the store fills and admissions demote (``overflowed``: how many solved for demotions
-rather than fitting at the price). Runs are unordered, as a
-full-attention layer's are (``--ordered``: sorted by position, as a sliding layer's, so that
-every run an admission touches is rewritten).
+rather than fitting at the price). Runs are unordered, as a full-attention layer's are
+(``--ordered``: sorted by position, as a sliding layer's, so that every run an admission
+touches is rewritten).
 
 Per row: ``items`` kept after the prefill, ``prefill_s``, the median, mean and largest
 admission (``admit_ms``, ``admit_mean_ms``, ``admit_max_ms``), the median time to read every

@@ -65,8 +65,8 @@ ATTENTION_NAME = "sphkv"
 #: the windows a budget chooses from (``window=None``): the long one, unless its reserve of 2W
 #: fp16 tokens per layer and kv-head would take more than WINDOW_SHARE of the budget; doubled,
 #: up to WINDOW_MAX, while the doubled window's reserve takes at most WINDOW_GROW_SHARE of it
-#: (fewer admissions of more tokens at long contexts: an admission on a GPU costs about the
-#: same whatever it admits)
+#: (fewer admissions of more tokens at long contexts: an admission on a GPU costs far less
+#: than in proportion to the tokens it admits)
 WINDOW_LONG, WINDOW_SHORT, WINDOW_SHARE = 16, 8, 1 / 6
 WINDOW_MAX, WINDOW_GROW_SHARE = 256, 1 / 16
 #: vectors decoded per codec call when a store write is read back (see SphkvCache.decode_pages)
