@@ -389,7 +389,7 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
              f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
              f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); window W = "
-             f"{header.get('window', 16) or 'chosen by the budget (8 or 16)'}"
+             f"{header.get('window', 16) or 'chosen by the budget'}"
              + (f"; perplexity's caches observe {header['observation']} prompt queries"
                 if header.get("observation") else "") + "; pass key: "
              f"trials per cell in its table; "
