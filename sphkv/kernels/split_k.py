@@ -16,25 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "max_splits", "merge_kernel", "merge_two_domains_kernel", "num_splits",
-           "split_length"]
+__all__ = ["LOG2E", "merge_kernel", "merge_two_domains_kernel", "num_splits", "split_length"]
 
 LOG2E = 1.4426950408889634  # 1/ln 2: e^x = 2^(x·log2 e)
-
-
-def max_splits(batch_heads: int, device: torch.device, per_sm: int = 4) -> int:
-    """Splits per (sequence, kv head) that give about ``per_sm`` programs per multiprocessor:
-    :func:`num_splits` whatever the capacity."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 4)
-    return triton.cdiv(per_sm * sms, batch_heads)
 
 
 def num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device,
                per_sm: int = 4) -> int:
     """Splits per (sequence, kv head): about ``per_sm`` programs per multiprocessor, at least
     one block of tokens per split."""
-    return max(1, min(max_splits(batch_heads, device, per_sm), triton.cdiv(capacity, block_n)))
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 4)
+    return max(1, min(triton.cdiv(per_sm * sms, batch_heads), triton.cdiv(capacity, block_n)))
 
 
 def split_length(capacity: int, splits: int, block_n: int) -> int:

@@ -209,25 +209,6 @@ def test_plan_reused(nan_empty):
         plan.run(torch.randn(2, 6, 2, 64).half().to(DEVICE))
 
 
-def test_merge_pad_depends_on_the_batch_not_the_lengths(nan_empty):
-    """The merge's padded split axis is the same for short and long runs of one batch (a pad
-    that followed the lengths would compile the merge again as a cache grows) and holds every
-    split."""
-    gen = torch.Generator().manual_seed(13)
-    tiers = default_tiers(64)
-    pads = set()
-    for tokens in (9, 40, 300):
-        pages = [make_pages(tiers[tiers.index(n)], 2, 2, 64, tokens, 8, gen)
-                 for n in ("turbo2", "fp16")]
-        window = make_window(2, 2, 64, 7, gen)
-        plan = AdaDecodePlan(pages, window, 6, 1, 64, device=torch.device(DEVICE), block_n=32)
-        assert plan.total <= plan.s_pad
-        pads.add(plan.s_pad)
-        q = torch.randn(2, 6, 1, 64, generator=gen).half().to(DEVICE)
-        assert_close(f"{tokens} tokens", ada_decode_naive(q, pages, window), plan.run(q), 3e-3)
-    assert len(pads) == 1
-
-
 def test_plan_follows_new_bounds_and_window_length(nan_empty):
     """One plan over a window buffer of fixed capacity serves decode steps whose window grows
     and whose sliding bounds move: set_bounds writes them in place."""

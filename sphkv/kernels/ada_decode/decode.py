@@ -741,12 +741,6 @@ class AdaDecodePlan:
         for s in segments:
             bases.append(bases[-1] + triton.cdiv(s.capacity, self.split_len))
         self.total = bases[-1]
-        # the merge's split axis, padded: Σ_s ceil(c_s / L) ≤ C / L + segments ≤ n + segments
-        # with L ≥ C / n, so a bound from the batch alone serves every length (a pad from
-        # ``total`` would compile the merge again each time the growing cache crosses a power
-        # of two, mid-generation)
-        bound = max(n, split_k.max_splits(B * Hkv, dev, _PROGRAMS_PER_SM)) + len(segments)
-        self.s_pad = max(2, triton.next_power_of_2(bound))
         ints = [bases, [x for seg in segments for x in seg.strides]]
         if max(max(v) for v in ints) >= 2**31:
             raise ValueError("split bases or strides past int32; the kernel reads them as int32")
@@ -834,7 +828,7 @@ class AdaDecodePlan:
             num_splits=self.total, **self.options)
         split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](
             self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D,
-            S_PAD=self.s_pad, num_warps=4)
+            S_PAD=max(2, triton.next_power_of_2(self.total)), num_warps=4)
         out = self.out2[:, 0]
         if self.v_seed is not None:
             # the rotated value sum back to coordinates, once per output row
