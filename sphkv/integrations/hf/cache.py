@@ -77,6 +77,11 @@ _DECODE_ROWS = 1 << 15
 _DISTORTION_PAIRS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 
+def _pairs_per_call(device: torch.device) -> int:
+    """:data:`_DISTORTION_PAIRS` for ``device`` (the CPU's for any other kind)."""
+    return _DISTORTION_PAIRS.get(device.type, _DISTORTION_PAIRS["cpu"])
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer of :class:`SphkvCache`: its fp16 window; its pages live in the allocator.
 
@@ -788,8 +793,8 @@ class SphkvCache(Cache):
                 first = None if layer.attention.is_full else (q_first[-n_q:] - base).clamp_min(0)
                 # sequences per job: the pairs of one call at most (below)
                 pairs = queries.shape[1] * min(q.shape[1], n_q) * len(p)
-                limit = _DISTORTION_PAIRS.get(layer.keys.device.type, 1 << 22)
-                for chunk in seqs.split(max(1, limit // max(pairs, 1))):
+                for chunk in seqs.split(max(1, _pairs_per_call(layer.keys.device)
+                                            // max(pairs, 1))):
                     on_seq = chunk.to(layer.keys.device)
                     k, v = (x[on_seq][:, :, on].flatten(0, 1)
                             for x in (layer.keys, layer.values))
@@ -837,8 +842,7 @@ class SphkvCache(Cache):
             # at most _DISTORTION_PAIRS (query, token) pairs per call: stacking spares launches
             # and calls where layers are small (admissions); a prefill's layer is one call
             n, (hq, w, _) = key[0][1], key[1]
-            limit = _DISTORTION_PAIRS.get(jobs[members[0]][4].device.type, 1 << 22)
-            per_call = max(1, limit // max(hq * w * n, 1))
+            per_call = max(1, _pairs_per_call(jobs[members[0]][4].device) // max(hq * w * n, 1))
             chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
         for members in chunks:
             k, v, q, first, q_all = (
