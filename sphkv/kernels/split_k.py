@@ -6,6 +6,16 @@ its base-2 log-sum-exp ``lse_s``; a split with no token has ``lse_s = −∞``. 
 
     o = Σ_s 2^(lse_s − M) o_s / Σ_s 2^(lse_s − M),   M = max_s lse_s.
 
+It walks the splits in blocks ``B`` of ``S_BLOCK`` (a fixed size: no variant per cache length)
+with a running max ``M``, weight total ``l`` and weighted sum ``a``, all starting empty
+(``M = −∞``, ``l = 0``, ``a = 0``):
+
+    M' = max(M, max_{s∈B} lse_s),   l' = 2^(M − M') l + Σ_{s∈B} 2^(lse_s − M'),
+    a' = 2^(M − M') a + Σ_{s∈B} 2^(lse_s − M') o_s,   and at the end o = a / l.
+
+While ``M' = −∞`` (every split so far empty) the exponents take 0 in place of ``M'``, since
+``−∞ − (−∞)`` is NaN.
+
 Splits are sized from a capacity (``max_pages · P`` tokens), not from the lengths, so a
 launcher never waits for the device.
 """
@@ -39,42 +49,65 @@ def split_length(capacity: int, splits: int, block_n: int) -> int:
 # "divisible by 16" flip as the cache grows
 @triton.jit(do_not_specialize=["num_splits"])
 def merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
-                 HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+                 HQ: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr = 32):
     """One program per output row (sequence, query head): partials ``[rows, num_splits, D]``
-    and ``[rows, num_splits]``; ``out[b, h]`` at strides ``stride_ob``, ``stride_oh``."""
+    and ``[rows, num_splits]``; ``out[b, h]`` at strides ``stride_ob``, ``stride_oh``. A row
+    needs one split with a token (a row with none would be 0/0)."""
     i_row = tl.program_id(0)
     i_b, i_h = i_row // HQ, i_row % HQ
-    o_s = tl.arange(0, S_PAD)
     o_d = tl.arange(0, D)
-    m_s = o_s < num_splits
-    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-    # weight of split s: 2^(lse_s − max lse), 0 for empty splits (lse = −∞)
-    b_w = tl.exp2(b_lse - tl.max(b_lse, 0))
-    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                  mask=m_s[:, None], other=0.0)
-    b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
-    tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_out.to(out.dtype.element_ty))
+    b_m = tl.full([], float("-inf"), tl.float32)  # M: max lse so far
+    b_l = tl.zeros([], tl.float32)  # Σ 2^(lse_s − M)
+    b_acc = tl.zeros([D], tl.float32)  # Σ 2^(lse_s − M) o_s
+    for s0 in range(0, num_splits, S_BLOCK):
+        o_s = s0 + tl.arange(0, S_BLOCK)
+        m_s = o_s < num_splits
+        b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_lse, 0))
+        # rescale to M' = b_m_new: α = 2^(M − M'), w_s = 2^(lse_s − M'); while M' = −∞ (every
+        # split so far empty) take 0 for M', as −∞ − (−∞) is NaN: then α = w_s = 0
+        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_ref)
+        b_w = tl.exp2(b_lse - b_ref)
+        b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
+                      mask=m_s[:, None], other=0.0)
+        b_l = b_l * b_alpha + tl.sum(b_w, 0)
+        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_o, 0)
+        b_m = b_m_new
+    tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, (b_acc / b_l).to(out.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def merge_two_domains_kernel(o_part, lse_part, rotated, out, num_splits, D: tl.constexpr,
-                             S_PAD: tl.constexpr):
+                             S_BLOCK: tl.constexpr = 32):
     """The merge with splits in two value domains (``rotated[s]`` 0 or 1), summed apart:
     ``out[row] = (Σ_plain w_s o_s, Σ_rotated w_s o_s) / Σ_s w_s``, ``out`` ``[rows, 2, D]``;
     a row with no token at all gets 0."""
     i_row = tl.program_id(0)
-    o_s = tl.arange(0, S_PAD)
     o_d = tl.arange(0, D)
-    m_s = o_s < num_splits
-    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-    b_max = tl.max(b_lse, 0)
-    b_w = tl.exp2(b_lse - tl.where(b_max == float("-inf"), 0.0, b_max))
-    b_sum = tl.sum(b_w, 0)
-    b_inv = tl.where(b_sum > 0, 1.0 / tl.where(b_sum > 0, b_sum, 1.0), 0.0)
-    b_rot = tl.load(rotated + o_s, mask=m_s, other=0)
-    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                  mask=m_s[:, None], other=0.0)
-    b_wp = tl.where(b_rot == 0, b_w, 0.0)
-    b_wr = tl.where(b_rot == 1, b_w, 0.0)
-    tl.store(out + i_row * 2 * D + o_d, tl.sum(b_wp[:, None] * b_o, 0) * b_inv)
-    tl.store(out + i_row * 2 * D + D + o_d, tl.sum(b_wr[:, None] * b_o, 0) * b_inv)
+    b_m = tl.full([], float("-inf"), tl.float32)  # M: max lse so far
+    b_l = tl.zeros([], tl.float32)  # Σ 2^(lse_s − M)
+    b_accp = tl.zeros([D], tl.float32)  # Σ_plain 2^(lse_s − M) o_s
+    b_accr = tl.zeros([D], tl.float32)  # Σ_rotated 2^(lse_s − M) o_s
+    for s0 in range(0, num_splits, S_BLOCK):
+        o_s = s0 + tl.arange(0, S_BLOCK)
+        m_s = o_s < num_splits
+        b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_lse, 0))
+        # as in merge_kernel: relative to 0 while every split so far is empty
+        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_ref)
+        b_w = tl.exp2(b_lse - b_ref)
+        b_rot = tl.load(rotated + o_s, mask=m_s, other=0)
+        b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
+                      mask=m_s[:, None], other=0.0)
+        b_wp = tl.where(b_rot == 0, b_w, 0.0)
+        b_wr = tl.where(b_rot == 1, b_w, 0.0)
+        b_l = b_l * b_alpha + tl.sum(b_w, 0)
+        b_accp = b_accp * b_alpha + tl.sum(b_wp[:, None] * b_o, 0)
+        b_accr = b_accr * b_alpha + tl.sum(b_wr[:, None] * b_o, 0)
+        b_m = b_m_new
+    # a row with no token leaves Σ w = 0 and sums 0: it gets 0
+    b_inv = tl.where(b_l > 0, 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+    tl.store(out + i_row * 2 * D + o_d, b_accp * b_inv)
+    tl.store(out + i_row * 2 * D + D + o_d, b_accr * b_inv)

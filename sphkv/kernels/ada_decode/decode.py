@@ -827,8 +827,7 @@ class AdaDecodePlan:
             lse_part=self.lse_part, qk_scale=scale * split_k.LOG2E, split_len=self.split_len,
             num_splits=self.total, **self.options)
         split_k.merge_two_domains_kernel[(B * self.Hkv * self.R,)](
-            self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D,
-            S_PAD=max(2, triton.next_power_of_2(self.total)), num_warps=4)
+            self.o_part, self.lse_part, self.rotated, self.out2, self.total, D=D, num_warps=4)
         out = self.out2[:, 0]
         if self.v_seed is not None:
             # the rotated value sum back to coordinates, once per output row

@@ -106,8 +106,7 @@ def _launch(q, k_pages, v_pages, block_table, lengths, scale, block_n, num_split
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     split_k.merge_kernel[(B * Hq,)](
         o_part, lse_part, out, num_splits, out.stride(0), out.stride(1),
-        HQ=Hq, D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=4)
+        HQ=Hq, D=D, num_warps=4)
     return out
 
 

@@ -172,7 +172,7 @@ def _launch(q_rot, k_payload, k_norm, v_payload, v_norm, k_levels, v_levels, blo
         num_stages=num_stages)
     split_k.merge_kernel[(B * Hq,)](
         o_part, lse_part, out_rot, num_splits, out_rot.stride(0), out_rot.stride(1),
-        HQ=Hq, D=D, S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+        HQ=Hq, D=D, num_warps=4)
     return out_rot
 
 
