@@ -181,6 +181,20 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
     _WORKER["ids"] = {text_name(p): read_tokens(_WORKER["tok"], p, tokens) for p in paths}
 
 
+def _head_weights(methods: tuple[str, ...]):
+    """The worker model's head sensitivities where a method needs them (calibrated once per
+    worker on the package's Pride and Prejudice opening, the tuning text), else None."""
+    from sphkv.integrations.hf.sensitivity import head_weights_for
+    from sphkv.rdr import get_method
+
+    sensitive = next((m for m in methods if m != "none" and get_method(m).sensitive), None)
+    if sensitive is None:
+        return None
+    if "weights" not in _WORKER:
+        _WORKER["weights"] = head_weights_for(_WORKER["model"], _WORKER["tok"], sensitive)
+    return _WORKER["weights"]
+
+
 def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
              window: int | None = None, observation: int | None = None) -> list[dict]:
     """The rows of one group's runs of ``methods`` (every budget), in a worker; ``window``: the
@@ -191,18 +205,20 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
     model, tok, ids = _WORKER["model"], _WORKER["tok"], _WORKER["ids"][g["text"]]
     pairs = runs({**grid, "methods": methods})
     n = g["context"]
+    weights = _head_weights(methods)
     if g["task"] == "ppl":
         results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
-                                  window=window, observation=observation)
+                                  window=window, observation=observation, head_weights=weights)
         quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
                     / r.fp16_bytes} for r in results]
     elif g["task"] == "fidelity":
-        results = fidelity_runs(model, ids, n, pairs, window=window)
+        results = fidelity_runs(model, ids, n, pairs, window=window, head_weights=weights)
         quality = [{"error": r.mean_error, "layer_errors": r.layer_errors,
                     "bytes_vs_fp16": r.cache_bytes / r.fp16_bytes} for r in results]
     else:
         results = passkey_runs(model, tok, ids[:n], pairs, g["setting"],
-                               trials=grid["passkey"]["trials"], window=window)
+                               trials=grid["passkey"]["trials"], window=window,
+                               head_weights=weights)
         quality = [{"accuracy": r.accuracy, "correct": r.correct, "trials": r.n_trials,
                     "interval": wilson(r.correct, r.n_trials),
                     "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]

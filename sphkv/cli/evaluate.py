@@ -17,6 +17,7 @@ def run_eval(task: str, model: str, text: Path, context: int, budget: tuple[str,
     """The body of ``sphkv eval`` (arguments checked by :mod:`sphkv.cli`): perplexity or
     pass-key accuracy through the compressed KV cache of a method at a budget."""
     from sphkv.cli import budget_error, err, fail, load_model_or_fail
+    from sphkv.integrations.hf.sensitivity import head_weights_for
     from sphkv.integrations.hf.tasks import passkey, perplexity
     from sphkv.integrations.hf.text import read_tokens
     from sphkv.rdr import budget_is_fraction
@@ -38,12 +39,13 @@ def run_eval(task: str, model: str, text: Path, context: int, budget: tuple[str,
                                  "or give a longer text", param_hint="--text") from exc
     try:
         with err.status(f"{task}: {method} at {budget_text} on {context} tokens"):
+            weights = head_weights_for(lm, tok, method)
             if task == "ppl":
                 result = perplexity(lm, ids, context, scored, limit, method, chunk=chunk,
-                                    window=window).to_dict()
+                                    window=window, head_weights=weights).to_dict()
             else:
                 result = passkey(lm, tok, ids, limit, method, setting, trials, depth,
-                                 seed=seed, window=window).to_dict()
+                                 seed=seed, window=window, head_weights=weights).to_dict()
     except ValueError as exc:
         fail(budget_error(exc, "--budget"), exc)
     result = {"task": task, "model": model, "text": text.name, **result}

@@ -11,6 +11,7 @@ import torch
 from sphkv.cli import budget_error, err, fail, load_model_or_fail
 from sphkv.integrations.hf.config import fp16_cache_bytes
 from sphkv.integrations.hf.generate import compressed_generate
+from sphkv.integrations.hf.sensitivity import head_weights_for
 from sphkv.rdr.problem import InfeasibleBudgetError
 
 __all__ = ["generate_command"]
@@ -29,7 +30,8 @@ def generate_command(model: str, prompt: str, budget: tuple[str, float], method:
     try:
         with err.status(f"generating {max_new_tokens} tokens after {ids.shape[1]} ({method})"):
             out, cache = compressed_generate(lm, ids, **{kind: value}, method=method,
-                                             max_new_tokens=max_new_tokens, window=window)
+                                             max_new_tokens=max_new_tokens, window=window,
+                                             head_weights=head_weights_for(lm, tok, method))
     except InfeasibleBudgetError as exc:
         fail(budget_error(exc, "--budget", fp16) + "; the fp16 window (2 x --window tokens per "
              "layer and kv head) and the attention sinks come first: raise --budget or lower "

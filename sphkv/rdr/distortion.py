@@ -86,7 +86,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
                      tiers: TierSet, estimator: Estimator | None = None,
                      score_queries: torch.Tensor | None = None, floor: float = 0.0,
                      relative: bool = False, first: torch.Tensor | None = None,
-                     blocks: int = 1, prior: str = "uniform") -> np.ndarray:
+                     blocks: int = 1, prior: str = "uniform",
+                     head_weights: torch.Tensor | None = None) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -125,6 +126,12 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     blocks : int
         The heads are ``blocks`` equal blocks of independent layers (or sequences) stacked, each
         one ``relative`` to its own output energy: one call for several layers of the same shape.
+    head_weights : torch.Tensor, optional
+        ``[H_q]``: each query head's output error weighed by ``s_h`` (its sensitivity,
+        :func:`sphkv.integrations.hf.sensitivity.head_sensitivity`): ``D = Σ_h s_h Σ_q …``,
+        the loss's second-order change ``½ δᵀFδ`` for a Fisher ``F`` that is ``s_h / d`` times
+        the identity on head h's output. With it, leave ``relative`` off: the weights give the
+        layers' scales.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -137,7 +144,14 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     else:
         expected = ExpectedAttention(value_norm=False).score(keys, values, queries)  # [H_kv, n]
         pi = (1 - floor) * pi + floor * expected[:, None, None]
-    w = pi.square()
+    # each query's weight on its head's output error: 1, or the head's sensitivity
+    s: torch.Tensor | float = 1.0
+    if head_weights is not None:
+        if head_weights.numel() != pi.shape[0] * pi.shape[1]:
+            raise ValueError(f"head_weights must hold one weight per query head "
+                             f"({pi.shape[0] * pi.shape[1]}), got {head_weights.numel()}")
+        s = head_weights.float().to(keys.device).view(*pi.shape[:2], 1, 1)
+    w = pi.square() * s
     o = p @ values[:, None]  # o_q [H_kv, G, W, d]
     v = values[:, None]  # [H_kv, 1, n, d]
     # ‖v_i − o_q‖² = ‖v_i‖² − 2 v_i·o_q + ‖o_q‖², [H_kv, G, W, n], in float64: where one
@@ -157,7 +171,7 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     for tier in tiers:
         if tier.is_drop:
             r = pi.clamp(max=_MAX_P)
-            d = ((r / (1 - r)).square() * dist2).sum(dim=(1, 2))
+            d = ((r / (1 - r)).square() * s * dist2).sum(dim=(1, 2))
         else:
             if id(tier.key) not in key_terms:
                 e = _logit_error(tier.key.reconstruct(keys) - keys, queries)

@@ -189,6 +189,10 @@ class Method:
     paged_keys : bool
         The ladder's keys are quantized per page (KIVI's per channel): it takes the cache's
         page size.
+    sensitive : bool
+        Weigh each query head's output error by the head's sensitivity (the cache's
+        ``head_weights``, :func:`sphkv.integrations.hf.sensitivity.head_sensitivity`) instead
+        of ``relative``: the distortion becomes the loss's second-order change.
     """
 
     name: str
@@ -201,6 +205,7 @@ class Method:
     relative: bool = False
     paged_keys: bool = False
     prior: str = "uniform"
+    sensitive: bool = False
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -221,7 +226,8 @@ class Method:
 
     def distortion(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                    tiers: TierSet, first: torch.Tensor | None = None,
-                   score_queries: torch.Tensor | None = None, blocks: int = 1) -> np.ndarray:
+                   score_queries: torch.Tensor | None = None, blocks: int = 1,
+                   head_weights: torch.Tensor | None = None) -> np.ndarray:
         """The method's distortion rows ``D[h, i, t]`` of one layer, float64 ``[H_kv, n, T]``.
 
         :func:`~sphkv.rdr.distortion.layer_distortion` with the method's estimator, floor and
@@ -243,10 +249,17 @@ class Method:
         blocks : int
             The heads are this many independent layers (or sequences) of equal shape, stacked
             (:func:`~sphkv.rdr.distortion.layer_distortion`).
+        head_weights : torch.Tensor, optional
+            ``[H_q]``, each query head's sensitivity; required by a ``sensitive`` method and
+            refused by the others.
         """
+        if self.sensitive != (head_weights is not None):
+            raise ValueError(f"method {self.name!r} " + (
+                "weighs heads by their sensitivity: pass head_weights" if self.sensitive
+                else "does not weigh heads: head_weights must be None"))
         d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
                              self.floor, self.relative, first=first, blocks=blocks,
-                             prior=self.prior)
+                             prior=self.prior, head_weights=head_weights)
         if not self.drop and d.shape[1]:
             top = d[..., 1:].reshape(blocks, -1).max(axis=1).clip(min=1e-30)
             d[..., 0] = NO_DROP_PENALTY * np.repeat(top, d.shape[0] // blocks)[:, None]
@@ -260,6 +273,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr-scalar", ladder=scalar_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-kv", ladder=kv_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-fast", ladder=fast_tiers, observation=64, floor=0.5, relative=True),
+    Method("rdr-kv-fisher", ladder=kv_tiers, observation=64, floor=0.5, sensitive=True),
     Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),

@@ -171,7 +171,10 @@ def test_batch_with_left_padding(model):
 def test_every_method_at_equal_bytes(model, method):
     ids, new = _ids(48, seed=5), 48
     budget = 0.3 * fp16_cache_bytes(model.config, 1, 48 + new)
-    out, cache = _generate(model, ids, budget, method=method, new=new)
+    # a sensitive method's weights: any positive ones hold the budget
+    weights = np.ones((TINY["num_hidden_layers"], TINY["num_attention_heads"]))
+    out, cache = _generate(model, ids, budget, method=method, new=new,
+                           head_weights=weights if METHODS[method].sensitive else None)
     assert cache.peak_bytes <= budget
     used = {cache.tiers[t].name for t, p in cache.store.pools.items() if p.pages}
     allowed = set(METHODS[method].tier_set(TINY["head_dim"]).names)

@@ -182,6 +182,21 @@ def test_relative_divides_by_the_layer_output_energy():
                                rtol=1e-5)  # float32 rounding of ‖v − o‖²
 
 
+@pytest.mark.parametrize("tiers", [TIERS, kv_tiers(16)], ids=["default", "kv-pairs"])
+def test_head_weights_sum_the_query_heads_weighed(tiers):
+    """D sums each query head's terms: with weights w, D = Σ_g w[h, g] · D of query head g
+    alone (its kv-head's keys and values, that head's queries), the drop row too."""
+    k, v, q = _layer(h_kv=2, group=3, n=12, w=4)
+    weights = torch.tensor([[0.5, 2.0, 7.0], [1.0, 0.1, 3.0]])
+    got = layer_distortion(k, v, q, tiers, floor=0.5, head_weights=weights.flatten())
+    per_head = q.view(2, 3, 4, 16)
+    want = sum(weights[:, g, None, None].double().numpy()
+               * layer_distortion(k, v, per_head[:, g], tiers, floor=0.5) for g in range(3))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"one weight per query head \(6\), got 4"):
+        layer_distortion(k, v, q, tiers, head_weights=torch.ones(4))
+
+
 def test_problem_from_trace(small_trace):
     t = small_trace
     problem = problem_from_trace(t, TIERS, 0.5, sinks=4)

@@ -126,6 +126,19 @@ def test_budget_below_the_forced_items_is_refused(tiers):
         alloc.prefill(_chunk(tiers, 0, 8, seed=0, sinks=(0, 1, 2, 3)))
 
 
+def test_a_sensitive_method_takes_head_weights_and_no_other_does():
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 12, D, generator=gen), torch.randn(2, 12, D, generator=gen)
+    q = torch.randn(4, 4, D, generator=gen)
+    sensitive, plain = METHODS["rdr-kv-fisher"], METHODS["rdr-kv"]
+    with pytest.raises(ValueError, match="weighs heads by their sensitivity"):
+        sensitive.distortion(k, v, q, sensitive.tier_set(D, P))
+    with pytest.raises(ValueError, match="head_weights must be None"):
+        plain.distortion(k, v, q, plain.tier_set(D, P), head_weights=torch.ones(4))
+    assert sensitive.distortion(k, v, q, sensitive.tier_set(D, P),
+                                head_weights=torch.ones(4)).shape == (2, 12, 10)
+
+
 def test_no_drop_method_keeps_every_token_when_it_can(tiers):
     method = METHODS["turboquant"]
     ladder = method.tier_set(D, P)

@@ -23,6 +23,7 @@ from sphkv.integrations.hf.cache import METHODS, SphkvCache
 from sphkv.integrations.hf.config import attention_layout, cache_argument, fp16_cache_bytes
 from sphkv.integrations.hf.generate import compress, compressed_attention, compressed_generate
 from sphkv.integrations.hf.model import SMOLLM2, load_model, resolve_model
+from sphkv.integrations.hf.sensitivity import calibration_ids, head_sensitivity
 from sphkv.integrations.hf.text import read_tokens
 from sphkv.integrations.hf.trace import (
     TRACE_FORMAT,
@@ -44,11 +45,13 @@ __all__ = [
     "TraceFormatError",
     "attention_layout",
     "cache_argument",
+    "calibration_ids",
     "capture_trace",
     "compress",
     "compressed_attention",
     "compressed_generate",
     "fp16_cache_bytes",
+    "head_sensitivity",
     "load_model",
     "load_trace",
     "read_tokens",

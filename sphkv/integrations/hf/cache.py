@@ -314,6 +314,11 @@ class SphkvCache(Cache):
         Width of each slot's position offset from its page's first position. 16 bits serve
         positions below 2^16 (a page of a sparse tier can span the whole context); by default
         4 where the config's ``max_position_embeddings`` reaches 2^16, else 2.
+    head_weights : array-like, optional
+        ``[layers, query heads]``, positive: each head's sensitivity
+        (:func:`~sphkv.integrations.hf.sensitivity.head_sensitivity`), which a ``sensitive``
+        method's distortion needs (:attr:`~sphkv.rdr.Method.sensitive`); other methods ignore
+        it, and :meth:`compress` passes it on.
 
     Attributes
     ----------
@@ -329,7 +334,7 @@ class SphkvCache(Cache):
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
                  window: int | None = None, sinks: int = 4, page_size: int = 16,
                  decay: float = 0.8, observation: int | None = None,
-                 offset_bytes: int | None = None):
+                 offset_bytes: int | None = None, head_weights=None):
         for name, value, low in (("window", window, 1), ("sinks", sinks, 0),
                                  ("page_size", page_size, 1)):
             if name == "window" and value is None:
@@ -355,6 +360,7 @@ class SphkvCache(Cache):
         self.kv_heads = text.num_key_value_heads
         self.head_dim = head_dim(config)
         self.method = get_method(method) if isinstance(method, str) else method
+        self.head_weights = _head_weights(head_weights, text, self.method)
         self.tiers = self.method.tier_set(self.head_dim, page_size)
         #: on a GPU, whether attention runs in the Triton kernels (else in torch)
         self.kernel = kernel_reads(self.tiers)
@@ -645,7 +651,8 @@ class SphkvCache(Cache):
             raise ValueError("compress() needs the prefill to have run through the cache")
         out = SphkvCache(self.config, budget, method, window=self._window, sinks=self.sinks,
                          page_size=self.page_size, decay=self.decay,
-                         observation=self._observation, offset_bytes=self.offset_bytes)
+                         observation=self._observation, offset_bytes=self.offset_bytes,
+                         head_weights=self.head_weights)
         for mine, theirs in zip(self.layers, out.layers, strict=True):
             theirs.keys, theirs.values, theirs.length = mine.keys, mine.values, mine.length
             theirs.is_initialized = True
@@ -847,14 +854,36 @@ class SphkvCache(Cache):
         for members in chunks:
             k, v, q, first, q_all = (
                 [jobs[i][j] for i in members] for j in range(4, 9))
+            # each job's query heads, sequence-major as its queries
+            weights = (torch.cat([self.head_weights[jobs[i][0]].repeat(len(jobs[i][1]))
+                                  for i in members]) if self.method.sensitive else None)
             d = self.method.distortion(
                 torch.cat(k).float(), torch.cat(v).float(), torch.cat(q), self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
-                blocks=sum(len(jobs[i][1]) for i in members))
+                blocks=sum(len(jobs[i][1]) for i in members), head_weights=weights)
             for i, part in zip(members, np.split(d, len(members)), strict=True):
                 rows[i] = part
         return rows
+
+
+def _head_weights(weights, text_config, method: Method) -> torch.Tensor | None:
+    """``weights`` as float32 ``[layers, query heads]``, checked; None where none are given
+    (refused for a ``sensitive`` method)."""
+    if weights is None:
+        if method.sensitive:
+            raise ValueError(f"method {method.name!r} weighs heads by their sensitivity: pass "
+                             "head_weights=head_sensitivity(model, ids) "
+                             "(sphkv.integrations.hf.sensitivity)")
+        return None
+    weights = torch.as_tensor(weights, dtype=torch.float32).cpu()
+    shape = (text_config.num_hidden_layers, text_config.num_attention_heads)
+    if tuple(weights.shape) != shape:
+        raise ValueError(f"head_weights must have shape [layers, query heads] = {list(shape)}, "
+                         f"got {list(weights.shape)}")
+    if not (torch.isfinite(weights).all() and (weights > 0).all()):
+        raise ValueError("head_weights must be finite and > 0")
+    return weights
 
 
 def _encode(codec: Codec, x: torch.Tensor) -> Codes:

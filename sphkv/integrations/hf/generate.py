@@ -71,6 +71,7 @@ def compressed_generate(model, input_ids: torch.Tensor, *, fraction: float | Non
                         bytes: float | None = None, method: str = "rdr",
                         max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
                         window: int | None = None, sinks: int = 4, page_size: int = 16,
+                        head_weights=None,
                         **generate_kwargs) -> tuple[torch.Tensor, SphkvCache]:
     """Greedy ``model.generate`` through a :class:`SphkvCache` within a budget.
 
@@ -89,8 +90,8 @@ def compressed_generate(model, input_ids: torch.Tensor, *, fraction: float | Non
         A key of :data:`sphkv.rdr.methods.METHODS`.
     attention_mask : torch.Tensor, optional
         ``[B, n]``, 0 at (left) padding.
-    window, sinks, page_size
-        See :class:`SphkvCache`.
+    window, sinks, page_size, head_weights
+        See :class:`SphkvCache` (a ``sensitive`` method needs ``head_weights``).
     **generate_kwargs
         Passed to ``model.generate``; beam search (``num_beams > 1``) is refused.
 
@@ -108,7 +109,7 @@ def compressed_generate(model, input_ids: torch.Tensor, *, fraction: float | Non
     limit = budget_bytes(model.config, input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
                          fraction, bytes)
     cache = SphkvCache(model.config, limit, method, window=window, sinks=sinks,
-                       page_size=page_size)
+                       page_size=page_size, head_weights=head_weights)
     with torch.no_grad(), compressed_attention(model):
         out = model.generate(input_ids, attention_mask=attention_mask,
                              max_new_tokens=max_new_tokens, do_sample=False,

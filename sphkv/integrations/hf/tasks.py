@@ -62,13 +62,13 @@ def budget_bytes(model, budget: float, tokens: int) -> float:
 
 
 def make_cache(model, method: str, budget: float, window: int | None = None, sinks: int = 4,
-               page_size: int = 16):
+               page_size: int = 16, head_weights=None):
     """A fresh cache: ``DynamicCache`` for ``none``, else a :class:`SphkvCache` of ``budget``
     bytes."""
     if method == NONE:
         return DynamicCache(config=model.config)
     return SphkvCache(model.config, budget, get_method(method), window=window, sinks=sinks,
-                      page_size=page_size)
+                      page_size=page_size, head_weights=head_weights)
 
 
 def _check_method(method: str) -> None:
@@ -127,7 +127,7 @@ class PerplexityResult:
 
 def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: float = 0.125,
                method: str = "rdr", chunk: int = 8, window: int | None = None, sinks: int = 4,
-               page_size: int = 16) -> PerplexityResult:
+               page_size: int = 16, head_weights=None) -> PerplexityResult:
     """Perplexity of ``scored`` tokens read through a cache compressed after ``context`` tokens.
 
     With ids x_0 … x_{N+M}: the prefill feeds x_0 … x_{N-1} (its logits are not scored: they
@@ -157,17 +157,18 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
     chunk : int
         Tokens per teacher-forced forward after the prefill: by default 8, the shortest window
         the budget chooses.
-    window, sinks, page_size
-        See :class:`SphkvCache`.
+    window, sinks, page_size, head_weights
+        See :class:`SphkvCache` (a ``sensitive`` method needs ``head_weights``).
     """
     return perplexity_runs(model, ids, context, scored, [(method, budget)], chunk, window,
-                           sinks, page_size)[0]
+                           sinks, page_size, head_weights=head_weights)[0]
 
 
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                     runs: list[tuple[str, float]], chunk: int = 8, window: int | None = None,
                     sinks: int = 4, page_size: int = 16,
-                    observation: int | None = None) -> list[PerplexityResult]:
+                    observation: int | None = None,
+                    head_weights=None) -> list[PerplexityResult]:
     """:func:`perplexity` for several ``(method, budget)`` runs on one context, sharing the
     prefill: compressed methods copy one deferred cache (:meth:`SphkvCache.compress`) that
     prefilled the context once, exactly as each would have after its own prefill. A result's
@@ -196,7 +197,8 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                 else:
                     if shared is None:
                         shared = SphkvCache(model.config, None, window=window, sinks=sinks,
-                                            page_size=page_size, observation=observation)
+                                            page_size=page_size, observation=observation,
+                                            head_weights=head_weights)
                         model(ids[None, :context], **{cache_argument(model): shared},
                               use_cache=True)
                     start = time.perf_counter()
@@ -245,8 +247,8 @@ class FidelityResult:
 
 
 def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, float]],
-                  window: int | None = None, sinks: int = 4,
-                  page_size: int = 16) -> list[FidelityResult]:
+                  window: int | None = None, sinks: int = 4, page_size: int = 16,
+                  head_weights=None) -> list[FidelityResult]:
     """Per-layer attention-output relative error of each ``(method, budget)`` run after
     compressing a ``context``-token prefill (shared, see :func:`perplexity_runs`); a budget in
     (0, 1] is a fraction of the fp16 cache of the context. ``none`` has error 0 by definition.
@@ -257,7 +259,8 @@ def fidelity_runs(model, ids: torch.Tensor, context: int, runs: list[tuple[str, 
         _check_method(method)
     if not 1 <= context <= ids.numel():
         raise ValueError(f"context must be in [1, {ids.numel()}] (the ids given), got {context}")
-    shared = SphkvCache(model.config, None, window=window, sinks=sinks, page_size=page_size)
+    shared = SphkvCache(model.config, None, window=window, sinks=sinks, page_size=page_size,
+                        head_weights=head_weights)
     with torch.no_grad(), compressed_attention(model):
         model(ids[None, :context], **{cache_argument(model): shared}, use_cache=True)
     scaling = shared.head_dim ** -0.5
@@ -434,7 +437,7 @@ def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
             method: str = "rdr", setting: str = "query-agnostic", trials: int = 4,
             depth: float | None = None, max_new_tokens: int = 20, seed: int = 0,
             question: str = QUESTION, window: int | None = None, sinks: int = 4,
-            page_size: int = 16) -> PasskeyResult:
+            page_size: int = 16, head_weights=None) -> PasskeyResult:
     """Pass-key retrieval accuracy through a compressed cache.
 
     Trial i hides a random 5-digit key (from ``seed``) at ``depth``, or, when ``depth`` is
@@ -465,18 +468,19 @@ def passkey(model, tokenizer, haystack: torch.Tensor, budget: float = 0.125,
     seed : int
     question : str
         Asked after the haystack, inside the user turn.
-    window, sinks, page_size
-        See :class:`SphkvCache`.
+    window, sinks, page_size, head_weights
+        See :class:`SphkvCache` (a ``sensitive`` method needs ``head_weights``).
     """
     return passkey_runs(model, tokenizer, haystack, [(method, budget)], setting, trials, depth,
-                        max_new_tokens, seed, question, window, sinks, page_size)[0]
+                        max_new_tokens, seed, question, window, sinks, page_size,
+                        head_weights)[0]
 
 
 def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str, float]],
                  setting: str = "query-agnostic", trials: int = 4, depth: float | None = None,
                  max_new_tokens: int = 20, seed: int = 0, question: str = QUESTION,
-                 window: int | None = None, sinks: int = 4,
-                 page_size: int = 16) -> list[PasskeyResult]:
+                 window: int | None = None, sinks: int = 4, page_size: int = 16,
+                 head_weights=None) -> list[PasskeyResult]:
     """:func:`passkey` for several ``(method, budget)`` runs on the same trials, sharing each
     trial's prefill among the compressed methods (see :func:`perplexity_runs`)."""
     for method, _ in runs:
@@ -515,7 +519,7 @@ def passkey_runs(model, tokenizer, haystack: torch.Tensor, runs: list[tuple[str,
                     else:
                         if shared is None:
                             shared = SphkvCache(model.config, None, window=window, sinks=sinks,
-                                                page_size=page_size)
+                                                page_size=page_size, head_weights=head_weights)
                             shared_logits = model(first[None], **{cache_argument(model): shared},
                                                   use_cache=True).logits[0, -1]
                         start = time.perf_counter()
