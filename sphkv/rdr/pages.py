@@ -89,6 +89,18 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.repeat(lo - (np.cumsum(n) - n), n) + np.arange(n.sum())
 
 
+def _present(values: np.ndarray, n: int) -> np.ndarray:
+    """The distinct ``values`` (ints in ``0 … n − 1``), ascending: a count, not a sort."""
+    return np.flatnonzero(np.bincount(values, minlength=n))
+
+
+def _inverse(order: np.ndarray) -> np.ndarray:
+    """The inverse of the permutation ``order``."""
+    out = np.empty_like(order)
+    out[order] = np.arange(len(order))
+    return out
+
+
 def _select(new: tuple | None, mask: np.ndarray) -> tuple | None:
     """The rows ``mask`` of :meth:`PagedStore.add`'s arguments (None if none)."""
     if new is None or not mask.any():
@@ -551,13 +563,13 @@ class PagedStore:
         """Take the items of slots ``gone`` out of ``tier``'s pool and put the items ``new``
         (:meth:`add`'s arguments) in, touching only the runs they belong to.
 
-        An ordered run is rewritten: its remaining items and arrivals sorted by position and
-        packed into the run's own pages, then pages other runs freed, then new pages at the
-        pool's end. An unordered run moves only what it must: arrivals and then its last items
-        fill the holes ``gone`` leaves, further arrivals go behind it (:meth:`_fill`). Pages
-        left free are filled by moving the pool's last pages into them, so the pool holds
-        exactly its pages. A tier whose keys are quantized per page rewrites its runs and
-        quantizes each rewritten page again.
+        An ordered run is rewritten from its first page that changes: its remaining items and
+        arrivals sorted by position and packed into the run's own pages, then pages other runs
+        freed, then new pages at the pool's end. An unordered run moves only what it must:
+        arrivals and then its last items fill the holes ``gone`` leaves, further arrivals go
+        behind it (:meth:`_fill`). Pages left free are filled by moving the pool's last pages
+        into them, so the pool holds exactly its pages. A tier whose keys are quantized per
+        page rewrites its runs and quantizes each rewritten page again.
 
         Raises
         ------
@@ -591,20 +603,23 @@ class PagedStore:
         indices m … n − 1 that stay. Each page written gets the least position of its items
         as its first, and its offsets again; pages past ceil(m / P) are freed, new ones taken
         from those other runs freed, then from the pool's end. The work is in proportion to
-        the items moved, but for two passes over the tier's entries (the page of each entry,
-        and the splice when a run's page count changes). Falls back to :meth:`_rewrite` when a
+        the items moved and the touched runs' entries, but for the splice of the tier's
+        entries when a run's page count changes. Falls back to :meth:`_rewrite` when a
         page would span too many positions. Returns the pages left free, for
         :meth:`_compact`."""
         pool, p, dev = self.pools[tier], self.page_size, self.device
         entries = self.entries[tier]
         gone_np = gone.cpu().numpy()
         new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
-        touched = np.unique(np.concatenate([pool.owner[gone_np // p], new_group]))
+        touched = _present(np.concatenate([pool.owner[gone_np // p], new_group]), self.groups)
         runs, blocks = len(touched), self._blocks(touched, tier)
         lo, n_old = blocks[:, 0], blocks[:, 1] - blocks[:, 0]  # each run's entries
         size = self.counts[touched, tier]
+        # the page ids of the touched runs' entries, and the entry of each of those pages
+        at_old = _ranges(lo, blocks[:, 1])
+        old_ids = entries["page_id"][at_old].astype(np.int64)
         entry_of = np.zeros(pool.pages, np.int64)
-        entry_of[entries["page_id"]] = np.arange(len(entries))
+        entry_of[old_ids] = at_old
         # each hole's run and index in it; arrivals' runs; sizes after
         h_run = np.searchsorted(touched, pool.owner[gone_np // p])
         h_idx = (entry_of[gone_np // p] - lo[h_run]) * p + gone_np % p
@@ -634,21 +649,21 @@ class PagedStore:
         extra, before = int(grow.sum()), pool.pages
         fresh = np.concatenate([freed[:extra], before + np.arange(max(extra - len(freed), 0))])
         start_new = np.cumsum(grow) - grow
-        old_ids = (entries["page_id"] if len(entries) else np.zeros(1, np.uint32)).astype(np.int64)
-        fresh_pad = np.append(fresh, 0)
+        old_pad, fresh_pad = np.append(old_ids, 0), np.append(fresh, 0)
+        old_start = np.cumsum(n_old) - n_old  # each run's first in ``old_ids``
 
         def page_id(run, idx):
             """The page of index ``idx`` of run ``run`` after the write."""
             k = idx // p
             own = k < n_old[run]
-            return np.where(own, old_ids[np.where(own, lo[run] + k, 0)],
+            return np.where(own, old_pad[np.where(own, old_start[run] + k, -1)],
                             fresh_pad[np.where(own, -1, start_new[run] + k - n_old[run])])
 
         t_page = page_id(t_run, t_idx)
         t_slot = t_page * p + t_idx % p
         mv_slot = torch.from_numpy(page_id(mv_run, mv_idx) * p + mv_idx % p).to(dev)
-        # the sources' data in target order, read before anything is written
-        src = torch.from_numpy(s_order).to(dev)
+        # the sources' data (arrivals, then the moved items), read before anything is written;
+        # source s_order[j] goes to target j
         key, value = pool.key.rows(mv_slot), pool.value.rows(mv_slot)
         pos, dist, pinned = pool.position[mv_slot], pool.distortion[mv_slot], pool.pinned[mv_slot]
         if new is not None:
@@ -657,11 +672,15 @@ class PagedStore:
             pos = torch.cat([new_pos.long().to(dev), pos])
             dist = torch.cat([new_dist.float().to(dev), dist])
             pinned = torch.cat([new_pinned.to(dev), pinned])
-        key, value, pos, dist, pinned = (key.rows(src), value.rows(src), pos[src], dist[src],
-                                         pinned[src])
+        to_target = _inverse(s_order)
         # every page written (its targets share run and rank), with its positions after the
         # write: first and span
-        pages, one, inverse = np.unique(t_page, return_index=True, return_inverse=True)
+        written = np.zeros(before + extra, dtype=bool)
+        written[t_page] = True
+        pages = np.flatnonzero(written)
+        inverse = np.cumsum(written)[t_page] - 1  # each target's page among ``pages``
+        one = np.empty(len(pages), np.int64)
+        one[inverse] = np.arange(len(t_page))  # a target of each page
         w_run, w_k = t_run[one], t_idx[one] // p
         holds = np.clip(m[w_run] - w_k * p, 0, p)  # valid slots of each page after
         page_slots = torch.from_numpy(pages).to(dev)[:, None] * p + torch.arange(p, device=dev)
@@ -669,7 +688,7 @@ class PagedStore:
         # (slots of pages not yet grown read any row: they are all targets or not live)
         after = (pool.position[page_slots.clamp(max=rows - 1)] if rows
                  else torch.zeros_like(page_slots))
-        after.view(-1)[torch.from_numpy(inverse.reshape(-1) * p + t_slot % p).to(dev)] = pos
+        after.view(-1)[torch.from_numpy((inverse * p + t_slot % p)[to_target]).to(dev)] = pos
         live = torch.arange(p, device=dev) < torch.from_numpy(holds).to(dev)[:, None]
         first = torch.where(live, after, torch.iinfo(torch.int64).max).amin(1)
         span = torch.where(live, after - first[:, None], 0)
@@ -679,8 +698,8 @@ class PagedStore:
         self._grow(pool, before + max(extra - len(freed), 0))
         tail_slot = page_id(tail_run, tail_idx) * p + tail_idx % p
         pool.valid[torch.from_numpy(tail_slot).to(dev)] = False
-        self._write_slots(pool, torch.from_numpy(t_slot).to(dev), None, pos, key, value, dist,
-                          pinned)
+        self._write_slots(pool, torch.from_numpy(t_slot[to_target]).to(dev), None, pos, key,
+                          value, dist, pinned)
         pool.offset[page_slots.flatten()] = (span - pool.shift).to(pool.offset.dtype).flatten()
         # page table: the kept entries in place (firsts of written pages, the valid counts of
         # a run's old and new last page), then each run's end spliced (entries of new pages
@@ -704,11 +723,18 @@ class PagedStore:
 
     def _rewrite(self, tier: int, gone: torch.Tensor, new: tuple | None) -> np.ndarray:
         """:meth:`update` of ordered runs (and of any run of a tier quantizing keys per
-        page). Returns the pages left free, for :meth:`_compact`."""
+        page). Each run is rewritten from its first page that changes (:meth:`_unchanged`):
+        the pages before it keep their items, ranks and entries. Returns the pages left free,
+        for :meth:`_compact`."""
         pool, p, dev = self.pools[tier], self.page_size, self.device
         new_group = np.zeros(0, np.int64) if new is None else np.asarray(new[0], np.int64)
-        touched = np.unique(np.concatenate([pool.owner[gone.cpu().numpy() // p], new_group]))
+        gone_np = gone.cpu().numpy()
+        touched = _present(np.concatenate([pool.owner[gone_np // p], new_group]), self.groups)
         blocks = self._blocks(touched, tier)
+        skip = self._unchanged(tier, touched, blocks, gone_np, new_group,
+                               None if new is None else new[1])
+        # from here on a run is its pages from ``skip`` on: their ranks, entries and items
+        blocks = blocks + np.stack([skip, np.zeros_like(skip)], axis=1)
         n_old = blocks[:, 1] - blocks[:, 0]
         old_ids = self.entries[tier]["page_id"][_ranges(blocks[:, 0], blocks[:, 1])].astype(
             np.int64)
@@ -735,8 +761,13 @@ class PagedStore:
             key = (torch.cat([key, new_key.float().to(dev)]) if pool.paged_keys
                    else Codes.cat([key, new_key.to(dev)]))
             value = Codes.cat([value, new_value.to(dev)])
-        # sorted by (run, position); positions are below 2^32 (page tables hold them as u4)
+        # sorted by (run, position); positions are below 2^32 (page tables hold them as u4).
+        # The items are written where they are, each to its slot in sorted order: ``back``
+        # takes sorted order back to theirs
+        unsorted_pos = pos
         order = torch.argsort(run << 32 | pos)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(order), device=dev)
         run, pos = run[order], pos[order]
         size = torch.bincount(run, minlength=runs).cpu().numpy()
         rank = (torch.arange(len(run), device=dev)
@@ -768,9 +799,7 @@ class PagedStore:
         self._grow(pool, before + max(extra - len(freed), 0))
         pool.valid[page_slots] = False
         pool.owner[ids] = touched[of]
-        if not pool.paged_keys:
-            key = key.rows(order)
-        elif len(run):
+        if pool.paged_keys and len(run):
             # each rewritten page quantized again as one group; a partial page's empty slots
             # repeat its first token, leaving its minima and maxima as they are
             x = key[order]
@@ -781,16 +810,46 @@ class PagedStore:
             pool.key.payload[rows] = striped.payload
             for name, v in striped.side.items():
                 pool.key.side[name][rows] = v
-            key = striped.rows(page * p + rank % p)
-        else:
+            key = striped.rows((page * p + rank % p)[back])
+        elif pool.paged_keys:  # nothing to write
             key = pool.key.rows(slots)
-        self._write_slots(pool, slots, span, pos, key, value.rows(order), dist[order],
-                          pinned[order])
-        self.counts[touched, tier] = size
+        self._write_slots(pool, slots[back], span[back], unsorted_pos, key, value, dist, pinned)
+        self.counts[touched, tier] = size + skip * p
         self._splice(tier, blocks, _entries(ids, first.cpu().numpy(),
                                             np.minimum(p, np.repeat(size, need) - p * k),
                                             tier), need)
         return freed[extra:]
+
+    def _unchanged(self, tier: int, touched: np.ndarray, blocks: np.ndarray,
+                   gone: np.ndarray, new_group: np.ndarray,
+                   new_positions: torch.Tensor | None) -> np.ndarray:
+        """int64 ``[len(touched)]``: the leading pages of each touched run that a rewrite
+        leaves as they are. In an ordered run, page k keeps its items and their ranks while no
+        slot of pages 0 … k is ``gone`` and no arrival goes before its last item: an arrival
+        at q goes after every item of the pages before the last page whose first position is
+        below q. None of an unordered run (the rewrite sorts it) nor of a tier quantizing keys
+        per page (its rewritten pages are quantized again)."""
+        lo, hi = blocks[:, 0], blocks[:, 1]
+        n_old = hi - lo
+        pool, p, entries = self.pools[tier], self.page_size, self.entries[tier]
+        if pool.paged_keys:
+            return np.zeros(len(touched), np.int64)
+        at = _ranges(lo, hi)
+        run_of = np.repeat(np.arange(len(touched)), n_old)  # the run of each of those entries
+        skip = n_old.copy()
+        if len(gone):
+            rank_of = np.zeros(pool.pages, np.int64)
+            rank_of[entries["page_id"][at]] = at - lo[run_of]
+            np.minimum.at(skip, np.searchsorted(touched, pool.owner[gone // p]),
+                          rank_of[gone // p])
+        if len(new_group):
+            least = np.full(len(touched), np.iinfo(np.int64).max)
+            np.minimum.at(least, np.searchsorted(touched, new_group),
+                          new_positions.long().cpu().numpy())
+            first = entries["first_position"][at].astype(np.int64)
+            below = np.bincount(run_of[first < least[run_of]], minlength=len(touched))
+            skip = np.minimum(skip, np.maximum(below - 1, 0))
+        return np.where(self.ordered[touched], skip, 0)
 
     def _starts(self, tier: int) -> np.ndarray:
         """int64 ``[groups + 1]``: where each group's block starts in ``entries[tier]`` (a run
@@ -806,22 +865,20 @@ class PagedStore:
     def _splice(self, tier: int, blocks: np.ndarray, entries: np.ndarray,
                 sizes: np.ndarray) -> None:
         """Put the next ``sizes[i]`` of ``entries`` in place of the block ``blocks[i]`` of
-        ``entries[tier]`` (blocks ascending and disjoint): the kept stretches and the new
-        blocks copied alternately into one new array, a slice each (blocks that neither hold
-        nor receive entries skipped)."""
+        ``entries[tier]`` (blocks ascending and disjoint; an empty block inserts before the
+        entry it starts at), in one vectorised pass: an old entry outside the blocks moves by
+        the entries the blocks starting at or before it add less those they remove, and block
+        i's new entries start where its old ones did, moved as much by the blocks before it."""
         old = self.entries[tier]
         lo, hi = blocks[:, 0], blocks[:, 1]
-        at = np.cumsum(sizes) - sizes  # each block's first in ``entries``
-        change = (hi > lo) | (sizes > 0)
-        out = np.empty(len(old) - int((hi - lo).sum()) + int(sizes.sum()), old.dtype)
-        src = dst = 0
-        for a, b, first, n in zip(lo[change].tolist(), hi[change].tolist(),
-                                  at[change].tolist(), sizes[change].tolist(), strict=True):
-            out[dst:dst + a - src] = old[src:a]
-            dst += a - src
-            out[dst:dst + n] = entries[first:first + n]
-            dst, src = dst + n, b
-        out[dst:] = old[src:]
+        moved = np.concatenate([[0], np.cumsum(sizes - (hi - lo))])  # by the first i blocks
+        kept = np.ones(len(old), dtype=bool)
+        kept[_ranges(lo, hi)] = False
+        kept = np.flatnonzero(kept)
+        out = np.empty(len(old) + int(moved[-1]), old.dtype)
+        out[kept + moved[np.searchsorted(lo, kept, side="right")]] = old[kept]
+        start = lo + moved[:-1]
+        out[_ranges(start, start + sizes)] = entries[:int(sizes.sum())]
         self.entries[tier] = out
 
     def _grow(self, pool: TierPool, pages: int) -> None:
@@ -840,6 +897,8 @@ class PagedStore:
     def _compact(self, pool: TierPool, tier: int, holes: np.ndarray) -> None:
         """Fill the free pages ``holes`` by moving the pool's last pages into them, then drop
         the pool's tail: pages keep their contents, their page-table entries follow."""
+        if not len(holes):  # nothing to fill or drop: the pool stays as it is
+            return
         p, end = self.page_size, pool.pages - len(holes)
         movers = np.setdiff1d(np.arange(end, pool.pages), holes)
         targets = holes[holes < end]

@@ -397,3 +397,64 @@ def test_removing_repeated_or_empty_slots_removes_each_item_once(tiers, ordered)
     assert len(empty)
     store.remove(t, torch.cat([slots[0, :3], slots[0, :3], empty]))
     _check(store, {0: {t: list(range(3, 10))}, 3: {t: list(range(7))}})
+
+
+def test_splice_matches_a_block_by_block_copy(tiers):
+    """The vectorised splice against the straightforward one: kept stretches and new blocks
+    copied in turn (empty blocks, blocks at the ends and insertions at one place included)."""
+    gen = np.random.default_rng(3)
+    store = PagedStore(tiers, groups=1, page_size=P)
+    for _ in range(200):
+        old = np.zeros(int(gen.integers(0, 30)), PAGE_TABLE_ENTRY)
+        old["page_id"] = np.arange(len(old))
+        cuts = np.sort(gen.integers(0, len(old) + 1, 2 * int(gen.integers(0, 6))))
+        blocks = cuts.reshape(-1, 2)
+        sizes = gen.integers(0, 4, len(blocks))
+        new = np.zeros(int(sizes.sum()), PAGE_TABLE_ENTRY)
+        new["page_id"] = 1000 + np.arange(len(new))
+        expected, src, at = [], 0, 0
+        for (lo, hi), n in zip(blocks, sizes, strict=True):
+            expected += [old[src:lo], new[at:at + n]]
+            src, at = hi, at + n
+        expected = np.concatenate([*expected, old[src:]])
+        store.entries[1] = old
+        store._splice(1, blocks, new, sizes)
+        assert np.array_equal(store.entries[1], expected)
+
+
+@pytest.mark.parametrize("ordered", ["ordered", "mixed"])
+def test_rewrite_from_the_first_changed_page_matches_a_full_rewrite(tiers, ordered):
+    """An ordered run rewritten from its first changed page leaves the store exactly as a
+    rewrite of the whole run does (entries, counts, every slot's codes and bookkeeping, owners):
+    appends, insertions inside runs and removals, through one update each."""
+    gen = np.random.default_rng(4)
+    stores = [PagedStore(tiers, groups=4, page_size=P, ordered=ORDERED[ordered])
+              for _ in range(2)]
+    stores[1]._unchanged = lambda tier, touched, *_: np.zeros(len(touched), np.int64)
+    free = list(range(0, 400, 3))  # positions for insertions inside runs
+    next_pos = 400
+    for step in range(150):
+        tier = int(gen.integers(1, len(tiers)))
+        runs = {}
+        for g in gen.choice(4, size=int(gen.integers(1, 4)), replace=False):
+            n = int(gen.integers(1, 2 * P + 2))
+            if free and gen.random() < 0.3:
+                runs[int(g)], free = free[:n], free[n:]
+            else:
+                runs[int(g)] = list(range(next_pos, next_pos + n))
+                next_pos += n
+        valid = torch.nonzero(stores[0].pools[tier].valid).flatten()
+        gone = valid[torch.from_numpy(gen.random(len(valid)) < 0.1)]
+        for store in stores:
+            store.update(tier, gone=gone, new=_tokens(store, tier, runs, seed=step)[0])
+        a, b = stores
+        assert np.array_equal(a.counts, b.counts)
+        for t, pool in a.pools.items():
+            other = b.pools[t]
+            assert np.array_equal(a.entries[t], b.entries[t])
+            assert np.array_equal(pool.owner, other.owner)
+            for name in ("offset", "distortion", "position", "valid", "pinned"):
+                assert torch.equal(getattr(pool, name), getattr(other, name))
+            for c, d in ((pool.key, other.key), (pool.value, other.value)):
+                assert torch.equal(c.payload, d.payload)
+                assert all(torch.equal(v, d.side[k]) for k, v in c.side.items())
