@@ -8,9 +8,8 @@ distributions with respect to that output. Approximating ``F`` by its trace spre
     s_h = E_t ‖∂ℓ/∂o_{h,t}‖²,   ℓ = Σ_t −log p(y_t | x_{≤t}),   y_t ~ p(· | x_{≤t}),
 
 the labels drawn from the model itself (the Fisher, not the empirical Fisher of the text's
-tokens). One backward pass gives every layer's heads. The weights are a property of the model
-more than of the text (docs/experiments.md compares two texts), so one calibration text
-serves every prompt.
+tokens). One backward pass gives every layer's heads; they are calibrated once per model, on
+the text shipped with the package (:func:`calibration_ids`), not on each prompt.
 """
 
 from __future__ import annotations
