@@ -274,6 +274,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rdr-kv", ladder=kv_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-fast", ladder=fast_tiers, observation=64, floor=0.5, relative=True),
     Method("rdr-kv-fisher", ladder=kv_tiers, observation=64, floor=0.5, sensitive=True),
+    Method("rdr-kv-unbiased", ladder=functools.partial(kv_tiers, unbiased=True),
+           observation=64, floor=0.5, relative=True),
     Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),

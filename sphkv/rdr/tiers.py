@@ -183,7 +183,8 @@ def scalar_tiers(d: int = 64) -> TierSet:
                     Tier("fp16", Fp16Codec(d=d), Fp16Codec(d=d))))
 
 
-def kv_tiers(d: int = 64, pairs: tuple[tuple[int, int], ...] = KV_PAIRS) -> TierSet:
+def kv_tiers(d: int = 64, pairs: tuple[tuple[int, int], ...] = KV_PAIRS,
+             unbiased: bool = False) -> TierSet:
     """drop → (key codec, value codec) pairs → fp16: keys and values at their own bit depths.
 
     A rung ``k{a}v{b}`` stores keys at ``a`` bits and values at ``b`` (the TurboQuant-style
@@ -195,9 +196,10 @@ def kv_tiers(d: int = 64, pairs: tuple[tuple[int, int], ...] = KV_PAIRS) -> Tier
     for ``k4v8``. The default pairs are those on that frontier; below ``k2v2`` (0.14 of fp16)
     ``k2v1`` (0.11) keeps a token where the symmetric ladder must drop it. Pairs share their
     codec objects, so the distortion rows compute each codec once
-    (:func:`~sphkv.rdr.distortion.layer_distortion`).
+    (:func:`~sphkv.rdr.distortion.layer_distortion`). ``unbiased`` gives the TurboQuant-style
+    codecs their unbiased norm (:class:`~sphkv.codec.TurboQuantCodec`).
     """
-    codecs = {b: Int8Codec(d=d) if b == 8 else TurboQuantCodec(d=d, bits=b)
+    codecs = {b: Int8Codec(d=d) if b == 8 else TurboQuantCodec(d=d, bits=b, unbiased=unbiased)
               for b in sorted({b for pair in pairs for b in pair})}
     rungs = [Tier("int8" if (a, b) == (8, 8) else f"k{a}v{b}", codecs[a], codecs[b])
              for a, b in pairs]

@@ -23,6 +23,8 @@ CASES = [
     ("turbo-D64-b2", "turbo", dict(d=64, bits=2)),
     ("turbo-D128-b4", "turbo", dict(d=128, bits=4)),
     ("turbo-D64-b4-uniform", "turbo", dict(d=64, bits=4, levels="uniform")),
+    ("turbo-D64-b1-unbiased", "turbo", dict(d=64, bits=1, unbiased=True)),
+    ("turbo-D128-b2-unbiased", "turbo", dict(d=128, bits=2, unbiased=True)),
     ("polar-D64-r4a4", "polar", dict(d=64)),
     ("polar-D128-r2a3-adjacent", "polar", dict(d=128, radius_bits=2, angle_bits=3,
                                                pairing="adjacent")),

@@ -4,7 +4,7 @@ One program takes ``BLOCK_M`` vectors at a time (a grid-stride loop, so that the
 is loaded once per program) and writes each one's codes straight into its slot row:
 
     TurboQuant   y = R x, n = ‖y‖, z = √D y / n, c_j = #{t : z_j > thr_t} (torch.bucketize),
-                 codes packed little-endian, n stored fp16
+                 codes packed little-endian, n stored fp16 (unbiased: n · D / ⟨level[c], z⟩)
     int8         s = fp16(max|x| / 127), c = round_half_even(x / s) clipped to ±127
     fp16         x rounded to fp16
 
@@ -48,10 +48,10 @@ def _round_half_even(v):
 
 
 @triton.jit(do_not_specialize=["n"])  # n changes with every admission
-def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
+def _kernel(x, signs, thr, lev, payload, side, slots, n, stride_x, sqrt_d,
             KIND: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, NBYTES: tl.constexpr,
             CODES: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
-            BLOCK_M: tl.constexpr):
+            UNBIASED: tl.constexpr, BLOCK_M: tl.constexpr):
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
     o_d = tl.arange(0, D)
     for i_m in range(i_p, tl.cdiv(n, BLOCK_M), n_p):
@@ -83,6 +83,11 @@ def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
             b_c = tl.zeros([BLOCK_M, D], dtype=tl.int64)
             for t in tl.static_range((1 << BITS) - 1):
                 b_c += (b_z > tl.load(thr + t)).to(tl.int64)
+            if UNBIASED:
+                # the norm that makes ⟨x̂, x⟩ = ‖x‖²: ‖y‖ · D / ⟨ẑ, z⟩ (the codec's _quantize)
+                b_dot = tl.sum(tl.load(lev + b_c) * b_z, 1)
+                b_norm = tl.where(b_dot > 0, b_norm * tl.math.div_rn(sqrt_d * sqrt_d, b_dot),
+                                  b_norm)
             p_row = payload + b_slot[:, None] * NBYTES
             if BITS == 3:
                 # the codec's two planes: low two bits 4 codes to a byte, then high bits 8 to
@@ -109,13 +114,15 @@ def _kernel(x, signs, thr, payload, side, slots, n, stride_x, sqrt_d,
 
 @functools.lru_cache(maxsize=64)
 def _turbo_tables(d: int, bits: int, seed: int, levels: str, device: torch.device):
-    """(√D Rᵀ fp16 [D, D] of ±1, thresholds float32 [2^bits − 1]) of a TurboQuant codec."""
+    """(√D Rᵀ fp16 [D, D] of ±1, thresholds float32 [2^bits − 1], levels float32 [2^bits])
+    of a TurboQuant codec."""
     codec = TurboQuantCodec(d=d, bits=bits, seed=seed, levels=levels)
     signs = torch.round(codec.rotation.matrix("cpu").double() * math.sqrt(d))
     if not (signs.abs() == 1).all():
         raise ValueError("the rotation is not a signed Hadamard matrix")
     return (signs.half().contiguous().to(device),
-            torch.as_tensor(codec.quantizer.thresholds, dtype=torch.float32, device=device))
+            torch.as_tensor(codec.quantizer.thresholds, dtype=torch.float32, device=device),
+            torch.as_tensor(codec.quantizer.levels, dtype=torch.float32, device=device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,7 +162,7 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
     dev = x.device
     x = x if x.stride(-1) == 1 else x.contiguous()
     slots = slots.to(device=dev, dtype=torch.int64).contiguous()
-    bits, nbytes, signs, thr = 0, d, x, x
+    bits, nbytes, signs, thr, lev = 0, d, x, x, x
     side = next(iter(pool.side.values()), None)
     kind = codec.KERNEL
     if kind == KernelKind.FP16:
@@ -165,7 +172,7 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
     elif kind == KernelKind.TURBO:
         payload, bits = pool.payload, codec.bits
         nbytes = payload.shape[-1]
-        signs, thr = _turbo_tables(d, bits, codec.seed, codec.levels, dev)
+        signs, thr, lev = _turbo_tables(d, bits, codec.seed, codec.levels, dev)
     else:
         raise ValueError(f"codec {type(codec).__name__} has no encode kernel (TurboQuant, int8 "
                          f"and fp16 do)")
@@ -173,10 +180,12 @@ def encode_pack(x: torch.Tensor, codec: Codec, pool: Codes, slots: torch.Tensor,
         raise ValueError("the pool's payload and side tensors must be contiguous")
     codes = 8 // math.gcd(bits, 8) if bits else 1
     grid = (min(triton.cdiv(n, block_m), _num_programs(dev)),)
-    _kernel[grid](x, signs, thr, payload, side if side is not None else x, slots, n, x.stride(0),
-                  math.sqrt(d), KIND=int(kind), D=d, BITS=bits, NBYTES=nbytes, CODES=codes,
-                  GROUP=bits * codes // 8 if bits else 1, SPLIT=x.dtype != torch.float16,
-                  BLOCK_M=block_m, num_warps=num_warps)
+    _kernel[grid](x, signs, thr, lev, payload, side if side is not None else x, slots, n,
+                  x.stride(0), math.sqrt(d), KIND=int(kind), D=d, BITS=bits, NBYTES=nbytes,
+                  CODES=codes, GROUP=bits * codes // 8 if bits else 1,
+                  SPLIT=x.dtype != torch.float16,
+                  UNBIASED=kind == KernelKind.TURBO and codec.unbiased, BLOCK_M=block_m,
+                  num_warps=num_warps)
 
 
 def encode_codes(x: torch.Tensor, codec: Codec) -> Codes:
