@@ -89,3 +89,18 @@ def test_generate_compare_prints_the_fp16_text_beside(tmp_path, tiny_dir):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert isinstance(out["text_fp16"], str) and out["new_tokens"] == 6
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_sensitive_method_runs_from_the_command_line(tmp_path, tiny_dir, command):
+    """The CLIs calibrate the head weights a sensitive method needs (on the shipped text)."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man " * 20)
+    args = (["eval", "--task", "ppl", "--text", str(text), "--context", "256", "--scored",
+             "16", "--budget", "50%"] if command == "eval" else
+            ["generate", "--prompt-file", str(text), "--budget", "50%", "--max-new-tokens", "4",
+             "--window", "8"])
+    result = runner.invoke(app, [*args, "--model", str(tiny_dir), "--method", "rdr-kv-fisher",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "rdr-kv-fisher"
