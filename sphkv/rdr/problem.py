@@ -75,6 +75,10 @@ def _float_array(name: str, value, ndim: tuple[int, ...]) -> np.ndarray:
     if arr.ndim not in ndim:
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, "
                          f"got shape {arr.shape}")
+    # Two reductions and no temporaries when all is well (a NaN fails both comparisons).
+    if arr.size and arr.min() >= 0 and arr.max() < np.inf:
+        arr.flags.writeable = False
+        return arr
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; found {arr[tuple(bad)]} at index {tuple(bad)}")
@@ -103,6 +107,17 @@ def _int_array(name: str, value, n: int) -> np.ndarray:
     arr = np.array(arr, dtype=np.int64)
     arr.flags.writeable = False
     return arr
+
+
+def _dense_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)`` of ids >= 0: by a count of each id, not a sort,
+    where the largest id is within a few times their number."""
+    if not ids.size or int(ids.max()) > 4 * ids.size + (1 << 16):
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        return uniq, inverse.reshape(-1)
+    present = np.bincount(ids) > 0
+    dense = np.cumsum(present) - 1
+    return np.flatnonzero(present), dense[ids]
 
 
 def _torch_where(condition, a, b):
@@ -235,7 +250,7 @@ class AllocationProblem:
             if len(self.tier_names) != t:
                 raise ValueError(f"tier_names must name all {t} tiers, got {len(self.tier_names)}")
         # Dense group ids 0..G-1 and the cost row of each group.
-        uniq, self._group_index = np.unique(self.groups, return_inverse=True)
+        uniq, self._group_index = _dense_ids(self.groups)
         self._group_index.flags.writeable = False
         if self.cost.ndim == 1:
             self._group_cost = np.broadcast_to(self.cost, (len(uniq), t)).copy()

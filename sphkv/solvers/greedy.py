@@ -279,13 +279,16 @@ class HullSegments:
     def hull_tiers(self):
         """Tier of each item after s hull steps, [T, N] (the last vertex past the hull's end)."""
         xp, t = self.xp, self.seg.shape[0]
-        steps = xp.zeros(self.n, dtype=xp.int64, device=self.dev)
-        rows = [xp.astype(self.base, xp.int64)] * t
+        # In int8 up to 127 tiers (an eighth of the bytes per pass), int64 when returned.
+        small = xp.int8 if t < 128 else xp.int64
+        tier = xp.astype(self.tier, small)
+        steps = xp.zeros(self.n, dtype=small, device=self.dev)
+        rows = [xp.astype(self.base, small)] * t
         for k in range(t):
-            steps = steps + xp.astype(self.seg[k], xp.int64)
-            rows = [rows[0]] + [xp.where(self.seg[k] & (steps <= s), self.tier[k], rows[s])
+            steps = steps + xp.astype(self.seg[k], small)
+            rows = [rows[0]] + [xp.where(self.seg[k] & (steps <= s), tier[k], rows[s])
                                 for s in range(1, t)]
-        return xp.stack(rows)
+        return xp.astype(xp.stack(rows), xp.int64)
 
     def _select(self, room: float, counts: bool = True):
         """Segments taken per item [N] by the sorted prefix within ``room`` (a prefix of each
@@ -539,8 +542,13 @@ class GreedySolver(Solver):
         else:
             forced_cost = float(xp.sum(amortized[fixed, at]))
         allowed = problem.allowed(free) if problem.has_ceiling else None
-        if allowed is not None:
-            cost = amortized if amortized.ndim == 1 else amortized[free]
+        if allowed is not None and amortized.ndim == 1:
+            # The allowed tiers are those up to the ceiling: the cheapest is a prefix minimum.
+            cost = amortized
+            cheapest = _beside(xp, dev, np.minimum.accumulate(_np(amortized)))
+            base_cost = float(xp.sum(xp.take(cheapest, problem.ceiling_tier[free])))
+        elif allowed is not None:
+            cost = amortized[free]
             base_cost = float(xp.sum(xp.min(xp.where(allowed, cost, xp.inf), axis=1)))
         elif amortized.ndim == 1:
             cost, base_cost = amortized, float(xp.min(amortized)) * int(xp.sum(free))
@@ -602,7 +610,7 @@ class GreedySolver(Solver):
         if pos is None:
             pos = round_pages(xp, distortion, hull.hull_tiers, hull.positions, room, group,
                               amortized, on(problem.page_bytes), on(forced_counts),
-                              problem.page_size, hull.lp_bound(room)[1], problem.budget,
+                              problem.page_size, hull.price(room), problem.budget,
                               allowed)
         if pos is None:
             tiers = problem.min_cost_tiers()

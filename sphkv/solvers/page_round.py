@@ -56,20 +56,30 @@ def _bincount(xp, x, weights=None, minlength: int = 0):
 
 
 class _State:
-    """Hull positions of the free items and the item counts per (group, tier)."""
+    """Hull positions of the free items and the item counts per (group, tier).
 
-    def __init__(self, xp, distortion, hull_tiers, pos, group, amortized, page_bytes,
+    ``columns`` [T, N]: the distortions rank-major (:func:`rank_major`), shared by the states
+    of one rounding."""
+
+    def __init__(self, xp, distortion, columns, hull_tiers, pos, group, amortized, page_bytes,
                  forced_counts, page_size: int, price: float):
-        self.xp, self.d, self.hull, self.group = xp, distortion, hull_tiers, group
+        self.xp, self.cols, self.group = xp, columns, group
         self.pos = xp.astype(pos, xp.int64)
         self.dev = array_api_compat.device(distortion)
         self.c, self.pb, self.p, self.price = amortized, page_bytes, page_size, price
         self.n_groups, self.n_tiers = page_bytes.shape
         self.forced_counts = forced_counts
         self.last = hull_tiers.shape[0] - 1
+        # Gathers by flat index (a fraction of the time of take_along_axis): D[i, t] at
+        # i T + t, the hull's tier at step s of item i at s N + i.
+        self.d_flat = xp.reshape(distortion, (-1,))
+        self.hull_flat = xp.reshape(hull_tiers, (-1,))
+        self.c_flat = xp.reshape(amortized, (-1,))
+        self.items = xp.arange(pos.shape[0], dtype=xp.int64, device=self.dev)
         # Items moved into empty slots off their hull stay there: pinned at pin_tier.
         self.pin_tier = xp.full(pos.shape[0], -1, dtype=xp.int64, device=self.dev)
         self.now = self._at(self.pos)  # current tier of every item
+        self.d_now = self.distortion_at(self.items, self.now)  # and its distortion there
         self.counts = self._count()
 
     def _count(self):
@@ -79,41 +89,46 @@ class _State:
 
     def _at(self, pos):
         """Tier of every item at hull steps ``pos`` [N] (pinned items at their pin)."""
-        on_hull = self.xp.take_along_axis(self.hull, pos[None, :], axis=0)[0]
+        on_hull = self.xp.take(self.hull_flat, pos * self.pos.shape[0] + self.items)
         return self.xp.where(self.pin_tier >= 0, self.pin_tier, on_hull)
 
     def tier(self, items=None):
         """Current tier of ``items`` (all when None)."""
         return self.now if items is None else self.now[items]
 
-    def neighbour(self, step: int):
-        """Tier one hull step down (-1) or up (+1) of every item, -1 where there is none."""
+    def neighbour(self, step: int, items=None):
+        """Tier one hull step down (-1) or up (+1) of ``items`` (all when None), -1 where there
+        is none."""
         xp = self.xp
-        nxt = xp.clip(self.pos + step, 0, self.last)
-        there = xp.take_along_axis(self.hull, nxt[None, :], axis=0)[0]
-        return xp.where((nxt != self.pos) & (there != self.now) & (self.pin_tier < 0),
-                        there, -1)
+        if items is None:
+            items, pos, now, pin = self.items, self.pos, self.now, self.pin_tier
+        else:
+            pos, now, pin = self.pos[items], self.now[items], self.pin_tier[items]
+        nxt = xp.maximum(pos - 1, 0) if step < 0 else xp.minimum(pos + 1, self.last)
+        there = xp.take(self.hull_flat, nxt * self.pos.shape[0] + items)
+        return xp.where((nxt != pos) & (there != now) & (pin < 0), there, -1)
+
+    def distortion_at(self, items, tiers):
+        """``D[i, tiers]`` of ``items``."""
+        return self.xp.take(self.d_flat, items * self.n_tiers + tiers)
 
     def regret(self, items, to, unpriced: bool = False):
         """``D[i, to] - D[i, now] + λ (c'[to] - c'[now])`` of ``items`` (no price if
         ``unpriced``); ``to`` >= 0."""
         xp, t = self.xp, self.n_tiers
-        now = self.tier(items)
-        d = self.d[items]
-        dd = (xp.take_along_axis(d, to[:, None], axis=1)[:, 0]
-              - xp.take_along_axis(d, now[:, None], axis=1)[:, 0])
+        dd = self.distortion_at(items, to) - self.d_now[items]
         if unpriced:
             return dd
-        flat = xp.reshape(self.c, (-1,))
         g = self.group[items] * t
-        return dd + self.price * (xp.take(flat, g + to) - xp.take(flat, g + now))
+        return dd + self.price * (xp.take(self.c_flat, g + to)
+                                  - xp.take(self.c_flat, g + self.now[items]))
 
     def page_cost(self) -> float:
         xp = self.xp
         return float(xp.sum(((self.counts + self.p - 1) // self.p) * self.pb))
 
-    def move(self, items, step: int, pin=None) -> None:
-        """Move ``items`` ``step`` hull steps, or pin them at tiers ``pin``."""
+    def move(self, items, step: int, pin: int | None = None) -> None:
+        """Move ``items`` ``step`` hull steps, or pin them at tier ``pin``."""
         xp, t = self.xp, self.n_tiers
         if items.shape[0] == 0:
             return
@@ -121,11 +136,12 @@ class _State:
         before = self.group[items] * t + self.now[items]
         if pin is None:
             self.pos[items] += step
-            self.now[items] = xp.take_along_axis(self.hull[:, items], self.pos[items][None, :],
-                                                 axis=0)[0]
+            self.now[items] = xp.take(self.hull_flat, self.pos[items] * self.pos.shape[0] + items)
+            self.d_now[items] = self.distortion_at(items, self.now[items])
         else:
             self.pin_tier[items] = pin
             self.now[items] = pin
+            self.d_now[items] = xp.take(self.cols[pin], items)
         after = self.group[items] * t + self.now[items]
         change = _bincount(xp, after, minlength=size) - _bincount(xp, before, minlength=size)
         self.counts = self.counts + xp.reshape(change, (self.n_groups, t))
@@ -159,10 +175,25 @@ def rank_major(xp, a):
     return out
 
 
+def _stable_argsort(xp, key):
+    """The stable order of int64 ``key`` (ties by index). numpy: its unstable (SIMD) sort, a
+    fifth of the time, gives the same order when no two keys tie, which is checked (else the
+    stable sort)."""
+    if array_api_compat.is_torch_namespace(xp):
+        return xp.argsort(key, stable=True)
+    import numpy as np
+
+    order = np.argsort(key)
+    ordered = key[order]
+    if np.any(ordered[1:] == ordered[:-1]):
+        return np.argsort(key, kind="stable")
+    return order
+
+
 def _ranked(xp, items, segment, key, n_segments: int):
     """Sort ``items`` by (segment, key); return them, their segments, rank within the segment,
     each segment's candidate count and a function summing a per-candidate value per segment."""
-    order = xp.argsort(_combined_key(xp, segment, key, n_segments), stable=True)
+    order = _stable_argsort(xp, _combined_key(xp, segment, key, n_segments))
     items, segment = items[order], segment[order]
     bounds = xp.searchsorted(segment, xp.arange(n_segments + 1,
                                                 device=array_api_compat.device(segment)))
@@ -192,22 +223,24 @@ def _round(state: _State, tier_rank) -> None:
         f = (s.p - r) % s.p
         active = (r > 0) & (s.pb[g_all, tg] > 0)
         c_t = s.c[g_all, tg]
-        target = xp.take(tg, s.group)
-        on = xp.take(active, s.group)
-        now = s.tier()
+        # The target tier of each item's group, -1 where the group has nothing to round.
+        target = xp.take(xp.where(active, tg, -1), s.group)
         # Down: items at the target tier with a hull point below.
-        down = s.neighbour(-1)
-        cand = xp.nonzero(on & (now == target) & (down >= 0))[0]
-        reg_d = s.regret(cand, down[cand])
+        cand = xp.nonzero(s.tier() == target)[0]
+        down = s.neighbour(-1, cand)
+        cand, down = cand[down >= 0], down[down >= 0]
+        reg_d = s.regret(cand, down)
         d_items, _, d_rank, d_count, d_sum, d_order = _ranked(xp, cand, s.group[cand], reg_d,
                                                               s.n_groups)
         d_sel = d_rank < xp.take(r, s.group[d_items])
         reg_d = reg_d[d_order]
         v_down = xp.where(d_count >= r, d_sum(xp.where(d_sel, reg_d, 0.0)), float("inf"))
         # Up: items whose next hull point is the target tier.
-        up = s.neighbour(+1)
-        cand = xp.nonzero(on & (up == target))[0]
-        reg_u = s.regret(cand, up[cand])
+        cand = xp.nonzero(target >= 0)[0]
+        up = s.neighbour(+1, cand)
+        hit = up == xp.take(target, cand)
+        cand, up = cand[hit], up[hit]
+        reg_u = s.regret(cand, up)
         u_items, _, u_rank, _, u_sum, u_order = _ranked(xp, cand, s.group[cand], reg_u,
                                                         s.n_groups)
         reg_u = reg_u[u_order]
@@ -224,7 +257,8 @@ def _round(state: _State, tier_rank) -> None:
 def _fill_slots(state: _State, allowed, priced: bool) -> None:
     """Move items into the empty slots of pages already paid for, from any tier (no page is
     added, so no byte is spent), dearest tier first, the items that gain most first; they stay
-    there (pinned). ``priced``: the gain counts the bytes freed at the item's tier at λ."""
+    there (pinned). ``priced``: the gain counts the bytes freed at the item's tier at λ.
+    ``allowed``: bool [T, N] (rank-major) or None."""
     xp, s = state.xp, state
     t = s.n_tiers
     order = xp.argsort(-xp.max(s.c, axis=0), stable=True)
@@ -232,19 +266,19 @@ def _fill_slots(state: _State, allowed, priced: bool) -> None:
         empty = xp.where(s.pb[:, tier] > 0, (-s.counts[:, tier]) % s.p, 0)
         if not bool(xp.any(empty > 0)):
             continue
-        now = s.tier()
-        gain = s.d[:, tier] - xp.take_along_axis(s.d, now[:, None], axis=1)[:, 0]
-        if priced:
-            gain = gain - s.price * xp.take(xp.reshape(s.c, (-1,)), s.group * t + now)
-        ok = (gain < 0) & (now != tier) & (xp.take(empty, s.group) > 0)
+        # Items that may move there, then those that gain (gains of those alone).
+        ok = (xp.take(empty, s.group) > 0) & (s.tier() != tier)
         if allowed is not None:
-            ok = ok & allowed[:, tier]
+            ok = ok & allowed[tier]
         cand = xp.nonzero(ok)[0]
+        gain = xp.take(s.cols[tier], cand) - s.d_now[cand]
+        if priced:
+            gain = gain - s.price * xp.take(s.c_flat, s.group[cand] * t + s.tier(cand))
+        cand, gain = cand[gain < 0], gain[gain < 0]
         if cand.shape[0] == 0:
             continue
-        items, seg, rank, _, _, _ = _ranked(xp, cand, s.group[cand], gain[cand], s.n_groups)
-        chosen = items[rank < xp.take(empty, seg)]
-        s.move(chosen, 0, pin=xp.full(chosen.shape[0], tier, dtype=xp.int64, device=s.dev))
+        items, seg, rank, _, _, _ = _ranked(xp, cand, s.group[cand], gain, s.n_groups)
+        s.move(items[rank < xp.take(empty, seg)], 0, pin=tier)
 
 
 def _open_pages(state: _State, room: float) -> None:
@@ -348,9 +382,14 @@ def round_pages(xp, distortion, hull_tiers, positions, room: float, group, amort
     tiers : int array [N]
         Whole pages of these cost at most ``budget_left`` (None if trimming could not reach it).
     """
+    # Columns read per tier by every state.
+    columns = rank_major(xp, distortion)
+    if allowed is not None:
+        allowed = rank_major(xp, allowed)
+
     def rounded(r: float) -> _State:
-        s = _State(xp, distortion, hull_tiers, positions(r), group, amortized, page_bytes,
-                   forced_counts, page_size, price)
+        s = _State(xp, distortion, columns, hull_tiers, positions(r), group, amortized,
+                   page_bytes, forced_counts, page_size, price)
         _fill_slots(s, allowed, priced=True)  # the forced items' pages first
         _round(s, amortized)
         return s
