@@ -126,8 +126,13 @@ def _hull(xp, distortion, cost, allowed=None, out=None):
     lo = xp.full((t, n), -inf, dtype=xp.float64, device=dev)
     e = xp.empty(n, dtype=xp.float64, device=dev)
     alive = [xp.ones(n, dtype=xp.bool, device=dev) if ok is None else ok[k] for k in range(t)]
+    # A rank that no item may take bounds nothing (its slopes are masked out) and is no
+    # vertex: its pairs are skipped (those above the items' ceilings, in blocks of low ones).
+    used = [ok is None or bool(xp.any(ok[k])) for k in range(t)]
     for k in range(t):
-        for j in range(k):  # c_j <= c_k
+        for j in range(k) if used[k] else ():  # c_j <= c_k
+            if not used[j]:
+                continue
             gap = c[k] - c[j]
             if isinstance(gap, float):
                 if gap == 0.0:  # equal cost: the worse point (the later on a tie) is never optimal

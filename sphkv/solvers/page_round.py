@@ -80,6 +80,8 @@ class _State:
         self.pin_tier = xp.full(pos.shape[0], -1, dtype=xp.int64, device=self.dev)
         self.now = self._at(self.pos)  # current tier of every item
         self.d_now = self.distortion_at(self.items, self.now)  # and its distortion there
+        # The tiers one hull step down and up (:meth:`neighbour`), kept as items move.
+        self.down, self.up = self.neighbour(-1), self.neighbour(+1)
         self.counts = self._count()
 
     def _count(self):
@@ -142,6 +144,7 @@ class _State:
             self.pin_tier[items] = pin
             self.now[items] = pin
             self.d_now[items] = xp.take(self.cols[pin], items)
+        self.down[items], self.up[items] = self.neighbour(-1, items), self.neighbour(+1, items)
         after = self.group[items] * t + self.now[items]
         change = _bincount(xp, after, minlength=size) - _bincount(xp, before, minlength=size)
         self.counts = self.counts + xp.reshape(change, (self.n_groups, t))
@@ -222,25 +225,22 @@ def _round(state: _State, tier_rank) -> None:
         r = n % s.p
         f = (s.p - r) % s.p
         active = (r > 0) & (s.pb[g_all, tg] > 0)
+        if not bool(xp.any(active)):  # no partial page: nothing moves
+            continue
         c_t = s.c[g_all, tg]
         # The target tier of each item's group, -1 where the group has nothing to round.
         target = xp.take(xp.where(active, tg, -1), s.group)
         # Down: items at the target tier with a hull point below.
-        cand = xp.nonzero(s.tier() == target)[0]
-        down = s.neighbour(-1, cand)
-        cand, down = cand[down >= 0], down[down >= 0]
-        reg_d = s.regret(cand, down)
+        cand = xp.nonzero((s.tier() == target) & (s.down >= 0))[0]
+        reg_d = s.regret(cand, s.down[cand])
         d_items, _, d_rank, d_count, d_sum, d_order = _ranked(xp, cand, s.group[cand], reg_d,
                                                               s.n_groups)
         d_sel = d_rank < xp.take(r, s.group[d_items])
         reg_d = reg_d[d_order]
         v_down = xp.where(d_count >= r, d_sum(xp.where(d_sel, reg_d, 0.0)), float("inf"))
         # Up: items whose next hull point is the target tier.
-        cand = xp.nonzero(target >= 0)[0]
-        up = s.neighbour(+1, cand)
-        hit = up == xp.take(target, cand)
-        cand, up = cand[hit], up[hit]
-        reg_u = s.regret(cand, up)
+        cand = xp.nonzero((s.up == target) & (target >= 0))[0]
+        reg_u = s.regret(cand, s.up[cand])
         u_items, _, u_rank, _, u_sum, u_order = _ranked(xp, cand, s.group[cand], reg_u,
                                                         s.n_groups)
         reg_u = reg_u[u_order]
@@ -287,7 +287,7 @@ def _open_pages(state: _State, room: float) -> None:
     save bytes)."""
     xp, s = state.xp, state
     t = s.n_tiers
-    up = s.neighbour(+1)
+    up = s.up
     cand = xp.nonzero(up >= 0)[0]
     if cand.shape[0] == 0:
         return
@@ -312,7 +312,7 @@ def _trim(state: _State, over: float) -> bool:
     Returns False when no page can be demoted."""
     xp, s = state.xp, state
     t, size = s.n_tiers, s.n_groups * state.n_tiers
-    down = s.neighbour(-1)
+    down = s.down
     now = s.tier()
     cand = xp.nonzero(down >= 0)[0]
     if cand.shape[0] == 0:
