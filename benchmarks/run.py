@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(module, "summarize"):
         print("\n" + module.summarize(rows))
     if args.from_json is None:
-        path = write_json(known.op, rows, out_dir=args.out_dir)
+        # an op may name its file after its options (``result_name(args)``)
+        name = module.result_name(args) if hasattr(module, "result_name") else known.op
+        path = write_json(name, rows, out_dir=args.out_dir)
         print(f"\nwrote {path}")
 
 

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are (default: unordered, as a full-attention layer's)")
 
 
+def result_name(args) -> str:
+    """``admission.json``, or ``admission_ordered.json`` for ``--ordered`` runs."""
+    return "admission_ordered" if args.ordered else "admission"
+
+
 def _tokens(groups: int, lo: int, hi: int, device: torch.device,
             rng: np.random.Generator) -> Tokens:
     """Positions lo … hi-1 of every group, with random vectors and distortion rows."""
