@@ -1,8 +1,9 @@
 """Benchmark runner: ``python -m benchmarks.run --op solvers [op options]``.
 
 Each op lives in ``benchmarks/ops/<op>.py`` with ``add_arguments(parser)`` and ``run(args) ->
-list[dict]`` (and optionally ``summarize(rows) -> str``, a condensed table). The runner prints the
-rows as a table and writes them, with date, commit and device, to
+list[dict]`` (and optionally ``summarize(rows) -> str``, a condensed table, and
+``result_name(args) -> str``, the file's name where it depends on the options). The runner
+prints the rows as a table and writes them, with date, commit and device, to
 ``benchmarks/results/<op>.json``; ``--from-json`` prints the tables of a saved result again.
 """
 
@@ -50,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(module, "summarize"):
         print("\n" + module.summarize(rows))
     if args.from_json is None:
-        # an op may name its file after its options (``result_name(args)``)
         name = module.result_name(args) if hasattr(module, "result_name") else known.op
         path = write_json(name, rows, out_dir=args.out_dir)
         print(f"\nwrote {path}")
