@@ -45,6 +45,23 @@ def split_length(capacity: int, splits: int, block_n: int) -> int:
     return triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
 
 
+@triton.jit
+def _block(o_part, lse_part, i_row, s0, num_splits, b_m, D: tl.constexpr,
+           S_BLOCK: tl.constexpr):
+    """Splits ``s0 … s0 + S_BLOCK − 1`` of row ``i_row``: their outputs ``[S_BLOCK, D]``, the
+    new running max ``M' = max(M, max lse_s)``, ``α = 2^(M − M')`` and ``w_s = 2^(lse_s − M')``
+    (0 past ``num_splits``). While ``M' = −∞`` (every split so far empty) 0 stands for ``M'``,
+    as ``−∞ − (−∞)`` is NaN: then ``α = w_s = 0``."""
+    o_s = s0 + tl.arange(0, S_BLOCK)
+    m_s = o_s < num_splits
+    b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
+    b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + tl.arange(0, D)[None, :],
+                  mask=m_s[:, None], other=0.0)
+    b_m_new = tl.maximum(b_m, tl.max(b_lse, 0))
+    b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    return b_o, b_m_new, tl.exp2(b_m - b_ref), tl.exp2(b_lse - b_ref)
+
+
 # num_splits follows the cache's length: specialised on, it would compile a variant per
 # "divisible by 16" flip as the cache grows
 @triton.jit(do_not_specialize=["num_splits"])
@@ -60,20 +77,10 @@ def merge_kernel(o_part, lse_part, out, num_splits, stride_ob, stride_oh,
     b_l = tl.zeros([], tl.float32)  # Σ 2^(lse_s − M)
     b_acc = tl.zeros([D], tl.float32)  # Σ 2^(lse_s − M) o_s
     for s0 in range(0, num_splits, S_BLOCK):
-        o_s = s0 + tl.arange(0, S_BLOCK)
-        m_s = o_s < num_splits
-        b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_lse, 0))
-        # rescale to M' = b_m_new: α = 2^(M − M'), w_s = 2^(lse_s − M'); while M' = −∞ (every
-        # split so far empty) take 0 for M', as −∞ − (−∞) is NaN: then α = w_s = 0
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_ref)
-        b_w = tl.exp2(b_lse - b_ref)
-        b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                      mask=m_s[:, None], other=0.0)
+        b_o, b_m, b_alpha, b_w = _block(o_part, lse_part, i_row, s0, num_splits, b_m, D,
+                                        S_BLOCK)
         b_l = b_l * b_alpha + tl.sum(b_w, 0)
         b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_o, 0)
-        b_m = b_m_new
     tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, (b_acc / b_l).to(out.dtype.element_ty))
 
 
@@ -90,23 +97,15 @@ def merge_two_domains_kernel(o_part, lse_part, rotated, out, num_splits, D: tl.c
     b_accp = tl.zeros([D], tl.float32)  # Σ_plain 2^(lse_s − M) o_s
     b_accr = tl.zeros([D], tl.float32)  # Σ_rotated 2^(lse_s − M) o_s
     for s0 in range(0, num_splits, S_BLOCK):
+        b_o, b_m, b_alpha, b_w = _block(o_part, lse_part, i_row, s0, num_splits, b_m, D,
+                                        S_BLOCK)
         o_s = s0 + tl.arange(0, S_BLOCK)
-        m_s = o_s < num_splits
-        b_lse = tl.load(lse_part + i_row * num_splits + o_s, mask=m_s, other=float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_lse, 0))
-        # as in merge_kernel: relative to 0 while every split so far is empty
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_ref)
-        b_w = tl.exp2(b_lse - b_ref)
-        b_rot = tl.load(rotated + o_s, mask=m_s, other=0)
-        b_o = tl.load(o_part + (i_row * num_splits + o_s[:, None]) * D + o_d[None, :],
-                      mask=m_s[:, None], other=0.0)
+        b_rot = tl.load(rotated + o_s, mask=o_s < num_splits, other=0)
         b_wp = tl.where(b_rot == 0, b_w, 0.0)
         b_wr = tl.where(b_rot == 1, b_w, 0.0)
         b_l = b_l * b_alpha + tl.sum(b_w, 0)
         b_accp = b_accp * b_alpha + tl.sum(b_wp[:, None] * b_o, 0)
         b_accr = b_accr * b_alpha + tl.sum(b_wr[:, None] * b_o, 0)
-        b_m = b_m_new
     # a row with no token leaves Σ w = 0 and sums 0: it gets 0
     b_inv = tl.where(b_l > 0, 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
     tl.store(out + i_row * 2 * D + o_d, b_accp * b_inv)
