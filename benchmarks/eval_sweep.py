@@ -475,6 +475,9 @@ def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
         trace = capture_trace(model, read_tokens(tok, path, args.ranking), window=RANK_WINDOW)
         for name in args.methods or ("rdr", "rdr-kv", "rdr-kv-ea"):
             method = REGISTRY[name]
+            if method.sensitive:
+                raise SystemExit(f"--ranking: {name} weighs heads by their sensitivity, which "
+                                 "the ranking's per-layer output errors leave out")
             report = fidelity(trace, method.tier_set(trace.head_dim), method.get_estimator(),
                               floor=method.floor, prior=method.prior)
             rows.append({"text": text_name(path), "method": name, "tokens": args.ranking,
