@@ -468,16 +468,18 @@ def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
     from sphkv.rdr import METHODS as REGISTRY
     from sphkv.rdr.distortion import fidelity
 
+    names = args.methods or ("rdr", "rdr-kv", "rdr-kv-ea")
+    for name in names:
+        if REGISTRY[name].sensitive:
+            raise SystemExit(f"--ranking: {name} weighs heads by their sensitivity, which the "
+                             "ranking's per-layer output errors leave out")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     rows = []
     for path in texts(args.text):
         trace = capture_trace(model, read_tokens(tok, path, args.ranking), window=RANK_WINDOW)
-        for name in args.methods or ("rdr", "rdr-kv", "rdr-kv-ea"):
+        for name in names:
             method = REGISTRY[name]
-            if method.sensitive:
-                raise SystemExit(f"--ranking: {name} weighs heads by their sensitivity, which "
-                                 "the ranking's per-layer output errors leave out")
             report = fidelity(trace, method.tier_set(trace.head_dim), method.get_estimator(),
                               floor=method.floor, prior=method.prior)
             rows.append({"text": text_name(path), "method": name, "tokens": args.ranking,
