@@ -98,16 +98,32 @@ def units(grid: dict, todo: list[dict], jobs: int) -> list[tuple[dict, tuple[str
     return sorted(out, key=lambda u: (u[0]["task"] != "passkey", -u[0]["context"]))
 
 
+def _z(confidence: float = CONFIDENCE) -> float:
+    """The standard normal quantile of a two-sided ``confidence`` interval."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
 def relative(rows: list[dict]) -> list[dict]:
     """Perplexity rows with ``vs_none``: ppl over that of ``none`` on the same text and context,
-    minus 1 (absent where the sweep has no ``none`` row for them)."""
-    base = {(r.get("text", ""), r["context"]): r["ppl"] for r in rows
+    minus 1 (absent where the sweep has no ``none`` row for them); where both runs kept their
+    tokens' nll, also ``vs_none_se``, its standard error from the paired token differences
+    ``d_j = nll_j − nll_j(none)``: ``vs_none = e^{mean d} − 1``, so to first order its error is
+    ``e^{mean d} · sd(d) / √M``."""
+    import numpy as np
+
+    base = {(r.get("text", ""), r["context"]): r for r in rows
             if r["task"] == "ppl" and r["method"] == "none"}
     out = []
     for r in rows:
         key = (r.get("text", ""), r["context"])
         if r["task"] == "ppl" and key in base:
-            r = {**r, "vs_none": r["ppl"] / base[key] - 1}
+            r = {**r, "vs_none": r["ppl"] / base[key]["ppl"] - 1}
+            mine, theirs = r.get("token_nll"), base[key].get("token_nll")
+            if mine and theirs and len(mine) == len(theirs) > 1:
+                d = np.subtract(mine, theirs)
+                r["vs_none_se"] = float(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
         out.append(r)
     return out
 
@@ -136,10 +152,16 @@ def summary(rows: list[dict], tuned: list[str]) -> list[str]:
         cells = [method, "1" if budget == 1 else f"1/{round(1 / budget)}"]
         for _, which in sets:
             for n in ppl_cols:
-                v = [r["vs_none"] for r in rows if r["task"] == "ppl" and r["method"] == method
+                v = [r for r in rows if r["task"] == "ppl" and r["method"] == method
                      and r["budget"] == budget and r["context"] == n and "vs_none" in r
                      and r.get("text", "") in which]
-                cells.append(f"{100 * sum(v) / len(v):+.1f} % ({len(v)})" if v else "")
+                mean = sum(r["vs_none"] for r in v) / len(v) if v else 0.0
+                # the mean's interval where every text's cell has its standard error
+                spread = ""
+                if v and all("vs_none_se" in r for r in v):
+                    se = sum(r["vs_none_se"] ** 2 for r in v) ** 0.5 / len(v)
+                    spread = f" ±{100 * _z() * se:.1f}"
+                cells.append(f"{100 * mean:+.1f} %{spread} ({len(v)})" if v else "")
         for n, setting in pk_cols:
             v = [r for r in rows if r["task"] == "passkey" and r["method"] == method
                  and r["budget"] == budget and r["context"] == n and r["setting"] == setting
@@ -209,8 +231,8 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
     if g["task"] == "ppl":
         results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
                                   window=window, observation=observation, head_weights=weights)
-        quality = [{"ppl": r.ppl, "nll": r.nll, "bytes_vs_fp16": r.cache_bytes_peak
-                    / r.fp16_bytes} for r in results]
+        quality = [{"ppl": r.ppl, "nll": r.nll, "token_nll": r.token_nll,
+                    "bytes_vs_fp16": r.cache_bytes_peak / r.fp16_bytes} for r in results]
     elif g["task"] == "fidelity":
         results = fidelity_runs(model, ids, n, pairs, window=window, head_weights=weights)
         quality = [{"error": r.mean_error, "layer_errors": r.layer_errors,
@@ -415,15 +437,19 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              + "; seconds per run exclude the shared prefill", "",
              "## summary", "",
              "Perplexity: (ppl / ppl of none on the same text and context) − 1, the mean over "
-             "the texts (how many in brackets); pass key: keys found of trials over the "
-             f"held-out texts, [{CONFIDENCE:.0%} Wilson interval].", "",
+             f"the texts (how many in brackets), ± the half-width of its {CONFIDENCE:.0%} "
+             "interval from the scored tokens' paired differences to none (runs that kept "
+             "them); pass key: keys found of trials over the held-out texts, "
+             f"[{CONFIDENCE:.0%} Wilson interval].", "",
              *summary(rows, tuned), ""]
     table_rows = [{**r, "interval": "[{:.2f}, {:.2f}]".format(*r["interval"])}
                   if "interval" in r else r for r in relative(rows)]
+    table_rows = [{**r, "vs_none_ci": "±{:.4f}".format(_z() * r["vs_none_se"])}
+                  if "vs_none_se" in r else r for r in table_rows]
     for task in TASKS:
         cell = [r for r in table_rows if r["task"] == task]
         if cell:
-            cols = {"ppl": ["ppl", "vs_none"], "fidelity": ["error"],
+            cols = {"ppl": ["ppl", "vs_none", "vs_none_ci"], "fidelity": ["error"],
                     "passkey": ["correct", "trials", "interval"]}[task]
             lines += [f"## {task}", "", format_table(cell, ["text", "setting", "context",
                                                             "method", "budget", "bytes_vs_fp16",

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -53,6 +54,12 @@ def test_uncompressed_ppl_equals_direct_teacher_forcing(model, chunk):
     assert r.nll == pytest.approx(_direct_nll(model, ids, 60, 30), rel=1e-5)
     assert r.ppl == pytest.approx(torch.tensor(r.nll).exp().item())
     assert r.cache_bytes_peak == r.fp16_bytes == r.budget_bytes
+    # every scored token's nll, in order: the direct ones
+    logits = model(ids[None, :90]).logits[0, 60:90].double()
+    direct = -torch.log_softmax(logits, -1).gather(-1, ids[61:91, None])[:, 0]
+    assert len(r.token_nll) == 30 and r.nll == pytest.approx(sum(r.token_nll) / 30)
+    torch.testing.assert_close(torch.tensor(r.token_nll, dtype=torch.float64), direct,
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["rdr", "snapkv", "kivi"])
@@ -352,6 +359,37 @@ def test_sweep_summary_relative_to_none_per_text_held_out_apart():
     rdr = next(line for line in lines if line.startswith("| rdr |"))
     # held out: (+10 % + 1 %) / 2; tuned: +50 %; pass key pooled over a and b only
     assert rdr.split(" | ")[2:5] == ["+5.5 % (2)", "+50.0 % (1)", "8/16 [0.28, 0.72] |"]
+
+
+def test_sweep_interval_from_paired_token_differences():
+    """``vs_none_se`` is the delta-method standard error of e^{mean d} − 1 over the paired token
+    differences; the summary's ± is its normal half-width for the mean over texts, and is left
+    out where a text's runs did not keep their tokens."""
+    from benchmarks.eval_sweep import relative, summary
+
+    def ppl(text, method, nll, budget=0.125):
+        return {"text": text, "task": "ppl", "context": 1024, "setting": None, "method": method,
+                "budget": 1.0 if method == "none" else budget,
+                "ppl": float(np.exp(np.mean(nll))), "token_nll": list(nll)}
+
+    gen = np.random.default_rng(0)
+    base_a, base_b = gen.uniform(1, 5, 64), gen.uniform(1, 5, 64)
+    d_a, d_b = gen.normal(0.03, 0.2, 64), gen.normal(0.01, 0.3, 64)
+    rows = [ppl("a", "none", base_a), ppl("a", "rdr", base_a + d_a),
+            ppl("b", "none", base_b), ppl("b", "rdr", base_b + d_b)]
+    by = {(r["text"], r["method"]): r for r in relative(rows)}
+    for text, d in (("a", d_a), ("b", d_b)):
+        r = by[text, "rdr"]
+        assert r["vs_none"] == pytest.approx(np.exp(d.mean()) - 1)
+        assert r["vs_none_se"] == pytest.approx(np.exp(d.mean()) * d.std(ddof=1) / 8)
+        assert by[text, "none"]["vs_none"] == by[text, "none"]["vs_none_se"] == 0
+    half = 1.959964 * np.hypot(by["a", "rdr"]["vs_none_se"], by["b", "rdr"]["vs_none_se"]) / 2
+    rdr = next(line for line in summary(rows, []) if line.startswith("| rdr |"))
+    mean = (by["a", "rdr"]["vs_none"] + by["b", "rdr"]["vs_none"]) / 2
+    assert rdr.split(" | ")[2].removesuffix(" |") == f"{100 * mean:+.1f} % ±{100 * half:.1f} (2)"
+    del rows[3]["token_nll"]  # a run without its tokens: no interval for the mean
+    rdr = next(line for line in summary(rows, []) if line.startswith("| rdr |"))
+    assert "±" not in rdr
 
 
 def test_sweep_contexts_beyond_the_models_positions_are_refused(tmp_path):

@@ -108,6 +108,9 @@ class PerplexityResult:
         The fp16 cache of the N + M tokens the cache has seen at the end.
     budget_bytes : int
         The budget (fp16 bytes for ``none``).
+    token_nll : list of float
+        Each scored token's negative log-likelihood, in order (their mean is ``nll``): two
+        runs on the same tokens compare token by token.
     """
 
     method: str
@@ -120,6 +123,7 @@ class PerplexityResult:
     fp16_bytes: int
     budget_bytes: int
     seconds: float
+    token_nll: list[float]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,18 +207,20 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                               use_cache=True)
                     start = time.perf_counter()
                     cache = shared.compress(get_method(method), limit)
-                nll = torch.zeros((), dtype=torch.float64)
+                token_nll = []
                 for a in range(context, total, chunk):
                     b = min(a + chunk, total)
                     logits = model(ids[None, a:b], **{cache_argument(model): cache},
                                    use_cache=True).logits[0]
                     logp = torch.log_softmax(logits.double(), dim=-1)
-                    nll -= logp.gather(-1, ids[a + 1:b + 1, None]).sum()
+                    token_nll.append(-logp.gather(-1, ids[a + 1:b + 1, None])[:, 0])
+                nll = torch.cat(token_nll)
             peak, fp16 = _cache_bytes(cache, model, total)
-            mean = float(nll) / scored
+            mean = float(nll.sum()) / scored
             results.append(PerplexityResult(
                 method, context, scored, chunk, mean, math.exp(mean), int(peak), int(fp16),
-                int(limit) if method != NONE else int(fp16), time.perf_counter() - start))
+                int(limit) if method != NONE else int(fp16), time.perf_counter() - start,
+                nll.tolist()))
     return results
 
 
