@@ -27,7 +27,7 @@ __all__ = ["calibration_ids", "head_sensitivity", "head_weights_for"]
 def calibration_ids(tokenizer, tokens: int = 1024) -> torch.Tensor:
     """The first ``tokens`` token ids of the text shipped with the package (the opening of
     Pride and Prejudice, the project's tuning text)."""
-    path = resources.files("sphkv.data") / "pride_and_prejudice_opening.txt"
+    path = resources.files("sphkv") / "data" / "pride_and_prejudice_opening.txt"
     with resources.as_file(path) as file:
         return read_tokens(tokenizer, file, tokens)
 
