@@ -78,16 +78,30 @@ def runs(grid: dict) -> list[tuple[str, float]]:
             for b in ((1.0,) if m == "none" else grid["budgets"])]
 
 
-def groups(grid: dict, tasks: tuple[str, ...], names: tuple[str, ...] = ("",)) -> list[dict]:
-    """The shared-prefill groups: one per (text, task, context, setting)."""
+def groups(grid: dict, tasks: tuple[str, ...], names: tuple[str, ...] = ("",),
+           spans: int = 1) -> list[dict]:
+    """The shared-prefill groups: one per (text, task, context, setting), and per span of
+    the text for perplexity (:func:`span_ids`)."""
     out = []
     for text in names:
         for task in tasks:
             spec = grid[task]
             for n in spec["contexts"]:
                 for setting in spec.get("settings", (None,)) if task == "passkey" else (None,):
-                    out.append({"text": text, "task": task, "context": n, "setting": setting})
+                    for span in range(spans if task == "ppl" else 1):
+                        out.append({"text": text, "task": task, "context": n,
+                                    "setting": setting, "span": span})
     return out
+
+
+def span_ids(ids, span: int, length: int):
+    """Span ``span`` of a text's token ids: the ``length`` ids from ``span · length`` on, so
+    that the spans of one text are disjoint and span 0 is its opening."""
+    part = ids[span * length:(span + 1) * length]
+    if len(part) < length:
+        raise ValueError(f"span {span} needs {(span + 1) * length:,} token ids, the text gave "
+                         f"{len(ids):,}")
+    return part
 
 
 def units(grid: dict, todo: list[dict], jobs: int) -> list[tuple[dict, tuple[str, ...]]]:
@@ -105,63 +119,129 @@ def _z(confidence: float = CONFIDENCE) -> float:
     return float(norm.ppf(0.5 + confidence / 2))
 
 
-def relative(rows: list[dict]) -> list[dict]:
-    """Perplexity rows with ``vs_none``: ppl over that of ``none`` on the same text and context,
-    minus 1 (absent where the sweep has no ``none`` row for them); where both runs kept their
-    tokens' nll, also ``vs_none_se``, its standard error from the paired token differences
-    ``d_j = nll_j − nll_j(none)``: ``vs_none = e^{mean d} − 1``, so to first order its error is
-    ``e^{mean d} · sd(d) / √M``."""
+def _cell(row: dict) -> tuple:
+    """A perplexity row's scored tokens: its text, span and context."""
+    return row.get("text", ""), row.get("span", 0), row["context"]
+
+
+def paired(rows: list[dict], reference: str = "none") -> list[dict]:
+    """Perplexity rows with ``vs``: ppl over that of ``reference`` on the same text, span and
+    context (and budget, unless the reference is ``none``), minus 1 (absent where the sweep
+    has no such row); where both runs kept their tokens' nll, also ``vs_se``, its standard
+    error from the paired token differences ``d_j = nll_j − nll_j(reference)``:
+    ``vs = e^{mean d} − 1``, so to first order its error is ``e^{mean d} · sd(d) / √M``. Two
+    compressed methods err on mostly the same tokens, so their paired interval is much
+    narrower than the difference of their intervals against ``none``."""
     import numpy as np
 
-    base = {(r.get("text", ""), r["context"]): r for r in rows
-            if r["task"] == "ppl" and r["method"] == "none"}
+    def key(r):
+        return _cell(r) if reference == "none" else (*_cell(r), r["budget"])
+
+    base = {key(r): r for r in rows if r["task"] == "ppl" and r["method"] == reference}
     out = []
     for r in rows:
-        key = (r.get("text", ""), r["context"])
-        if r["task"] == "ppl" and key in base:
-            r = {**r, "vs_none": r["ppl"] / base[key]["ppl"] - 1}
-            mine, theirs = r.get("token_nll"), base[key].get("token_nll")
+        if r["task"] == "ppl" and key(r) in base:
+            theirs = base[key(r)]
+            r = {**r, "vs": r["ppl"] / theirs["ppl"] - 1}
+            mine, theirs = r.get("token_nll"), theirs.get("token_nll")
             if mine and theirs and len(mine) == len(theirs) > 1:
                 d = np.subtract(mine, theirs)
-                r["vs_none_se"] = float(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
+                r["vs_se"] = float(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
         out.append(r)
     return out
 
 
+def relative(rows: list[dict]) -> list[dict]:
+    """Perplexity rows with ``vs_none`` and ``vs_none_se``: :func:`paired` against ``none``."""
+    names = {"vs": "vs_none", "vs_se": "vs_none_se"}
+    return [{names.get(k, k): v for k, v in r.items()} for r in paired(rows)]
+
+
+def _mean_cell(v: list[dict], key: str) -> str:
+    """The mean of ``key`` over cells, in %, ± the half-width of its interval where every cell
+    has its standard error, and how many cells in brackets."""
+    if not v:
+        return ""
+    mean = sum(r[key] for r in v) / len(v)
+    spread = ""
+    if all(f"{key}_se" in r for r in v):
+        se = sum(r[f"{key}_se"] ** 2 for r in v) ** 0.5 / len(v)
+        spread = f" ±{100 * _z() * se:.1f}"
+    return f"{100 * mean:+.1f} %{spread} ({len(v)})"
+
+
+def versus(rows: list[dict], tuned: list[str], reference: str) -> list[str]:
+    """Markdown lines: per (method, budget) other than ``none`` and ``reference``, perplexity
+    relative to ``reference`` at the same budget (:func:`paired`) per context, the mean over
+    the held-out cells and over the tuning ones, ± its interval."""
+    rows = paired(rows, reference)
+    sets = _text_sets(rows, tuned)
+    cols = sorted({r["context"] for r in rows if r["task"] == "ppl"})
+    head = ["method", "budget"] + [f"ppl {_tokens(n)} {label}" for label, _ in sets
+                                   for n in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, budget in _runs(rows):
+        if method in ("none", reference):
+            continue
+        cells = [method, _budget(budget)]
+        for _, which in sets:
+            for n in cols:
+                cells.append(_mean_cell(
+                    [r for r in rows if r["task"] == "ppl" and r["method"] == method
+                     and r["budget"] == budget and r["context"] == n and "vs" in r
+                     and r.get("text", "") in which], "vs"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _text_sets(rows: list[dict], tuned: list[str]) -> list[tuple[str, list[str]]]:
+    """``("held-out", names)`` and ``("tuned", names)``, those that have texts."""
+    names = sorted({r.get("text", "") for r in rows})
+    return [(label, which) for label, which in
+            (("held-out", [t for t in names if t not in tuned]),
+             ("tuned", [t for t in names if t in tuned])) if which]
+
+
+def _runs(rows: list[dict]) -> list[tuple[str, float]]:
+    """The (method, budget) pairs of the rows: ``none``, then by budget, dearest first."""
+    return sorted({(r["method"], r["budget"]) for r in rows},
+                  key=lambda mb: (mb[1] != 1.0, -mb[1], _method_order(mb[0])))
+
+
+def _tokens(n: int) -> str:
+    """A context in a column's name: 2k for 2,048 tokens."""
+    return f"{n // 1024}k" if n % 1024 == 0 else f"{n:,}"
+
+
+def _budget(budget: float) -> str:
+    return "1" if budget == 1 else f"1/{round(1 / budget)}"
+
+
 def summary(rows: list[dict], tuned: list[str]) -> list[str]:
     """Markdown lines: per (method, budget), perplexity relative to ``none`` per context on the
-    held-out texts and on the tuning ones (mean over texts, how many in brackets), and the pass
-    key per (context, setting) pooled over the held-out texts, or every text if none is held
-    out (correct of trials, 95 % Wilson interval)."""
+    held-out texts and on the tuning ones (mean over their cells — a text's spans each count
+    once —, how many in brackets), and the pass key per (context, setting) pooled over the
+    held-out texts, or every text if none is held out (correct of trials, 95 % Wilson
+    interval)."""
     rows = relative(rows)
-    names = sorted({r.get("text", "") for r in rows})
-    held = [t for t in names if t not in tuned]
-    sets = [(label, which) for label, which in
-            (("held-out", held), ("tuned", [t for t in names if t in tuned])) if which]
-    pooled = held or names  # the pass key's texts
+    sets = _text_sets(rows, tuned)
+    held = [t for label, which in sets if label == "held-out" for t in which]
+    pooled = held or [t for _, which in sets for t in which]  # the pass key's texts
     ppl_cols = sorted({r["context"] for r in rows if r["task"] == "ppl"})
     pk_cols = sorted({(r["context"], r["setting"]) for r in rows if r["task"] == "passkey"})
-    runs_ = sorted({(r["method"], r["budget"]) for r in rows},
-                   key=lambda mb: (mb[1] != 1.0, -mb[1], _method_order(mb[0])))
     head = (["method", "budget"]
-            + [f"ppl {n // 1024}k {label}" for label, _ in sets for n in ppl_cols]
-            + [f"pass key {n // 1024}k {s.removeprefix('query-')}"
+            + [f"ppl {_tokens(n)} {label}" for label, _ in sets for n in ppl_cols]
+            + [f"pass key {_tokens(n)} {s.removeprefix('query-')}"
                + ("" if held else " (tuned)") for n, s in pk_cols])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, budget in runs_:
-        cells = [method, "1" if budget == 1 else f"1/{round(1 / budget)}"]
+    for method, budget in _runs(rows):
+        cells = [method, _budget(budget)]
         for _, which in sets:
             for n in ppl_cols:
-                v = [r for r in rows if r["task"] == "ppl" and r["method"] == method
+                cells.append(_mean_cell(
+                    [r for r in rows if r["task"] == "ppl" and r["method"] == method
                      and r["budget"] == budget and r["context"] == n and "vs_none" in r
-                     and r.get("text", "") in which]
-                mean = sum(r["vs_none"] for r in v) / len(v) if v else 0.0
-                # the mean's interval where every text's cell has its standard error
-                spread = ""
-                if v and all("vs_none_se" in r for r in v):
-                    se = sum(r["vs_none_se"] ** 2 for r in v) ** 0.5 / len(v)
-                    spread = f" ±{100 * _z() * se:.1f}"
-                cells.append(f"{100 * mean:+.1f} %{spread} ({len(v)})" if v else "")
+                     and r.get("text", "") in which], "vs_none"))
         for n, setting in pk_cols:
             v = [r for r in rows if r["task"] == "passkey" and r["method"] == method
                  and r["budget"] == budget and r["context"] == n and r["setting"] == setting
@@ -193,7 +273,9 @@ def _check_positions(model: str, positions: int) -> None:
                          f"{positions} positions, more than the model's {limit}")
 
 
-def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None:
+def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int, span: int) -> None:
+    """The worker's model, tokenizer and the first ``tokens`` ids of every text; perplexity's
+    spans are ``span`` ids long."""
     import torch
 
     from sphkv.integrations.hf import load_model, read_tokens
@@ -201,6 +283,7 @@ def _load(model: str, paths: tuple[str, ...], tokens: int, threads: int) -> None
     torch.set_num_threads(threads)
     _WORKER["model"], _WORKER["tok"] = load_model(model)
     _WORKER["ids"] = {text_name(p): read_tokens(_WORKER["tok"], p, tokens) for p in paths}
+    _WORKER["span"] = span
 
 
 def _head_weights(methods: tuple[str, ...]):
@@ -229,6 +312,7 @@ def run_unit(grid: dict, g: dict, methods: tuple[str, ...], chunk: int,
     n = g["context"]
     weights = _head_weights(methods)
     if g["task"] == "ppl":
+        ids = span_ids(ids, g.get("span", 0), _WORKER["span"])
         results = perplexity_runs(model, ids, n, grid["ppl"]["scored"], pairs, chunk=chunk,
                                   window=window, observation=observation, head_weights=weights)
         quality = [{"ppl": r.ppl, "nll": r.nll, "token_nll": r.token_nll,
@@ -254,7 +338,7 @@ def _method_order(method: str) -> tuple:
 
 def _order(row: dict) -> tuple:
     return (row.get("text", ""), TASKS.index(row["task"]), row["context"], row["setting"] or "",
-            _method_order(row["method"]), row["budget"])
+            row.get("span", 0), _method_order(row["method"]), row["budget"])
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -283,21 +367,22 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     names = tuple(text_name(p) for p in paths)
     header = {"model": args.model, "texts": list(names), "tuned": list(args.tuned or []),
               "quick": args.quick, "ppl_scored": grid["ppl"]["scored"], "ppl_chunk": args.chunk,
-              "window": args.window, "observation": args.observation,
+              "window": args.window, "observation": args.observation, "spans": args.spans,
               "passkey_trials": grid["passkey"]["trials"], "jobs": args.jobs,
               "threads": args.threads}
-    todo = groups(grid, tuple(args.tasks), names)
+    todo = groups(grid, tuple(args.tasks), names, args.spans)
     work = units(grid, todo, args.jobs)
     longest = max(g["context"] for g in todo) + grid["ppl"]["scored"] + 1
     _check_positions(args.model, longest - 1)
+    span = grid["ppl"]["contexts"] and max(grid["ppl"]["contexts"]) + grid["ppl"]["scored"] + 1
     threads = max(1, args.threads // args.jobs)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_load,
-                             initargs=(args.model, tuple(map(str, paths)), longest,
-                                       threads)) as pool, \
+                             initargs=(args.model, tuple(map(str, paths)),
+                                       max(longest, args.spans * span), threads, span)) as pool, \
             Progress(TextColumn("{task.description}"), BarColumn(),
                      TextColumn("{task.completed}/{task.total} units"),
                      TimeElapsedColumn()) as progress:
@@ -310,7 +395,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             rows += future.result()
             progress.console.print(f"{g['text']} {g['task']} N={g['context']} "
                                    f"{g['setting'] or ''} "
-                                   f"{', '.join(methods)}: done at "
+                                   + (f"span {g['span']} " if args.spans > 1 else "")
+                                   + f"{', '.join(methods)}: done at "
                                    f"{time.perf_counter() - start:.0f} s")
             progress.advance(bar)
             # the units done so far, should the sweep be stopped
@@ -426,7 +512,9 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
     lines = [f"# {name} — {env['date']} — commit {env['commit']} — {env['device']}", "",
              f"model {header['model']}; texts: held out {', '.join(held) or 'none'}; methods "
              f"tuned on {', '.join(tuned) or 'none named'}; perplexity scores "
-             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']}); window W = "
+             f"{header['ppl_scored']} tokens (chunks of {header['ppl_chunk']})"
+             + (f" in each of {header['spans']} disjoint spans per text"
+                if header.get("spans", 1) > 1 else "") + "; window W = "
              f"{header.get('window', 16) or 'chosen by the budget'}"
              + (f"; perplexity's caches observe {header['observation']} prompt queries"
                 if header.get("observation") else "") + "; pass key: "
@@ -436,12 +524,20 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
                 if "wall_seconds" in header else "")
              + "; seconds per run exclude the shared prefill", "",
              "## summary", "",
-             "Perplexity: (ppl / ppl of none on the same text and context) − 1, the mean over "
-             f"the texts (how many in brackets), ± the half-width of its {CONFIDENCE:.0%} "
+             "Perplexity: (ppl / ppl of none on the same text, span and context) − 1, the "
+             "mean over the texts' spans (how many in brackets), ± the half-width of its "
+             f"{CONFIDENCE:.0%} "
              "interval from the scored tokens' paired differences to none (runs that kept "
              "them); pass key: keys found of trials over the held-out texts, "
              f"[{CONFIDENCE:.0%} Wilson interval].", "",
              *summary(rows, tuned), ""]
+    reference = header.get("versus")
+    if reference:
+        lines += [f"## versus {reference}", "",
+                  f"Perplexity relative to {reference} at the same budget, text, span and "
+                  f"context, − 1: the mean over the cells, ± the half-width of its "
+                  f"{CONFIDENCE:.0%} interval from the scored tokens' paired differences to "
+                  f"{reference}.", "", *versus(rows, tuned, reference), ""]
     table_rows = [{**r, "interval": "[{:.2f}, {:.2f}]".format(*r["interval"])}
                   if "interval" in r else r for r in relative(rows)]
     table_rows = [{**r, "vs_none_ci": "±{:.4f}".format(_z() * r["vs_none_se"])}
@@ -451,9 +547,11 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
         if cell:
             cols = {"ppl": ["ppl", "vs_none", "vs_none_ci"], "fidelity": ["error"],
                     "passkey": ["correct", "trials", "interval"]}[task]
-            lines += [f"## {task}", "", format_table(cell, ["text", "setting", "context",
-                                                            "method", "budget", "bytes_vs_fp16",
-                                                            *cols, "seconds"]), ""]
+            spans = ["span"] if any(r.get("span", 0) for r in cell) else []
+            lines += [f"## {task}", "", format_table(cell, ["text", *spans, "setting",
+                                                            "context", "method", "budget",
+                                                            "bytes_vs_fp16", *cols,
+                                                            "seconds"]), ""]
     md.write_text("\n".join(lines) + "\n")
     png = out_dir / f"{name}.png"
     plot(rows, png, tuned)
@@ -469,8 +567,8 @@ def merge(data: list[dict]) -> tuple[list[dict], dict]:
         for r in d["rows"]:
             # a run of one text (older files) names it in the header only
             r = {"text": text_name(d.get("text", "")), **r}
-            cells[(r["text"], r["task"], r["context"], r.get("setting"), r["method"],
-                   r["budget"])] = r
+            cells[(r["text"], r["task"], r["context"], r.get("setting"), r.get("span", 0),
+                   r["method"], r["budget"])] = r
     commits = dict.fromkeys(d["commit"] for d in data)
     header = {k: v for k, v in data[0].items() if k not in ("rows", "text")}
     header["texts"] = sorted({r["text"] for r in cells.values()})
@@ -553,6 +651,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="pass key: run only these settings")
     parser.add_argument("--scored", type=int,
                         help="perplexity: scored tokens (default: the grid's)")
+    parser.add_argument("--spans", type=int, default=1,
+                        help="perplexity: score this many disjoint spans of each text (the "
+                             "first at its opening, each as long as the longest context and "
+                             "its scored tokens); every span is a cell of the summary's mean, "
+                             "so its interval narrows as 1/√spans")
+    parser.add_argument("--versus", metavar="METHOD", choices=_choices(),
+                        help="also tabulate perplexity relative to METHOD at the same budget, "
+                             "with the interval of the paired token differences (one lever "
+                             "against another: much narrower than their intervals against "
+                             "none)")
     parser.add_argument("--passkey-trials", type=int,
                         help="pass key: trials per cell (default: the grid's)")
     parser.add_argument("--chunk", type=int, default=8,
@@ -583,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
                              "merged, a later file's cell replacing an earlier one's; the "
                              "first one's header, with every run's commit")
     args = parser.parse_args(argv)
+    if args.spans < 1:
+        parser.error(f"--spans must be at least 1, got {args.spans}")
     if args.observation is not None and args.observation < 1:
         parser.error(f"--observation must be at least 1 query, got {args.observation}")
     shortest, label = args.window, args.window
@@ -615,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
             header["tuned"] = list(args.tuned)
     else:
         rows, header = run(args)
+    if args.versus:
+        header["versus"] = args.versus
     paths = write(rows, header, args.out_dir, name)
     print(paths[0].read_text())
     print("wrote " + ", ".join(map(str, paths)))

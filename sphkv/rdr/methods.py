@@ -27,7 +27,8 @@ equal bytes. :data:`METHODS` is the registry by name:
   (arXiv 2605.11478); each ladder's docstring says what it stores.
 
 What the allocator imposes on every method, where the papers differ: the first ``sinks`` tokens
-take the method's dearest tier and the last W to 2W tokens stay fp16 (the window, reserved from
+take the method's dearest tier (``rdr-kv-sinks``: any tier but drop,
+:attr:`Method.chosen_sinks`) and the last W to 2W tokens stay fp16 (the window, reserved from
 the budget); after prefill one greedy solve over all layers and heads picks the tiers from the
 distortion weighted by the estimator's ranking (:mod:`sphkv.rdr.distortion`), not a per-head
 top-k of the scores, so heads and layers share the budget; during decoding, tokens leaving the
@@ -162,7 +163,7 @@ class Method:
         ``paged_keys``.
     tiers : tuple of str, optional
         The tiers allocations may choose; all of the ladder when omitted. The first attention
-        sinks take the dearest of them.
+        sinks take the dearest of them, unless ``chosen_sinks``.
     estimator : str or Estimator, optional
         Utility estimator whose ranking weights the distortion; the measured attention of the
         observation window when omitted.
@@ -193,6 +194,11 @@ class Method:
         Weigh each query head's output error by the head's sensitivity (the cache's
         ``head_weights``, :func:`sphkv.integrations.hf.sensitivity.head_sensitivity`) instead
         of ``relative``: the distortion becomes the loss's second-order change.
+    chosen_sinks : bool
+        The attention sinks' tiers are chosen by their distortion like any other token's, with
+        a floor: they are never dropped (the drop column of their rows is
+        :data:`NO_DROP_PENALTY` times the largest distortion of the other tiers). Otherwise
+        they take the dearest tier, a page of it per (sequence, layer, kv-head).
     """
 
     name: str
@@ -206,6 +212,7 @@ class Method:
     paged_keys: bool = False
     prior: str = "uniform"
     sensitive: bool = False
+    chosen_sinks: bool = False
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -278,6 +285,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            observation=64, floor=0.5, relative=True),
     Method("rdr-kv-ea", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            prior="expected"),
+    Method("rdr-kv-sinks", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           chosen_sinks=True),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),

@@ -53,7 +53,7 @@ from sphkv.integrations.hf.kernel_attention import kernel_attend, kernel_reads
 from sphkv.kernels.encode_pack import KERNEL_CODECS, encode_codes
 from sphkv.rdr.distortion import PAGE_TABLE_ENTRY
 from sphkv.rdr.layout import LayerAttention
-from sphkv.rdr.methods import METHODS, Method, get_method
+from sphkv.rdr.methods import METHODS, NO_DROP_PENALTY, Method, get_method
 from sphkv.rdr.online import OnlineAllocator, Tokens
 from sphkv.rdr.pages import slot_bytes
 from sphkv.rdr.problem import InfeasibleBudgetError
@@ -302,7 +302,8 @@ class SphkvCache(Cache):
         than a sixth of the budget, and doubled up to 256 while the doubled window's reserve
         takes at most a sixteenth of it (long contexts).
     sinks : int
-        The first ``sinks`` real tokens of each sequence take the method's dearest tier.
+        The first ``sinks`` real tokens of each sequence take the method's dearest tier, or
+        any tier but drop (:attr:`Method.chosen_sinks`).
     page_size : int
         Slots per page.
     decay : float
@@ -473,10 +474,11 @@ class SphkvCache(Cache):
 
     def minimum_bytes(self, batch: int) -> int:
         """The smallest budget accepted: the reserve and, in every (sequence, layer, kv-head),
-        the pages of the sinks at the dearest tier."""
+        the pages of the sinks at the dearest tier (or the cheapest but drop, where the method
+        chooses the sinks' tiers)."""
         pages = -(-self.sinks // self.page_size)
-        fp16 = slot_bytes(self.tiers[len(self.tiers) - 1], self.offset_bytes)
-        sink = pages * (self.page_size * fp16
+        tier = self.tiers[1 if self.method.chosen_sinks else len(self.tiers) - 1]
+        sink = pages * (self.page_size * slot_bytes(tier, self.offset_bytes)
                         + PAGE_TABLE_ENTRY.itemsize)
         return self.reserved_bytes(batch) + sink * batch * self.n_layers * self.kv_heads
 
@@ -818,15 +820,21 @@ class SphkvCache(Cache):
             if not take.all():
                 on = torch.from_numpy(take).to(k.device)
                 k, v = k[:, on], v[:, on]
-            sink = (p - self.pad[seqs[0]] < self.sinks).numpy()
+            sink = np.tile((p - self.pad[seqs[0]] < self.sinks).numpy(), len(seqs) * h)
+            d = d[:, take].reshape(-1, d.shape[-1])
+            if self.method.chosen_sinks:  # any tier but drop
+                if sink.any():
+                    d[sink, 0] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
+                forced = np.full(len(sink), -1)
+            else:
+                forced = np.where(sink, len(self.tiers) - 1, -1)
             parts.append(Tokens(
                 group=np.repeat([self.group(b, index, j) for b in seqs for j in range(h)],
                                 len(p)),
                 positions=p.repeat(len(seqs) * h),  # as the rows of k [B_job · H, n, d]
                 keys=k.reshape(-1, k.shape[-1]),
                 values=v.reshape(-1, v.shape[-1]),
-                distortion=d[:, take].reshape(-1, d.shape[-1]),
-                forced=np.tile(np.where(sink, len(self.tiers) - 1, -1), len(seqs) * h)))
+                distortion=d, forced=forced))
         if not parts:
             d = self.head_dim
             empty = torch.zeros(0, d, dtype=torch.float16, device=self.layers[0].keys.device)
