@@ -403,3 +403,32 @@ def test_items_of_a_sequence_do_not_depend_on_its_batch(model, method):
                 np.testing.assert_allclose(together.distortion[mine], apart.distortion[ref],
                                            rtol=1e-4, atol=1e-9)
                 assert np.array_equal(together.forced[mine], apart.forced[ref])
+
+
+def test_chosen_sinks_are_kept_at_tiers_their_distortion_chooses(model):
+    """``rdr-kv-sinks``: the sinks stay in every group, at any tier but drop — not all at the
+    dearest one, under a budget the forced rule refuses — and the smallest accepted budget
+    counts their pages at the cheapest kept tier."""
+    ids, new = _ids(64, seed=9), 16
+    budget = 0.25 * fp16_cache_bytes(model.config, 1, 64 + new)
+    _, cache = _generate(model, ids, budget, method="rdr-kv-sinks", new=new)
+    assert cache.peak_bytes <= budget
+    dearest = len(cache.tiers) - 1
+    sink_tiers = []
+    for g in range(TINY["num_hidden_layers"] * TINY["num_key_value_heads"]):
+        held = cache.store.positions(g)
+        for p in range(cache.sinks):
+            tiers = [t for t, pos in held.items() if (pos == p).any()]
+            assert len(tiers) == 1 and tiers[0] > 0  # kept, once
+            sink_tiers.append(tiers[0])
+    assert min(sink_tiers) < dearest
+    # the forced rule refuses this budget (the sinks' fp16 pages do not fit beside the
+    # windows); given more, it puts every sink at the dearest tier
+    with pytest.raises(InfeasibleBudgetError):
+        _generate(model, ids, budget, method="rdr-kv", new=new)
+    _, forced = _generate(model, ids, 1.2 * budget, method="rdr-kv", new=new)
+    for g in range(TINY["num_hidden_layers"] * TINY["num_key_value_heads"]):
+        assert (forced.store.positions(g)[dearest][:cache.sinks] == torch.arange(4)).all()
+    chosen = SphkvCache(model.config, 1e6, "rdr-kv-sinks", window=8, page_size=4)
+    dear = SphkvCache(model.config, 1e6, "rdr-kv", window=8, page_size=4)
+    assert chosen.minimum_bytes(1) < dear.minimum_bytes(1)

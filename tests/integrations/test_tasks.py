@@ -296,6 +296,95 @@ def test_sweep_units_split_each_group_by_method_longest_first():
     assert rest == sorted(rest, reverse=True)
 
 
+def test_sweep_spans_are_disjoint_and_each_a_perplexity_group():
+    from benchmarks.eval_sweep import FULL, TASKS, groups, merge, span_ids
+
+    ids = torch.arange(100)
+    spans = [span_ids(ids, k, 30) for k in range(3)]
+    assert torch.equal(spans[0], ids[:30])  # the first span is the text's opening
+    assert torch.equal(torch.cat(spans), ids[:90])  # disjoint, back to back
+    with pytest.raises(ValueError, match="span 3 needs 120 token ids, the text gave 100"):
+        span_ids(ids, 3, 30)
+    todo = groups(FULL, TASKS, ("a",), spans=3)
+    ppl = [g for g in todo if g["task"] == "ppl"]
+    assert len(ppl) == 3 * len(FULL["ppl"]["contexts"])
+    assert {g["span"] for g in ppl} == {0, 1, 2}
+    assert {g["span"] for g in todo if g["task"] != "ppl"} == {0}  # one prompt set per cell
+    # a merge keeps spans apart, and reads rows that name none as span 0
+    row = {"text": "a", "task": "ppl", "context": 1024, "setting": None, "method": "rdr",
+           "budget": 0.125, "ppl": 2.0}
+    rows, _ = merge([{"commit": "x", "rows": [row, {**row, "span": 1, "ppl": 3.0}]},
+                     {"commit": "y", "rows": [{**row, "span": 0, "ppl": 4.0}]}])
+    assert sorted(r["ppl"] for r in rows) == [3.0, 4.0]
+
+
+def test_sweep_versus_pairs_methods_at_the_same_budget_and_span():
+    """``paired`` against a method divides by its run at the same budget, text, span and
+    context, with the delta-method error of the paired token differences; ``versus`` averages
+    over the cells and leaves ``none`` and the reference out."""
+    from benchmarks.eval_sweep import paired, versus
+
+    gen = np.random.default_rng(1)
+
+    def ppl(method, budget, span, nll):
+        return {"text": "a", "task": "ppl", "context": 2048, "setting": None, "span": span,
+                "method": method, "budget": budget, "ppl": float(np.exp(np.mean(nll))),
+                "token_nll": list(nll)}
+
+    rows, diffs = [], {}
+    for span in (0, 1):
+        base = gen.uniform(1, 5, 32)
+        rows.append(ppl("none", 1.0, span, base))
+        for budget in (0.125, 0.25):
+            ref = base + gen.normal(0.05, 0.1, 32)
+            d = gen.normal(-0.02, 0.05, 32)
+            diffs[span, budget] = d
+            rows += [ppl("rdr-kv", budget, span, ref), ppl("rdr-kv-sinks", budget, span, ref + d)]
+    out = {(r["method"], r["budget"], r["span"]): r for r in paired(rows, "rdr-kv")}
+    for (span, budget), d in diffs.items():
+        r = out["rdr-kv-sinks", budget, span]
+        assert r["vs"] == pytest.approx(np.exp(d.mean()) - 1)
+        assert r["vs_se"] == pytest.approx(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(32))
+        assert out["rdr-kv", budget, span]["vs"] == 0
+    assert "vs" not in out["none", 1.0, 0]  # no rdr-kv run at its budget
+    lines = versus(rows, [], "rdr-kv")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| rdr-kv-sinks"] * 2
+    for line in lines[2:]:
+        budget = 0.25 if "1/4" in line else 0.125
+        cells = [out["rdr-kv-sinks", budget, span] for span in (0, 1)]
+        mean = sum(r["vs"] for r in cells) / 2
+        half = 1.959964 * np.hypot(*(r["vs_se"] for r in cells)) / 2
+        assert line.split(" | ")[2].removesuffix(" |") == (
+            f"{100 * mean:+.1f} % ±{100 * half:.1f} (2)")
+
+
+def test_sweep_spans_and_versus_on_smollm2(tmp_path):
+    path = _real_text("emma.txt.gz")
+    from benchmarks.eval_sweep import main
+
+    main(["--text", str(path), "--tasks", "ppl", "--contexts", "96", "--scored", "16",
+          "--methods", "none", "rdr", "rdr-kv", "--budgets", "0.5", "--spans", "2",
+          "--versus", "rdr", "--jobs", "1", "--threads", "2", "--out-dir", str(tmp_path),
+          "--name", "spans"])
+    data = json.loads((tmp_path / "spans.json").read_text())
+    assert data["spans"] == 2 and data["versus"] == "rdr"
+    rows = {(r["method"], r["span"]): r for r in data["rows"]}
+    assert sorted(rows) == [(m, k) for m in ("none", "rdr", "rdr-kv") for k in (0, 1)]
+    assert rows["none", 0]["ppl"] != rows["none", 1]["ppl"]  # different tokens
+    table = (tmp_path / "spans.md").read_text()
+    assert "in each of 2 disjoint spans per text" in table
+    versus = table.split("## versus rdr")[1].split("## ppl")[0]
+    assert "| rdr-kv | 1/2 |" in versus and "(2) |" in versus and "| rdr |" not in versus
+
+
+def test_sweep_refuses_no_spans(tmp_path, capsys):
+    from benchmarks.eval_sweep import main
+
+    with pytest.raises(SystemExit):
+        main(["--text", str(tmp_path), "--spans", "0"])
+    assert "--spans must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_ablation_one_bit_rung_sits_below_the_ladder():
     from benchmarks.rdr_ablation import variant
 
