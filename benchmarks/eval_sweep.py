@@ -158,16 +158,35 @@ def relative(rows: list[dict]) -> list[dict]:
 
 
 def _mean_cell(v: list[dict], key: str) -> str:
-    """The mean of ``key`` over cells, in %, ± the half-width of its interval where every cell
-    has its standard error, and how many cells in brackets."""
+    """The mean of ``key`` over cells, in %; ± the half-width of its interval from the scored
+    tokens where every cell has its standard error; in square brackets, from three cells on,
+    the half-width of the t interval of the cells' own spread (:func:`cell_interval`); how
+    many cells in brackets."""
     if not v:
         return ""
     mean = sum(r[key] for r in v) / len(v)
+    if not any(r[key] for r in v):  # the reference itself
+        return f"{100 * mean:+.1f} % ({len(v)})"
     spread = ""
     if all(f"{key}_se" in r for r in v):
         se = sum(r[f"{key}_se"] ** 2 for r in v) ** 0.5 / len(v)
         spread = f" ±{100 * _z() * se:.1f}"
+    if len(v) >= 3:
+        spread += f" [±{100 * cell_interval([r[key] for r in v]):.1f}]"
     return f"{100 * mean:+.1f} %{spread} ({len(v)})"
+
+
+def cell_interval(values: list[float], confidence: float = CONFIDENCE) -> float:
+    """Half-width of the t interval of the mean of ``values`` (cells: texts and spans). Unlike
+    the tokens' interval it holds what varies between cells beyond the scored tokens: the
+    allocation itself, which moves with the floating-point order of its distortion rows (one
+    torch thread or two changed 1k cells by up to 1.3 points, docs/experiments.md)."""
+    import numpy as np
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    return float(t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
 
 
 def versus(rows: list[dict], tuned: list[str], reference: str) -> list[str]:
@@ -528,7 +547,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
              "mean over the texts' spans (how many in brackets), ± the half-width of its "
              f"{CONFIDENCE:.0%} "
              "interval from the scored tokens' paired differences to none (runs that kept "
-             "them); pass key: keys found of trials over the held-out texts, "
+             "them), and in square brackets, from three cells on, that of the cells' own "
+             "spread (t interval); pass key: keys found of trials over the held-out texts, "
              f"[{CONFIDENCE:.0%} Wilson interval].", "",
              *summary(rows, tuned), ""]
     reference = header.get("versus")
@@ -537,7 +557,8 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
                   f"Perplexity relative to {reference} at the same budget, text, span and "
                   f"context, − 1: the mean over the cells, ± the half-width of its "
                   f"{CONFIDENCE:.0%} interval from the scored tokens' paired differences to "
-                  f"{reference}.", "", *versus(rows, tuned, reference), ""]
+                  f"{reference}, [±] that of the cells' spread.", "",
+                  *versus(rows, tuned, reference), ""]
     table_rows = [{**r, "interval": "[{:.2f}, {:.2f}]".format(*r["interval"])}
                   if "interval" in r else r for r in relative(rows)]
     table_rows = [{**r, "vs_none_ci": "±{:.4f}".format(_z() * r["vs_none_se"])}

@@ -377,6 +377,24 @@ def test_sweep_spans_and_versus_on_smollm2(tmp_path):
     assert "| rdr-kv | 1/2 |" in versus and "(2) |" in versus and "| rdr |" not in versus
 
 
+def test_sweep_mean_of_three_cells_or_more_gets_the_t_interval_of_their_spread():
+    from benchmarks.eval_sweep import cell_interval, summary
+
+    # t(0.975, 3 degrees of freedom) = 3.182446; cells +1 %, +2 %, +3 %, +6 %
+    values = [0.01, 0.02, 0.03, 0.06]
+    half = 3.182446 * np.std(values, ddof=1) / 2
+    assert cell_interval(values) == pytest.approx(half, rel=1e-6)
+    rows = []
+    for i, v in enumerate(values):
+        rows += [{"text": f"t{i}", "task": "ppl", "context": 2048, "setting": None,
+                  "method": m, "budget": b, "ppl": p}
+                 for m, b, p in (("none", 1.0, 10.0), ("rdr", 0.125, 10.0 * (1 + v)))]
+    rdr = next(line for line in summary(rows, []) if line.startswith("| rdr |"))
+    assert rdr.split(" | ")[2].removesuffix(" |") == f"+3.0 % [±{100 * half:.1f}] (4)"
+    two = summary([r for r in rows if r["text"] in ("t0", "t1")], [])
+    assert "[±" not in next(line for line in two if line.startswith("| rdr |"))
+
+
 def test_sweep_refuses_no_spans(tmp_path, capsys):
     from benchmarks.eval_sweep import main
 
