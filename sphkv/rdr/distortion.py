@@ -11,7 +11,11 @@ Storing item i at tier t changes its logit by ``e_qi = q·(k̂_i − k_i)/√d``
 
 The drop row is exact for one dropped item (the others' weights grow by 1/(1 − p)); the
 quantized rows keep the two squared terms and add the measured cross term
-``2 e_qi (v_i − o_q)·Δv_i`` instead of assuming independence.
+``2 e_qi (v_i − o_q)·Δv_i`` instead of assuming independence. With ``exact``, the quantized
+rows are exact for one item too: with ``E = e^{e_qi}`` its weight becomes ``pE / (1 + p(E − 1))``
+and the output moves by ``g ((E − 1)(v_i − o_q) + E Δv_i)``, ``g = p / (1 + p(E − 1))``, which
+is the first-order term where ``e`` is small and bounded where it is not (a 2-bit key of a
+token that holds most of a query's attention).
 
 With a utility estimator (:mod:`sphkv.rdr.utility`) the measured weights are replaced by
 predicted ones: the kv-head's attention profile (its mean window attention, sorted) is handed
@@ -87,7 +91,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
                      score_queries: torch.Tensor | None = None, floor: float = 0.0,
                      relative: bool = False, first: torch.Tensor | None = None,
                      blocks: int = 1, prior: str = "uniform",
-                     head_weights: torch.Tensor | None = None) -> np.ndarray:
+                     head_weights: torch.Tensor | None = None,
+                     exact: bool = False) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -132,6 +137,9 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         the loss's second-order change ``½ δᵀFδ`` for a Fisher ``F`` that is ``s_h / d`` times
         the identity on head h's output. With it, leave ``relative`` off: the weights give the
         layers' scales.
+    exact : bool
+        Quantized rows exact for one item (module docstring) instead of first order in the
+        logit error.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -175,14 +183,21 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         else:
             if id(tier.key) not in key_terms:
                 e = _logit_error(tier.key.reconstruct(keys) - keys, queries)
-                we = w * e
-                key_terms[id(tier.key)] = ((we * e * dist2).sum(dim=(1, 2)), we.sum(dim=(1, 2)),
-                                       torch.einsum("hgqi,hgqd->hid", we, o))
+                if exact:  # e → E − 1, Δv → E Δv, π → g (module docstring)
+                    grow = e.clamp(max=30).exp()
+                    g2 = (pi / (1 + pi * (grow - 1))).square() * s
+                    we, e, c = g2 * grow * (grow - 1), grow - 1, (g2 * grow.square()).sum((1, 2))
+                    e2 = (g2 * e.square() * dist2).sum(dim=(1, 2))
+                else:
+                    we, c = w * e, w_sum
+                    e2 = (we * e * dist2).sum(dim=(1, 2))
+                key_terms[id(tier.key)] = (e2, we.sum(dim=(1, 2)),
+                                           torch.einsum("hgqi,hgqd->hid", we, o), c)
             if id(tier.value) not in value_deltas:
                 value_deltas[id(tier.value)] = tier.value.reconstruct(values) - values
-            e2, a, b = key_terms[id(tier.key)]
+            e2, a, b, c = key_terms[id(tier.key)]
             dv = value_deltas[id(tier.value)]
-            d = e2 + 2 * ((a[..., None] * values - b) * dv).sum(-1) + w_sum * dv.square().sum(-1)
+            d = e2 + 2 * ((a[..., None] * values - b) * dv).sum(-1) + c * dv.square().sum(-1)
         out.append(d.clamp_min(0))
     out = torch.stack(out, dim=-1).double()
     if relative:

@@ -199,6 +199,9 @@ class Method:
         a floor: they are never dropped (the drop column of their rows is
         :data:`NO_DROP_PENALTY` times the largest distortion of the other tiers). Otherwise
         they take the dearest tier, a page of it per (sequence, layer, kv-head).
+    exact : bool
+        Quantized distortion rows exact for one item instead of first order in its logit
+        error (:func:`~sphkv.rdr.distortion.layer_distortion`).
     """
 
     name: str
@@ -213,6 +216,7 @@ class Method:
     prior: str = "uniform"
     sensitive: bool = False
     chosen_sinks: bool = False
+    exact: bool = False
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -266,7 +270,7 @@ class Method:
                 else "does not weigh heads: head_weights must be None"))
         d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
                              self.floor, self.relative, first=first, blocks=blocks,
-                             prior=self.prior, head_weights=head_weights)
+                             prior=self.prior, head_weights=head_weights, exact=self.exact)
         if not self.drop and d.shape[1]:
             top = d[..., 1:].reshape(blocks, -1).max(axis=1).clip(min=1e-30)
             d[..., 0] = NO_DROP_PENALTY * np.repeat(top, d.shape[0] // blocks)[:, None]
@@ -287,6 +291,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            prior="expected"),
     Method("rdr-kv-sinks", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            chosen_sinks=True),
+    Method("rdr-kv-exact", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           exact=True),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),

@@ -106,6 +106,31 @@ def test_true_errors_match_recomputed_attention():
                 assert got[h, i, t] == pytest.approx(ref, rel=rel, abs=1e-12), (tier.name, h, i)
 
 
+@pytest.mark.parametrize("tiers", [TIERS, kv_tiers(16)], ids=["default", "kv-pairs"])
+def test_exact_rows_are_the_true_single_item_errors(tiers):
+    """``exact``: every row is the output error of moving that one item alone (the drop row
+    was already); the first-order rows are not, where the logit errors are large."""
+    k, v, q = _layer(n=12, w=12, seed=3)
+    k = k * 3  # logits of several units: far from first order at 2 bits
+    exact = layer_distortion(k, v, q, tiers, exact=True)
+    first = layer_distortion(k, v, q, tiers)
+    true = true_errors(k, v, q, tiers)
+    for t, tier in enumerate(tiers):
+        if tier.is_drop:  # the same row either way (a float32 difference where p nears 1)
+            np.testing.assert_array_equal(exact[..., t], first[..., t])
+            continue
+        rtol = 5e-2 if tier.name == "fp16" else 2e-3  # fp16: float32 logit rounding
+        np.testing.assert_allclose(exact[..., t], true[..., t], rtol=rtol, atol=1e-9,
+                                   err_msg=tier.name)
+    cheapest = 1  # the lowest rung, the largest logit errors
+    assert np.abs(first[..., cheapest] / true[..., cheapest] - 1).max() > 0.5
+    # a method asks for it
+    from sphkv.rdr import METHODS
+
+    method = METHODS["rdr-kv-exact"]
+    assert method.exact and method.ladder is METHODS["rdr-kv"].ladder
+
+
 def test_estimator_weights_keep_the_profile():
     """With an estimator, D uses the window's sorted attention profile handed out in the
     estimator's order: its top token gets the largest mean attention as weight, for every q."""
