@@ -202,15 +202,19 @@ def versus(rows: list[dict], tuned: list[str], reference: str) -> list[str]:
     for method, budget in _runs(rows):
         if method in ("none", reference):
             continue
-        cells = [method, _budget(budget)]
-        for _, which in sets:
-            for n in cols:
-                cells.append(_mean_cell(
-                    [r for r in rows if r["task"] == "ppl" and r["method"] == method
-                     and r["budget"] == budget and r["context"] == n and "vs" in r
-                     and r.get("text", "") in which], "vs"))
+        cells = [method, _budget(budget), *_ppl_cells(rows, method, budget, sets, cols, "vs")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _ppl_cells(rows: list[dict], method: str, budget: float, sets: list, contexts: list[int],
+               key: str) -> list[str]:
+    """A method's perplexity cells of a summary row: per text set and context, the mean of
+    ``key`` over its cells (:func:`_mean_cell`)."""
+    return [_mean_cell([r for r in rows if r["task"] == "ppl" and r["method"] == method
+                        and r["budget"] == budget and r["context"] == n and key in r
+                        and r.get("text", "") in which], key)
+            for _, which in sets for n in contexts]
 
 
 def _text_sets(rows: list[dict], tuned: list[str]) -> list[tuple[str, list[str]]]:
@@ -254,13 +258,8 @@ def summary(rows: list[dict], tuned: list[str]) -> list[str]:
                + ("" if held else " (tuned)") for n, s in pk_cols])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, budget in _runs(rows):
-        cells = [method, _budget(budget)]
-        for _, which in sets:
-            for n in ppl_cols:
-                cells.append(_mean_cell(
-                    [r for r in rows if r["task"] == "ppl" and r["method"] == method
-                     and r["budget"] == budget and r["context"] == n and "vs_none" in r
-                     and r.get("text", "") in which], "vs_none"))
+        cells = [method, _budget(budget),
+                 *_ppl_cells(rows, method, budget, sets, ppl_cols, "vs_none")]
         for n, setting in pk_cols:
             v = [r for r in rows if r["task"] == "passkey" and r["method"] == method
                  and r["budget"] == budget and r["context"] == n and r["setting"] == setting
