@@ -438,10 +438,11 @@ def _mean_over_texts(cell: list[dict], method: str, key: str) -> list[tuple[floa
     return out
 
 
-def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
+def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> bool:
     """Quality against bytes (fraction of fp16), one line per method, a panel per task,
     context and setting, over the held-out texts (every text if all were tuned on): perplexity
     as the mean ratio to ``none`` on the same text, the pass key pooled, fidelity the mean;
+    False, and no file, where nothing can be drawn (perplexity runs without ``none``);
     ``none`` is a horizontal reference line."""
     import matplotlib
 
@@ -505,6 +506,9 @@ def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    if not labels:
+        plt.close(fig)
+        return False
     order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("rdr"))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
                ncol=min(len(labels), 7), fontsize=8)
@@ -513,10 +517,12 @@ def plot(rows: list[dict], path: Path, tuned: list[str] | tuple = ()) -> None:
     fig.tight_layout(rect=(0, 0.08 if len(labels) > 7 else 0.05, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Path, ...]:
-    """``name.json`` (header and rows), ``name.md`` (header lines and the table), ``name.png``."""
+    """``name.json`` (header and rows), ``name.md`` (header lines and the table), ``name.png``
+    (where :func:`plot` draws something)."""
     # a table rewritten from JSON keeps the date, commit and device of its run
     env = {**environment(), **{k: header[k] for k in ("date", "commit", "device", "python",
                                                       "torch") if k in header}}
@@ -574,7 +580,10 @@ def write(rows: list[dict], header: dict, out_dir: Path, name: str) -> tuple[Pat
                                                             "seconds"]), ""]
     md.write_text("\n".join(lines) + "\n")
     png = out_dir / f"{name}.png"
-    plot(rows, png, tuned)
+    if not plot(rows, png, tuned):
+        print(f"no plot: perplexity is drawn relative to none, which {name} did not run "
+              "(merge it with a run that did: --from-json)")
+        return md, js
     return md, js, png
 
 

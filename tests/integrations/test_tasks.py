@@ -395,6 +395,20 @@ def test_sweep_mean_of_three_cells_or_more_gets_the_t_interval_of_their_spread()
     assert "[±" not in next(line for line in two if line.startswith("| rdr |"))
 
 
+def test_sweep_without_none_writes_its_table_and_no_plot(tmp_path, capsys):
+    from benchmarks.eval_sweep import write
+
+    rows = [{"text": "a", "task": "ppl", "context": 1024, "setting": None, "span": 0,
+             "method": "rdr-kv", "budget": 0.125, "ppl": 20.0, "bytes_vs_fp16": 0.125,
+             "seconds": 1.0}]
+    header = {"model": "m", "texts": ["a"], "ppl_scored": 8, "ppl_chunk": 8, "threads": 1}
+    paths = write(rows, header, tmp_path, "run")
+    assert [p.name for p in paths] == ["run.md", "run.json"]
+    assert not (tmp_path / "run.png").exists()
+    assert "no plot" in capsys.readouterr().out
+    assert "| rdr-kv | 1/8 |" in (tmp_path / "run.md").read_text()
+
+
 def test_sweep_refuses_no_spans(tmp_path, capsys):
     from benchmarks.eval_sweep import main
 
