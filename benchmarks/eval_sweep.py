@@ -611,8 +611,8 @@ def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """How well each method's distortion model ranks the true attention-output error of queries
     it did not observe: per text, a trace of ``--ranking`` tokens with a window of ``RANK_WINDOW``
     queries, the first half predicting and the last half measuring
-    (:func:`sphkv.rdr.distortion.fidelity` with the method's ladder, estimator, floor and
-    prior); Spearman ρ per layer, its median over layers, pooled over the non-fp16 tiers and
+    (:func:`sphkv.rdr.distortion.fidelity` with the method's ladder, estimator, floor, prior
+    and exactness); Spearman ρ per layer, its median over layers, pooled over the non-fp16 tiers and
     for the drop tier alone."""
     import numpy as np
     import torch
@@ -634,7 +634,7 @@ def ranking(args: argparse.Namespace) -> tuple[list[dict], dict]:
         for name in names:
             method = REGISTRY[name]
             report = fidelity(trace, method.tier_set(trace.head_dim), method.get_estimator(),
-                              floor=method.floor, prior=method.prior)
+                              floor=method.floor, prior=method.prior, exact=method.exact)
             rows.append({"text": text_name(path), "method": name, "tokens": args.ranking,
                          "rho": report.median,
                          "rho_drop": float(np.median(report.per_tier["drop"]))})

@@ -321,15 +321,15 @@ class FidelityReport:
 
 def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
              holdout: bool = True, sinks: int = 4, floor: float = 0.0,
-             prior: str = "uniform") -> FidelityReport:
+             prior: str = "uniform", exact: bool = False) -> FidelityReport:
     """Spearman ρ per layer between predicted distortion and the true single-item error.
 
     With ``holdout``, the first half of the window predicts (``D`` from a trace cut at
     ``n' = n − W/2`` tokens, whose window is that first half) and the true error is measured with
     the last ``W/2`` queries on the whole cache; items in the prediction's window and the
     ``sinks`` first tokens, forced to fp16 in an allocation, are left out. Without it, both use
-    the whole window (a check of the first-order model alone). ``floor`` and ``prior`` are
-    :func:`layer_distortion`'s (a method's distortion model).
+    the whole window (a check of the first-order model alone). ``floor``, ``prior`` and
+    ``exact`` are :func:`layer_distortion`'s (a method's distortion model).
     """
     if isinstance(estimator, str):
         estimator = get_estimator(estimator)
@@ -347,7 +347,7 @@ def fidelity(trace, tiers: TierSet, estimator: Estimator | str | None = None,
     for layer in range(trace.layers):
         k, v, q = trace.keys[layer], trace.values[layer], trace.queries[layer]
         pred = layer_distortion(k[:, :n_pred], v[:, :n_pred], q[:, :w_pred], tiers, estimator,
-                                floor=floor, prior=prior)
+                                floor=floor, prior=prior, exact=exact)
         true = true_errors(k, v, q[:, w - w // 2:] if holdout else q, tiers, n_pred)
         pred, true = pred[:, free][..., compared], true[:, free][..., compared]
         pooled.append(float(spearmanr(pred.ravel(), true.ravel()).statistic))

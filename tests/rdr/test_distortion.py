@@ -267,6 +267,13 @@ def test_fidelity_tiny(small_trace, holdout):
     assert set(report.per_tier) == set(TIERS.names[:-1])
 
 
+def test_fidelity_of_the_exact_rows_in_sample_is_one(small_trace):
+    # in sample and without a prior the exact rows are the true errors: they rank them
+    exact = fidelity(small_trace, TIERS, holdout=False, exact=True)
+    first = fidelity(small_trace, TIERS, holdout=False)
+    assert min(exact.pooled) > 0.999 and min(exact.pooled) >= min(first.pooled)
+
+
 @pytest.mark.slow
 def test_fidelity_on_real_trace(smollm2_trace):
     """Predicted distortion ranks the true attention-output error, per layer, on SmolLM2."""
