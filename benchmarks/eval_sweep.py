@@ -237,7 +237,9 @@ def _tokens(n: int) -> str:
 
 
 def _budget(budget: float) -> str:
-    return "1" if budget == 1 else f"1/{round(1 / budget)}"
+    """A budget in a summary: 1/8 where it is one over a whole number, else as given."""
+    whole = round(1 / budget)
+    return f"1/{whole}" if whole != 1 and abs(1 / budget - whole) < 1e-9 else f"{budget:g}"
 
 
 def summary(rows: list[dict], tuned: list[str]) -> list[str]:

@@ -409,6 +409,13 @@ def test_sweep_without_none_writes_its_table_and_no_plot(tmp_path, capsys):
     assert "| rdr-kv | 1/8 |" in (tmp_path / "run.md").read_text()
 
 
+def test_sweep_budget_labels():
+    from benchmarks.eval_sweep import _budget
+
+    assert [_budget(b) for b in (1.0, 0.125, 1 / 16, 0.15, 0.1875)] == [
+        "1", "1/8", "1/16", "0.15", "0.1875"]
+
+
 def test_sweep_refuses_no_spans(tmp_path, capsys):
     from benchmarks.eval_sweep import main
 
