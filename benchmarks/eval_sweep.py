@@ -141,9 +141,9 @@ def paired(rows: list[dict], reference: str = "none") -> list[dict]:
     out = []
     for r in rows:
         if r["task"] == "ppl" and key(r) in base:
-            theirs = base[key(r)]
-            r = {**r, "vs": r["ppl"] / theirs["ppl"] - 1}
-            mine, theirs = r.get("token_nll"), theirs.get("token_nll")
+            ref = base[key(r)]
+            r = {**r, "vs": r["ppl"] / ref["ppl"] - 1}
+            mine, theirs = r.get("token_nll"), ref.get("token_nll")
             if mine and theirs and len(mine) == len(theirs) > 1:
                 d = np.subtract(mine, theirs)
                 r["vs_se"] = float(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     work = units(grid, todo, args.jobs)
     longest = max(g["context"] for g in todo) + grid["ppl"]["scored"] + 1
     _check_positions(args.model, longest - 1)
-    span = grid["ppl"]["contexts"] and max(grid["ppl"]["contexts"]) + grid["ppl"]["scored"] + 1
+    span = max(grid["ppl"]["contexts"]) + grid["ppl"]["scored"] + 1  # a perplexity span's ids
     threads = max(1, args.threads // args.jobs)
     rows: list[dict] = []
     args.out_dir.mkdir(parents=True, exist_ok=True)
