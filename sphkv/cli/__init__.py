@@ -41,7 +41,7 @@ SOLVER_NAMES = ("greedy", "lp", "ilp")
 ESTIMATOR_NAMES = ("snapkv", "h2o", "expected", "manifoldkv", "manifoldkv-windowed", "keydiff",
                    "keynorm", "zipcache")
 METHOD_NAMES = ("rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-fast", "rdr-kv-fisher",
-                "rdr-kv-unbiased", "rdr-kv-ea", "rdr-kv-sinks", "rdr-kv-exact",
+                "rdr-kv-unbiased", "rdr-kv-ea", "rdr-kv-sinks", "rdr-kv-exact", "rdr-kv-centred",
                 "rdr-kv-1bit", "streamingllm", "snapkv", "h2o", "keydiff", "manifoldkv",
                 "manifoldkv-windowed", "kivi", "turboquant", "polarquant", "fibquant")
 NONE = "none"

@@ -92,7 +92,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
                      relative: bool = False, first: torch.Tensor | None = None,
                      blocks: int = 1, prior: str = "uniform",
                      head_weights: torch.Tensor | None = None,
-                     exact: bool = False) -> np.ndarray:
+                     exact: bool = False,
+                     value_mean: torch.Tensor | None = None) -> np.ndarray:
     """Distortion ``D[h, i, t]`` of one layer (module docstring), float64 ``[H_kv, n, T]``.
 
     Parameters
@@ -140,6 +141,11 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
     exact : bool
         Quantized rows exact for one item (module docstring) instead of first order in the
         logit error.
+    value_mean : torch.Tensor, optional
+        ``[H_kv, d]``: ``values`` are offsets from these means (centred storage,
+        :attr:`~sphkv.rdr.methods.Method.centred`), so the true output is ``o + μ``; only
+        ``relative``'s energy reads it, every row depends on the values through differences
+        ``v − o`` and the codecs' own errors alone.
     """
     if not 0 <= floor < 1:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -201,6 +207,8 @@ def layer_distortion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Te
         out.append(d.clamp_min(0))
     out = torch.stack(out, dim=-1).double()
     if relative:
+        if value_mean is not None:
+            o64 = o64 + value_mean.to(o64)[:, None, None]
         energy = o64.square().sum(dim=(1, 2, 3)).view(blocks, -1).sum(dim=1)
         out /= energy.clamp_min(1e-300).repeat_interleave(keys.shape[0] // blocks)[:, None, None]
     return out.cpu().numpy()

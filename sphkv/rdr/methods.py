@@ -202,6 +202,13 @@ class Method:
     exact : bool
         Quantized distortion rows exact for one item instead of first order in its logit
         error (:func:`~sphkv.rdr.distortion.layer_distortion`).
+    centred : bool
+        Store each (sequence, layer, kv-head)'s keys and values as offsets from their means
+        over the prompt (``CompressedLayer.centre`` in the cache): a codec's error scales
+        with the norm of what it encodes, and attention gives the same output, since
+        ``softmax(q·(k − μ_k))`` is ``softmax(q·k)`` and, the weights summing to 1,
+        ``Σ p (v − μ_v) + μ_v`` is ``Σ p v``. Needs an estimator those shifts leave alone:
+        the measured attention with the uniform prior.
     """
 
     name: str
@@ -217,6 +224,12 @@ class Method:
     sensitive: bool = False
     chosen_sinks: bool = False
     exact: bool = False
+    centred: bool = False
+
+    def __post_init__(self) -> None:
+        if self.centred and (self.estimator is not None or self.prior != "uniform"):
+            raise ValueError(f"method {self.name!r}: centred needs the measured attention and "
+                             f"the uniform prior (a shift of the keys moves other estimates)")
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -238,7 +251,8 @@ class Method:
     def distortion(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                    tiers: TierSet, first: torch.Tensor | None = None,
                    score_queries: torch.Tensor | None = None, blocks: int = 1,
-                   head_weights: torch.Tensor | None = None) -> np.ndarray:
+                   head_weights: torch.Tensor | None = None,
+                   value_mean: torch.Tensor | None = None) -> np.ndarray:
         """The method's distortion rows ``D[h, i, t]`` of one layer, float64 ``[H_kv, n, T]``.
 
         :func:`~sphkv.rdr.distortion.layer_distortion` with the method's estimator, floor and
@@ -263,6 +277,8 @@ class Method:
         head_weights : torch.Tensor, optional
             ``[H_q]``, each query head's sensitivity; required by a ``sensitive`` method and
             refused by the others.
+        value_mean : torch.Tensor, optional
+            ``[H_kv, d]``, the means ``values`` are offsets from (a ``centred`` method's).
         """
         if self.sensitive != (head_weights is not None):
             raise ValueError(f"method {self.name!r} " + (
@@ -270,7 +286,8 @@ class Method:
                 else "does not weigh heads: head_weights must be None"))
         d = layer_distortion(keys, values, queries, tiers, self.get_estimator(), score_queries,
                              self.floor, self.relative, first=first, blocks=blocks,
-                             prior=self.prior, head_weights=head_weights, exact=self.exact)
+                             prior=self.prior, head_weights=head_weights, exact=self.exact,
+                             value_mean=value_mean)
         if not self.drop and d.shape[1]:
             top = d[..., 1:].reshape(blocks, -1).max(axis=1).clip(min=1e-30)
             d[..., 0] = NO_DROP_PENALTY * np.repeat(top, d.shape[0] // blocks)[:, None]
@@ -293,6 +310,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            chosen_sinks=True),
     Method("rdr-kv-exact", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            exact=True),
+    Method("rdr-kv-centred", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           centred=True),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),

@@ -1,6 +1,7 @@
 """The compressed cache inside Hugging Face generation: exactness at full budget, the budget held
 at every step, left padding, every method through one code path, a real-model smoke test."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -432,3 +433,56 @@ def test_chosen_sinks_are_kept_at_tiers_their_distortion_chooses(model):
     chosen = SphkvCache(model.config, 1e6, "rdr-kv-sinks", window=8, page_size=4)
     dear = SphkvCache(model.config, 1e6, "rdr-kv", window=8, page_size=4)
     assert chosen.minimum_bytes(1) < dear.minimum_bytes(1)
+
+
+def test_centred_cache_attends_as_the_uncentred_one(model):
+    """``rdr-kv-centred`` holds offsets from each (sequence, layer, kv-head)'s mean over its
+    real prompt tokens and adds the value mean back: with every token kept at fp16 the logits
+    of a left-padded batch are those of the uncentred cache (to fp16 rounding), through the
+    prefill's allocation and decode steps; the means are counted in the bytes."""
+    ids = _ids(40, seed=11, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    fp16_only = dict(tiers=("fp16",))
+    logits = {}
+    caches = {}
+    model.set_attn_implementation(register_attention())
+    try:
+        for centred in (False, True):
+            method = dataclasses.replace(METHODS["rdr-kv"], centred=centred, **fp16_only)
+            cache = SphkvCache(model.config, 1e9, method, window=8, page_size=4)
+            with torch.no_grad():
+                out = [model(ids[:, :32], attention_mask=mask[:, :32],
+                             **{cache_argument(model): cache}).logits]
+                for t in range(32, 40):  # decode steps, an admission among them
+                    out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                                     **{cache_argument(model): cache}).logits)
+            logits[centred], caches[centred] = torch.cat(out, dim=1), cache
+    finally:
+        model.set_attn_implementation("sdpa")
+    real = mask.bool()
+    torch.testing.assert_close(logits[True][real], logits[False][real], atol=2e-3, rtol=1e-3)
+    plain, centred = caches[False], caches[True]
+    assert plain.store.positions(0).keys() == centred.store.positions(0).keys()
+    assert all(layer.mean is None for layer in plain.layers)
+    # sequence 1's key means are over its 27 real prompt tokens (a deferred cache's raw window)
+    raw = SphkvCache(model.config, None)
+    model.set_attn_implementation(register_attention())
+    try:
+        with torch.no_grad():
+            model(ids[:, :32], attention_mask=mask[:, :32], **{cache_argument(model): raw})
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer, raw_layer in zip(centred.layers, raw.layers, strict=True):
+        want = raw_layer.keys[1, :, 5:].float().mean(dim=1)
+        torch.testing.assert_close(layer.mean[0][1, :, 0].float(), want, atol=2e-3, rtol=1e-3)
+    means = sum(x.numel() * x.element_size() for layer in centred.layers for x in layer.mean)
+    assert centred.nbytes() == centred.held_bytes()
+    assert centred.reserved_bytes(2) - plain.reserved_bytes(2) == means
+
+
+def test_centred_needs_a_shift_invariant_estimate():
+    with pytest.raises(ValueError, match="centred needs the measured attention"):
+        dataclasses.replace(METHODS["rdr-kv"], name="x", estimator="keydiff", centred=True)
+    with pytest.raises(ValueError, match="centred needs the measured attention"):
+        dataclasses.replace(METHODS["rdr-kv"], name="x", prior="expected", centred=True)

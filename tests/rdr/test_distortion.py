@@ -207,6 +207,25 @@ def test_relative_divides_by_the_layer_output_energy():
                                rtol=1e-5)  # float32 rounding of ‖v − o‖²
 
 
+def test_centred_rows_divide_by_the_true_output_energy():
+    """Offsets from per-head means: the drop row is that of the vectors themselves (it reads
+    only v − o and the attention, which a key shift leaves alone), every row is divided by the
+    energy of the true output o + μ, and the quantized rows fall when the offsets are small
+    beside the vectors."""
+    kc, vc, q = _layer(h_kv=2, group=2, n=12, w=4)  # the offsets
+    gen = torch.Generator().manual_seed(3)
+    mu_k, mu_v = (4 * torch.randn(2, 1, 16, generator=gen) for _ in range(2))
+    k, v = kc + mu_k, vc + mu_v
+    o = attention_probs(k, q).double() @ v[:, None].double()
+    centred = layer_distortion(kc, vc, q, TIERS, relative=True, value_mean=mu_v[:, 0])
+    np.testing.assert_allclose(centred, layer_distortion(kc, vc, q, TIERS)
+                               / o.square().sum().item(), rtol=1e-6)
+    raw = layer_distortion(k, v, q, TIERS, relative=True)
+    np.testing.assert_allclose(centred[..., 0], raw[..., 0], rtol=1e-4)
+    # the offsets' norms are a fraction of the vectors': every quantized tier's error falls
+    assert np.all(centred[..., 1:-1].mean(axis=(0, 1)) < raw[..., 1:-1].mean(axis=(0, 1)))
+
+
 @pytest.mark.parametrize("tiers", [TIERS, kv_tiers(16)], ids=["default", "kv-pairs"])
 def test_head_weights_sum_the_query_heads_weighed(tiers):
     """D sums each query head's terms: with weights w, D = Σ_g w[h, g] · D of query head g

@@ -102,6 +102,9 @@ class CompressedLayer(CacheLayerMixin):
         Tokens seen (padding included), kept or not.
     attention : LayerAttention
         The layer's pattern (full, sliding, chunked).
+    mean : tuple of torch.Tensor or None
+        A centred method's key and value means ``[B, H_kv, 1, d]`` fp16 (:meth:`centre`):
+        the window and the pages hold offsets from them.
     """
 
     def __init__(self, cache: SphkvCache, index: int, attention: LayerAttention):
@@ -109,6 +112,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cache, self.index, self.attention, self.length = cache, index, attention, 0
         self.is_sliding = not attention.is_full
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mean: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
@@ -134,6 +138,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.buffer is None or self.buffer[0].shape[2] < n + m:
             self._rebuffer(n + m)
         static = self.cache.static
+        if self.mean is not None:
+            key_states, value_states = (x - mu for x, mu in
+                                        zip((key_states, value_states), self.mean, strict=True))
         for buf, new in zip(self.buffer, (key_states, value_states), strict=True):
             if static is not None:  # a step captured in a CUDA graph: the slot is on the device
                 buf.index_copy_(2, static.window_at, new.to(buf.dtype))
@@ -157,6 +164,28 @@ class CompressedLayer(CacheLayerMixin):
         for buf, x in zip(self.buffer, (self.keys, self.values), strict=True):
             buf[:, :, :n].copy_(x)
         self.keys, self.values = (buf[:, :, :n] for buf in self.buffer)
+
+    def centre(self, real: torch.Tensor) -> None:
+        """Hold the window as offsets from each (sequence, kv-head)'s mean key and value over
+        its real tokens (``real`` bool ``[B, w]``), as every later token too
+        (:attr:`~sphkv.rdr.methods.Method.centred`). The window moves to buffers of its own
+        (it may be shared with the deferred cache it was copied from)."""
+        weight = real.to(self.keys.device, torch.float32)[:, None, :, None]
+        count = weight.sum(dim=2, keepdim=True).clamp_min(1)
+        self.mean = tuple((x.float() * weight).sum(dim=2, keepdim=True).div(count).half()
+                          for x in (self.keys, self.values))
+        self.keys, self.values = (x - mu for x, mu in
+                                  zip((self.keys, self.values), self.mean, strict=True))
+        self.buffer = None
+        self._rebuffer(self.keys.shape[2])
+
+    def uncentre(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, m, H_q, d]`` of offsets plus the value mean (kv-head h's to
+        its query heads): ``Σ p (v − μ) + μ = Σ p v`` where the weights sum to 1."""
+        if self.mean is None:
+            return out
+        mean = self.mean[1].repeat_interleave(out.shape[2] // self.mean[1].shape[1], dim=1)
+        return (out.float() + mean.transpose(1, 2).float()).to(out.dtype)
 
     @property
     def start(self) -> int:
@@ -200,13 +229,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def held_window(self) -> tuple[torch.Tensor, ...]:
         """The tensors the window occupies: its buffers, or (a copy by
-        :meth:`SphkvCache.compress` before its first write) the keys and values it shares."""
+        :meth:`SphkvCache.compress` before its first write) the keys and values it shares; and
+        a centred method's means."""
+        mean = self.mean or ()
         if self.buffer is not None:
-            return self.buffer
-        return (self.keys, self.values) if self.is_initialized else ()
+            return (*self.buffer, *mean)
+        return (self.keys, self.values, *mean) if self.is_initialized else ()
 
     def window_bytes(self) -> int:
-        """Bytes of the window's buffers (their whole capacity)."""
+        """Bytes of the window's buffers (their whole capacity) and of a centred method's
+        means."""
         return sum(x.numel() * x.element_size() for x in self.held_window())
 
     def _decoded_pages(self, b: int, h: int):
@@ -245,7 +277,7 @@ class CompressedLayer(CacheLayerMixin):
         if cache.pad is None:
             cache.set_padding(attention_mask, b)
         if query.is_cuda and cache.kernel:  # the Triton kernels compute the same
-            return kernel_attend(self, query, scaling)
+            return self.uncentre(kernel_attend(self, query, scaling))
         h = self.keys.shape[1]
         g = hq // h
         q = query.float().reshape(b, h, g * m, d)  # the G query heads of a kv-head, head-major
@@ -260,7 +292,7 @@ class CompressedLayer(CacheLayerMixin):
             out = torch.nn.functional.scaled_dot_product_attention(
                 query.float(), self.keys.float(), self.values.float(), seen[:, None],
                 scale=scaling, enable_gqa=True)
-            return out.nan_to_num(0.0).transpose(1, 2).to(query.dtype)
+            return self.uncentre(out.nan_to_num(0.0).transpose(1, 2).to(query.dtype))
         key, value, bias, positions = pages
         s = (q @ key.mT).view(b, h, g, m, -1) + bias
         if not self.attention.is_full:
@@ -275,7 +307,7 @@ class CompressedLayer(CacheLayerMixin):
         p = p.view(b, h, g * m, -1)
         n = key.shape[2]
         out = p[..., :n] @ value + p[..., n:] @ self.values.float()
-        return out.view(b, hq, m, d).transpose(1, 2).to(query.dtype)
+        return self.uncentre(out.view(b, hq, m, d).transpose(1, 2).to(query.dtype))
 
 
 class SphkvCache(Cache):
@@ -432,12 +464,14 @@ class SphkvCache(Cache):
 
     def reserved_bytes(self, batch: int, window: int | None = None) -> int:
         """Bytes set aside from the budget for what the allocator does not place: every window
-        at its largest (2W tokens, or a sliding or chunked layer's size if smaller) and the
-        padding offsets; W is ``window``, by default this cache's (or the one its budget
-        chooses for ``batch`` sequences)."""
+        at its largest (2W tokens, or a sliding or chunked layer's size if smaller), a centred
+        method's means and the padding offsets; W is ``window``, by default this cache's (or
+        the one its budget chooses for ``batch`` sequences)."""
         window = window or self.window or self.budget_window(batch)
         per_token = batch * self.kv_heads * 4 * self.head_dim
-        return sum(per_token * a.held_tokens(2 * window) for a in self.layout) + batch * 8
+        means = per_token * self.n_layers if self.method.centred else 0
+        return (sum(per_token * a.held_tokens(2 * window) for a in self.layout) + means
+                + batch * 8)
 
     def budget_window(self, batch: int) -> int:
         """The window the budget chooses for ``batch`` sequences: :data:`WINDOW_SHORT` where
@@ -714,6 +748,10 @@ class SphkvCache(Cache):
             self.page_size, self.decay, device=first.keys.device, encode=_encode,
             ordered=np.tile(np.repeat(sliding, self.kv_heads), batch),
             offset_bytes=self.offset_bytes)
+        if self.method.centred:
+            for layer in self.layers:
+                pos = layer.start + torch.arange(layer.keys.shape[2])
+                layer.centre(pos[None, :] >= self.pad[:, None])
         old = self.length - self.window
         tokens = None
         if old > 0:
@@ -774,7 +812,8 @@ class SphkvCache(Cache):
         one call. One part per job, holding the job's copy of its keys and values (a prefill's
         parts are not concatenated: at 128k tokens each copy of the prompt's KV is tens of
         GB)."""
-        jobs = []  # (layer, sequences, kept positions, their rows, k, v, q, first, q_all)
+        # (layer, sequences, kept positions, their rows, k, v, q, first, q_all, value mean)
+        jobs = []
         nxt = torch.tensor([self.length])
         for index, layer in enumerate(self.layers):
             pos = layer.start + torch.arange(layer.keys.shape[-2])
@@ -808,9 +847,11 @@ class SphkvCache(Cache):
                     k, v = (x[on_seq][:, :, on].flatten(0, 1)
                             for x in (layer.keys, layer.values))
                     q_seq = queries[on_seq][:, :, -real:]
+                    mean = (None if layer.mean is None else
+                            layer.mean[1][on_seq].flatten(0, 1)[:, 0].float())
                     jobs.append((index, chunk.numpy(), p[take], take.numpy(), k, v,
                                  q_seq[:, :, -self.observation:][:, :, -n_q:].flatten(0, 1),
-                                 first, q_seq[:, :, -n_q:].flatten(0, 1)))
+                                 first, q_seq[:, :, -n_q:].flatten(0, 1), mean))
         rows = self._distortion_rows(jobs)
         parts = []
         for i, d in enumerate(rows):
@@ -847,7 +888,7 @@ class SphkvCache(Cache):
         pattern stacked along the heads and computed in one call, each (layer, sequence)
         relative to itself."""
         buckets: dict[tuple, list[int]] = {}
-        for i, (_, seqs, *_, k, _v, q, first, q_all) in enumerate(jobs):
+        for i, (_, seqs, _, _, k, _v, q, first, q_all, _mean) in enumerate(jobs):
             key = (k.shape, q.shape, q_all.shape, len(seqs),
                    None if first is None else tuple(first.tolist()))
             buckets.setdefault(key, []).append(i)
@@ -860,8 +901,8 @@ class SphkvCache(Cache):
             per_call = max(1, _pairs_per_call(jobs[members[0]][4].device) // max(hq * w * n, 1))
             chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
         for members in chunks:
-            k, v, q, first, q_all = (
-                [jobs[i][j] for i in members] for j in range(4, 9))
+            k, v, q, first, q_all, mean = (
+                [jobs[i][j] for i in members] for j in range(4, 10))
             # each job's query heads, sequence-major as its queries
             weights = (torch.cat([self.head_weights[jobs[i][0]].repeat(len(jobs[i][1]))
                                   for i in members]) if self.method.sensitive else None)
@@ -869,7 +910,8 @@ class SphkvCache(Cache):
                 torch.cat(k).float(), torch.cat(v).float(), torch.cat(q), self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
-                blocks=sum(len(jobs[i][1]) for i in members), head_weights=weights)
+                blocks=sum(len(jobs[i][1]) for i in members), head_weights=weights,
+                value_mean=None if mean[0] is None else torch.cat(mean))
             for i, part in zip(members, np.split(d, len(members)), strict=True):
                 rows[i] = part
         return rows
