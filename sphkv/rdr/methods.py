@@ -209,6 +209,12 @@ class Method:
         ``softmax(q·(k − μ_k))`` is ``softmax(q·k)`` and, the weights summing to 1,
         ``Σ p (v − μ_v) + μ_v`` is ``Σ p v``. Needs an estimator those shifts leave alone:
         the measured attention with the uniform prior.
+    scaled : bool
+        With ``centred``, also scale the key offsets per channel by
+        ``D = (E q_c² / E k_c²)^¼`` (observed queries, prompt keys) and read queries as
+        ``q / D``: logits are unchanged, and an isotropic codec error ``δ`` on ``D k`` moves a
+        logit by ``(q / D)·δ``, whose mean square over queries and keys is least for this
+        diagonal ``D`` (Cauchy–Schwarz on ``Σ_c D_c² E k_c² · Σ_c E q_c² / D_c²``).
     """
 
     name: str
@@ -225,11 +231,15 @@ class Method:
     chosen_sinks: bool = False
     exact: bool = False
     centred: bool = False
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.centred and (self.estimator is not None or self.prior != "uniform"):
             raise ValueError(f"method {self.name!r}: centred needs the measured attention and "
                              f"the uniform prior (a shift of the keys moves other estimates)")
+        if self.scaled and not self.centred:
+            raise ValueError(f"method {self.name!r}: scaled needs centred (the scales are "
+                             f"those of the key offsets)")
 
     def tier_set(self, d: int, page_size: int = 16) -> TierSet:
         """The ladder restricted to the method's tiers, drop always first, for head dimension
@@ -312,6 +322,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            exact=True),
     Method("rdr-kv-centred", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            centred=True),
+    Method("rdr-kv-scaled", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           centred=True, scaled=True),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),

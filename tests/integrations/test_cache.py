@@ -435,21 +435,22 @@ def test_chosen_sinks_are_kept_at_tiers_their_distortion_chooses(model):
     assert chosen.minimum_bytes(1) < dear.minimum_bytes(1)
 
 
-def test_centred_cache_attends_as_the_uncentred_one(model):
+@pytest.mark.parametrize("scaled", [False, True], ids=["centred", "scaled"])
+def test_centred_cache_attends_as_the_uncentred_one(model, scaled):
     """``rdr-kv-centred`` holds offsets from each (sequence, layer, kv-head)'s mean over its
-    real prompt tokens and adds the value mean back: with every token kept at fp16 the logits
-    of a left-padded batch are those of the uncentred cache (to fp16 rounding), through the
-    prefill's allocation and decode steps; the means are counted in the bytes."""
+    real prompt tokens and adds the value mean back; ``rdr-kv-scaled`` also scales the key
+    offsets per channel and divides the queries by the scales. With every token kept at fp16
+    the logits of a left-padded batch are those of the plain cache (to fp16 rounding), through
+    the prefill's allocation and decode steps; means and scales are counted in the bytes."""
     ids = _ids(40, seed=11, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    fp16_only = dict(tiers=("fp16",))
-    logits = {}
-    caches = {}
+    logits, caches = {}, {}
     model.set_attn_implementation(register_attention())
     try:
         for centred in (False, True):
-            method = dataclasses.replace(METHODS["rdr-kv"], centred=centred, **fp16_only)
+            method = dataclasses.replace(METHODS["rdr-kv"], tiers=("fp16",), centred=centred,
+                                         scaled=scaled and centred)
             cache = SphkvCache(model.config, 1e9, method, window=8, page_size=4)
             with torch.no_grad():
                 out = [model(ids[:, :32], attention_mask=mask[:, :32],
@@ -458,30 +459,42 @@ def test_centred_cache_attends_as_the_uncentred_one(model):
                     out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
                                      **{cache_argument(model): cache}).logits)
             logits[centred], caches[centred] = torch.cat(out, dim=1), cache
+        # sequence 1's means are over its 27 real prompt tokens (a deferred cache's raw window)
+        raw = SphkvCache(model.config, None, window=8, page_size=4)
+        with torch.no_grad():
+            model(ids[:, :32], attention_mask=mask[:, :32], **{cache_argument(model): raw})
     finally:
         model.set_attn_implementation("sdpa")
     real = mask.bool()
     torch.testing.assert_close(logits[True][real], logits[False][real], atol=2e-3, rtol=1e-3)
     plain, centred = caches[False], caches[True]
     assert plain.store.positions(0).keys() == centred.store.positions(0).keys()
-    assert all(layer.mean is None for layer in plain.layers)
-    # sequence 1's key means are over its 27 real prompt tokens (a deferred cache's raw window)
-    raw = SphkvCache(model.config, None)
-    model.set_attn_implementation(register_attention())
-    try:
-        with torch.no_grad():
-            model(ids[:, :32], attention_mask=mask[:, :32], **{cache_argument(model): raw})
-    finally:
-        model.set_attn_implementation("sdpa")
+    assert all(layer.mean is None and layer.scale is None for layer in plain.layers)
     for layer, raw_layer in zip(centred.layers, raw.layers, strict=True):
         want = raw_layer.keys[1, :, 5:].float().mean(dim=1)
         torch.testing.assert_close(layer.mean[0][1, :, 0].float(), want, atol=2e-3, rtol=1e-3)
-    means = sum(x.numel() * x.element_size() for layer in centred.layers for x in layer.mean)
+        if scaled:  # geometric mean 1 per (sequence, kv-head), not all ones
+            log = layer.scale.float().log()
+            torch.testing.assert_close(log.mean(dim=-1), torch.zeros(2, 2, 1), atol=2e-3,
+                                       rtol=0)
+            assert log.abs().max() > 0.05
+        else:
+            assert layer.scale is None
+    # the prefill's drop rows read the attention and v − o alone: the same from the offsets
+    # (and scaled keys, read by scaled queries) as from the vectors
+    rows = [Tokens.cat(raw.compress(c.method, 1e9)._prefill_items[(repr(c.method), 8)])
+            for c in (plain, centred)]
+    np.testing.assert_allclose(rows[1].distortion[:, 0], rows[0].distortion[:, 0], rtol=2e-3,
+                               atol=1e-12)
+    held = sum(x.numel() * x.element_size() for layer in centred.layers
+               for x in (*layer.mean, *([] if layer.scale is None else [layer.scale])))
     assert centred.nbytes() == centred.held_bytes()
-    assert centred.reserved_bytes(2) - plain.reserved_bytes(2) == means
+    assert centred.reserved_bytes(2) - plain.reserved_bytes(2) == held
 
 
 def test_centred_needs_a_shift_invariant_estimate():
+    with pytest.raises(ValueError, match="scaled needs centred"):
+        dataclasses.replace(METHODS["rdr-kv"], name="x", scaled=True)
     with pytest.raises(ValueError, match="centred needs the measured attention"):
         dataclasses.replace(METHODS["rdr-kv"], name="x", estimator="keydiff", centred=True)
     with pytest.raises(ValueError, match="centred needs the measured attention"):

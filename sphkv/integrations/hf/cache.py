@@ -105,6 +105,9 @@ class CompressedLayer(CacheLayerMixin):
     mean : tuple of torch.Tensor or None
         A centred method's key and value means ``[B, H_kv, 1, d]`` fp16 (:meth:`centre`):
         the window and the pages hold offsets from them.
+    scale : torch.Tensor or None
+        A scaled method's key scales ``D`` ``[B, H_kv, 1, d]`` fp16 (:meth:`centre`): the
+        window and the pages hold ``D (k − μ_k)``, and queries are read as ``q / D``.
     """
 
     def __init__(self, cache: SphkvCache, index: int, attention: LayerAttention):
@@ -113,6 +116,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_sliding = not attention.is_full
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mean: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scale: torch.Tensor | None = None
         self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
@@ -141,6 +145,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.mean is not None:
             key_states, value_states = (x - mu for x, mu in
                                         zip((key_states, value_states), self.mean, strict=True))
+        if self.scale is not None:
+            key_states = key_states * self.scale
         for buf, new in zip(self.buffer, (key_states, value_states), strict=True):
             if static is not None:  # a step captured in a CUDA graph: the slot is on the device
                 buf.index_copy_(2, static.window_at, new.to(buf.dtype))
@@ -165,19 +171,38 @@ class CompressedLayer(CacheLayerMixin):
             buf[:, :, :n].copy_(x)
         self.keys, self.values = (buf[:, :, :n] for buf in self.buffer)
 
-    def centre(self, real: torch.Tensor) -> None:
+    def centre(self, real: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         """Hold the window as offsets from each (sequence, kv-head)'s mean key and value over
         its real tokens (``real`` bool ``[B, w]``), as every later token too
-        (:attr:`~sphkv.rdr.methods.Method.centred`). The window moves to buffers of its own
-        (it may be shared with the deferred cache it was copied from)."""
+        (:attr:`~sphkv.rdr.methods.Method.centred`); with ``queries`` ``[B, H_q, m, d]`` (a
+        scaled method's, :attr:`~sphkv.rdr.methods.Method.scaled`), the key offsets also
+        scaled per channel by ``D = (E q_c² / E k_c²)^¼`` (normalised to a geometric mean
+        of 1). The window moves to buffers of its own (it may be shared with the deferred
+        cache it was copied from)."""
         weight = real.to(self.keys.device, torch.float32)[:, None, :, None]
         count = weight.sum(dim=2, keepdim=True).clamp_min(1)
         self.mean = tuple((x.float() * weight).sum(dim=2, keepdim=True).div(count).half()
                           for x in (self.keys, self.values))
-        self.keys, self.values = (x - mu for x, mu in
-                                  zip((self.keys, self.values), self.mean, strict=True))
+        keys, values = (x.float() - mu for x, mu in
+                        zip((self.keys, self.values), self.mean, strict=True))
+        if queries is not None:
+            b, h, _, d = keys.shape
+            query_energy = queries.float().reshape(b, h, -1, d).square().mean(dim=2, keepdim=True)
+            key_energy = (keys.square() * weight).sum(dim=2, keepdim=True) / count
+            log_scale = (query_energy / key_energy.clamp_min(1e-30)).clamp(1e-4, 1e4).log() / 4
+            self.scale = (log_scale - log_scale.mean(dim=-1, keepdim=True)).exp().half()
+            keys = keys * self.scale
+        self.keys, self.values = keys.half(), values.half()
         self.buffer = None
         self._rebuffer(self.keys.shape[2])
+
+    def stored_query(self, query: torch.Tensor) -> torch.Tensor:
+        """``query`` ``[B, H_q, m, d]`` as the stored keys read it: ``q / D`` where the keys
+        are scaled (:meth:`centre`), so that ``(q / D)·(D k) = q·k``."""
+        if self.scale is None:
+            return query
+        scale = self.scale.repeat_interleave(query.shape[1] // self.scale.shape[1], dim=1)
+        return (query.float() / scale.float()).to(query.dtype)
 
     def uncentre(self, out: torch.Tensor) -> torch.Tensor:
         """Attention output ``[B, m, H_q, d]`` of offsets plus the value mean (kv-head h's to
@@ -231,14 +256,14 @@ class CompressedLayer(CacheLayerMixin):
         """The tensors the window occupies: its buffers, or (a copy by
         :meth:`SphkvCache.compress` before its first write) the keys and values it shares; and
         a centred method's means."""
-        mean = self.mean or ()
+        mean = (*(self.mean or ()), *(() if self.scale is None else (self.scale,)))
         if self.buffer is not None:
             return (*self.buffer, *mean)
         return (self.keys, self.values, *mean) if self.is_initialized else ()
 
     def window_bytes(self) -> int:
         """Bytes of the window's buffers (their whole capacity) and of a centred method's
-        means."""
+        means and scales."""
         return sum(x.numel() * x.element_size() for x in self.held_window())
 
     def _decoded_pages(self, b: int, h: int):
@@ -469,7 +494,8 @@ class SphkvCache(Cache):
         the one its budget chooses for ``batch`` sequences)."""
         window = window or self.window or self.budget_window(batch)
         per_token = batch * self.kv_heads * 4 * self.head_dim
-        means = per_token * self.n_layers if self.method.centred else 0
+        # fp16 [B, H_kv, d] each: the key and value means, the key scales
+        means = per_token // 2 * (self.method.centred * 2 + self.method.scaled) * self.n_layers
         return (sum(per_token * a.held_tokens(2 * window) for a in self.layout) + means
                 + batch * 8)
 
@@ -749,9 +775,12 @@ class SphkvCache(Cache):
             ordered=np.tile(np.repeat(sliding, self.kv_heads), batch),
             offset_bytes=self.offset_bytes)
         if self.method.centred:
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 pos = layer.start + torch.arange(layer.keys.shape[2])
-                layer.centre(pos[None, :] >= self.pad[:, None])
+                queries = self._queries[index]
+                layer.centre(pos[None, :] >= self.pad[:, None],
+                             queries if self.method.scaled else None)
+                self._queries[index] = layer.stored_query(queries)
         old = self.length - self.window
         tokens = None
         if old > 0:
@@ -983,6 +1012,7 @@ def sphkv_attention(module, query: torch.Tensor, key, value, attention_mask, sca
         raise ValueError(f"layer {key.index} attends with sliding_window={sliding_window}, but "
                          f"its config gives {key.attention}; the cache would mask it wrongly")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    query = key.stored_query(query)
     out = key.attend(query, attention_mask, scaling)
     key.cache.observe(key.index, query)
     return out, None
