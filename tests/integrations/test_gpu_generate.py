@@ -59,7 +59,10 @@ def _placement(store) -> dict[int, list[int]]:
 
 def _generate(device: str, ids: torch.Tensor, method: str, budget: float):
     model = tiny_model().to(device)
-    cache = SphkvCache(model.config, budget, method, window=8, page_size=4)
+    # a sensitive method's weights: any positive ones
+    weights = (torch.ones(TINY["num_hidden_layers"], TINY["num_attention_heads"])
+               if METHODS[method].sensitive else None)
+    cache = SphkvCache(model.config, budget, method, window=8, page_size=4, head_weights=weights)
     check = _Check(cache)
     model.set_attn_implementation(register_attention())
     with torch.no_grad():
