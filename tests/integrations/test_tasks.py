@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -529,3 +530,21 @@ def test_sweep_contexts_beyond_the_models_positions_are_refused(tmp_path):
         main(["--quick", "--text", str(path), "--tasks", "ppl", "--contexts", "8190",
               "--out-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_query_oracle_variants(model):
+    """Every variant keeps all at full budget (the uncompressed perplexity, to fp16 rounding);
+    at a small one the oracle's queries give an allocation of their own, and the distortion's
+    causal attention is restored afterwards."""
+    import sphkv.rdr.distortion
+    from benchmarks.query_oracle import VARIANTS, span_rows
+
+    causal = sphkv.rdr.distortion.attention_probs
+    ids = torch.randint(0, 256, (160 + 16 + 1,), generator=torch.Generator().manual_seed(4))
+    full = span_rows(model, ids, 160, 16, budget=1.0, chunk=4)
+    for v in VARIANTS:
+        assert abs(full[v] / full["none"] - 1) < 1e-3, (v, full)
+    small = span_rows(model, ids, 160, 16, budget=0.3, chunk=4)
+    assert all(math.isfinite(x) for x in small.values())
+    assert small["oracle"] != small["prompt-M"]
+    assert sphkv.rdr.distortion.attention_probs is causal
