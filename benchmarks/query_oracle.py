@@ -4,8 +4,10 @@ allocated from
 
 - ``prompt``: the method's own observation (its last prompt queries),
 - ``prompt-M``: the prompt's last M queries,
-- ``oracle``: the M scored tokens' own queries, each seeing every prompt token (what no cache
-  can know when it allocates; the bound on what predicting future queries could buy).
+- ``oracle``: the scored tokens' own queries (the first ``--oracle-queries`` of them, all M by
+  default), each seeing every prompt token (what no cache can know when it allocates: the
+  bound on what predicting future queries could buy, or, with the first few, what deciding
+  the prompt's tiers a few steps late could).
 
 Each span of the text (span k starts at token k·(N + M + 1)) is one prefill; the three copies of
 it are compressed from one deferred cache (:meth:`~sphkv.integrations.hf.SphkvCache.compress`)
@@ -62,9 +64,12 @@ def _nll(model, ids: torch.Tensor, cache, context: int, scored: int, chunk: int)
 
 
 def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str = "rdr-kv",
-              budget: float = 0.125, chunk: int = 8) -> dict[str, float]:
+              budget: float = 0.125, chunk: int = 8,
+              oracle_queries: int | None = None) -> dict[str, float]:
     """Perplexity of the scored tokens of ``ids`` (``context + scored + 1`` ids at least):
-    ``none`` and each of :data:`VARIANTS` of ``method`` at ``budget``."""
+    ``none`` and each of :data:`VARIANTS` of ``method`` at ``budget``; the oracle observes the
+    first ``oracle_queries`` scored tokens' queries (all ``scored`` by default)."""
+    oracle_queries = oracle_queries or scored
     if any(not a.is_full for a in SphkvCache(model.config, None).layout):
         raise ValueError("the oracle's queries see every prompt token: full-attention models "
                          "only")
@@ -73,7 +78,7 @@ def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str =
                "prompt-M": dataclasses.replace(base, name=f"{method}[prompt-M]",
                                                observation=scored),
                "oracle": dataclasses.replace(base, name=f"{method}[oracle]",
-                                             observation=scored)}
+                                             observation=oracle_queries)}
     with torch.no_grad():
         plain = DynamicCache(config=model.config)
         model(ids[None, :context], **{cache_argument(model): plain}, use_cache=True)
@@ -89,7 +94,8 @@ def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str =
                 oracle = contextlib.ExitStack()
                 if name == "oracle":
                     prompt = shared._queries
-                    shared._queries = {i: q[:, :, context:] for i, q in ahead._queries.items()}
+                    shared._queries = {i: q[:, :, context:context + oracle_queries]
+                                       for i, q in ahead._queries.items()}
                     oracle.enter_context(mock.patch.object(
                         sphkv.rdr.distortion, "attention_probs", _attention_over_every_token))
                 with oracle:
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scored", type=int, default=256, help="M, scored tokens")
     parser.add_argument("--chunk", type=int, default=8, help="tokens per scoring forward")
     parser.add_argument("--spans", type=int, default=4, help="disjoint spans of the text")
+    parser.add_argument("--oracle-queries", type=int,
+                        help="the oracle observes the first this many scored tokens' queries "
+                             "(default: all M)")
     parser.add_argument("--method", default="rdr-kv", choices=sorted(METHODS),
                         help="the method whose prefill allocation is varied")
     parser.add_argument("--budget", type=float, default=0.125, help="fraction of fp16 bytes")
@@ -119,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("context", "scored", "chunk", "spans"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.oracle_queries is not None and not 1 <= args.oracle_queries <= args.scored:
+        parser.error(f"--oracle-queries must be in [1, --scored = {args.scored}], got "
+                     f"{args.oracle_queries}")
     torch.set_num_threads(args.threads)
     model, tok = load_model()
     length = args.context + args.scored + 1
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for span in range(args.spans):
         ppl = span_rows(model, ids[span * length:(span + 1) * length], args.context,
-                        args.scored, args.method, args.budget, args.chunk)
+                        args.scored, args.method, args.budget, args.chunk,
+                        args.oracle_queries)
         rows.append({"span": span, **ppl})
         print(f"span {span}: " + ", ".join(f"{v} {100 * (ppl[v] / ppl['none'] - 1):+.2f} %"
                                            for v in VARIANTS), flush=True)

@@ -547,4 +547,7 @@ def test_query_oracle_variants(model):
     small = span_rows(model, ids, 160, 16, budget=0.3, chunk=4)
     assert all(math.isfinite(x) for x in small.values())
     assert small["oracle"] != small["prompt-M"]
+    # the first scored tokens' queries alone: another allocation, the others as before
+    first = span_rows(model, ids, 160, 16, budget=0.3, chunk=4, oracle_queries=4)
+    assert first["oracle"] != small["oracle"] and first["prompt"] == small["prompt"]
     assert sphkv.rdr.distortion.attention_probs is causal
