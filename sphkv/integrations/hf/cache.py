@@ -255,11 +255,11 @@ class CompressedLayer(CacheLayerMixin):
     def held_window(self) -> tuple[torch.Tensor, ...]:
         """The tensors the window occupies: its buffers, or (a copy by
         :meth:`SphkvCache.compress` before its first write) the keys and values it shares; and
-        a centred method's means."""
-        mean = (*(self.mean or ()), *(() if self.scale is None else (self.scale,)))
+        a centred method's means and scales."""
+        stats = (*(self.mean or ()), *(() if self.scale is None else (self.scale,)))
         if self.buffer is not None:
-            return (*self.buffer, *mean)
-        return (self.keys, self.values, *mean) if self.is_initialized else ()
+            return (*self.buffer, *stats)
+        return (self.keys, self.values, *stats) if self.is_initialized else ()
 
     def window_bytes(self) -> int:
         """Bytes of the window's buffers (their whole capacity) and of a centred method's
@@ -490,8 +490,8 @@ class SphkvCache(Cache):
     def reserved_bytes(self, batch: int, window: int | None = None) -> int:
         """Bytes set aside from the budget for what the allocator does not place: every window
         at its largest (2W tokens, or a sliding or chunked layer's size if smaller), a centred
-        method's means and the padding offsets; W is ``window``, by default this cache's (or
-        the one its budget chooses for ``batch`` sequences)."""
+        method's means and scales, and the padding offsets; W is ``window``, by default this
+        cache's (or the one its budget chooses for ``batch`` sequences)."""
         window = window or self.window or self.budget_window(batch)
         per_token = batch * self.kv_heads * 4 * self.head_dim
         # fp16 [B, H_kv, d] each: the key and value means, the key scales
