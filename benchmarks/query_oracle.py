@@ -37,7 +37,7 @@ from benchmarks.common import environment
 from sphkv.integrations.hf import load_model, read_tokens
 from sphkv.integrations.hf.cache import SphkvCache
 from sphkv.integrations.hf.config import cache_argument
-from sphkv.integrations.hf.tasks import budget_bytes, compressed_attention
+from sphkv.integrations.hf.tasks import budget_bytes, compressed_attention, scored_nll
 from sphkv.rdr.methods import METHODS
 
 VARIANTS = ("prompt", "prompt-M", "oracle")
@@ -50,17 +50,6 @@ def _attention_over_every_token(keys: torch.Tensor, queries: torch.Tensor,
     h_kv, _, d = keys.shape
     q = queries.float().view(h_kv, queries.shape[0] // h_kv, queries.shape[1], d)
     return torch.softmax(q @ keys.float()[:, None].mT / math.sqrt(d), dim=-1)
-
-
-def _nll(model, ids: torch.Tensor, cache, context: int, scored: int, chunk: int) -> torch.Tensor:
-    """Each scored token's negative log-likelihood through ``cache`` (prefilled with
-    ``context`` tokens)."""
-    out = []
-    for a in range(context, context + scored, chunk):
-        b = min(a + chunk, context + scored)
-        logits = model(ids[None, a:b], **{cache_argument(model): cache}, use_cache=True).logits[0]
-        out.append(-torch.log_softmax(logits.double(), -1).gather(-1, ids[a + 1:b + 1, None])[:, 0])
-    return torch.cat(out)
 
 
 def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str = "rdr-kv",
@@ -82,7 +71,7 @@ def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str =
     with torch.no_grad():
         plain = DynamicCache(config=model.config)
         model(ids[None, :context], **{cache_argument(model): plain}, use_cache=True)
-        rows = {"none": math.exp(_nll(model, ids, plain, context, scored, chunk).mean())}
+        rows = {"none": math.exp(scored_nll(model, ids, plain, context, scored, chunk).mean())}
         with compressed_attention(model):
             # the scored tokens' queries: a deferred cache keeps every query it saw
             ahead = SphkvCache(model.config, None)
@@ -102,8 +91,7 @@ def span_rows(model, ids: torch.Tensor, context: int, scored: int, method: str =
                     cache = shared.compress(variant, limit)
                 if name == "oracle":
                     shared._queries = prompt
-                nll = _nll(model, ids, cache, context, scored, chunk)
-                rows[name] = math.exp(nll.mean())
+                rows[name] = math.exp(scored_nll(model, ids, cache, context, scored, chunk).mean())
     return rows
 
 

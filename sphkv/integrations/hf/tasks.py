@@ -35,7 +35,7 @@ from sphkv.rdr import budget_to_bytes
 __all__ = ["KEY_SENTENCE", "NONE", "QUESTION", "SETTINGS", "FidelityResult", "PasskeyPrompt",
            "PasskeyResult", "fidelity_runs",
            "PerplexityResult", "budget_bytes", "make_cache", "passkey", "passkey_prompt",
-           "passkey_runs", "perplexity", "perplexity_runs"]
+           "passkey_runs", "perplexity", "perplexity_runs", "scored_nll"]
 
 #: the method name of the uncompressed baseline (a plain ``DynamicCache``)
 NONE = "none"
@@ -168,6 +168,20 @@ def perplexity(model, ids: torch.Tensor, context: int, scored: int, budget: floa
                            sinks, page_size, head_weights=head_weights)[0]
 
 
+def scored_nll(model, ids: torch.Tensor, cache, context: int, scored: int,
+               chunk: int = 8) -> torch.Tensor:
+    """Each of the ``scored`` tokens' negative log-likelihood (float64 ``[scored]``) after the
+    ``context`` tokens ``cache`` holds, fed ``chunk`` at a time through it."""
+    token_nll = []
+    for a in range(context, context + scored, chunk):
+        b = min(a + chunk, context + scored)
+        logits = model(ids[None, a:b], **{cache_argument(model): cache},
+                       use_cache=True).logits[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        token_nll.append(-logp.gather(-1, ids[a + 1:b + 1, None])[:, 0])
+    return torch.cat(token_nll)
+
+
 def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                     runs: list[tuple[str, float]], chunk: int = 8, window: int | None = None,
                     sinks: int = 4, page_size: int = 16,
@@ -207,14 +221,7 @@ def perplexity_runs(model, ids: torch.Tensor, context: int, scored: int,
                               use_cache=True)
                     start = time.perf_counter()
                     cache = shared.compress(get_method(method), limit)
-                token_nll = []
-                for a in range(context, total, chunk):
-                    b = min(a + chunk, total)
-                    logits = model(ids[None, a:b], **{cache_argument(model): cache},
-                                   use_cache=True).logits[0]
-                    logp = torch.log_softmax(logits.double(), dim=-1)
-                    token_nll.append(-logp.gather(-1, ids[a + 1:b + 1, None])[:, 0])
-                nll = torch.cat(token_nll)
+                nll = scored_nll(model, ids, cache, context, scored, chunk)
             peak, fp16 = _cache_bytes(cache, model, total)
             mean = float(nll.sum()) / scored
             results.append(PerplexityResult(
