@@ -215,6 +215,13 @@ class Method:
         ``q / D``: logits are unchanged, and an isotropic codec error ``δ`` on ``D k`` moves a
         logit by ``(q / D)·δ``, whose mean square over queries and keys is least for this
         diagonal ``D`` (Cauchy–Schwarz on ``Σ_c D_c² E k_c² · Σ_c E q_c² / D_c²``).
+    recall : int
+        Every ``recall`` tokens (0: never), solve the allocation again over every token that
+        left the window, weighed by the last ``observation`` queries, from an fp16 copy of
+        them in host memory (the cache's ``host_bytes``, outside the budget): dropped tokens
+        come back and compressed ones rise where the new queries read them. Tiers decided
+        once from the prompt's queries serve the first tokens after it well and later ones
+        less (docs/experiments.md).
     """
 
     name: str
@@ -232,8 +239,12 @@ class Method:
     exact: bool = False
     centred: bool = False
     scaled: bool = False
+    recall: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.recall, bool) or not isinstance(self.recall, int) or self.recall < 0:
+            raise ValueError(f"method {self.name!r}: recall must be an integer >= 0 tokens, got "
+                             f"{self.recall!r}")
         if self.centred and (self.estimator is not None or self.prior != "uniform"):
             raise ValueError(f"method {self.name!r}: centred needs the measured attention and "
                              f"the uniform prior (a shift of the keys moves other estimates)")
@@ -324,6 +335,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            centred=True),
     Method("rdr-kv-scaled", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            centred=True, scaled=True),
+    Method("rdr-kv-recall", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           recall=32),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),

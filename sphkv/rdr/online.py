@@ -236,6 +236,49 @@ class OnlineAllocator:
         n = len(cand.tier)
         self._demote(cand, alloc.tiers[:n], tokens, alloc.tiers[n:n + len(tokens)])
 
+    def revise(self, tokens: Tokens) -> None:
+        """Solve the whole allocation again over ``tokens`` — every item the store may hold,
+        with fresh distortion rows — as :meth:`prefill` would, and move the store there: an
+        item whose tier changes leaves its pool and is encoded at its new one from the vectors
+        given (a dropped item comes back, a compressed one rises from its original, not from
+        its codes); an item that stays keeps its codes and takes its new row; a kept item not
+        among ``tokens`` leaves. λ becomes the solve's price.
+
+        Raises
+        ------
+        InfeasibleBudgetError
+            The forced items alone need more than the budget.
+        """
+        alloc = self._solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None))
+        self.price = float(alloc.price or 0.0)
+        # each kept item matched to its token by (group, position)
+        ident = torch.from_numpy(tokens.group) << 32 | tokens.positions
+        order = torch.argsort(ident)
+        ident = ident[order]
+        now = np.zeros(len(tokens), dtype=np.int64)  # the tier each token holds; 0: none
+        leaving = {}
+        for t, pool in self.store.pools.items():
+            slots = torch.nonzero(pool.valid).flatten()
+            owner = torch.from_numpy(pool.owner)[slots.cpu() // self.page_size]
+            kept = owner << 32 | pool.position[slots].cpu()
+            if len(ident):
+                at = torch.searchsorted(ident, kept).clamp(max=len(ident) - 1)
+                hit, row = (ident[at] == kept).numpy(), order[at].numpy()
+            else:
+                hit, row = np.zeros(len(kept), bool), np.zeros(len(kept), np.int64)
+            now[row[hit]] = t
+            stays = hit.copy()
+            stays[hit] = alloc.tiers[row[hit]] == t
+            # an item that stays keeps its codes and takes its new row (later demotions read it)
+            on = torch.from_numpy(stays).to(slots.device)
+            pool.distortion[slots[on]] = torch.from_numpy(
+                tokens.distortion[row[stays]]).float().to(pool.distortion.device)
+            if not stays.all():
+                leaving[t] = (slots[~on], owner[torch.from_numpy(~stays)].numpy())
+        moved = np.flatnonzero(alloc.tiers != now)
+        arriving = tokens.select(moved)
+        self._arrive([_arrivals(arriving, alloc.tiers[moved])], leaving)
+
     def evict(self, first: np.ndarray) -> int:
         """Remove every kept token of group g at a position below ``first[g]``.
 

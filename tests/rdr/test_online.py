@@ -405,3 +405,66 @@ def test_prefill_in_parts_equals_the_prefill_of_their_concatenation(tiers):
         a, b = whole.store.contents(t), split.store.contents(t)
         order_a, order_b = (np.lexsort((x[1].numpy(), x[0])) for x in (a, b))
         assert torch.equal(a[2].payload[order_a], b[2].payload[order_b])
+
+
+def _with_rows(tokens, seed):
+    """``tokens`` with other distortion rows (other queries read them)."""
+    rng = np.random.default_rng(seed)
+    d = tokens.distortion * rng.uniform(0.05, 20.0, size=(len(tokens), 1))
+    return Tokens(tokens.group, tokens.positions, tokens.keys, tokens.values, d, tokens.forced)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("ladder", ["default", "paged-keys"])
+def test_revise_moves_the_store_to_a_fresh_prefill_of_the_new_rows(tiers, ladder, ordered):
+    """After admissions, a revision over every token seen with new rows leaves the store as a
+    fresh prefill of those rows would be: the same tiers, price and bytes; a token that moved
+    (a dropped one came back, a compressed one rose) has the codes of its vectors, one that
+    stayed its old codes; no write passes max(before, after); every kept item holds its new
+    row."""
+    ladder = tiers if ladder == "default" else _paged_ladder(tiers)
+    budget = 0.3 * GROUPS * 100 * (ladder.costs[-1] + 2)
+    alloc = OnlineAllocator(ladder, GROUPS, budget, page_size=P, ordered=ordered)
+    seen = [_chunk(ladder, 0, 60, seed=0, sinks=(0, 1))]
+    alloc.prefill(seen[0])
+    for step in range(4):
+        seen.append(_chunk(ladder, 60 + 10 * step, 10, seed=step + 1))
+        alloc.admit(seen[-1])
+    before, held, done = _state(alloc), alloc.nbytes(), len(alloc.writes)
+    tokens = _with_rows(Tokens.cat(seen), seed=7)
+    alloc.revise(tokens)
+    fresh = OnlineAllocator(ladder, GROUPS, budget, page_size=P, ordered=ordered)
+    fresh.prefill(tokens)
+    after = _state(alloc)
+    assert alloc.price == fresh.price and alloc.nbytes() == fresh.nbytes() <= budget
+    assert max(alloc.writes[done:]) <= max(held, alloc.nbytes())
+    expected = _state(fresh)
+    assert after.keys() == expected.keys()
+    for key, item in after.items():
+        assert item[0] == expected[key][0]
+        if alloc.store.pools[item[0]].paged_keys:
+            continue
+        # an item that stayed kept its codes (a demoted one's are its decoded vectors
+        # encoded again), one that moved was encoded from its vectors
+        stayed = key in before and before[key][0] == item[0]
+        assert item[1:3] == (before[key] if stayed else expected[key])[1:3]
+    recalled = after.keys() - before.keys()
+    promoted = [k for k in after.keys() & before.keys() if after[k][0] > before[k][0]]
+    assert recalled and promoted, "the new rows moved no token up: the test shows nothing"
+    rows = {(g, p): r for g, p, r in zip(tokens.group.tolist(), tokens.positions.tolist(),
+                                          tokens.distortion, strict=True)}
+    for t in alloc.store.pools:
+        g, pos, _, _, dist = alloc.store.contents(t)
+        for gi, p, r in zip(g.tolist(), pos.tolist(), dist, strict=True):
+            np.testing.assert_allclose(r.numpy(), rows[gi, p], rtol=1e-6)
+
+
+def test_revise_takes_out_what_the_tokens_leave_out(tiers):
+    budget = GROUPS * 40 * (tiers.costs[-1] + 2)
+    alloc = OnlineAllocator(tiers, GROUPS, budget, page_size=P)
+    alloc.prefill(_chunk(tiers, 0, 30, seed=0))
+    rest = _chunk(tiers, 0, 30, seed=0).select(np.arange(GROUPS * 30) % 30 >= 10)
+    alloc.revise(rest)
+    assert set(_tiers_of(alloc)) == {(g, p) for g in range(GROUPS) for p in range(10, 30)}
+    alloc.revise(_chunk(tiers, 0, 0, seed=0))
+    assert alloc.nbytes() == 0 and not _tiers_of(alloc)

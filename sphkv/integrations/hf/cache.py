@@ -108,6 +108,12 @@ class CompressedLayer(CacheLayerMixin):
     scale : torch.Tensor or None
         A scaled method's key scales ``D`` ``[B, H_kv, 1, d]`` fp16 (:meth:`centre`): the
         window and the pages hold ``D (k − μ_k)``, and queries are read as ``q / D``.
+    host : tuple of torch.Tensor or None
+        A recalling method's copy of every token that left the window
+        (:attr:`~sphkv.rdr.methods.Method.recall`), keys and values as the window holds them,
+        fp16 ``[B, H_kv, n, d]`` in host memory: positions ``host_start … start-1``.
+    host_start : int
+        Position of the host copy's first token.
     """
 
     def __init__(self, cache: SphkvCache, index: int, attention: LayerAttention):
@@ -117,6 +123,8 @@ class CompressedLayer(CacheLayerMixin):
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mean: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scale: torch.Tensor | None = None
+        self.host: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.host_start = 0
         self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
@@ -216,6 +224,34 @@ class CompressedLayer(CacheLayerMixin):
     def start(self) -> int:
         """Position of the window's first token."""
         return self.length - self.keys.shape[-2]
+
+    def keep_on_host(self, position: int) -> None:
+        """Copy the window's tokens before ``position`` to the host copy (before a trim takes
+        them), and drop from it what the next query cannot see (sliding and chunked layers)."""
+        new = tuple(x[:, :, :position - self.start].to("cpu", copy=True)
+                    for x in (self.keys, self.values))
+        if self.host is None or self.host_start + self.host[0].shape[2] != self.start:
+            # the first copy, or the window lost tokens no query could see since the last one
+            # (a sliding layer's window trims itself): nothing held before them is seen either
+            self.host, self.host_start = new, self.start
+        else:
+            self.host = tuple(torch.cat([old, x], dim=2)
+                              for old, x in zip(self.host, new, strict=True))
+        if not self.attention.is_full:
+            gone = int(self.first_visible(torch.tensor([self.length])).min()) - self.host_start
+            if gone > 0:
+                self.host = tuple(x[:, :, gone:] for x in self.host)
+                self.host_start += gone
+
+    def seen(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every token still held at fp16, the host copy's and the window's, on the host:
+        ``(keys, values [B, H_kv, n, d], position of the first)``."""
+        window = (self.keys.cpu(), self.values.cpu())
+        if self.host is None or self.host_start + self.host[0].shape[2] != self.start:
+            return *window, self.start  # the window lost unseen tokens since the last copy
+        keys, values = (torch.cat([old, x], dim=2)
+                        for old, x in zip(self.host, window, strict=True))
+        return keys, values, self.host_start
 
     def trim(self, position: int) -> None:
         """Drop the window's tokens before ``position``."""
@@ -432,6 +468,7 @@ class SphkvCache(Cache):
         self.page_size, self.decay = page_size, decay
         self.allocator: OnlineAllocator | None = None
         self.admitted = 0  # positions below this are in pages (or dropped)
+        self._revised = 0  # the length at the last revision (a recalling method's)
         self.history: list[int] = []
         self.timings: list[tuple[str, float]] = []
         self.pad: torch.Tensor | None = None
@@ -475,6 +512,12 @@ class SphkvCache(Cache):
         window = sum(t.numel() * t.element_size() for layer in self.layers
                      for t in layer.held_window())
         return store + window + self._pad_bytes()
+
+    def host_bytes(self) -> int:
+        """Bytes of a recalling method's host copy (:attr:`CompressedLayer.host`): host
+        memory, outside the budget."""
+        return sum(x.numel() * x.element_size() for layer in self.layers
+                   for x in (layer.host or ()))
 
     def fp16_bytes(self) -> int:
         """Bytes the model's own fp16 cache holds now (a sliding or chunked layer: its window
@@ -697,6 +740,8 @@ class SphkvCache(Cache):
         prefill's observation (and the window); then an admission's, those of the window's 2W
         positions at most, or, after a forward of more tokens than that (a prompt fed in
         chunks), the observation, as for the prefill."""
+        if self.method.recall:  # a revision reads the observation
+            return max(2 * self.window, self.observation)
         if self.allocator is not None and new <= 2 * self.window:
             return 2 * self.window
         return max(2 * self.window, self.observation)
@@ -743,6 +788,8 @@ class SphkvCache(Cache):
             self._timed("prefill", self._start)
         while self.length - self.admitted >= 2 * self.window:
             self._timed("admit", self._admit)
+        if self.method.recall and self.length - self._revised >= self.method.recall:
+            self._timed("revise", self._revise)
         self.history.append(self.nbytes())
         if self.history[-1] > self.budget:
             raise RuntimeError(f"cache holds {self.history[-1]} bytes, above the budget of "
@@ -793,6 +840,8 @@ class SphkvCache(Cache):
             self.admitted = old
         # the old tokens leave the windows (the allocator holds them) before any write
         for layer in self.layers:
+            if self.method.recall:
+                layer.keep_on_host(self.admitted)
             layer.trim(self.admitted)
             if not layer.attention.is_full:
                 layer.trim(int(layer.first_visible(torch.tensor([self.length])).min()))
@@ -801,7 +850,8 @@ class SphkvCache(Cache):
                 self._record(lambda: self.allocator.prefill(tokens))
             except InfeasibleBudgetError as exc:
                 raise InfeasibleBudgetError(self.budget, exc.min_cost + reserve) from None
-        self._queries = {i: q[:, :, -self.window:] for i, q in self._queries.items()}
+        self._queries = {i: q[:, :, -self._kept_queries():] for i, q in self._queries.items()}
+        self._revised = self.length
 
     def _admit(self) -> None:
         """Evict what fell out of view, then admit every position but the window's newest W:
@@ -813,8 +863,24 @@ class SphkvCache(Cache):
         tokens = Tokens.cat(self._tokens(self.admitted, end))
         self.admitted = end
         for layer in self.layers:
+            if self.method.recall:
+                layer.keep_on_host(end)
             layer.trim(end)
         self._record(lambda: self.allocator.admit(tokens))
+
+    def _revise(self) -> None:
+        """Solve the allocation again over every token that left the window, its distortion
+        rows weighed by the last ``observation`` queries, from the host copy
+        (:meth:`~sphkv.rdr.online.OnlineAllocator.revise`): dropped tokens may come back and
+        compressed ones rise, encoded from their fp16 vectors."""
+        held = {layer.index: layer.seen() for layer in self.layers}
+        self._record(lambda: self.allocator.revise(Tokens.cat(self._tokens(0, self.admitted,
+                                                                            held))))
+        self._revised = self.length
+        # a token may be back in a tier it left since the last decode, with other codes: the
+        # pages are decoded afresh (decode_pages reuses a token's decode while its tier holds it)
+        for layer in self.layers:
+            layer._decoded = None
 
     def _record(self, write) -> None:
         """Run an allocator step; add the cache's bytes after each of its pool writes to
@@ -832,10 +898,13 @@ class SphkvCache(Cache):
         # [B, L] → [B, L, H] in group order
         return first[:, :, None].expand(batch, self.n_layers, self.kv_heads).reshape(-1).numpy()
 
-    def _tokens(self, lo: int, hi: int) -> list[Tokens]:
+    def _tokens(self, lo: int, hi: int, held: dict | None = None) -> list[Tokens]:
         """The allocator's items for positions ``lo … hi-1`` of every (sequence, layer, kv-head):
         real tokens the next query can still see, with the method's distortion rows, measured
-        with the layer's attention pattern over the window's tokens. Sequences with the same
+        with the layer's attention pattern over the window's tokens (or over ``held[layer]``,
+        ``(keys, values, first position)`` as :meth:`CompressedLayer.seen` gives them: their
+        rows computed on the queries' device, a call at a time, the items' vectors left where
+        they are). Sequences with the same
         left padding see the same positions: each layer's are one job, their heads stacked
         (sequence-major); jobs whose inputs have the same shapes and pattern are computed in
         one call. One part per job, holding the job's copy of its keys and values (a prefill's
@@ -845,7 +914,9 @@ class SphkvCache(Cache):
         jobs = []
         nxt = torch.tensor([self.length])
         for index, layer in enumerate(self.layers):
-            pos = layer.start + torch.arange(layer.keys.shape[-2])
+            keys, values, start = (held[index] if held is not None
+                                   else (layer.keys, layer.values, layer.start))
+            pos = start + torch.arange(keys.shape[-2])
             queries = self._queries[index]
             kept_from = layer.first_visible(nxt)[:, 0]
             for pad in torch.unique(self.pad).tolist():
@@ -859,25 +930,24 @@ class SphkvCache(Cache):
                 q_first = layer.first_visible(q_pos)[b]
                 # the keys any of these queries sees in the window, and the queries whose
                 # positions are among those keys'
-                base = max(int(q_first.min()), pad, layer.start)
+                base = max(int(q_first.min()), pad, start)
                 n_q = self.length - base
                 sel = pos >= base
                 p = pos[sel]
                 take = (p >= lo) & (p < hi) & (p >= kept_from[b])
                 if not take.any():
                     continue
-                on = sel.to(layer.keys.device)
+                on = sel.to(keys.device)
                 first = None if layer.attention.is_full else (q_first[-n_q:] - base).clamp_min(0)
                 # sequences per job: the pairs of one call at most (below)
                 pairs = queries.shape[1] * min(q.shape[1], n_q) * len(p)
-                for chunk in seqs.split(max(1, _pairs_per_call(layer.keys.device)
+                for chunk in seqs.split(max(1, _pairs_per_call(queries.device)
                                             // max(pairs, 1))):
-                    on_seq = chunk.to(layer.keys.device)
-                    k, v = (x[on_seq][:, :, on].flatten(0, 1)
-                            for x in (layer.keys, layer.values))
-                    q_seq = queries[on_seq][:, :, -real:]
+                    on_seq = chunk.to(keys.device)
+                    k, v = (x[on_seq][:, :, on].flatten(0, 1) for x in (keys, values))
+                    q_seq = queries[chunk.to(queries.device)][:, :, -real:]
                     mean = (None if layer.mean is None else
-                            layer.mean[1][on_seq].flatten(0, 1)[:, 0].float())
+                            layer.mean[1][chunk.to(queries.device)].flatten(0, 1)[:, 0].float())
                     jobs.append((index, chunk.numpy(), p[take], take.numpy(), k, v,
                                  q_seq[:, :, -self.observation:][:, :, -n_q:].flatten(0, 1),
                                  first, q_seq[:, :, -n_q:].flatten(0, 1), mean))
@@ -907,7 +977,8 @@ class SphkvCache(Cache):
                 distortion=d, forced=forced))
         if not parts:
             d = self.head_dim
-            empty = torch.zeros(0, d, dtype=torch.float16, device=self.layers[0].keys.device)
+            empty = torch.zeros(0, d, dtype=torch.float16,
+                                device=(held[0][0] if held else self.layers[0].keys).device)
             return [Tokens(np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long), empty,
                            empty, np.zeros((0, len(self.tiers))))]
         return parts
@@ -927,7 +998,7 @@ class SphkvCache(Cache):
             # at most _DISTORTION_PAIRS (query, token) pairs per call: stacking spares launches
             # and calls where layers are small (admissions); a prefill's layer is one call
             n, (hq, w, _) = key[0][1], key[1]
-            per_call = max(1, _pairs_per_call(jobs[members[0]][4].device) // max(hq * w * n, 1))
+            per_call = max(1, _pairs_per_call(jobs[members[0]][6].device) // max(hq * w * n, 1))
             chunks += [members[i:i + per_call] for i in range(0, len(members), per_call)]
         for members in chunks:
             k, v, q, first, q_all, mean = (
@@ -935,8 +1006,10 @@ class SphkvCache(Cache):
             # each job's query heads, sequence-major as its queries
             weights = (torch.cat([self.head_weights[jobs[i][0]].repeat(len(jobs[i][1]))
                                   for i in members]) if self.method.sensitive else None)
+            device = q[0].device
             d = self.method.distortion(
-                torch.cat(k).float(), torch.cat(v).float(), torch.cat(q), self.tiers,
+                torch.cat(k).to(device).float(), torch.cat(v).to(device).float(), torch.cat(q),
+                self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
                 blocks=sum(len(jobs[i][1]) for i in members), head_weights=weights,
