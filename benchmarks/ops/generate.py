@@ -14,8 +14,9 @@ Per row: ``tok_s`` (generated tokens per second over the decode steps, the prefi
 ``vs_plain`` (over plain generation's), the median and p99 decode step (``step_ms``,
 ``p99_ms``: every W-th step admits W tokens; ``steps_ms``: every step, in order),
 ``prefill_s`` (the prompt's forward and, for the cache, its allocation),
-``allocator_share`` (seconds in admissions over decode seconds), ``admit_ms`` (median
-admission), ``graph_steps`` (decode steps replayed as a CUDA graph;
+``allocator_share`` (seconds in admissions and revisions over decode seconds), ``admit_ms``
+(median admission), ``revise_ms`` (median revision of a recalling method, ``host_bytes`` its
+host copy at the end), ``graph_steps`` (decode steps replayed as a CUDA graph;
 ``--no-graphs`` runs every step eagerly), ``window`` (W: the cache's choice, or each of
 ``--windows``), ``prefill_chunk`` (``--prefill-chunk``: the prompt fed in chunks, plainly and
 through the cache), ``peak_kv_bytes`` (the cache's accounted peak over
@@ -202,9 +203,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    admits = [s for kind, s in cache.timings if kind == "admit"]
+                    admits, revisions = ([s for kind, s in cache.timings if kind == k]
+                                         for k in ("admit", "revise"))
                     row = _row(label, method, context, batch, fraction, steps, prefill,
-                               plain_tok_s, admits, cache.peak_bytes, limit)
+                               plain_tok_s, admits, cache.peak_bytes, limit, revisions)
+                    row["host_bytes"] = cache.host_bytes()
                     graph = cache.decode_graph
                     row["graph_steps"] = graph.steps["replayed"] if graph else 0
                     row["window"] = cache.window
@@ -236,7 +239,7 @@ def _warm_up(model, method: str, window: int, batch: int, device: torch.device,
 
 
 def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, admits,
-         peak, budget) -> dict:
+         peak, budget, revisions=()) -> dict:
     ms = np.asarray(steps) * 1e3
     tok_s = batch * len(steps) / sum(steps)
     return dict(model=model, method=method, context=context, batch=batch, budget=fraction,
@@ -244,6 +247,8 @@ def _row(model, method, context, batch, fraction, steps, prefill, plain_tok_s, a
                 step_ms=float(np.median(ms)), p99_ms=float(np.percentile(ms, 99)),
                 steps_ms=[round(float(x), 3) for x in ms],
                 prefill_s=prefill,
-                allocator_share=sum(admits) / sum(steps) if budget is not None else None,
+                allocator_share=((sum(admits) + sum(revisions)) / sum(steps)
+                                 if budget is not None else None),
                 admit_ms=float(np.median(admits) * 1e3) if admits else None,
+                revise_ms=float(np.median(revisions) * 1e3) if revisions else None,
                 peak_kv_bytes=int(peak), budget_bytes=None if budget is None else int(budget))

@@ -795,6 +795,13 @@ class SphkvCache(Cache):
             raise RuntimeError(f"cache holds {self.history[-1]} bytes, above the budget of "
                                f"{self.budget:.0f}; this is a bug")
 
+    def writes_after(self, new: int = 1) -> bool:
+        """Whether the allocator writes after ``new`` more tokens: an admission, or a
+        recalling method's revision."""
+        length = self.length + new
+        return (length - self.admitted >= 2 * self.window
+                or 0 < self.method.recall <= length - self._revised)
+
     def _timed(self, kind: str, step) -> None:
         """Run an allocator step and add ``(kind, seconds)`` to :attr:`timings` (the device
         synchronized before and after: its work is counted, not just its launches)."""

@@ -113,9 +113,9 @@ class DecodeGraph:
         if state is not None and state == self._key and self._room():
             return self._replay(kwargs)
         self._drop()
-        # capture only a step that cannot admit (an admission synchronizes the device)
-        if (state is not None and state == self._eager_key
-                and cache.length + 1 - cache.admitted < 2 * cache.window):
+        # capture only a step after which the allocator does not write (an admission or a
+        # revision synchronizes the device)
+        if (state is not None and state == self._eager_key and not cache.writes_after(1)):
             out = self._capture(forward, kwargs, state)
             if out is not None:
                 return out
