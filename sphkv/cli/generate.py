@@ -42,7 +42,7 @@ def generate_command(model: str, prompt: str, budget: tuple[str, float], method:
               "prompt_tokens": int(ids.shape[1]), "new_tokens": int(out.shape[1] - ids.shape[1]),
               "cache_bytes_peak": cache.peak_bytes, "cache_bytes_final": cache.nbytes(),
               "fp16_bytes": cache.fp16_bytes(), "budget_bytes": int(cache.budget),
-              "price": cache.price, "seconds": seconds}
+              "host_bytes": cache.host_bytes(), "price": cache.price, "seconds": seconds}
     if compare:
         with err.status(f"generating {max_new_tokens} tokens with the fp16 cache"), \
                 torch.no_grad():
@@ -57,4 +57,6 @@ def generate_command(model: str, prompt: str, budget: tuple[str, float], method:
     err.print(f"cache peak {result['cache_bytes_peak']:,} B of budget "
               f"{result['budget_bytes']:,} B; fp16 cache {result['fp16_bytes']:,} B "
               f"({result['cache_bytes_peak'] / result['fp16_bytes']:.1%}); "
-              f"{result['seconds']:.1f} s")
+              + (f"host copy {result['host_bytes']:,} B (outside the budget); "
+                 if result["host_bytes"] else "")
+              + f"{result['seconds']:.1f} s")

@@ -20,6 +20,10 @@ byte (distortion per byte at the margin). Items are (token, group) pairs, a grou
   price. Otherwise λ decays, so that later items may take the room left.
 - :meth:`~OnlineAllocator.evict`: tokens no later query can see (sliding and chunked layers) leave
   the store.
+- :meth:`~OnlineAllocator.revise`: one greedy solve over every item given (all the tokens seen,
+  with rows from newer queries), as the prefill's; items whose tier changes move, from the
+  vectors given — what a cache holding an fp16 copy of its tokens elsewhere (host memory) can
+  do as new queries arrive.
 
 Room is made before anything is written: a plan is applied one write per pool (tokens appended
 behind their runs, or the runs they leave or join rewritten), first the pools whose bytes fall,

@@ -91,6 +91,26 @@ def test_generate_compare_prints_the_fp16_text_beside(tmp_path, tiny_dir):
     assert isinstance(out["text_fp16"], str) and out["new_tokens"] == 6
 
 
+def test_generate_reports_a_recalling_methods_host_copy(tmp_path, tiny_dir):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("It is a truth universally acknowledged, that a single man " * 3)
+    args = ["generate", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--budget",
+            "50%", "--max-new-tokens", "40", "--window", "8"]
+    out = {}
+    for method in ("rdr-kv", "rdr-kv-recall"):
+        result = runner.invoke(app, [*args, "--method", method, "--json"])
+        assert result.exit_code == 0, result.output
+        out[method] = json.loads(result.stdout)
+    assert out["rdr-kv"]["host_bytes"] == 0
+    # every token that left the window (all but the last 8 to 16 seen), fp16 keys and
+    # values of 2 layers, 2 kv-heads, 16 dimensions
+    per_token = 2 * 2 * 16 * 2 * 2
+    tokens = out["rdr-kv-recall"]["prompt_tokens"] + 39
+    assert out["rdr-kv-recall"]["host_bytes"] in {per_token * (tokens - w) for w in range(8, 17)}
+    result = runner.invoke(app, [*args, "--method", "rdr-kv-recall"])
+    assert "outside the budget" in result.output
+
+
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_a_sensitive_method_runs_from_the_command_line(tmp_path, tiny_dir, command):
     """The CLIs calibrate the head weights a sensitive method needs (on the shipped text)."""

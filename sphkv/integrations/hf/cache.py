@@ -27,7 +27,13 @@ forward: :meth:`SphkvCache.budget_window`):
   of a layer's view have been evicted. A forward of more tokens after the prefill (a prompt fed
   in chunks: ``generate``'s ``prefill_chunk_size``; a question) admits all but the newest W in
   one admission, its distortion rows weighed by its last ``observation`` queries, as the
-  prefill's are.
+  prefill's are;
+- **revisions** (a recalling method, :attr:`~sphkv.rdr.methods.Method.recall`): every token that
+  leaves the window is also copied, fp16, to host memory (:attr:`CompressedLayer.host`,
+  :meth:`SphkvCache.host_bytes`, outside the budget); every ``recall`` tokens the allocation
+  is solved again over all of them with the last ``observation`` queries
+  (:meth:`~sphkv.rdr.online.OnlineAllocator.revise`): dropped tokens come back, compressed
+  ones rise, each encoded from its fp16 copy.
 
 Bytes: the pages and their page tables, the windows and the per-sequence padding offsets
 (:meth:`SphkvCache.nbytes`). The windows at their largest (2W tokens per layer and kv head, or a
@@ -422,7 +428,8 @@ class SphkvCache(Cache):
         :meth:`nbytes` after the first forward and after every write of an admission.
     timings : list of (str, float)
         Seconds of each allocator step: ``"prefill"`` (distortion rows and placement of the
-        prompt) and ``"admit"`` (evictions, distortion rows and admission of W tokens).
+        prompt), ``"admit"`` (evictions, distortion rows and admission of W tokens) and
+        ``"revise"`` (a recalling method's revision).
     """
 
     def __init__(self, config, budget: float | None, method: Method | str = "rdr",
