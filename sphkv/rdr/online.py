@@ -240,26 +240,32 @@ class OnlineAllocator:
         n = len(cand.tier)
         self._demote(cand, alloc.tiers[:n], tokens, alloc.tiers[n:n + len(tokens)])
 
-    def revise(self, tokens: Tokens) -> None:
+    def revise(self, tokens: Tokens | list[Tokens]) -> None:
         """Solve the whole allocation again over ``tokens`` — every item the store may hold,
         with fresh distortion rows — as :meth:`prefill` would, and move the store there: an
         item whose tier changes leaves its pool and is encoded at its new one from the vectors
         given (a dropped item comes back, a compressed one rises from its original, not from
         its codes); an item that stays keeps its codes and takes its new row; a kept item not
-        among ``tokens`` leaves. λ becomes the solve's price.
+        among ``tokens`` leaves. λ becomes the solve's price. ``tokens`` may come in parts, as
+        for :meth:`prefill`: only the vectors of the items that move are read.
 
         Raises
         ------
         InfeasibleBudgetError
             The forced items alone need more than the budget.
         """
-        alloc = self._solve(self._problem(tokens.distortion, tokens.forced, tokens.group, None))
+        parts = [tokens] if isinstance(tokens, Tokens) else list(tokens)
+        if not parts:
+            raise ValueError("revise() needs at least one part of tokens (an empty one for none)")
+        distortion, forced, group = (np.concatenate([getattr(p, name) for p in parts])
+                                     for name in ("distortion", "forced", "group"))
+        alloc = self._solve(self._problem(distortion, forced, group, None))
         self.price = float(alloc.price or 0.0)
         # each kept item matched to its token by (group, position)
-        ident = torch.from_numpy(tokens.group) << 32 | tokens.positions
+        ident = torch.from_numpy(group) << 32 | torch.cat([p.positions for p in parts])
         order = torch.argsort(ident)
         ident = ident[order]
-        now = np.zeros(len(tokens), dtype=np.int64)  # the tier each token holds; 0: none
+        now = np.zeros(len(group), dtype=np.int64)  # the tier each token holds; 0: none
         leaving = {}
         for t, pool in self.store.pools.items():
             slots = torch.nonzero(pool.valid).flatten()
@@ -276,12 +282,17 @@ class OnlineAllocator:
             # an item that stays keeps its codes and takes its new row (later demotions read it)
             on = torch.from_numpy(stays).to(slots.device)
             pool.distortion[slots[on]] = torch.from_numpy(
-                tokens.distortion[row[stays]]).float().to(pool.distortion.device)
+                distortion[row[stays]]).float().to(pool.distortion.device)
             if not stays.all():
                 leaving[t] = (slots[~on], owner[torch.from_numpy(~stays)].numpy())
         moved = np.flatnonzero(alloc.tiers != now)
-        arriving = tokens.select(moved)
-        self._arrive([_arrivals(arriving, alloc.tiers[moved])], leaving)
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        arriving = []
+        for part, lo, hi in zip(parts, starts[:-1], starts[1:], strict=True):
+            mine = moved[(moved >= lo) & (moved < hi)]
+            if len(mine):
+                arriving.append(_arrivals(part.select(mine - lo), alloc.tiers[mine]))
+        self._arrive(arriving, leaving)
 
     def evict(self, first: np.ndarray) -> int:
         """Remove every kept token of group g at a position below ``first[g]``.
@@ -431,9 +442,9 @@ class OnlineAllocator:
         (tier → (slots, groups)) out, one write per pool: the pools whose bytes fall first,
         so the store's bytes never pass ``max(before, after)``."""
         leaving = leaving or {}
-        to = np.concatenate([part[0] for part in parts])
-        counts = self.store.counts + self._counts(np.concatenate([part[1] for part in parts]),
-                                                  to)
+        to, group = (np.concatenate([part[i] for part in parts]) if parts
+                     else np.zeros(0, np.int64) for i in (0, 1))
+        counts = self.store.counts + self._counts(group, to)
         for t, (_, g) in leaving.items():
             counts -= self._counts(g, np.full(len(g), t))
         change = self._page_bytes(counts, axis=0) - self._page_bytes(self.store.counts, axis=0)

@@ -103,10 +103,10 @@ def test_generate_reports_a_recalling_methods_host_copy(tmp_path, tiny_dir):
         out[method] = json.loads(result.stdout)
     assert out["rdr-kv"]["host_bytes"] == 0
     # every token that left the window (all but the last 8 to 16 seen), fp16 keys and
-    # values of 2 layers, 2 kv-heads, 16 dimensions
+    # values of 2 layers, 2 kv-heads, 16 dimensions, in buffers that double when full
     per_token = 2 * 2 * 16 * 2 * 2
     tokens = out["rdr-kv-recall"]["prompt_tokens"] + 39
-    assert out["rdr-kv-recall"]["host_bytes"] in {per_token * (tokens - w) for w in range(8, 17)}
+    assert per_token * (tokens - 16) <= out["rdr-kv-recall"]["host_bytes"] <= 2 * per_token * tokens
     result = runner.invoke(app, [*args, "--method", "rdr-kv-recall"])
     assert "outside the budget" in result.output
 

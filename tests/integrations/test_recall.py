@@ -69,8 +69,10 @@ def test_revisions_hold_the_budget_and_bring_dropped_tokens_back(model, monkeypa
             # the first layer's exactly; later ones after attention over fp16 keys and values
             torch.testing.assert_close(mine[:, :, :first], theirs[:, :, :first].half(),
                                        rtol=1e-2, atol=1e-3)
-    per_token = TINY["num_key_value_heads"] * TINY["head_dim"] * 2 * 2
-    assert cache.host_bytes() == TINY["num_hidden_layers"] * cache.admitted * per_token
+    # the buffers double when full, and hold the window behind the copy at a revision
+    per_token = TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
+    held = cache.admitted * per_token
+    assert held <= cache.host_bytes() <= 2 * (held + 2 * 8 * per_token)
 
 
 def test_at_a_budget_that_holds_everything_it_generates_as_transformers(model):

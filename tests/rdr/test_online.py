@@ -468,3 +468,18 @@ def test_revise_takes_out_what_the_tokens_leave_out(tiers):
     assert set(_tiers_of(alloc)) == {(g, p) for g in range(GROUPS) for p in range(10, 30)}
     alloc.revise(_chunk(tiers, 0, 0, seed=0))
     assert alloc.nbytes() == 0 and not _tiers_of(alloc)
+
+
+def test_revise_in_parts_equals_the_revise_of_their_concatenation(tiers):
+    parts = [_chunk(tiers, 0, 30, seed=3, sinks=(0,)), _chunk(tiers, 30, 0, seed=4),
+             _chunk(tiers, 30, 25, seed=5)]
+    budget = 0.3 * GROUPS * 55 * (tiers.costs[-1] + 2)
+    whole, split = (OnlineAllocator(tiers, GROUPS, budget, page_size=P) for _ in range(2))
+    for alloc in (whole, split):
+        alloc.prefill(parts)
+    new = [_with_rows(p, seed=9 + i) for i, p in enumerate(parts)]
+    whole.revise(Tokens.cat(new))
+    split.revise(new)
+    assert split.price == whole.price and _state(split) == _state(whole)
+    with pytest.raises(ValueError, match="at least one part"):
+        split.revise([])

@@ -117,7 +117,8 @@ class CompressedLayer(CacheLayerMixin):
     host : tuple of torch.Tensor or None
         A recalling method's copy of every token that left the window
         (:attr:`~sphkv.rdr.methods.Method.recall`), keys and values as the window holds them,
-        fp16 ``[B, H_kv, n, d]`` in host memory: positions ``host_start … start-1``.
+        fp16 ``[B, H_kv, n, d]`` in host memory (pinned beside a GPU): positions
+        ``host_start … start-1``, at the front of buffers that double when full.
     host_start : int
         Position of the host copy's first token.
     """
@@ -129,8 +130,9 @@ class CompressedLayer(CacheLayerMixin):
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mean: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scale: torch.Tensor | None = None
-        self.host: tuple[torch.Tensor, torch.Tensor] | None = None
         self.host_start = 0
+        self._host: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffers
+        self._host_tokens = 0
         self._decoded: tuple[int, tuple | None, dict] | None = None
         # the kernel path's page tables and decode plan (kernel_attention.py)
         self._runs: tuple | None = None
@@ -231,32 +233,59 @@ class CompressedLayer(CacheLayerMixin):
         """Position of the window's first token."""
         return self.length - self.keys.shape[-2]
 
+    @property
+    def host(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._host is None:
+            return None
+        return tuple(x[:, :, :self._host_tokens] for x in self._host)
+
+    def _host_room(self, tokens: int) -> None:
+        """Host buffers for at least ``tokens`` tokens, holding the copy: doubled when full,
+        so that a copy of n tokens costs O(n) writes in all."""
+        capacity = 0 if self._host is None else self._host[0].shape[2]
+        if tokens <= capacity:
+            return
+        b, h, _, d = self.keys.shape
+        pinned = self.keys.is_cuda
+        bufs = tuple(torch.empty(b, h, max(tokens, 2 * capacity), d, dtype=torch.float16,
+                                 pin_memory=pinned) for _ in range(2))
+        if self._host is not None:
+            for new, old in zip(bufs, self._host, strict=True):
+                new[:, :, :self._host_tokens] = old[:, :, :self._host_tokens]
+        self._host = bufs
+
     def keep_on_host(self, position: int) -> None:
         """Copy the window's tokens before ``position`` to the host copy (before a trim takes
         them), and drop from it what the next query cannot see (sliding and chunked layers)."""
-        new = tuple(x[:, :, :position - self.start].to("cpu", copy=True)
-                    for x in (self.keys, self.values))
-        if self.host is None or self.host_start + self.host[0].shape[2] != self.start:
+        if self._host is None or self.host_start + self._host_tokens != self.start:
             # the first copy, or the window lost tokens no query could see since the last one
             # (a sliding layer's window trims itself): nothing held before them is seen either
-            self.host, self.host_start = new, self.start
-        else:
-            self.host = tuple(torch.cat([old, x], dim=2)
-                              for old, x in zip(self.host, new, strict=True))
+            self.host_start, self._host_tokens = self.start, 0
+        n, held = position - self.start, self._host_tokens
+        self._host_room(held + n)
+        for buf, x in zip(self._host, (self.keys, self.values), strict=True):
+            buf[:, :, held:held + n] = x[:, :, :n]
+        self._host_tokens += n
         if not self.attention.is_full:
             gone = int(self.first_visible(torch.tensor([self.length])).min()) - self.host_start
             if gone > 0:
-                self.host = tuple(x[:, :, gone:] for x in self.host)
-                self.host_start += gone
+                rest = self._host_tokens - gone
+                for buf in self._host:
+                    buf[:, :, :rest] = buf[:, :, gone:gone + rest].clone()
+                self._host_tokens, self.host_start = rest, self.host_start + gone
 
     def seen(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every token still held at fp16, the host copy's and the window's, on the host:
-        ``(keys, values [B, H_kv, n, d], position of the first)``."""
-        window = (self.keys.cpu(), self.values.cpu())
-        if self.host is None or self.host_start + self.host[0].shape[2] != self.start:
-            return *window, self.start  # the window lost unseen tokens since the last copy
-        keys, values = (torch.cat([old, x], dim=2)
-                        for old, x in zip(self.host, window, strict=True))
+        ``(keys, values [B, H_kv, n, d], position of the first)``, views of the host buffers
+        (the window copied behind the host copy, where the next copy overwrites it)."""
+        if self._host is None or self.host_start + self._host_tokens != self.start:
+            # the window lost unseen tokens since the last copy: nothing before it is seen
+            self.host_start, self._host_tokens = self.start, 0
+        held, w = self._host_tokens, self.keys.shape[2]
+        self._host_room(held + w)
+        for buf, x in zip(self._host, (self.keys, self.values), strict=True):
+            buf[:, :, held:held + w] = x
+        keys, values = (buf[:, :, :held + w] for buf in self._host)
         return keys, values, self.host_start
 
     def trim(self, position: int) -> None:
@@ -521,10 +550,10 @@ class SphkvCache(Cache):
         return store + window + self._pad_bytes()
 
     def host_bytes(self) -> int:
-        """Bytes of a recalling method's host copy (:attr:`CompressedLayer.host`): host
-        memory, outside the budget."""
+        """Bytes of a recalling method's host buffers (:attr:`CompressedLayer.host`, their
+        whole capacity): host memory, outside the budget."""
         return sum(x.numel() * x.element_size() for layer in self.layers
-                   for x in (layer.host or ()))
+                   for x in (layer._host or ()))
 
     def fp16_bytes(self) -> int:
         """Bytes the model's own fp16 cache holds now (a sliding or chunked layer: its window
@@ -888,8 +917,7 @@ class SphkvCache(Cache):
         (:meth:`~sphkv.rdr.online.OnlineAllocator.revise`): dropped tokens may come back and
         compressed ones rise, encoded from their fp16 vectors."""
         held = {layer.index: layer.seen() for layer in self.layers}
-        self._record(lambda: self.allocator.revise(Tokens.cat(self._tokens(0, self.admitted,
-                                                                            held))))
+        self._record(lambda: self.allocator.revise(self._tokens(0, self.admitted, held)))
         self._revised = self.length
         # a token may be back in a tier it left since the last decode, with other codes: the
         # pages are decoded afresh (decode_pages reuses a token's decode while its tier holds it)
@@ -951,14 +979,13 @@ class SphkvCache(Cache):
                 take = (p >= lo) & (p < hi) & (p >= kept_from[b])
                 if not take.any():
                     continue
-                on = sel.to(keys.device)
+                on = slice(int((~sel).sum()), None)  # positions increase: a suffix
                 first = None if layer.attention.is_full else (q_first[-n_q:] - base).clamp_min(0)
                 # sequences per job: the pairs of one call at most (below)
                 pairs = queries.shape[1] * min(q.shape[1], n_q) * len(p)
                 for chunk in seqs.split(max(1, _pairs_per_call(queries.device)
                                             // max(pairs, 1))):
-                    on_seq = chunk.to(keys.device)
-                    k, v = (x[on_seq][:, :, on].flatten(0, 1) for x in (keys, values))
+                    k, v = (_rows(x, chunk)[:, :, on].flatten(0, 1) for x in (keys, values))
                     q_seq = queries[chunk.to(queries.device)][:, :, -real:]
                     mean = (None if layer.mean is None else
                             layer.mean[1][chunk.to(queries.device)].flatten(0, 1)[:, 0].float())
@@ -971,9 +998,9 @@ class SphkvCache(Cache):
             index, seqs, p, take, k, v, *_ = jobs[i]
             jobs[i] = None  # its vectors live on in its part only
             h = self.kv_heads
-            if not take.all():
-                on = torch.from_numpy(take).to(k.device)
-                k, v = k[:, on], v[:, on]
+            if not take.all():  # positions increase: a range
+                on = np.flatnonzero(take)
+                k, v = k[:, on[0]:on[-1] + 1], v[:, on[0]:on[-1] + 1]
             sink = np.tile((p - self.pad[seqs[0]] < self.sinks).numpy(), len(seqs) * h)
             d = d[:, take].reshape(-1, d.shape[-1])
             if self.method.chosen_sinks:  # any tier but drop
@@ -986,8 +1013,7 @@ class SphkvCache(Cache):
                 group=np.repeat([self.group(b, index, j) for b in seqs for j in range(h)],
                                 len(p)),
                 positions=p.repeat(len(seqs) * h),  # as the rows of k [B_job · H, n, d]
-                keys=k.reshape(-1, k.shape[-1]),
-                values=v.reshape(-1, v.shape[-1]),
+                keys=_flat_copy(k), values=_flat_copy(v),
                 distortion=d, forced=forced))
         if not parts:
             d = self.head_dim
@@ -1021,9 +1047,10 @@ class SphkvCache(Cache):
             weights = (torch.cat([self.head_weights[jobs[i][0]].repeat(len(jobs[i][1]))
                                   for i in members]) if self.method.sensitive else None)
             device = q[0].device
+            k, v = (x[0] if len(x) == 1 else torch.cat(x) for x in (k, v))
             d = self.method.distortion(
-                torch.cat(k).to(device).float(), torch.cat(v).to(device).float(), torch.cat(q),
-                self.tiers,
+                k.to(device, non_blocking=True).float(), v.to(device, non_blocking=True).float(),
+                torch.cat(q), self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
                 blocks=sum(len(jobs[i][1]) for i in members), head_weights=weights,
@@ -1031,6 +1058,23 @@ class SphkvCache(Cache):
             for i, part in zip(members, np.split(d, len(members)), strict=True):
                 rows[i] = part
         return rows
+
+
+def _flat_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., d]`` as ``[n, d]`` in memory of its own: a part's vectors must outlive the
+    window (trimmed in place) and the host buffers they were read from."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return flat.clone()
+    return flat
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` (int64 ``index``, increasing): a view where the indices are a range."""
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == len(index):
+        return x[first:last + 1]
+    return x[index.to(x.device)]
 
 
 def _head_weights(weights, text_config, method: Method) -> torch.Tensor | None:
