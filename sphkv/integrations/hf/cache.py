@@ -946,12 +946,11 @@ class SphkvCache(Cache):
         with the layer's attention pattern over the window's tokens (or over ``held[layer]``,
         ``(keys, values, first position)`` as :meth:`CompressedLayer.seen` gives them: their
         rows computed on the queries' device, a call at a time, the items' vectors left where
-        they are). Sequences with the same
-        left padding see the same positions: each layer's are one job, their heads stacked
-        (sequence-major); jobs whose inputs have the same shapes and pattern are computed in
-        one call. One part per job, holding the job's copy of its keys and values (a prefill's
-        parts are not concatenated: at 128k tokens each copy of the prompt's KV is tens of
-        GB)."""
+        they are). Sequences with the same left padding see the same positions: each layer's
+        are one job, their heads stacked (sequence-major); jobs whose inputs have the same
+        shapes and pattern are computed in one call. One part per job, holding the job's copy
+        of its keys and values (a prefill's parts are not concatenated: at 128k tokens each
+        copy of the prompt's KV is tens of GB)."""
         # (layer, sequences, kept positions, their rows, k, v, q, first, q_all, value mean)
         jobs = []
         nxt = torch.tensor([self.length])
