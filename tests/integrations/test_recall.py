@@ -95,7 +95,10 @@ def test_revised_store_is_the_prefill_of_the_same_tokens(model):
     with torch.no_grad(), compressed_attention(model):
         model(ids[:, :48], **{cache_argument(model): cache}, use_cache=True)
         for t in range(48, 64):  # the revision at length 64
+            # what a CUDA graph's capture asks: will the allocator write after this step?
+            writes, steps = cache.writes_after(1), len(cache.timings)
             model(ids[:, t:t + 1], **{cache_argument(model): cache}, use_cache=True)
+            assert writes == (len(cache.timings) > steps)
         model(ids, **{cache_argument(model): deferred}, use_cache=True)
     assert [kind for kind, _ in cache.timings].count("revise") == 1
     for mine, theirs in zip(cache.layers, deferred.layers, strict=True):
