@@ -1,5 +1,6 @@
 """Quality tasks: perplexity and pass key through the compressed cache, and ``sphkv eval``."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -551,3 +552,23 @@ def test_query_oracle_variants(model):
     first = span_rows(model, ids, 160, 16, budget=0.3, chunk=4, oracle_queries=4)
     assert first["oracle"] != small["oracle"] and first["prompt"] == small["prompt"]
     assert sphkv.rdr.distortion.attention_probs is causal
+
+
+def test_method_variants_override_fields_and_score_each(model):
+    from benchmarks.method_variants import parse_variant, span_rows
+    from sphkv.rdr.methods import METHODS
+
+    base = METHODS["rdr-kv-recall"]
+    name, same = parse_variant("base", base)
+    assert name == "base" and dataclasses.replace(same, name=base.name) == base
+    _, changed = parse_variant("r16:recall=16:floor=0.25", base)
+    assert (changed.recall, changed.floor, changed.ladder) == (16, 0.25, base.ladder)
+    for bad in ("x:recal=16", "x:recall", "x:name=y"):
+        with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+            parse_variant(bad, base)
+    ids = torch.randint(0, 256, (160 + 16 + 1,), generator=torch.Generator().manual_seed(5))
+    full = span_rows(model, ids, 160, 16, {"base": same, "r16": changed}, budget=1.0, chunk=4)
+    assert all(abs(full[v] / full["none"] - 1) < 1e-3 for v in ("base", "r16")), full
+    small = span_rows(model, ids, 160, 16, {"base": same, "r16": changed}, budget=0.3,
+                      chunk=4)
+    assert small["base"] != small["r16"] and all(math.isfinite(x) for x in small.values())
