@@ -775,7 +775,8 @@ class SphkvCache(Cache):
         """Queries the next allocator step reads after a forward of ``new`` tokens: the
         prefill's observation (and the window); then an admission's, those of the window's 2W
         positions at most, or, after a forward of more tokens than that (a prompt fed in
-        chunks), the observation, as for the prefill."""
+        chunks), the observation, as for the prefill; a recalling method's, always the
+        observation (its revisions read it) and the window's."""
         if self.method.recall:  # a revision reads the observation
             return max(2 * self.window, self.observation)
         if self.allocator is not None and new <= 2 * self.window:
