@@ -337,6 +337,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            centred=True, scaled=True),
     Method("rdr-kv-recall", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            recall=32),
+    Method("rdr-kv-recall-centred", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
+           recall=32, centred=True),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
