@@ -145,3 +145,32 @@ def test_recall_is_validated_and_keeps_the_observed_queries(model):
         assert {q.shape[2] for q in cache._queries.values()} == {cache.observation} == {64}
         model(ids[:, 80:], **{cache_argument(model): cache}, use_cache=True)
         assert {q.shape[2] for q in cache._queries.values()} == {64}
+
+
+def test_centred_recall_keeps_offsets_and_generates_exactly(model):
+    """Over centred storage (``rdr-kv-recall-centred``) the host copy holds the offsets the
+    codecs encode (plus the means: the model's keys and values), every step stays within the
+    budget with revisions bringing tokens back, and a budget that holds everything generates
+    as transformers does."""
+    method = dataclasses.replace(METHODS["rdr-kv-recall-centred"], recall=16)
+    ids = _ids(48, seed=5)
+    budget = 0.3 * fp16_cache_bytes(model.config, 1, 96)
+    _, cache = _generate(model, ids, budget, method=method, new=48)
+    assert cache.peak_bytes <= budget
+    assert [kind for kind, _ in cache.timings].count("revise") == 2
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): plain}, use_cache=True)
+    layer, ref = cache.layers[0], plain.layers[0]
+    first = 48 - 8
+    for offsets, mean, theirs in zip(layer.host, layer.mean, (ref.keys, ref.values),
+                                     strict=True):
+        torch.testing.assert_close((offsets[:, :, :first].float() + mean.float()).half(),
+                                   theirs[:, :, :first].half(), rtol=1e-2, atol=2e-3)
+        # the offsets alone are not the vectors
+        assert (offsets[:, :, :first].float() - theirs[:, :, :first]).abs().max() > 0.02
+    with torch.no_grad():
+        ref = model.generate(_ids(40, seed=2), max_new_tokens=40, do_sample=False)
+    out, cache = _generate(model, _ids(40, seed=2), 1e9, method=method, new=40)
+    assert torch.equal(out, ref)
+    assert [kind for kind, _ in cache.timings].count("revise") >= 2
