@@ -150,8 +150,8 @@ def test_recall_is_validated_and_keeps_the_observed_queries(model):
 def test_centred_recall_keeps_offsets_and_generates_exactly(model):
     """Over centred storage (``rdr-kv-recall-centred``) the host copy holds the offsets the
     codecs encode (plus the means: the model's keys and values), every step stays within the
-    budget with revisions bringing tokens back, and a budget that holds everything generates
-    as transformers does."""
+    budget across two revisions, and a budget that holds everything generates as transformers
+    does."""
     method = dataclasses.replace(METHODS["rdr-kv-recall-centred"], recall=16)
     ids = _ids(48, seed=5)
     budget = 0.3 * fp16_cache_bytes(model.config, 1, 96)
