@@ -199,6 +199,9 @@ class Method:
         a floor: they are never dropped (the drop column of their rows is
         :data:`NO_DROP_PENALTY` times the largest distortion of the other tiers). Otherwise
         they take the dearest tier, a page of it per (sequence, layer, kv-head).
+    sink_floor : str, optional
+        With ``chosen_sinks``, the cheapest tier a sink may take: the columns of its rows
+        below it are priced out as drop's is. Any tier but drop when omitted.
     exact : bool
         Quantized distortion rows exact for one item instead of first order in its logit
         error (:func:`~sphkv.rdr.distortion.layer_distortion`).
@@ -236,6 +239,7 @@ class Method:
     prior: str = "uniform"
     sensitive: bool = False
     chosen_sinks: bool = False
+    sink_floor: str | None = None
     exact: bool = False
     centred: bool = False
     scaled: bool = False
@@ -248,6 +252,9 @@ class Method:
         if self.centred and (self.estimator is not None or self.prior != "uniform"):
             raise ValueError(f"method {self.name!r}: centred needs the measured attention and "
                              f"the uniform prior (a shift of the keys moves other estimates)")
+        if self.sink_floor is not None and not self.chosen_sinks:
+            raise ValueError(f"method {self.name!r}: sink_floor needs chosen_sinks (otherwise "
+                             f"the sinks take the dearest tier)")
         if self.scaled and not self.centred:
             raise ValueError(f"method {self.name!r}: scaled needs centred (the scales are "
                              f"those of the key offsets)")

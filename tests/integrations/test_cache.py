@@ -18,6 +18,7 @@ from sphkv.integrations.hf.cache import (
 )
 from sphkv.integrations.hf.config import cache_argument
 from sphkv.integrations.hf.generate import compressed_generate, fp16_cache_bytes
+from sphkv.rdr.methods import get_method
 from sphkv.rdr.online import Tokens
 from sphkv.rdr.problem import InfeasibleBudgetError
 
@@ -433,6 +434,32 @@ def test_chosen_sinks_are_kept_at_tiers_their_distortion_chooses(model):
     chosen = SphkvCache(model.config, 1e6, "rdr-kv-sinks", window=8, page_size=4)
     dear = SphkvCache(model.config, 1e6, "rdr-kv", window=8, page_size=4)
     assert chosen.minimum_bytes(1) < dear.minimum_bytes(1)
+
+
+def test_sink_floor_keeps_the_sinks_at_or_above_it(model):
+    """``sink_floor``: every sink is kept once, at the floor tier or a dearer one, and the
+    smallest accepted budget counts the sinks' pages at the floor; a floor outside the ladder,
+    or without chosen sinks, is refused."""
+    ids, new = _ids(64, seed=9), 16
+    budget = 0.25 * fp16_cache_bytes(model.config, 1, 64 + new)
+    method = dataclasses.replace(get_method("rdr-kv-sinks"), name="rdr-kv-sinks-k4v4",
+                                 sink_floor="k4v4")
+    _, cache = _generate(model, ids, budget, method=method, new=new)
+    assert cache.peak_bytes <= budget
+    floor = cache.tiers.names.index("k4v4")
+    assert cache.sink_floor == floor
+    for g in range(TINY["num_hidden_layers"] * TINY["num_key_value_heads"]):
+        held = cache.store.positions(g)
+        for p in range(cache.sinks):
+            tiers = [t for t, pos in held.items() if (pos == p).any()]
+            assert len(tiers) == 1 and tiers[0] >= floor
+    cheapest = SphkvCache(model.config, 1e6, "rdr-kv-sinks", window=8, page_size=4)
+    floored = SphkvCache(model.config, 1e6, method, window=8, page_size=4)
+    assert cheapest.minimum_bytes(1) < floored.minimum_bytes(1)
+    with pytest.raises(ValueError, match="sink_floor 'k9v9' is not one of"):
+        SphkvCache(model.config, 1e6, dataclasses.replace(method, sink_floor="k9v9"))
+    with pytest.raises(ValueError, match="sink_floor needs chosen_sinks"):
+        dataclasses.replace(method, chosen_sinks=False)
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["centred", "scaled"])

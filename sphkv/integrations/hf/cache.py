@@ -431,7 +431,8 @@ class SphkvCache(Cache):
         takes at most a sixteenth of it (long contexts).
     sinks : int
         The first ``sinks`` real tokens of each sequence take the method's dearest tier, or
-        any tier but drop (:attr:`Method.chosen_sinks`).
+        one their distortion chooses, never below :attr:`Method.sink_floor`
+        (:attr:`Method.chosen_sinks`).
     page_size : int
         Slots per page.
     decay : float
@@ -492,6 +493,12 @@ class SphkvCache(Cache):
         self.method = get_method(method) if isinstance(method, str) else method
         self.head_weights = _head_weights(head_weights, text, self.method)
         self.tiers = self.method.tier_set(self.head_dim, page_size)
+        floor = self.method.sink_floor
+        if floor is not None and floor not in self.tiers.names:
+            raise ValueError(f"method {self.method.name!r}: sink_floor {floor!r} is not one of "
+                             f"its tiers {', '.join(self.tiers.names[1:])}")
+        #: the cheapest tier a chosen sink may take (:attr:`Method.sink_floor`)
+        self.sink_floor = 1 if floor is None else self.tiers.names.index(floor)
         #: on a GPU, whether attention runs in the Triton kernels (else in torch)
         self.kernel = kernel_reads(self.tiers)
         self.config = config
@@ -616,7 +623,7 @@ class SphkvCache(Cache):
         the pages of the sinks at the dearest tier (or the cheapest but drop, where the method
         chooses the sinks' tiers)."""
         pages = -(-self.sinks // self.page_size)
-        tier = self.tiers[1 if self.method.chosen_sinks else len(self.tiers) - 1]
+        tier = self.tiers[self.sink_floor if self.method.chosen_sinks else len(self.tiers) - 1]
         sink = pages * (self.page_size * slot_bytes(tier, self.offset_bytes)
                         + PAGE_TABLE_ENTRY.itemsize)
         return self.reserved_bytes(batch) + sink * batch * self.n_layers * self.kv_heads
@@ -1003,9 +1010,10 @@ class SphkvCache(Cache):
                 k, v = k[:, on[0]:on[-1] + 1], v[:, on[0]:on[-1] + 1]
             sink = np.tile((p - self.pad[seqs[0]] < self.sinks).numpy(), len(seqs) * h)
             d = d[:, take].reshape(-1, d.shape[-1])
-            if self.method.chosen_sinks:  # any tier but drop
+            if self.method.chosen_sinks:  # the floor tier or a dearer one
                 if sink.any():
-                    d[sink, 0] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
+                    below = slice(0, self.sink_floor)
+                    d[sink, below] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
                 forced = np.full(len(sink), -1)
             else:
                 forced = np.where(sink, len(self.tiers) - 1, -1)
