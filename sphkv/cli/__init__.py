@@ -42,7 +42,8 @@ ESTIMATOR_NAMES = ("snapkv", "h2o", "expected", "manifoldkv", "manifoldkv-window
                    "keynorm", "zipcache")
 METHOD_NAMES = ("rdr", "rdr-ada", "rdr-scalar", "rdr-kv", "rdr-fast", "rdr-kv-fisher",
                 "rdr-kv-unbiased", "rdr-kv-ea", "rdr-kv-sinks", "rdr-kv-exact", "rdr-kv-centred",
-                "rdr-kv-scaled", "rdr-kv-recall", "rdr-kv-recall-centred", "rdr-kv-1bit",
+                "rdr-kv-scaled", "rdr-kv-recall", "rdr-kv-recall-centred",
+                "rdr-kv-recall-centred-sinks", "rdr-kv-1bit",
                 "streamingllm", "snapkv", "h2o", "keydiff", "manifoldkv", "manifoldkv-windowed",
                 "kivi", "turboquant", "polarquant", "fibquant")
 NONE = "none"

@@ -28,7 +28,8 @@ equal bytes. :data:`METHODS` is the registry by name:
 
 What the allocator imposes on every method, where the papers differ: the first ``sinks`` tokens
 take the method's dearest tier (``rdr-kv-sinks``: any tier but drop,
-:attr:`Method.chosen_sinks`) and the last W to 2W tokens stay fp16 (the window, reserved from
+:attr:`Method.chosen_sinks`; ``rdr-kv-recall-centred-sinks``: int8 or fp16,
+:attr:`Method.sink_floor`) and the last W to 2W tokens stay fp16 (the window, reserved from
 the budget); after prefill one greedy solve over all layers and heads picks the tiers from the
 distortion weighted by the estimator's ranking (:mod:`sphkv.rdr.distortion`), not a per-head
 top-k of the scores, so heads and layers share the budget; during decoding, tokens leaving the
@@ -346,6 +347,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            recall=32),
     Method("rdr-kv-recall-centred", ladder=kv_tiers, observation=64, floor=0.5, relative=True,
            recall=32, centred=True),
+    Method("rdr-kv-recall-centred-sinks", ladder=kv_tiers, observation=64, floor=0.5,
+           relative=True, recall=32, centred=True, chosen_sinks=True, sink_floor="int8"),
     Method("rdr-kv-1bit", ladder=functools.partial(kv_tiers, pairs=((1, 1), *KV_PAIRS)),
            observation=64, floor=0.5, relative=True),
     Method("streamingllm", tiers=("fp16",), estimator=Recency()),
