@@ -620,8 +620,8 @@ class SphkvCache(Cache):
 
     def minimum_bytes(self, batch: int) -> int:
         """The smallest budget accepted: the reserve and, in every (sequence, layer, kv-head),
-        the pages of the sinks at the dearest tier (or the cheapest but drop, where the method
-        chooses the sinks' tiers)."""
+        the pages of the sinks at the dearest tier (or at the sinks' floor, where the method
+        chooses their tiers)."""
         pages = -(-self.sinks // self.page_size)
         tier = self.tiers[self.sink_floor if self.method.chosen_sinks else len(self.tiers) - 1]
         sink = pages * (self.page_size * slot_bytes(tier, self.offset_bytes)
