@@ -114,11 +114,13 @@ def test_logits_broadcast_query_heads(codec):
     assert_close("logits", q @ codec.decode(codes).mT, codec.logits(q, codes), 1e-5)
 
 
-def test_rejects_nan(codec):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_non_finite(codec, bad):
     x = keys((32, codec.d))
-    x[3, 5] = float("nan")
-    with pytest.raises(ValueError, match="x must be finite"):
-        codec.encode(x)
+    x[3, 5] = bad
+    for call in (codec.encode, codec.reconstruct):
+        with pytest.raises(ValueError, match="x must be finite"):
+            call(x)
 
 
 def test_rejects_wrong_d(codec):
