@@ -447,7 +447,7 @@ def test_sink_floor_keeps_the_sinks_at_or_above_it(model):
     _, cache = _generate(model, ids, budget, method=method, new=new)
     assert cache.peak_bytes <= budget
     floor = cache.tiers.names.index("k4v4")
-    assert cache.sink_floor == floor
+    assert cache.sink_floor_tier == floor
     for g in range(TINY["num_hidden_layers"] * TINY["num_key_value_heads"]):
         held = cache.store.positions(g)
         for p in range(cache.sinks):

@@ -498,7 +498,7 @@ class SphkvCache(Cache):
             raise ValueError(f"method {self.method.name!r}: sink_floor {floor!r} is not one of "
                              f"its tiers {', '.join(self.tiers.names[1:])}")
         #: the cheapest tier a chosen sink may take (:attr:`Method.sink_floor`)
-        self.sink_floor = 1 if floor is None else self.tiers.names.index(floor)
+        self.sink_floor_tier = 1 if floor is None else self.tiers.names.index(floor)
         #: on a GPU, whether attention runs in the Triton kernels (else in torch)
         self.kernel = kernel_reads(self.tiers)
         self.config = config
@@ -623,7 +623,7 @@ class SphkvCache(Cache):
         the pages of the sinks at the dearest tier (or at the sinks' floor, where the method
         chooses their tiers)."""
         pages = -(-self.sinks // self.page_size)
-        tier = self.tiers[self.sink_floor if self.method.chosen_sinks else len(self.tiers) - 1]
+        tier = self.tiers[self.sink_floor_tier if self.method.chosen_sinks else len(self.tiers) - 1]
         sink = pages * (self.page_size * slot_bytes(tier, self.offset_bytes)
                         + PAGE_TABLE_ENTRY.itemsize)
         return self.reserved_bytes(batch) + sink * batch * self.n_layers * self.kv_heads
@@ -1012,7 +1012,7 @@ class SphkvCache(Cache):
             d = d[:, take].reshape(-1, d.shape[-1])
             if self.method.chosen_sinks:  # the floor tier or a dearer one
                 if sink.any():
-                    below = slice(0, self.sink_floor)
+                    below = slice(0, self.sink_floor_tier)
                     d[sink, below] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
                 forced = np.full(len(sink), -1)
             else:
