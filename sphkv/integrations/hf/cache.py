@@ -1012,8 +1012,7 @@ class SphkvCache(Cache):
             d = d[:, take].reshape(-1, d.shape[-1])
             if self.method.chosen_sinks:  # the floor tier or a dearer one
                 if sink.any():
-                    below = slice(0, self.sink_floor_tier)
-                    d[sink, below] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
+                    d[sink, :self.sink_floor_tier] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
                 forced = np.full(len(sink), -1)
             else:
                 forced = np.where(sink, len(self.tiers) - 1, -1)
