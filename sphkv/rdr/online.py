@@ -61,7 +61,9 @@ class Tokens:
     positions : torch.Tensor
         int64 ``[n]`` (on the CPU), distinct within a group.
     keys, values : torch.Tensor
-        ``[n, d]``, where the store lives.
+        ``[n, d]``, or ``[G, m, d]`` read as its ``G·m`` rows in order (a view into buffers
+        the caller leaves unchanged while the items are read: only the rows selected are
+        copied).
     distortion : numpy.ndarray
         float64 ``[n, T]``: ``D[i, t]``, finite and ≥ 0.
     forced : numpy.ndarray, optional
@@ -83,8 +85,8 @@ class Tokens:
         if self.forced is None:
             self.forced = np.full(n, -1, dtype=np.int64)
         self.forced = np.asarray(self.forced, dtype=np.int64).reshape(-1)
-        shapes = {"positions": len(self.positions), "keys": self.keys.shape[0],
-                  "values": self.values.shape[0], "distortion": self.distortion.shape[0],
+        shapes = {"positions": len(self.positions), "keys": _row_count(self.keys),
+                  "values": _row_count(self.values), "distortion": self.distortion.shape[0],
                   "forced": len(self.forced)}
         bad = {k: v for k, v in shapes.items() if v != n}
         if bad:
@@ -101,14 +103,15 @@ class Tokens:
         index = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
         on = torch.from_numpy(index).to(self.keys.device)
         return Tokens(self.group[index], self.positions[torch.from_numpy(index)],
-                      self.keys[on], self.values[on], self.distortion[index],
+                      _take(self.keys, on), _take(self.values, on), self.distortion[index],
                       self.forced[index])
 
     @staticmethod
     def cat(parts: list[Tokens]) -> Tokens:
         return Tokens(np.concatenate([p.group for p in parts]),
                       torch.cat([p.positions for p in parts]),
-                      torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]),
+                      torch.cat([_flat(p.keys) for p in parts]),
+                      torch.cat([_flat(p.values) for p in parts]),
                       np.concatenate([p.distortion for p in parts]),
                       np.concatenate([p.forced for p in parts]))
 
@@ -489,5 +492,23 @@ class _Candidates:
 
 def _arrivals(tokens: Tokens, to: np.ndarray) -> tuple:
     """New items at tiers ``to``, as :meth:`OnlineAllocator._arrive` takes them."""
-    return (np.asarray(to), tokens.group, tokens.positions, tokens.keys, tokens.values,
+    return (np.asarray(to), tokens.group, tokens.positions, _flat(tokens.keys),
+            _flat(tokens.values),
             torch.from_numpy(tokens.distortion).float(), torch.from_numpy(tokens.forced >= 0))
+
+
+def _row_count(x: torch.Tensor) -> int:
+    """Rows of a :class:`Tokens` vector field: ``[n, d]`` or ``[G, m, d]``."""
+    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of a :class:`Tokens` vector field, as ``[len(rows), d]``."""
+    if x.dim() == 2:
+        return x[rows]
+    return x[rows // x.shape[1], rows % x.shape[1]]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A :class:`Tokens` vector field as ``[n, d]`` (a copy where ``x`` is a strided view)."""
+    return x.reshape(-1, x.shape[-1])

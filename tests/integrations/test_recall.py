@@ -174,3 +174,18 @@ def test_centred_recall_keeps_offsets_and_generates_exactly(model):
     out, cache = _generate(model, _ids(40, seed=2), 1e9, method=method, new=40)
     assert torch.equal(out, ref)
     assert [kind for kind, _ in cache.timings].count("revise") >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory)")
+def test_upload_copies_a_strided_host_view_as_it_reads():
+    """The host copy's tokens of a layer (``[B, H, n, d]`` in buffers of a larger capacity,
+    flattened to ``[B·H, n, d]`` and cut to a later start) reach the GPU equal to ``.to``'s."""
+    from sphkv.integrations.hf.cache import _upload
+
+    buf = torch.randn(2, 3, 40, 8, dtype=torch.float16).pin_memory()
+    for x in (buf[:, :, :29].flatten(0, 1), buf[:, :, :29].flatten(0, 1)[:, 5:],
+              buf[1:, :, :7].flatten(0, 1), buf[:, :, :40].flatten(0, 1)):
+        assert x.is_pinned()
+        got = _upload(x, torch.device("cuda"))
+        assert got.device.type == "cuda" and got.shape == x.shape
+        assert torch.equal(got.cpu(), x)

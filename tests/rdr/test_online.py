@@ -459,6 +459,41 @@ def test_revise_moves_the_store_to_a_fresh_prefill_of_the_new_rows(tiers, ladder
             np.testing.assert_allclose(r.numpy(), rows[gi, p], rtol=1e-6)
 
 
+def _strided(tokens, rows):
+    """``tokens`` whose vectors are ``[len / rows, rows, d]`` views into buffers twice as
+    long per group of rows (as the cache's host copy gives them), garbage in the gaps."""
+    def view(x):
+        buf = torch.full((len(x) // rows, 2 * rows, x.shape[-1]), float("nan"), dtype=x.dtype)
+        buf[:, :rows] = x.reshape(-1, rows, x.shape[-1])
+        return buf[:, :rows]
+    out = Tokens(tokens.group, tokens.positions, view(tokens.keys), view(tokens.values),
+                 tokens.distortion, tokens.forced)
+    assert not out.keys.is_contiguous()
+    return out
+
+
+def test_tokens_read_a_strided_view_as_its_rows(tiers):
+    """Vectors given as ``[G, m, d]`` views are read as their G·m rows, in order, by every
+    allocator step: a revision from such views equals one from their flat copies."""
+    parts = [_chunk(tiers, 0, 30, seed=3, sinks=(0,)), _chunk(tiers, 30, 25, seed=5)]
+    budget = 0.3 * GROUPS * 55 * (tiers.costs[-1] + 2)
+    flat, views = (OnlineAllocator(tiers, GROUPS, budget, page_size=P) for _ in range(2))
+    for alloc in (flat, views):
+        alloc.prefill(parts)
+    new = [_with_rows(p, seed=9 + i) for i, p in enumerate(parts)]
+    strided = [_strided(p, n) for p, n in zip(new, (30, 25), strict=True)]
+    index = np.array([5, 0, 31, GROUPS * 30 - 1])
+    picked = strided[0].select(index)
+    assert torch.equal(picked.keys, new[0].keys[index]) and picked.keys.shape == (4, D)
+    assert torch.equal(Tokens.cat(strided).values, Tokens.cat(new).values)
+    flat.revise(new)
+    views.revise(strided)
+    assert views.price == flat.price and _state(views) == _state(flat)
+    with pytest.raises(ValueError, match="rows"):
+        Tokens(new[0].group[:-1], new[0].positions[:-1], strided[0].keys, strided[0].values,
+               new[0].distortion[:-1])
+
+
 def test_revise_takes_out_what_the_tokens_leave_out(tiers):
     budget = GROUPS * 40 * (tiers.costs[-1] + 2)
     alloc = OnlineAllocator(tiers, GROUPS, budget, page_size=P)

@@ -953,12 +953,13 @@ class SphkvCache(Cache):
         real tokens the next query can still see, with the method's distortion rows, measured
         with the layer's attention pattern over the window's tokens (or over ``held[layer]``,
         ``(keys, values, first position)`` as :meth:`CompressedLayer.seen` gives them: their
-        rows computed on the queries' device, a call at a time, the items' vectors left where
-        they are). Sequences with the same left padding see the same positions: each layer's
-        are one job, their heads stacked (sequence-major); jobs whose inputs have the same
-        shapes and pattern are computed in one call. One part per job, holding the job's copy
-        of its keys and values (a prefill's parts are not concatenated: at 128k tokens each
-        copy of the prompt's KV is tens of GB)."""
+        rows computed on the queries' device, a call at a time, the items' vectors views of
+        the host buffers, which must stay unchanged until the items are read). Sequences with
+        the same left padding see the same positions: each layer's are one job, their heads
+        stacked (sequence-major); jobs whose inputs have the same shapes and pattern are
+        computed in one call. One part per job, holding the job's copy of its keys and values
+        (a prefill's parts are not concatenated: at 128k tokens each copy of the prompt's KV
+        is tens of GB), or its views of the host copy's."""
         # (layer, sequences, kept positions, their rows, k, v, q, first, q_all, value mean)
         jobs = []
         nxt = torch.tensor([self.length])
@@ -1020,7 +1021,8 @@ class SphkvCache(Cache):
                 group=np.repeat([self.group(b, index, j) for b in seqs for j in range(h)],
                                 len(p)),
                 positions=p.repeat(len(seqs) * h),  # as the rows of k [B_job · H, n, d]
-                keys=_flat_copy(k), values=_flat_copy(v),
+                keys=k if held is not None else _flat_copy(k),
+                values=v if held is not None else _flat_copy(v),
                 distortion=d, forced=forced))
         if not parts:
             d = self.head_dim
@@ -1054,9 +1056,10 @@ class SphkvCache(Cache):
             weights = (torch.cat([self.head_weights[jobs[i][0]].repeat(len(jobs[i][1]))
                                   for i in members]) if self.method.sensitive else None)
             device = q[0].device
-            k, v = (x[0] if len(x) == 1 else torch.cat(x) for x in (k, v))
+            k, v = (_upload(x[0], device) if len(x) == 1
+                    else torch.cat([_upload(y, device) for y in x]) for x in (k, v))
             d = self.method.distortion(
-                k.to(device, non_blocking=True).float(), v.to(device, non_blocking=True).float(),
+                k.float(), v.float(),
                 torch.cat(q), self.tiers,
                 first=first[0],
                 score_queries=torch.cat(q_all) if self.method.all_queries else None,
@@ -1074,6 +1077,18 @@ def _flat_copy(x: torch.Tensor) -> torch.Tensor:
     if flat.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         return flat.clone()
     return flat
+
+
+def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``, in one copy of the memory span it covers where it is a strided
+    view on the host (a layer's tokens in the host buffers, whose rows are apart by the
+    buffers' capacity): the copy engine reads pinned memory as it lies, where ``.to`` would
+    first gather the view into pageable memory on the CPU."""
+    if x.device == device or x.is_contiguous() or not x.is_pinned():
+        return x.to(device, non_blocking=True)
+    span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
+    flat = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), (span,))
+    return flat.to(device, non_blocking=True).as_strided(x.shape, x.stride())
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
