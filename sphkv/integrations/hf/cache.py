@@ -1008,9 +1008,9 @@ class SphkvCache(Cache):
             h = self.kv_heads
             if not take.all():  # positions increase: a range
                 on = np.flatnonzero(take)
-                k, v = k[:, on[0]:on[-1] + 1], v[:, on[0]:on[-1] + 1]
+                k, v, d = (x[:, on[0]:on[-1] + 1] for x in (k, v, d))
             sink = np.tile((p - self.pad[seqs[0]] < self.sinks).numpy(), len(seqs) * h)
-            d = d[:, take].reshape(-1, d.shape[-1])
+            d = d.reshape(-1, d.shape[-1])
             if self.method.chosen_sinks:  # the floor tier or a dearer one
                 if sink.any():
                     d[sink, :self.sink_floor_tier] = NO_DROP_PENALTY * max(d[:, 1:].max(), 1e-30)
